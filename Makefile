@@ -1,0 +1,46 @@
+# minitp: two commands.
+#   make test       create .venv (numpy, mpi4py, MPICH from PyPI, pytest + mpi-pytest + pytest-timeout),
+#                   then run every test: serial, then 2, 3 and 4 ranks, each rank count in one mpiexec
+#   make tutorial   mpirun -n 4 python tutorials/mlp.py
+# A system MPI instead of the PyPI one: make test MPI=system (mpi4py then builds against your mpicc).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MPI    ?= pypi
+NP     ?= 4
+
+ifeq ($(MPI),system)
+EXTRAS  := test,bench
+MPIEXEC ?= mpiexec
+PIP_MPI := --no-binary mpi4py
+else
+EXTRAS  := test,bench,mpi
+MPIEXEC ?= $(BIN)/mpiexec
+PIP_MPI :=
+endif
+
+# One BLAS thread per rank: ranks share this machine's cores, and threads on top of ranks only fight.
+export OMP_NUM_THREADS = 1
+export OPENBLAS_NUM_THREADS = 1
+export MKL_NUM_THREADS = 1
+
+.PHONY: venv test test-serial test-parallel tutorial tutorials clean
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PIP_MPI) -e '.[$(EXTRAS)]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q -m "parallel[1]"
+	MPIEXEC=$(MPIEXEC) tests/run-mpi 2 3 4
+
+tutorial: venv
+	$(MPIEXEC) -n $(NP) $(BIN)/python tutorials/mlp.py
+
+clean:
+	rm -rf $(VENV) .pytest-logs *.egg-info

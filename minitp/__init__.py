@@ -1,0 +1,15 @@
+"""minitp: Megatron-style tensor and sequence parallelism, built from scratch and proven exact.
+
+Layers, bottom to top (imports point down only):
+    backend     numpy or CuPy
+    autograd    Tensor, Function, the graph walk, bytes kept for backward
+    functional  every differentiable op
+    nn          Module, Parameter, the serial layers, optimizers
+    dist        MPI: the process mesh, buffer collectives, the collective log
+    parallel    the paper's operators (f, f-bar, g, g-bar) and the sharded layers
+    testing     gradient checks and error measures
+"""
+from minitp.autograd import Function, Tensor, no_grad, track_saved
+
+__version__ = "0.1.0"
+__all__ = ["Function", "Tensor", "no_grad", "track_saved"]

@@ -1,0 +1,268 @@
+"""Reverse-mode automatic differentiation over raw numpy/CuPy arrays.
+
+Two classes hold the whole idea:
+
+- ``Tensor`` wraps an array (``.data``), says whether it ``requires_grad``, and remembers the
+  ``Function`` that produced it.
+- ``Function`` is one differentiable op: ``forward`` maps input arrays to an output array and stores what
+  backward will need (``save_for_backward``); ``backward`` maps the gradient of the output to the
+  gradients of the inputs. The two sit side by side in each op, as in micrograd and Chainer.
+
+``Tensor.backward()`` walks the graph in reverse topological order, summing the gradients that reach a
+tensor along several paths (the chain rule's sum over paths). Leaves that require grad accumulate into
+``.grad``; the engine never writes into a gradient array in place, so one array may be shared safely.
+
+The engine also counts the bytes each op keeps for backward (``track_saved``): those are the activations
+whose memory Korthikanti et al. set out to reduce, and the memory benchmark reads them from here.
+"""
+import contextlib
+
+from minitp import backend
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Run ops without recording a graph: nothing is saved for backward, outputs need no grad."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+class Tensor:
+    """An array plus what backward needs: ``requires_grad``, ``.grad`` and the producing ``Function``.
+
+    ``.data`` is a plain numpy or CuPy array and ``.grad`` (after ``backward``) is an array of the same
+    shape. Arithmetic operators (``+ - * / ** @``, ``[]``) build differentiable ops from
+    ``minitp.functional``.
+    """
+
+    is_parameter = False  # minitp.nn.Parameter says True: weights are not activations (see track_saved)
+    __array_priority__ = 1000  # numpy array <op> Tensor defers to Tensor's reflected operator
+
+    def __init__(self, data, requires_grad=False, name=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if type(data).__name__ != "ndarray":  # a list, a Python or numpy scalar: make it an array
+            data = backend.xp.asarray(data)
+        self.data = data
+        self.requires_grad = requires_grad
+        self.grad = None
+        self.name = name
+        self._fn = None  # the Function that made this tensor; None for a leaf
+
+    # -- what the array is -------------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({self.data!r}{grad})"
+
+    def numpy(self):
+        """The values as a numpy array on the host."""
+        return backend.to_host(self.data)
+
+    def item(self):
+        return self.data.item()
+
+    def detach(self):
+        """The same array, cut from the graph."""
+        return Tensor(self.data)
+
+    # -- the graph walk ----------------------------------------------------------------------------
+    def backward(self, grad=None):
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
+
+        ``grad`` is the gradient arriving from above; it defaults to 1 for a scalar. The saved arrays
+        are released as each op is passed, so a graph can be walked once.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad")
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() needs an explicit grad for a tensor of shape {self.shape}")
+            grad = backend.array_module(self.data).ones_like(self.data)
+        elif isinstance(grad, Tensor):
+            grad = grad.data
+        if grad.shape != self.shape:
+            raise ValueError(f"grad of shape {grad.shape} for a tensor of shape {self.shape}")
+
+        grads = {id(self): grad}
+        for tensor in reversed(_topological_order(self)):
+            grad = grads.pop(id(tensor), None)
+            if grad is None:
+                continue  # no path from self reaches here with a gradient
+            fn = tensor._fn
+            if fn is None:
+                tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+                continue
+            input_grads = fn.backward(grad)
+            if not isinstance(input_grads, tuple):
+                input_grads = (input_grads,)
+            for parent, parent_grad in zip(fn.inputs, input_grads):
+                if parent_grad is None or not parent.requires_grad:
+                    continue
+                previous = grads.get(id(parent))
+                grads[id(parent)] = parent_grad if previous is None else previous + parent_grad
+            fn.saved = ()
+            tensor._fn = None  # the graph above this tensor is spent
+
+    # -- operators: thin wrappers over minitp.functional -------------------------------------------
+    def _f(self):
+        from minitp import functional
+        return functional
+
+    def __add__(self, other): return self._f().add(self, other)
+    def __radd__(self, other): return self._f().add(other, self)
+    def __sub__(self, other): return self._f().sub(self, other)
+    def __rsub__(self, other): return self._f().sub(other, self)
+    def __mul__(self, other): return self._f().mul(self, other)
+    def __rmul__(self, other): return self._f().mul(other, self)
+    def __truediv__(self, other): return self._f().div(self, other)
+    def __rtruediv__(self, other): return self._f().div(other, self)
+    def __neg__(self): return self._f().neg(self)
+    def __pow__(self, exponent): return self._f().pow(self, exponent)
+    def __matmul__(self, other): return self._f().matmul(self, other)
+    def __rmatmul__(self, other): return self._f().matmul(other, self)
+    def __getitem__(self, index): return self._f().getitem(self, index)
+
+    def sum(self, axis=None, keepdims=False): return self._f().sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return self._f().mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return self._f().max(self, axis, keepdims)
+    def reshape(self, *shape): return self._f().reshape(self, shape[0] if len(shape) == 1 else shape)
+    def transpose(self, *axes): return self._f().transpose(self, axes[0] if len(axes) == 1 else (axes or None))
+    def exp(self): return self._f().exp(self)
+    def log(self): return self._f().log(self)
+    def tanh(self): return self._f().tanh(self)
+
+    @property
+    def T(self):
+        return self._f().transpose(self)
+
+
+def _topological_order(root):
+    """Every tensor that ``root`` depends on through recorded ops, each after its inputs.
+
+    Iterative (no recursion limit for deep graphs such as a 48-layer model)."""
+    order, visited, stack = [], set(), [(root, False)]
+    while stack:
+        tensor, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(tensor)
+            continue
+        if id(tensor) in visited:
+            continue
+        visited.add(id(tensor))
+        stack.append((tensor, True))
+        if tensor._fn is not None:
+            stack.extend((parent, False) for parent in tensor._fn.inputs if id(parent) not in visited)
+    return order
+
+
+class Function:
+    """One differentiable op. Subclasses write ``forward`` and ``backward`` on raw arrays.
+
+    ``forward(self, *arrays, **options)`` returns the output array and calls ``save_for_backward`` with
+    what ``backward`` will read. ``backward(self, grad_output)`` returns one gradient per positional input
+    (a tuple, or a single array for one input); ``None`` where no gradient flows.
+    ``self.needs_input_grad[i]`` lets backward skip work for inputs that do not require grad.
+
+    Use ``MyOp.apply(*tensors, **options)``: positional arguments are Tensors (differentiable inputs),
+    keyword arguments are plain options (axis, probability, communicator, ...).
+    """
+
+    saved = ()
+
+    def forward(self, *arrays, **options):
+        raise NotImplementedError
+
+    def backward(self, grad_output):
+        raise NotImplementedError
+
+    def save_for_backward(self, *arrays):
+        self.saved = arrays
+
+    @classmethod
+    def apply(cls, *inputs, **options):
+        fn = cls()
+        fn.needs_input_grad = tuple(t.requires_grad for t in inputs)
+        output = fn.forward(*(t.data for t in inputs), **options)
+        result = Tensor(output)
+        if _grad_enabled and any(fn.needs_input_grad):
+            fn.inputs = inputs
+            result.requires_grad = True
+            result._fn = fn
+            if _saved_trackers:
+                _record_saved(fn, inputs)
+        else:
+            fn.saved = ()  # nothing will call backward: keep nothing alive
+        return result
+
+
+# -- accounting of the bytes kept for backward ------------------------------------------------------
+
+_saved_trackers = []
+
+
+class SavedBytes:
+    """What the ops recorded inside ``track_saved()`` keep for backward.
+
+    Arrays are counted once however many ops save them (two views of one buffer with the same start and
+    size are one array), and parameters are left out: they are weights, not activations.
+    ``by_op`` splits the total by the op that first saved each array, e.g. ``{"LayerNorm": 4096, ...}``.
+    """
+
+    def __init__(self):
+        self._arrays = {}  # (address, nbytes) -> (op name, the array, kept alive so the address stays unique)
+        self.by_op = {}
+
+    @property
+    def total(self):
+        return sum(self.by_op.values())
+
+    def add(self, op_name, array):
+        key = (backend.data_ptr(array), array.nbytes)
+        if key in self._arrays:
+            return
+        self._arrays[key] = (op_name, array)
+        self.by_op[op_name] = self.by_op.get(op_name, 0) + array.nbytes
+
+
+@contextlib.contextmanager
+def track_saved():
+    """Count the bytes kept for backward by the ops run inside this block::
+
+        with track_saved() as saved:
+            loss = block(x).sum()
+        print(saved.total, saved.by_op)
+    """
+    tracker = SavedBytes()
+    _saved_trackers.append(tracker)
+    try:
+        yield tracker
+    finally:
+        _saved_trackers.remove(tracker)
+
+
+def _record_saved(fn, inputs):
+    parameters = [t.data for t in inputs if t.is_parameter]
+    name = getattr(fn, "name", type(fn).__name__)
+    for array in fn.saved:
+        if array is None or not hasattr(array, "nbytes") or any(array is p for p in parameters):
+            continue
+        for tracker in _saved_trackers:
+            tracker.add(name, array)

@@ -1,0 +1,55 @@
+"""Test setup shared by every test file.
+
+Three ways to run the suite, all supported:
+
+- ``pytest``: serial tests run here; each ``@pytest.mark.parallel(nprocs=...)`` test is relaunched by
+  mpi-pytest under ``mpiexec -n N`` (simple, slower: one launch per test).
+- ``mpiexec -n N python -m pytest -m "parallel[N]"``: every N-rank test in one launch (what ``make test``
+  does for N = 2, 3, 4).
+- ``mpirun -n N python -m pytest`` with no marker: mpi-pytest alone would stop with a UsageError at the
+  first test written for another rank count, so we skip those here, with the reason.
+"""
+import os
+
+import pytest
+from mpi4py import MPI
+
+from minitp import backend
+
+CHILD = "_PYTEST_MPI_CHILD_PROCESS"  # set by mpi-pytest in the processes it launches
+
+
+def _nprocs(item):
+    if hasattr(item, "callspec") and "_nprocs" in item.callspec.params:
+        return item.callspec.params["_nprocs"]
+    marker = item.get_closest_marker("parallel")
+    if marker is None:
+        return 1
+    n = marker.kwargs.get("nprocs", marker.args[0] if marker.args else 3)
+    return n if isinstance(n, int) else tuple(n)[0]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    size = MPI.COMM_WORLD.size
+    if size == 1 or CHILD in os.environ:
+        return
+    for item in items:
+        n = _nprocs(item)
+        if n != size:
+            item.add_marker(pytest.mark.skip(
+                reason=f"written for {n} rank(s), this run has {size}: use plain `pytest` or "
+                       f"`mpiexec -n {n} python -m pytest -m 'parallel[{n}]'`"))
+
+
+@pytest.fixture(params=["cpu", "gpu"])
+def device(request):
+    """Run the test once per backend: numpy, then CuPy (skipped, with the reason, without a GPU)."""
+    if request.param == "gpu":
+        reason = backend.gpu_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+    previous = backend.device()
+    backend.use(request.param)
+    yield request.param
+    backend.use(previous)
