@@ -1,0 +1,103 @@
+"""Random bits that shard exactly: a counter-based hash of (seed, counter, global element index).
+
+Why not ``numpy.random``? A stateful generator hands out numbers in the order they are asked for, so a
+rank that holds rows 2..4 of a tensor cannot draw "the numbers the serial run drew for rows 2..4" without
+drawing rows 0..1 first. Sequence-parallel dropout (Korthikanti et al. 2022, section 4.2.2) needs exactly
+that: every rank must drop the same elements as the serial model would, or the sharded run is not the
+serial run.
+
+A counter-based generator (as in Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") makes each
+random number a pure function of *where* it is used::
+
+    bits(i) = finalise(key(seed, counter) + i * golden)       i = the element's global flat index
+
+so any rank computes any element's bits, in any order, on numpy or CuPy alike (plain uint64 arithmetic,
+which wraps modulo 2^64 identically on both). ``counter`` numbers the dropout calls of one step, so two
+dropout layers (or two steps) draw different masks from one seed.
+
+The finaliser is splitmix64's (Steele, Lea and Flood 2014): three xor-shifts and two multiplications
+that turn consecutive inputs into statistically independent 64-bit outputs.
+"""
+import numpy
+
+from minitp import backend
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive indices land far apart before mixing
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def _splitmix64_int(z):
+    """The splitmix64 finaliser on a Python int (exact, host side): used to mix the key."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _splitmix64_array(z):
+    """The same finaliser on a uint64 array (numpy or CuPy); the multiplications wrap modulo 2^64.
+
+    Constants are numpy uint64 scalars so that neither library tries to fit them in an int64.
+    """
+    z = z ^ (z >> numpy.uint64(30))
+    z = z * numpy.uint64(_MIX1)
+    z = z ^ (z >> numpy.uint64(27))
+    z = z * numpy.uint64(_MIX2)
+    return z ^ (z >> numpy.uint64(31))
+
+
+def stream_key(seed, counter):
+    """The 64-bit key of one stream: (seed, counter) mixed so that nearby seeds or counters give
+    unrelated keys (a plain seed + counter would make stream (1, 0) equal stream (0, 1))."""
+    return _splitmix64_int(_splitmix64_int(seed) + _GOLDEN * (counter + 1))
+
+
+def global_flat_index(shape, global_shape=None, offset=None, xp=None):
+    """The C-order flat index, in the global tensor, of every element of a block of it (uint64).
+
+    The block has ``shape`` and starts at ``offset`` (one start per axis) inside a tensor of
+    ``global_shape``; by default the block is the whole tensor. Element ``[i0, i1, ...]`` has index
+    ``sum_k (i_k + offset_k) * stride_k`` with ``stride_k = prod(global_shape[k+1:])``.
+    """
+    xp = xp or backend.xp
+    shape = tuple(int(n) for n in shape)
+    global_shape = shape if global_shape is None else tuple(int(n) for n in global_shape)
+    offset = (0,) * len(shape) if offset is None else tuple(int(o) for o in offset)
+    if not len(shape) == len(global_shape) == len(offset):
+        raise ValueError(f"shape {shape}, global_shape {global_shape} and offset {offset} "
+                         "must have one entry per axis")
+    for n, o, total in zip(shape, offset, global_shape):
+        if o < 0 or o + n > total:
+            raise ValueError(f"a block of shape {shape} at offset {offset} does not fit in {global_shape}")
+
+    index = xp.zeros((1,) * len(shape), dtype=xp.uint64)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        # (i_k + offset_k) * stride_k, shaped to broadcast along axis k only
+        along = (xp.arange(shape[axis], dtype=xp.uint64) + numpy.uint64(offset[axis])) * numpy.uint64(stride)
+        index = index + along.reshape((1,) * axis + (shape[axis],) + (1,) * (len(shape) - axis - 1))
+        stride *= global_shape[axis]
+    return index if len(shape) else index.reshape(())
+
+
+def random_bits(shape, seed, counter, global_shape=None, offset=None, xp=None):
+    """64 random bits per element (uint64), a pure function of (seed, counter, global flat index)."""
+    index = global_flat_index(shape, global_shape, offset, xp)
+    key = numpy.uint64(stream_key(seed, counter))
+    return _splitmix64_array(index * numpy.uint64(_GOLDEN) + key)
+
+
+def keep_mask(shape, p, seed, counter, global_shape=None, offset=None, xp=None):
+    """Dropout's keep mask (bool array of ``shape``): True where the element survives.
+
+    Each element is dropped with probability ``p``: kept iff the top 32 bits of its hash are at least
+    ``round(p * 2^32)``. A block at ``offset`` in ``global_shape`` gets exactly its slice of the mask of
+    the whole tensor, on numpy and CuPy alike.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    threshold = numpy.uint64(round(p * 2 ** 32))
+    bits = random_bits(shape, seed, counter, global_shape, offset, xp)
+    return (bits >> numpy.uint64(32)) >= threshold
