@@ -9,20 +9,28 @@ from dataclasses import dataclass
 import numpy
 
 from minitp import backend
-from minitp.autograd import no_grad
+from minitp.autograd import Tensor, no_grad
 
 
 def max_error(actual, expected):
     """max |actual - expected|, scaled by max(1, max |expected|): relative for large values, absolute
     for small ones. Takes Tensors or arrays; 0.0 means bit-equal."""
-    actual, expected = (numpy.asarray(backend.to_host(getattr(a, "data", a)), dtype=numpy.float64)
-                        for a in (actual, expected))
+    actual, expected = (numpy.asarray(_host(a), dtype=numpy.float64) for a in (actual, expected))
     if actual.shape != expected.shape:
         raise ValueError(f"shapes differ: {actual.shape} vs {expected.shape}")
     if actual.size == 0:
         return 0.0
     scale = max(1.0, float(numpy.max(numpy.abs(expected))))
     return float(numpy.max(numpy.abs(actual - expected))) / scale
+
+
+def _host(value):
+    """The values of a Tensor, a numpy or CuPy array, a scalar or a list, on the host.
+
+    (Not ``getattr(value, "data", value)``: a numpy array's ``.data`` is its memoryview.)"""
+    if isinstance(value, Tensor):
+        value = value.data
+    return backend.to_host(value) if hasattr(value, "__cuda_array_interface__") else value
 
 
 @dataclass
