@@ -51,7 +51,7 @@ def _splitmix64_array(z):
 def stream_key(seed, counter):
     """The 64-bit key of one stream: (seed, counter) mixed so that nearby seeds or counters give
     unrelated keys (a plain seed + counter would make stream (1, 0) equal stream (0, 1))."""
-    return _splitmix64_int(_splitmix64_int(seed) + _GOLDEN * (counter + 1))
+    return _splitmix64_int(_splitmix64_int(int(seed)) + _GOLDEN * (int(counter) + 1))
 
 
 def global_flat_index(shape, global_shape=None, offset=None, xp=None):
