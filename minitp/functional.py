@@ -160,8 +160,8 @@ def _axes(axis, ndim):
     """``axis`` (None, an int or a tuple, negatives allowed) as a sorted tuple of non-negative axes."""
     if axis is None:
         return tuple(range(ndim))
-    if isinstance(axis, int):
-        axis = (axis,)
+    if not isinstance(axis, (tuple, list)):
+        axis = (axis,)  # an int, or a numpy integer
     axes = tuple(sorted(a % ndim if ndim else a for a in axis))
     if len(set(axes)) != len(axes) or any(not 0 <= a < _python_max(ndim, 1) for a in axes):
         raise ValueError(f"bad axis {axis} for an array of {ndim} dimensions")

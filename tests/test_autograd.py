@@ -1,0 +1,194 @@
+"""The engine itself: how gradients flow and accumulate, no_grad, the errors it raises, and the
+accounting of bytes kept for backward (track_saved) that the activation-memory benchmark reads.
+
+Serial tests, run once per backend through the ``device`` fixture.
+"""
+import numpy
+import pytest
+
+from minitp import backend
+from minitp import functional as F
+from minitp.autograd import Tensor, no_grad, track_saved
+from minitp.testing import max_error
+
+
+class Weight(Tensor):
+    """A stand-in for minitp.nn.Parameter: weights are not activations, so track_saved leaves them out."""
+    is_parameter = True
+
+
+def make(shape, seed, requires_grad=True, cls=Tensor, dtype=numpy.float64):
+    values = numpy.random.default_rng(seed).standard_normal(shape).astype(dtype)
+    return cls(backend.xp.asarray(values), requires_grad=requires_grad)
+
+
+def host(tensor):
+    return backend.to_host(tensor.data)
+
+
+# -- how gradients flow ---------------------------------------------------------------------------
+
+def test_gradients_add_over_two_paths(device):
+    x = make((3, 4), 0)
+    y = x * x + x  # x reaches y along three edges: d/dx = 2x + 1
+    y.backward(backend.xp.ones(y.shape))
+    assert max_error(x.grad, 2 * host(x) + 1) <= 1e-15
+
+
+def test_shared_intermediate_receives_the_sum(device):
+    x = make((5,), 1)
+    h = F.exp(x)
+    y = (h * 2.0 + h * h).sum()  # dy/dh = 2 + 2h, dh/dx = h
+    y.backward()
+    h_values = numpy.exp(host(x))
+    assert max_error(x.grad, (2 + 2 * h_values) * h_values) <= 1e-14
+
+
+def test_leaf_grad_accumulates_across_backward_calls(device):
+    x = make((2, 3), 2)
+    (x * 2.0).sum().backward()
+    (x * 3.0).sum().backward()
+    assert max_error(x.grad, numpy.full((2, 3), 5.0)) == 0.0
+
+
+def test_no_gradient_reaches_inputs_that_do_not_require_it(device):
+    x, constant = make((3,), 0), make((3,), 1, requires_grad=False)
+    (x * constant).sum().backward()
+    assert constant.grad is None
+    assert max_error(x.grad, host(constant)) == 0.0
+
+
+def test_broadcast_operand_gradient_is_summed(device):
+    x, bias = make((4, 3), 0), make((3,), 1)
+    (x + bias).sum().backward()
+    assert bias.grad.shape == (3,)
+    assert max_error(bias.grad, numpy.full(3, 4.0)) == 0.0
+
+
+def test_python_numbers_keep_float32(device):
+    x = make((3,), 0, dtype=numpy.float32)
+    y = 2 * x - 1.5 / (x + 3)
+    y.sum().backward()
+    assert y.dtype == numpy.float32 and x.grad.dtype == numpy.float32
+
+
+def test_deep_graph_walks_without_recursion(device):
+    x = make((2,), 0)
+    y = x
+    for _ in range(3000):  # far beyond Python's recursion limit
+        y = y + 1.0
+    y.sum().backward()
+    assert max_error(x.grad, numpy.ones(2)) == 0.0
+
+
+def test_backward_releases_what_was_saved(device):
+    x = make((3, 4), 0)
+    y = F.softmax(x)
+    fn = y._fn
+    assert len(fn.saved) == 1
+    y.sum().backward()
+    assert fn.saved == () and y._fn is None
+
+
+# -- no_grad and errors ---------------------------------------------------------------------------
+
+def test_no_grad_records_nothing(device):
+    x = make((3, 4), 0)
+    with track_saved() as saved:
+        with no_grad():
+            y = F.layer_norm(x, make((4,), 1), make((4,), 2)) * x
+    assert not y.requires_grad and y._fn is None
+    assert saved.total == 0 and saved.by_op == {}
+    with pytest.raises(RuntimeError):
+        y.sum().backward()
+    z = x * x  # recording is back on after the block
+    assert z.requires_grad and z._fn is not None
+
+
+def test_backward_of_non_scalar_needs_a_grad(device):
+    y = make((2, 3), 0) * 2.0
+    with pytest.raises(RuntimeError):
+        y.backward()
+    with pytest.raises(ValueError):
+        y.backward(backend.xp.ones((3, 2)))  # wrong shape
+    y.backward(backend.xp.ones((2, 3)))  # and with one it works
+
+
+def test_backward_on_a_tensor_without_grad_raises(device):
+    with pytest.raises(RuntimeError):
+        make((1,), 0, requires_grad=False).backward()
+
+
+# -- track_saved: the bytes kept for backward -----------------------------------------------------
+
+def test_array_saved_by_two_ops_is_counted_once(device):
+    x = make((5, 7), 0)
+    with track_saved() as saved:
+        h = F.exp(x)  # saves its output h
+        h * h         # Mul saves h twice (each factor for the other's gradient)
+    assert saved.total == h.data.nbytes
+    assert saved.by_op == {"Exp": h.data.nbytes}
+
+
+def test_parameters_are_not_counted(device):
+    x, weight = make((4, 3, 5), 0), make((5, 6), 1, cls=Weight)
+    with track_saved() as saved:
+        x @ weight  # saves x (for dW) and W (for dX); W is a weight, not an activation
+    assert saved.total == x.data.nbytes
+    plain = make((5, 6), 1)
+    with track_saved() as saved:
+        x @ plain
+    assert saved.total == x.data.nbytes + plain.data.nbytes  # the same op counts a non-parameter
+
+
+def test_dropout_saves_one_byte_per_element(device):
+    x = make((7, 2, 5), 0)
+    with track_saved() as saved:
+        F.dropout(x, 0.1, seed=0, counter=0)
+    assert saved.by_op == {"Dropout": x.size}
+
+
+def test_dropout_identity_saves_nothing(device):
+    x = make((7, 2, 5), 0)
+    with track_saved() as saved:
+        F.dropout(x, 0.0, seed=0, counter=0)
+        F.dropout(x, 0.5, seed=0, counter=0, training=False)
+    assert saved.total == 0
+
+
+def test_softmax_saves_only_its_output(device):
+    x = make((2, 3, 5, 5), 0)
+    with track_saved() as saved:
+        y = F.softmax(x)
+    assert saved.by_op == {"Softmax": y.data.nbytes}
+    assert backend.data_ptr(y._fn.saved[0]) == backend.data_ptr(y.data)
+
+
+def test_layer_norm_saves_input_size_and_row_stats(device):
+    seq, batch, hidden = 5, 3, 8
+    x = make((seq, batch, hidden), 0)
+    weight, bias = make((hidden,), 1, cls=Weight), make((hidden,), 2, cls=Weight)
+    with track_saved() as saved:
+        F.layer_norm(x, weight, bias)
+    row_stats = seq * batch * x.data.itemsize  # one 1/std per token
+    assert saved.by_op == {"LayerNorm": x.data.nbytes + row_stats}
+
+
+@pytest.mark.parametrize("op, expected", [
+    ("gelu", lambda x: x.nbytes),                          # its input only
+    ("causal_mask", lambda x: 0),                          # the mask is rebuilt from the shape
+    ("embedding", lambda x: 6 * numpy.dtype(numpy.int64).itemsize),  # only the ids
+    ("cross_entropy", lambda x: x.nbytes + 6 * numpy.dtype(numpy.int64).itemsize),  # softmax + targets
+])
+def test_other_ops_save_what_their_backward_needs(device, op, expected):
+    x = make((2, 3, 5), 0)
+    token_ids = backend.xp.asarray(numpy.array([[0, 4, 1], [2, 2, 3]], dtype=numpy.int64))
+    calls = {
+        "gelu": lambda: F.gelu(x),
+        "causal_mask": lambda: F.causal_mask(x),
+        "embedding": lambda: F.embedding(token_ids, make((5, 4), 1, cls=Weight)),
+        "cross_entropy": lambda: F.cross_entropy(x, token_ids),
+    }
+    with track_saved() as saved:
+        calls[op]()
+    assert saved.total == expected(x.data)
