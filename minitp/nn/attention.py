@@ -1,0 +1,102 @@
+"""Multi-head self-attention on (s, b, h) activations, with a fused QKV projection laid out head by head.
+
+Shapes: s sequence, b batch, h hidden, a heads, d = h / a the head size.
+
+    x (s, b, h) --qkv--> (s, b, 3h) --> q, k, v each (b, a, s, d)
+    softmax(q k^T / sqrt(d)) (b, a, s, s) --dropout--> @ v (b, a, s, d) --> (s, b, h) --proj--> --dropout-->
+
+Heads never look at each other between ``qkv`` and ``proj``: each head's (s, s) score matrix uses only its
+own q, k and v columns. That is what lets Megatron (Shoeybi et al. 2019, section 3) give each rank whole
+heads: ``qkv`` split by columns (a column-parallel layer), ``proj`` split by rows (row-parallel), and the
+attention core of a rank's heads computed with no communication at all.
+
+Where the seed notebook (shared/seeds/000_c7951c7fdd5b7433.txt, "3. MHA") goes wrong, and the line here
+that does it right:
+
+1. ``ks = q.reshape(...)`` and ``vs = q.reshape(...)``: k and v are cut from q, so every "key" and "value"
+   is a query. Here q, k and v are three different slices of the qkv output (``F.split`` in ``forward``).
+2. ``q.reshape(3, B*heads, S, -1)`` then ``reshape(num_gpus, B*heads/num_gpus, ...)``: the flattened axis
+   is batch-major (index = batch * heads + head), so cutting it into num_gpus blocks gives GPU 0 the first
+   half of the *batch* with all its heads: data parallelism, not head parallelism. Here heads keep their
+   own axis, (b, a, s, d), and a head-parallel rank takes a block of that axis (``heads_offset`` in
+   ``attention_core``). (The same line also hard-codes the sequence length 120.)
+3. ``for i in qs: qs[i].to(f'cuda:{i}')``: iterating a tuple yields its tensors, which are then used as
+   indices into the tuple, and ``.to()`` returns a new tensor that the loop throws away, so nothing moves.
+   Here nothing needs moving: each MPI rank computes its own heads where its weights already are.
+4. ``torch.cat[gpu1, gpu2]`` subscripts the function instead of calling it (``torch.cat([...], dim=-1)``),
+   and the concatenation itself is not needed: Megatron feeds each rank's heads straight into its rows of
+   ``proj`` and sums the partial outputs with one all-reduce (g).
+5. ``qkv.reshape(B, S, 3, -1)`` assumes the columns are [all q | all k | all v]. Then a contiguous block of
+   columns holds q of some heads *or* k of some heads, never whole heads, and a column-parallel split of
+   the weight would hand a rank the wrong columns. ``MultiHeadAttention`` orders them head-major instead.
+"""
+import numpy
+
+from minitp import functional as F
+from minitp.nn import init
+from minitp.nn.layers import Dropout, Linear
+from minitp.nn.module import Module
+
+
+def attention_core(q, k, v, causal, dropout, heads_offset=0, heads_total=None):
+    """softmax(q k^T / sqrt(d)) v for q, k, v of shape (b, a, s, d) -> (b, a, s, d).
+
+    ``dropout`` (a ``Dropout`` module, or None) drops attention probabilities. ``heads_offset`` and
+    ``heads_total`` say where these a heads sit among all the model's heads: a head-parallel rank holding
+    heads [heads_offset, heads_offset + a) of heads_total draws exactly its slice of the serial model's
+    (b, heads_total, s, s) dropout mask. Serially both keep their defaults (all heads, from 0).
+    """
+    batch, heads, seq, head_dim = q.shape
+    heads_total = heads if heads_total is None else heads_total
+    # scale q (s*d numbers) rather than the scores (s*s per head): the same product, less work
+    # (b, a, s, d) @ (b, a, d, s) = (b, a, s, s): row i holds query i's score against every key
+    scores = F.matmul(F.mul(q, head_dim ** -0.5), F.transpose(k, (0, 1, 3, 2)))
+    if causal:
+        scores = F.causal_mask(scores)  # query i may not attend to keys j > i: their scores become -inf
+    probs = F.softmax(scores, axis=-1)  # over the keys
+    if dropout is not None:
+        probs = dropout(probs, global_shape=(batch, heads_total, seq, seq), offset=(0, heads_offset, 0, 0))
+    return F.matmul(probs, v)  # (b, a, s, s) @ (b, a, s, d) = (b, a, s, d)
+
+
+class MultiHeadAttention(Module):
+    """Self-attention with a fused ``qkv`` Linear (h -> 3h), ``heads`` heads, an output ``proj``
+    (h -> h) and two dropouts: ``attention_dropout`` on the probabilities, ``dropout`` on the output
+    (the block's residual dropout).
+
+    The qkv output columns are ordered HEAD-MAJOR: for head i, columns [3d*i, 3d*(i+1)) hold
+    [q_i | k_i | v_i], each d wide. So any contiguous block of whole heads' columns, [3d*i0, 3d*i1),
+    holds everything those heads need, and tensor parallelism shards the qkv weight by plain column
+    blocks: rank r of t takes columns [3h*r/t, 3h*(r+1)/t), i.e. heads [a*r/t, a*(r+1)/t). (With
+    torch's [all q | all k | all v] order a column block would hold some heads' q and no k or v.)
+    """
+
+    def __init__(self, hidden, heads, causal=True, attention_dropout=0.0, dropout=0.0, seed=0,
+                 dtype=numpy.float32):
+        super().__init__()
+        if heads < 1 or hidden % heads:
+            raise ValueError(f"heads ({heads}) must divide hidden ({hidden})")
+        self.hidden, self.heads, self.head_dim, self.causal = hidden, heads, hidden // heads, causal
+        self.qkv = Linear(hidden, 3 * hidden, dtype=dtype, seed=init.derive_seed(seed, "qkv"))
+        self.attention_dropout = Dropout(attention_dropout, seed=init.derive_seed(seed, "attention_dropout"))
+        self.proj = Linear(hidden, hidden, dtype=dtype, seed=init.derive_seed(seed, "proj"))
+        self.dropout = Dropout(dropout, seed=init.derive_seed(seed, "dropout"))
+
+    def forward(self, x):
+        seq, batch, hidden = x.shape
+        if hidden != self.hidden:
+            raise ValueError(f"MultiHeadAttention({self.hidden}) got an input of shape {x.shape}")
+        heads, head_dim = self.heads, self.head_dim
+        # (s, b, h) @ (h, 3h) = (s, b, 3h), read head-major as (s, b, a, 3, d)
+        qkv = F.reshape(self.qkv(x), (seq, batch, heads, 3, head_dim))
+        # three different slices: q, k and v each (s, b, a, 1, d) -> (s, b, a, d) -> (b, a, s, d)
+        q, k, v = (F.transpose(F.reshape(part, (seq, batch, heads, head_dim)), (1, 2, 0, 3))
+                   for part in F.split(qkv, 3, axis=3))
+        context = attention_core(q, k, v, self.causal, self.attention_dropout)
+        # (b, a, s, d) -> (s, b, a, d) -> (s, b, h): head i's d features land in columns [d*i, d*(i+1)),
+        # which are the rows of proj that a head-parallel rank holding head i owns
+        context = F.reshape(F.transpose(context, (2, 0, 1, 3)), (seq, batch, hidden))
+        return self.dropout(self.proj(context))  # (s, b, h) @ (h, h) = (s, b, h)
+
+    def extra_repr(self):
+        return f"{self.hidden}, heads={self.heads}, causal={self.causal}"

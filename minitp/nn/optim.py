@@ -1,0 +1,149 @@
+"""Optimizers: SGD (with momentum) and AdamW, updating parameters in place from their ``.grad``.
+
+They read ``.grad`` and never write into it: the engine may hand the same gradient array to two tensors
+(the two inputs of an add receive one array), so an in-place change would corrupt the other.
+Parameters whose ``.grad`` is None (no gradient reached them) are skipped, as in torch.
+
+``state_dict()`` holds the step count and the per-parameter buffers keyed by the parameter's name when
+the optimizer was built from ``model.named_parameters()``, else by its index: a checkpoint can then
+save them, and a tensor-parallel run can cut each buffer into shards exactly as it cuts the weight.
+"""
+import math
+
+import numpy
+
+from minitp import backend
+from minitp.nn.module import Parameter
+
+
+class Optimizer:
+    """The bookkeeping shared by every optimizer: the parameters, their keys, the per-key state."""
+
+    def __init__(self, params):
+        params = list(params)
+        if not params:
+            raise ValueError(f"{type(self).__name__} got no parameters")
+        if all(isinstance(p, tuple) for p in params):  # from model.named_parameters()
+            self.keys = [name for name, _ in params]
+            self.params = [p for _, p in params]
+        else:
+            self.keys = list(range(len(params)))
+            self.params = params
+        for key, p in zip(self.keys, self.params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"{type(self).__name__}: parameter {key!r} is a {type(p).__name__}, "
+                                "not a Parameter")
+        self.step_count = 0  # how many times step() ran
+        self.state = {}  # key -> {"step": int, buffer name: array}, made at the parameter's first update
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.step_count += 1
+        for key, p in zip(self.keys, self.params):
+            if p.grad is None:
+                continue
+            if p.grad.shape != p.shape:
+                raise ValueError(f"{type(self).__name__}: gradient of shape {p.grad.shape} for parameter "
+                                 f"{key!r} of shape {p.shape}")
+            state = self.state.setdefault(key, {"step": 0})
+            state["step"] += 1
+            self._update(p.data, p.grad, state)
+
+    def _update(self, param, grad, state):
+        """Update the array ``param`` in place from ``grad`` (read only) and this parameter's ``state``
+        (``state["step"]`` counts this parameter's updates, this one included)."""
+        raise NotImplementedError
+
+    def state_dict(self):
+        """{"step": int, "state": {key: {"step": int, buffer: a copy of the array}}}.
+
+        Every buffer has its parameter's shape, so it can be sharded like the parameter. Copies: later
+        steps do not leak into a checkpoint already taken.
+        """
+        return {"step": self.step_count,
+                "state": {key: {name: value if name == "step" else value.copy() for name, value in entry.items()}
+                          for key, entry in self.state.items()}}
+
+    def load_state_dict(self, state_dict):
+        """Restore what ``state_dict()`` returned; unknown keys or wrong shapes raise ValueError."""
+        params = dict(zip(self.keys, self.params))
+        state = {}
+        for key, entry in state_dict["state"].items():
+            if key not in params:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: unknown parameter {key!r} "
+                                 f"(this optimizer has {self.keys})")
+            param = params[key]
+            xp = backend.array_module(param.data)
+            state[key] = {"step": int(entry["step"])}
+            for name, array in entry.items():
+                if name == "step":
+                    continue
+                if tuple(array.shape) != param.shape:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: {name} of parameter {key!r} "
+                                     f"has shape {tuple(array.shape)}, the parameter {param.shape}")
+                array = backend.to_host(array) if xp is numpy else array
+                state[key][name] = xp.array(array, dtype=param.dtype)  # a copy on the parameter's device
+        self.step_count = int(state_dict["step"])
+        self.state = state
+
+
+class SGD(Optimizer):
+    """p <- p - lr * v with v <- momentum * v + g (torch's SGD; v starts at the first g).
+
+    ``momentum=0`` is plain gradient descent and keeps no buffer.
+    """
+
+    def __init__(self, params, lr, momentum=0.0):
+        super().__init__(params)
+        self.lr, self.momentum = lr, momentum
+
+    def _update(self, param, grad, state):
+        if not self.momentum:
+            param -= self.lr * grad
+            return
+        if "momentum" not in state:
+            state["momentum"] = grad.copy()  # a copy: the velocity is updated in place, grad never is
+        else:
+            state["momentum"] *= self.momentum
+            state["momentum"] += grad
+        param -= self.lr * state["momentum"]
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (Loshchilov and Hutter 2019, algorithm 2; torch.optim.AdamW).
+
+    At step t of a parameter p with gradient g:
+
+        p   <- p - lr * weight_decay * p              decay first, and not through the gradient
+        m   <- beta1 * m + (1 - beta1) * g            first moment  (m, v start at 0)
+        v   <- beta2 * v + (1 - beta2) * g^2          second moment
+        p   <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+
+    "Decoupled": the decay shrinks p directly, so it is not rescaled by Adam's 1/sqrt(v) as an L2 term
+    added to g would be. A parameter whose gradient is zero still decays.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+
+    def _update(self, param, grad, state):
+        beta1, beta2 = self.betas
+        xp = backend.array_module(param)
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = xp.zeros_like(param), xp.zeros_like(param)
+        exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        if self.weight_decay:
+            param *= 1 - self.lr * self.weight_decay
+        exp_avg *= beta1
+        exp_avg += (1 - beta1) * grad
+        exp_avg_sq *= beta2
+        exp_avg_sq += (1 - beta2) * grad * grad
+        # bias correction folded into the step size and the denominator, as torch does:
+        # m_hat / (sqrt(v_hat) + eps) = (m / c1) / (sqrt(v) / sqrt(c2) + eps)
+        bias_correction1, bias_correction2 = 1 - beta1 ** t, 1 - beta2 ** t
+        denominator = xp.sqrt(exp_avg_sq) / math.sqrt(bias_correction2) + self.eps
+        param -= (self.lr / bias_correction1) * exp_avg / denominator

@@ -1,0 +1,36 @@
+"""One GPT-2 transformer layer: pre-LayerNorm attention and MLP, each added back to the residual stream.
+
+    x = x + attention(ln1(x))      the attention's last op is its residual dropout
+    x = x + mlp(ln2(x))            and so is the MLP's
+
+The residual dropouts live inside ``attention`` and ``mlp`` (as in Megatron, where they belong to the
+layer's output), so the block itself is just the two residual additions.
+"""
+import numpy
+
+from minitp.nn import init
+from minitp.nn.attention import MultiHeadAttention
+from minitp.nn.layers import LayerNorm
+from minitp.nn.mlp import MLP
+from minitp.nn.module import Module
+
+
+class TransformerBlock(Module):
+    """(s, b, h) -> (s, b, h). Sublayers: ``ln1``, ``attention``, ``ln2``, ``mlp``.
+
+    Each sublayer, and so each of its dropouts, gets a seed derived from ``seed`` and its name.
+    """
+
+    def __init__(self, hidden, heads, ffn_hidden=None, causal=True, dropout=0.0, attention_dropout=0.0,
+                 seed=0, dtype=numpy.float32):
+        super().__init__()
+        self.ln1 = LayerNorm(hidden, dtype=dtype)
+        self.attention = MultiHeadAttention(hidden, heads, causal=causal, attention_dropout=attention_dropout,
+                                            dropout=dropout, seed=init.derive_seed(seed, "attention"),
+                                            dtype=dtype)
+        self.ln2 = LayerNorm(hidden, dtype=dtype)
+        self.mlp = MLP(hidden, ffn_hidden, dropout=dropout, seed=init.derive_seed(seed, "mlp"), dtype=dtype)
+
+    def forward(self, x):
+        x = x + self.attention(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
