@@ -77,26 +77,32 @@ class MultiHeadAttention(Module):
         if heads < 1 or hidden % heads:
             raise ValueError(f"heads ({heads}) must divide hidden ({hidden})")
         self.hidden, self.heads, self.head_dim, self.causal = hidden, heads, hidden // heads, causal
+        # Which of the model's heads this module computes: all of them here. ``ParallelAttention`` reuses
+        # this forward on a rank's heads [heads_offset, heads_offset + heads) of heads_total.
+        self.heads_offset, self.heads_total = 0, heads
         self.qkv = Linear(hidden, 3 * hidden, dtype=dtype, seed=init.derive_seed(seed, "qkv"))
         self.attention_dropout = Dropout(attention_dropout, seed=init.derive_seed(seed, "attention_dropout"))
         self.proj = Linear(hidden, hidden, dtype=dtype, seed=init.derive_seed(seed, "proj"))
         self.dropout = Dropout(dropout, seed=init.derive_seed(seed, "dropout"))
 
     def forward(self, x):
-        seq, batch, hidden = x.shape
-        if hidden != self.hidden:
-            raise ValueError(f"MultiHeadAttention({self.hidden}) got an input of shape {x.shape}")
-        heads, head_dim = self.heads, self.head_dim
-        # (s, b, h) @ (h, 3h) = (s, b, 3h), read head-major as (s, b, a, 3, d)
-        qkv = F.reshape(self.qkv(x), (seq, batch, heads, 3, head_dim))
+        if x.shape[-1] != self.hidden:
+            raise ValueError(f"{type(self).__name__}({self.hidden}) got an input of shape {x.shape}")
+        heads, head_dim = self.heads, self.head_dim  # heads: the heads computed here (a/t on a TP rank)
+        # (s, b, h) @ (h, 3h) = (s, b, 3h), read head-major as (s, b, a, 3, d). Take s and b from the
+        # product, not from x: under sequence parallelism x holds s/t tokens and qkv gathers all s.
+        qkv = self.qkv(x)
+        seq, batch = qkv.shape[:2]
+        qkv = F.reshape(qkv, (seq, batch, heads, 3, head_dim))
         # three different slices: q, k and v each (s, b, a, 1, d) -> (s, b, a, d) -> (b, a, s, d)
         q, k, v = (F.transpose(F.reshape(part, (seq, batch, heads, head_dim)), (1, 2, 0, 3))
                    for part in F.split(qkv, 3, axis=3))
-        context = attention_core(q, k, v, self.causal, self.attention_dropout)
-        # (b, a, s, d) -> (s, b, a, d) -> (s, b, h): head i's d features land in columns [d*i, d*(i+1)),
+        context = attention_core(q, k, v, self.causal, self.attention_dropout,
+                                 heads_offset=self.heads_offset, heads_total=self.heads_total)
+        # (b, a, s, d) -> (s, b, a, d) -> (s, b, a*d): head i's d features land in columns [d*i, d*(i+1)),
         # which are the rows of proj that a head-parallel rank holding head i owns
-        context = F.reshape(F.transpose(context, (2, 0, 1, 3)), (seq, batch, hidden))
-        return self.dropout(self.proj(context))  # (s, b, h) @ (h, h) = (s, b, h)
+        context = F.reshape(F.transpose(context, (2, 0, 1, 3)), (seq, batch, heads * head_dim))
+        return self.dropout(self.proj(context))  # (s, b, a*d) @ (a*d, h) = (s, b, h)
 
     def extra_repr(self):
         return f"{self.hidden}, heads={self.heads}, causal={self.causal}"
