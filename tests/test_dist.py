@@ -1,0 +1,294 @@
+"""minitp.dist: the mesh, each collective against numpy, the collective log, and abort on exception.
+
+Every rank r holds ``rank_array(r, ...)``, which every rank can also compute, so each rank builds the
+expected result of a collective with plain numpy from all the ranks' data.
+"""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+from minitp import backend, dist
+from minitp.testing import max_error
+
+WORLD = MPI.COMM_WORLD
+REPO = Path(__file__).resolve().parent.parent
+DTYPES = ["float32", "float64", "int64"]
+# MPI may add the ranks' values in another order than numpy.sum: allow rounding, nothing more
+TOLERANCE = {"float32": 1e-6, "float64": 1e-15, "int64": 0.0}
+
+
+def rank_array(rank, shape, dtype="float64"):
+    """Rank ``rank``'s data: any rank can rebuild any other rank's array."""
+    rng = numpy.random.default_rng(100 + rank)
+    if numpy.dtype(dtype).kind == "i":
+        return rng.integers(-1000, 1000, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def all_ranks(shape, dtype="float64"):
+    return [rank_array(r, shape, dtype) for r in range(WORLD.size)]
+
+
+def world():
+    return dist.Group(WORLD, "world")  # wrapping COMM_WORLD creates no communicator
+
+
+def same_on_every_rank(value):
+    return all(v == value for v in WORLD.allgather(value))
+
+
+# -- the mesh ---------------------------------------------------------------------------------------
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_mesh_groups_have_the_right_members():
+    n, rank = WORLD.size, WORLD.rank
+    for tp in [d for d in range(1, n + 1) if n % d == 0]:
+        mesh = dist.Mesh(tp_size=tp)
+        dp_rank, tp_rank = rank // tp, rank % tp
+        parallel_assert((mesh.tp_size, mesh.dp_size, mesh.tp_rank, mesh.dp_rank) == (tp, n // tp, tp_rank, dp_rank),
+                        f"tp={tp}: {mesh}")
+        parallel_assert(mesh.tp.ranks == tuple(dp_rank * tp + i for i in range(tp)), f"tp={tp}: {mesh.tp}")
+        parallel_assert(mesh.dp.ranks == tuple(j * tp + tp_rank for j in range(n // tp)), f"tp={tp}: {mesh.dp}")
+        parallel_assert((mesh.tp.rank, mesh.dp.rank, mesh.world.rank) == (tp_rank, dp_rank, rank))
+        parallel_assert((mesh.world.name, mesh.tp.name, mesh.dp.name) == ("world", "tp", "dp"))
+        parallel_assert(mesh.world.ranks == tuple(range(n)))
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_mesh_sizes_that_do_not_multiply_raise_on_every_rank():
+    n = WORLD.size
+    for tp, dp in [(n + 1, None), (1, n + 1), (n, 2), (0, None)] + ([(3, None)] if n == 4 else []):
+        try:
+            dist.Mesh(tp_size=tp, dp_size=dp)
+            message = None
+        except ValueError as error:
+            message = str(error)
+        parallel_assert(message is not None, f"tp={tp}, dp={dp} on {n} ranks: no ValueError")
+        parallel_assert(same_on_every_rank(message), f"tp={tp}, dp={dp}: the ranks disagree")
+    parallel_assert(dist.all_reduce(numpy.ones(1), world())[0] == n, "the ranks are still in step")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+def test_init_returns_the_same_mesh_and_sets_the_default_group():
+    mesh = dist.init(tp=WORLD.size)
+    parallel_assert(dist.init(tp=WORLD.size) is mesh and dist.current_mesh() is mesh)
+    parallel_assert(dist.tensor_parallel_group() is mesh.tp)
+
+
+# -- each collective against numpy ------------------------------------------------------------------
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (1,), (2, 1, 3)])
+def test_all_reduce_is_the_sum(shape, dtype):
+    x = rank_array(WORLD.rank, shape, dtype)
+    before = x.copy()
+    total = dist.all_reduce(x, world())
+    expected = numpy.sum(all_ranks(shape, dtype), axis=0)
+    parallel_assert(total.shape == shape and total.dtype == x.dtype)
+    parallel_assert(max_error(total, expected) <= TOLERANCE[dtype], f"{max_error(total, expected)}")
+    parallel_assert(numpy.array_equal(x, before), "all_reduce wrote into its input")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_all_gather_concatenates_in_rank_order(axis, dtype):
+    shape = (3, 5, 7)
+    x = rank_array(WORLD.rank, shape, dtype)
+    before = x.copy()
+    gathered = dist.all_gather(x, world(), axis=axis)
+    expected = numpy.concatenate(all_ranks(shape, dtype), axis=axis)
+    parallel_assert(gathered.shape == expected.shape and gathered.dtype == x.dtype, f"{gathered.shape}")
+    parallel_assert(numpy.array_equal(gathered, expected), f"axis {axis}")
+    parallel_assert(numpy.array_equal(x, before), "all_gather wrote into its input")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_reduce_scatter_keeps_this_ranks_block_of_the_sum(axis, dtype):
+    n, rank = WORLD.size, WORLD.rank
+    shape = [3, 5, 7]
+    shape[axis] = 2 * n  # divisible along the scattered axis, odd along the others
+    x = rank_array(rank, tuple(shape), dtype)
+    before = x.copy()
+    mine = dist.reduce_scatter(x, world(), axis=axis)
+    total = numpy.sum(all_ranks(tuple(shape), dtype), axis=0)
+    expected = numpy.split(total, n, axis=axis)[rank]
+    parallel_assert(mine.shape == expected.shape and mine.dtype == x.dtype, f"{mine.shape} vs {expected.shape}")
+    parallel_assert(max_error(mine, expected) <= TOLERANCE[dtype], f"axis {axis}: {max_error(mine, expected)}")
+    parallel_assert(numpy.array_equal(x, before), "reduce_scatter wrote into its input")
+
+
+@pytest.mark.parallel(nprocs=[2, 3, 4])
+def test_reduce_scatter_of_an_indivisible_length_raises_on_every_rank():
+    n = WORLD.size
+    for axis in (0, 1):
+        shape = [4 * n, 4 * n]
+        shape[axis] = n + 1
+        try:
+            dist.reduce_scatter(rank_array(WORLD.rank, tuple(shape)), world(), axis=axis)
+            message = None
+        except ValueError as error:
+            message = str(error)
+        parallel_assert(message is not None, f"axis {axis} of length {n + 1} on {n} ranks: no ValueError")
+        parallel_assert(same_on_every_rank(message))
+    # nobody is left inside a collective: the next one completes with the right value
+    parallel_assert(dist.all_reduce(numpy.ones(2), world())[0] == n)
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_broadcast_copies_the_roots_array(dtype):
+    root = WORLD.size - 1
+    x = rank_array(WORLD.rank, (3, 5), dtype)
+    before = x.copy()
+    received = dist.broadcast(x, world(), root=root)
+    parallel_assert(numpy.array_equal(received, rank_array(root, (3, 5), dtype)))
+    parallel_assert(numpy.array_equal(x, before), "broadcast wrote into its input")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_split_is_a_view_of_this_ranks_block_and_all_gather_undoes_it(axis):
+    n = WORLD.size
+    shape = [3, 5, 7]
+    shape[axis] = 3 * n
+    x = rank_array(0, tuple(shape))  # replicated: the same on every rank
+    mine = dist.split(x, world(), axis)
+    parallel_assert(numpy.array_equal(mine, numpy.split(x, n, axis=axis)[WORLD.rank]))
+    parallel_assert(numpy.shares_memory(mine, x), "split copied")
+    parallel_assert(numpy.array_equal(dist.all_gather(mine, world(), axis=axis), x))
+    try:
+        dist.split(numpy.zeros((n + 1, 2)), world(), 0)
+        raised = n == 1
+    except ValueError:
+        raised = True
+    parallel_assert(raised, "split of an indivisible length did not raise")
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_a_group_of_one_rank_returns_the_input_and_logs_no_ring_bytes():
+    alone = dist.init(tp=1).tp  # each rank is its own tensor-parallel group
+    x = rank_array(WORLD.rank, (4, 3))
+    with dist.log_collectives() as log:
+        results = [dist.all_reduce(x, alone), dist.all_gather(x, alone, axis=1),
+                   dist.reduce_scatter(x, alone, axis=0), dist.broadcast(x, alone)]
+    parallel_assert(all(result is x for result in results))
+    parallel_assert(log.count() == 4 and log.total_ring_bytes() == 0, log.table())
+    parallel_assert(log.total_payload_bytes() == 4 * x.nbytes, log.table())
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_collectives_return_arrays_of_the_inputs_module(device):
+    """On the GPU: CuPy in, CuPy out, whichever transport (host staging by default)."""
+    xp = backend.xp
+    n = WORLD.size
+    x = xp.asarray(rank_array(WORLD.rank, (2 * n, 3)))
+    expected_sum = numpy.sum(all_ranks((2 * n, 3)), axis=0)
+    results = {
+        "all_reduce": (dist.all_reduce(x, world()), expected_sum),
+        "all_gather": (dist.all_gather(x, world(), axis=1), numpy.concatenate(all_ranks((2 * n, 3)), axis=1)),
+        "reduce_scatter": (dist.reduce_scatter(x, world()), numpy.split(expected_sum, n)[WORLD.rank]),
+        "broadcast": (dist.broadcast(x, world()), rank_array(0, (2 * n, 3))),
+    }
+    for op, (result, expected) in results.items():
+        parallel_assert(backend.array_module(result) is xp, f"{op} returned {type(result)}")
+        parallel_assert(max_error(result, expected) <= 1e-15, op)
+    transports = {"cpu": ["numpy buffers"],
+                  "gpu": ["CuPy via host staging", "CuPy device buffers (CUDA-aware MPI)"]}[device]
+    parallel_assert(dist.transport() in transports, dist.transport())
+
+
+# -- the collective log -----------------------------------------------------------------------------
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_the_log_counts_payload_and_ring_bytes_by_the_ring_formulas():
+    n = WORLD.size
+    group = world()
+    x = rank_array(WORLD.rank, (2 * n, 3, 5))  # float64: 8 bytes an element
+    S = x.size * 8
+    with dist.log_collectives() as log:
+        dist.all_reduce(x, group, tag="A")
+        dist.all_gather(x, group, axis=2, tag="B")
+        dist.reduce_scatter(x, group, axis=0, tag="C")
+        dist.broadcast(x, group, tag="D")
+        dist.split(x, group, axis=0)  # no communication: not logged
+    expected = [  # (op, shape of the full buffer S, S in bytes, ring bytes per rank)
+        ("all_reduce", (2 * n, 3, 5), S, 2 * (n - 1) / n * S),
+        ("all_gather", (2 * n, 3, 5 * n), n * S, (n - 1) / n * (n * S)),
+        ("reduce_scatter", (2 * n, 3, 5), S, (n - 1) / n * S),
+        ("broadcast", (2 * n, 3, 5), S, (n - 1) / n * S),
+    ]
+    parallel_assert(len(log) == 4, log.table())
+    for record, (op, shape, payload, ring), tag in zip(log, expected, "ABCD"):
+        parallel_assert((record.op, record.shape, record.payload_bytes, record.tag) == (op, shape, payload, tag),
+                        f"{record}")
+        parallel_assert(abs(record.ring_bytes - ring) <= 1e-9 * S, f"{record}: ring bytes should be {ring}")
+        parallel_assert((record.group, record.group_size, record.dtype) == ("world", n, "float64"))
+    parallel_assert(abs(log.total_ring_bytes() - sum(e[3] for e in expected)) <= 1e-9 * S)
+    parallel_assert(log.count("all_gather") == 1 and log.total_payload_bytes("all_gather") == n * S)
+    table = log.table().splitlines()
+    parallel_assert(len(table) == 1 + 4 + 1 and "4 collectives" in table[-1], log.table())
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_logs_nest_and_record_nothing_once_closed():
+    group, x = world(), numpy.ones(3)
+    with dist.log_collectives() as outer:
+        dist.all_reduce(x, group)
+        with dist.log_collectives() as inner:
+            dist.all_gather(x, group)
+        dist.reduce_scatter(numpy.ones(2 * WORLD.size), group)
+    dist.all_reduce(x, group)
+    parallel_assert([r.op for r in outer] == ["all_reduce", "all_gather", "reduce_scatter"])
+    parallel_assert([r.op for r in inner] == ["all_gather"])
+    parallel_assert(dist._active_logs == [], "a closed log is still recording")
+
+
+# -- processes: abort on exception, BLAS threads ----------------------------------------------------
+
+def _launch(nprocs, script, timeout, environment=None):
+    """Run ``mpiexec -n nprocs python script`` in a clean MPI environment; (exit code, seconds, stderr, stdout)."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_", "_PYTEST_MPI"))}
+    for name, value in (environment or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    start = time.monotonic()
+    done = subprocess.run([str(mpiexec), "-n", str(nprocs), sys.executable, str(REPO / "tests" / "scripts" / script)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return done.returncode, time.monotonic() - start, done.stderr, done.stdout
+
+
+def test_an_exception_on_one_rank_aborts_the_whole_job():
+    """Rank 2 of 4 raises while the others wait in an all-reduce: the job must end quickly, non-zero,
+    with rank 2's traceback (without the abort handler it would hang until the 60 s timeout)."""
+    code, seconds, stderr, stdout = _launch(4, "raise_on_one_rank.py", timeout=60)
+    assert code != 0, stderr
+    assert seconds < 20, f"took {seconds:.1f} s"
+    assert "[rank 2] Traceback" in stderr and "[rank 2] RuntimeError: rank 2 fails on purpose" in stderr, stderr
+    assert "unreachable" not in stdout
+
+
+def test_init_shares_the_cores_between_the_ranks_blas_threads():
+    # no thread limit in the environment: numpy's BLAS would start one thread per core in each rank
+    unlimited = {name: None for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    code, _, stderr, stdout = _launch(2, "print_blas_threads.py", timeout=60, environment=unlimited)
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert len(lines) == 2, stdout
+    for line in lines:
+        cores, ranks_on_node, threads = map(int, line.split())
+        assert threads <= max(1, cores // ranks_on_node), line
