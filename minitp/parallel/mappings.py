@@ -33,7 +33,11 @@ SEQUENCE_AXIS = 0  # activations are (s, b, h): a sequence shard is a contiguous
 
 
 def _tag(prefix, name):
+    """The log tag ``"prefix: name"`` (``name`` alone without a prefix)."""
     return f"{prefix}: {name}" if prefix else name
+
+
+tag = _tag  # public, for layers that call dist's collectives directly; inside this module `tag` is an argument
 
 
 class _Mapping(Function):
