@@ -1,4 +1,13 @@
-"""Tensor and sequence parallelism: the papers' communication operators and the sharded layers."""
+"""Tensor and sequence parallelism: the papers' communication operators and the sharded layers.
+
+    mappings     f, f̄ (Megatron's g), g, ḡ and the scatter/gather region operators, as autograd Functions
+    layers       ColumnParallelLinear, RowParallelLinear
+    mlp          ParallelMLP (Megatron: column then row), SyncPointMLP (the seed's row-split first GEMM)
+    attention    ParallelAttention (whole heads per rank)
+    sequence     SequenceParallelLayerNorm, SequenceParallelDropout
+    transformer  ParallelTransformerBlock (sequence_parallel=False|True)
+    shard        load_serial_state, gather_serial_state, gather_serial_grads
+"""
 from minitp.parallel.mappings import (
     copy_to_tensor_parallel_region,
     f,
@@ -12,3 +21,9 @@ from minitp.parallel.mappings import (
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
 )
+from minitp.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from minitp.parallel.mlp import ParallelMLP, SyncPointMLP
+from minitp.parallel.attention import ParallelAttention
+from minitp.parallel.sequence import SequenceParallelDropout, SequenceParallelLayerNorm
+from minitp.parallel.transformer import ParallelTransformerBlock
+from minitp.parallel.shard import gather_serial_grads, gather_serial_state, load_serial_state

@@ -1,0 +1,64 @@
+"""Moving weights between a serial model and its tensor-parallel shards.
+
+A sharded module names its parameters exactly as the serial module does (``mlp.fc1.weight``), and each
+parameter says which axis of the serial weight it is a block of (``split_axis``; ``None`` when every
+rank holds all of it). That is all it takes to go both ways:
+
+- ``load_serial_state(module, state)``: cut each full serial array into this rank's block;
+- ``gather_serial_state(module)``: all-gather the blocks back into full arrays, on every rank;
+- ``gather_serial_grads(module)``: the same for the gradients, to compare them with the serial ones.
+"""
+from minitp import backend, dist
+
+
+def split_axis(parameter):
+    """The axis of the serial weight that ``parameter`` is a block of, or ``None`` if replicated."""
+    return getattr(parameter, "split_axis", None)
+
+
+def _group(module, group):
+    return group if group is not None else getattr(module, "group", None) or dist.tensor_parallel_group()
+
+
+def load_serial_state(module, state, group=None):
+    """Load a serial model's ``state`` (name -> full array) into the sharded ``module``: each split
+    parameter takes rank r's block along its ``split_axis``, each replicated one the whole array. No
+    communication: every rank holds the full state and cuts its own block."""
+    group = _group(module, group)
+    local = {}
+    for name, parameter in module.named_parameters():
+        if name not in state:
+            raise ValueError(f"load_serial_state: the serial state has no parameter {name!r}")
+        full = state[name]
+        axis = split_axis(parameter)
+        local[name] = full if axis is None else dist.split(full, group, axis)
+    module.load_state_dict(local)
+
+
+def _gather(arrays, module, group):
+    group = _group(module, group)
+    full = {}
+    for name, parameter in module.named_parameters():
+        array = arrays(parameter)
+        if array is None:
+            full[name] = None
+            continue
+        axis = split_axis(parameter)
+        full[name] = array if axis is None else dist.all_gather(array, group, axis=axis, tag=f"gather {name}")
+    return full
+
+
+def gather_serial_state(module, group=None):
+    """{serial name: full array} from the sharded ``module``, on every rank (one all-gather per split
+    parameter)."""
+    return _gather(lambda p: p.data, module, group)
+
+
+def gather_serial_grads(module, group=None):
+    """{serial name: full gradient} of the sharded ``module``, on every rank (``None`` where no gradient)."""
+    return _gather(lambda p: p.grad, module, group)
+
+
+def to_host(arrays):
+    """{name: numpy array} (for saving, or comparing with a serial run)."""
+    return {name: None if a is None else backend.to_host(a) for name, a in arrays.items()}
