@@ -10,7 +10,6 @@ import numpy
 import pytest
 
 from minitp import backend
-from minitp import functional as F
 from minitp import nn
 from minitp.autograd import Tensor, no_grad
 from minitp.testing import gradcheck, max_error
