@@ -184,7 +184,11 @@ class ReduceScatterToSequenceParallelRegion(_Mapping):
 
 def copy_to_tensor_parallel_region(x, group=None, tag=None):
     """f: identity forward, all-reduce backward. See ``CopyToTensorParallelRegion``."""
-    return CopyToTensorParallelRegion.apply(x, group=group, tag=tag)
+    y = CopyToTensorParallelRegion.apply(x, group=group, tag=tag)
+    # f forwards the very same array: f of a weight (a sequence-parallel LayerNorm's, a row-parallel
+    # bias) is still a weight, not an activation, for the saved-bytes accounting (track_saved).
+    y.is_parameter = x.is_parameter
+    return y
 
 
 def reduce_from_tensor_parallel_region(x, group=None, tag=None):
