@@ -46,7 +46,7 @@ class GradcheckResult:
         return f"gradcheck: max error {self.max_error:.3e} at {self.where} over {self.entries} entries"
 
 
-def gradcheck(fn, inputs, eps=1e-6, seed=0, comm=None):
+def gradcheck(fn, inputs, eps=1e-6, seed=0, comm=None, replicated_output=False):
     """Compare the analytic gradient of ``fn`` with central finite differences.
 
     ``fn(*inputs)`` returns a Tensor ``y``; the check differentiates the scalar ``L = sum(y * r)``
@@ -55,10 +55,18 @@ def gradcheck(fn, inputs, eps=1e-6, seed=0, comm=None):
     O(eps^2) in float64 -- use float64 inputs.
 
     With ``comm`` (an mpi4py communicator), ``fn`` is a collective: each rank passes its own shard of
-    the inputs and ``fn`` must return this rank's part of the output. ``L`` is then summed over the
-    ranks, and ranks take turns to perturb their entries while all of them evaluate ``fn``: the check
-    covers the whole sharded op, communication included. For a replicated output, return it divided
-    by the number of ranks that hold it (or from one rank only) so that ``L`` counts it once.
+    the inputs, and ranks take turns to perturb their entries while all of them evaluate ``fn``, so the
+    check covers the whole sharded op, communication included. The output is either
+
+    - sharded (the default): each rank returns its part of y, with its own random ``r``, and ``L`` is
+      summed over the ranks; or
+    - replicated (``replicated_output=True``): every rank returns the same whole y. Then ``r`` is the
+      same on every rank and ``L`` counts y once -- which is also what the parallel operators assume:
+      a replicated tensor receives the same gradient on every rank (the Megatron invariant).
+
+    Only inputs that are genuinely per-rank can be perturbed one rank at a time: perturbing one rank's
+    copy of a replicated input would break the replication that the operators rely on. Check such an
+    input's gradient against the serial op instead.
     """
     rank = comm.Get_rank() if comm is not None else 0
     size = comm.Get_size() if comm is not None else 1
@@ -72,13 +80,15 @@ def gradcheck(fn, inputs, eps=1e-6, seed=0, comm=None):
 
     y = fn(*inputs)
     xp = backend.array_module(y.data)
-    rng = numpy.random.default_rng(seed + 7919 * rank)
+    rng = numpy.random.default_rng(seed if replicated_output else seed + 7919 * rank)
     r = xp.asarray(rng.standard_normal(y.shape))
 
     def loss():
         with no_grad():
             local = float(xp.sum(fn(*inputs).data * r))
-        return comm.allreduce(local) if comm is not None else local
+        if comm is None or replicated_output:
+            return local
+        return comm.allreduce(local)
 
     y.backward(r)
     analytic = [backend.to_host(t.grad) if t.grad is not None else numpy.zeros(t.shape) for t in checked]

@@ -10,6 +10,8 @@ Three ways to run the suite, all supported:
   first test written for another rank count, so we skip those here, with the reason.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 from mpi4py import MPI
@@ -17,6 +19,10 @@ from mpi4py import MPI
 from minitp import backend
 
 CHILD = "_PYTEST_MPI_CHILD_PROCESS"  # set by mpi-pytest in the processes it launches
+
+# mpi-pytest launches `mpiexec` from PATH: make it the one beside this Python (the venv's MPICH), so that
+# plain `.venv/bin/python -m pytest` works without activating the venv.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def _nprocs(item):
