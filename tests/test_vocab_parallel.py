@@ -14,7 +14,6 @@ from minitp import dist
 from minitp import functional as F
 from minitp.autograd import Tensor
 from minitp.nn.layers import Embedding
-from minitp.parallel import mappings
 from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
 from minitp.parallel.embedding import VocabParallelEmbedding
 from minitp.parallel.shard import gather_serial_state
@@ -48,15 +47,6 @@ def token_ids(shape, vocab, seed=0):
 def gathered_rows(shard, group):
     """The full array from the ranks' blocks along axis 0 (the parameter's ``split_axis``)."""
     return dist.all_gather(numpy.ascontiguousarray(shard), group, axis=0)
-
-
-def counted_once(replicated, group):
-    """A replicated output prepared for ``gradcheck(comm=...)``, which sums sum(y_r * R_r) over the ranks
-    with a different random R_r on each: the replicated y would count t times, and each rank's backward
-    would see only its own R_r, whereas every rank's copy of y is one tensor whose gradient is
-    Σ_r R_r -- the same on every rank (Megatron's invariant, which f̄'s identity backward relies on).
-    f restores it (identity forward, all-reduce of the gradient backward), and 1/t counts y once."""
-    return mappings.copy_to_tensor_parallel_region(replicated, group) * (1 / group.size)
 
 
 def raised_on_this_rank(exception, fn):
@@ -118,11 +108,9 @@ def test_embedding_gradcheck(sequence_parallel):
                                    dtype=numpy.float64, seed=1)
     ids = token_ids((n, 2), vocab, seed=2)
 
-    def sharded(weight):
-        y = layer(ids)
-        return y if sequence_parallel else counted_once(y, group)  # a sequence block is a shard: as is
-
-    result = gradcheck(sharded, [layer.weight], comm=group.comm)
+    # without SP the output is replicated: the same random weights r on every rank, counted once
+    result = gradcheck(lambda weight: layer(ids), [layer.weight], comm=group.comm,
+                       replicated_output=not sequence_parallel)
     parallel_assert(result.max_error <= GRADCHECK, str(result))
     parallel_assert(result.entries == vocab * hidden, f"every row of the table checked once: {result}")
 
@@ -203,9 +191,9 @@ def test_cross_entropy_gradcheck(reduction):
     tokens = (3, 2)
     full, targets = logits_and_targets(tokens, 12, seed=4)
     shard = Tensor(my_columns(full, group), requires_grad=True)
-    result = gradcheck(lambda z: counted_once(vocab_parallel_cross_entropy(z, targets, group=group,
-                                                                           reduction=reduction), group),
-                       [shard], comm=group.comm)
+    # the loss is replicated: the same random weights r on every rank, counted once
+    result = gradcheck(lambda z: vocab_parallel_cross_entropy(z, targets, group=group, reduction=reduction),
+                       [shard], comm=group.comm, replicated_output=True)
     parallel_assert(result.max_error <= GRADCHECK, str(result))
     parallel_assert(result.entries == full.size, f"every logit checked once: {result}")
 
