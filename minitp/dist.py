@@ -275,12 +275,17 @@ def _axis(array, axis):
 # -- the collectives --------------------------------------------------------------------------------
 
 
-def all_reduce(x, group, tag=""):
-    """The elementwise sum of ``x`` over the ranks of ``group``, on every rank.
+_REDUCE_OPS = {"sum": MPI.SUM, "max": MPI.MAX}
+
+
+def all_reduce(x, group, tag="", op="sum"):
+    """The elementwise sum (``op="max"``: maximum) of ``x`` over the ranks of ``group``, on every rank.
 
     Ring cost: 2(n-1)/n · S bytes sent per rank (a reduce-scatter then an all-gather, each passing n-1
     blocks of S/n around the ring).
     """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"all_reduce op must be one of {sorted(_REDUCE_OPS)}, not {op!r}")
     n = group.size
     if _active_logs:
         _record("all_reduce", group, x.shape, x.dtype, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag)
@@ -288,7 +293,7 @@ def all_reduce(x, group, tag=""):
         return x
     send = _for_mpi(x)
     total = backend.array_module(send).empty_like(send)
-    group.comm.Allreduce(_buffer(send), _buffer(total), op=MPI.SUM)
+    group.comm.Allreduce(_buffer(send), _buffer(total), op=_REDUCE_OPS[op])
     return _like(total, x)
 
 

@@ -6,6 +6,8 @@
     attention    ParallelAttention (whole heads per rank)
     sequence     SequenceParallelLayerNorm, SequenceParallelDropout
     transformer  ParallelTransformerBlock (sequence_parallel=False|True)
+    embedding    VocabParallelEmbedding (vocabulary rows split)
+    cross_entropy vocab_parallel_cross_entropy (three all-reduces of s×b numbers, never the logits)
     shard        load_serial_state, gather_serial_state, gather_serial_grads
 """
 from minitp.parallel.mappings import (
@@ -27,3 +29,5 @@ from minitp.parallel.attention import ParallelAttention
 from minitp.parallel.sequence import SequenceParallelDropout, SequenceParallelLayerNorm
 from minitp.parallel.transformer import ParallelTransformerBlock
 from minitp.parallel.shard import gather_serial_grads, gather_serial_state, load_serial_state
+from minitp.parallel.embedding import VocabParallelEmbedding
+from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy

@@ -31,35 +31,11 @@ After step 1 every rank holds the full denominator, so it computes the softmax o
 one-hot term is nonzero only in the owner's block. Each rank gets the gradient of exactly its logits
 shard, which is what the column-parallel layer before it needs: no communication.
 """
-from mpi4py import MPI
-
 from minitp import backend, dist
 from minitp.autograd import Function, Tensor
+from minitp.parallel import mappings
 
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _all_reduce_max(x, group, tag):
-    """The elementwise max of ``x`` over ``group``, logged like ``dist.all_reduce`` (same ring bytes).
-
-    STOPGAP: ``dist.all_reduce`` only sums. Until it takes an ``op`` (e.g. ``op="max"``), this copies its
-    body with ``MPI.MAX`` and uses dist's private transport and logging helpers, so CuPy arrays and the
-    collective log behave as for every other collective. Replace with ``dist.all_reduce(x, group,
-    op="max", tag=tag)`` once that exists.
-    """
-    n = group.size
-    if dist._active_logs:
-        dist._record("all_reduce", group, x.shape, x.dtype, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag)
-    if n == 1:
-        return x
-    send = dist._for_mpi(x)
-    result = backend.array_module(send).empty_like(send)
-    group.comm.Allreduce(dist._buffer(send), dist._buffer(result), op=MPI.MAX)
-    return dist._like(result, x)
-
-
-def _tag(prefix, name):
-    return f"{prefix}: {name}" if prefix else name
 
 
 def _local_targets(targets, start, vocab_per_rank, xp):
@@ -88,7 +64,8 @@ class VocabParallelCrossEntropy(Function):
 
         # 1. m, the global max of each token's logits: the shift that keeps exp from overflowing
         local_max = logits_shard.max(axis=-1).reshape(positions)
-        global_max = _all_reduce_max(local_max, group, _tag(tag, "max (all-reduce MAX)")).reshape(column)
+        global_max = dist.all_reduce(local_max, group, tag=mappings.tag(tag, "max (all-reduce MAX)"),
+                                     op="max").reshape(column)
         shifted = logits_shard - global_max  # <= 0 everywhere: exp cannot overflow
 
         # 2. z_y - m from the rank that owns y, zero from the others, summed
@@ -96,12 +73,12 @@ class VocabParallelCrossEntropy(Function):
         picked = xp.take_along_axis(shifted, local[..., None], axis=-1).reshape(positions)  # a new array
         picked[outside] = 0
         target_logit = dist.all_reduce(picked, group,
-                                       tag=_tag(tag, "target logit (all-reduce SUM)")).reshape(positions)
+                                       tag=mappings.tag(tag, "target logit (all-reduce SUM)")).reshape(positions)
 
         # 3. Σ exp(z - m) over the whole vocabulary: the ranks' partial sums over their blocks, summed
         exps = xp.exp(shifted, out=shifted)  # in place: the shifted logits are not needed any more
         sum_exps = dist.all_reduce(exps.sum(axis=-1).reshape(positions), group,
-                                   tag=_tag(tag, "sum of exponentials (all-reduce SUM)")).reshape(positions)
+                                   tag=mappings.tag(tag, "sum of exponentials (all-reduce SUM)")).reshape(positions)
 
         losses = xp.log(sum_exps) - target_logit  # log Σ exp(z - m) - (z_y - m): m cancels
         if self.needs_input_grad[0]:
