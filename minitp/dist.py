@@ -440,7 +440,7 @@ class CollectiveLog:
         rows = [(str(i), r.op, r.group, str(r.group_size), "×".join(map(str, r.shape)) or "scalar", r.dtype,
                  f"{r.payload_bytes:,}", _bytes(r.ring_bytes), r.tag) for i, r in enumerate(self.records)]
         rows.append(("", "total", "", "", "", "", f"{self.total_payload_bytes():,}",
-                     _bytes(self.total_ring_bytes()), f"{len(self.records)} collectives"))
+                     _bytes(self.total_ring_bytes()), f"{len(self.records)} collective{'' if len(self.records) == 1 else 's'}"))
         widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
         numeric = {0, 3, 6, 7}  # right-aligned columns
 
