@@ -33,6 +33,18 @@ def no_grad():
         _grad_enabled = previous
 
 
+@contextlib.contextmanager
+def enable_grad():
+    """Record a graph again inside a ``no_grad`` block. Activation recomputation needs it: a region
+    re-run during backward must record its ops even if backward itself was called under ``no_grad``."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, True
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
 def is_grad_enabled():
     return _grad_enabled
 

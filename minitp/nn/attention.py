@@ -36,6 +36,7 @@ from minitp import functional as F
 from minitp.nn import init
 from minitp.nn.layers import Dropout, Linear
 from minitp.nn.module import Module
+from minitp.nn.recompute import check_recompute, checkpoint
 
 
 def attention_core(q, k, v, causal, dropout, heads_offset=0, heads_total=None):
@@ -69,13 +70,20 @@ class MultiHeadAttention(Module):
     holds everything those heads need, and tensor parallelism shards the qkv weight by plain column
     blocks: rank r of t takes columns [3h*r/t, 3h*(r+1)/t), i.e. heads [a*r/t, a*(r+1)/t). (With
     torch's [all q | all k | all v] order a column block would hold some heads' q and no k or v.)
+
+    ``recompute="selective"`` keeps only q, k and v for backward and recomputes the attention core there
+    (Korthikanti et al. 2022, section 5): the (b, a, s, s) scores, probabilities and dropout mask are
+    never kept. See ``minitp.nn.recompute``.
     """
 
+    recompute = None  # None or "selective"
+
     def __init__(self, hidden, heads, causal=True, attention_dropout=0.0, dropout=0.0, seed=0,
-                 dtype=numpy.float32):
+                 dtype=numpy.float32, recompute=None):
         super().__init__()
         if heads < 1 or hidden % heads:
             raise ValueError(f"heads ({heads}) must divide hidden ({hidden})")
+        self.recompute = check_recompute(recompute, (None, "selective"), type(self).__name__)
         self.hidden, self.heads, self.head_dim, self.causal = hidden, heads, hidden // heads, causal
         # Which of the model's heads this module computes: all of them here. ``ParallelAttention`` reuses
         # this forward on a rank's heads [heads_offset, heads_offset + heads) of heads_total.
@@ -97,8 +105,15 @@ class MultiHeadAttention(Module):
         # three different slices: q, k and v each (s, b, a, 1, d) -> (s, b, a, d) -> (b, a, s, d)
         q, k, v = (F.transpose(F.reshape(part, (seq, batch, heads, head_dim)), (1, 2, 0, 3))
                    for part in F.split(qkv, 3, axis=3))
-        context = attention_core(q, k, v, self.causal, self.attention_dropout,
-                                 heads_offset=self.heads_offset, heads_total=self.heads_total)
+
+        def core(q, k, v):
+            return attention_core(q, k, v, self.causal, self.attention_dropout,
+                                  heads_offset=self.heads_offset, heads_total=self.heads_total)
+        if self.recompute == "selective":
+            # keep q, k, v (3sbh); the 5as^2b bytes of scores, probabilities and mask are re-made in backward
+            context = checkpoint(core, q, k, v, modules=[self.attention_dropout])
+        else:
+            context = core(q, k, v)
         # (b, a, s, d) -> (s, b, a, d) -> (s, b, a*d): head i's d features land in columns [d*i, d*(i+1)),
         # which are the rows of proj that a head-parallel rank holding head i owns
         context = F.reshape(F.transpose(context, (2, 0, 1, 3)), (seq, batch, heads * head_dim))

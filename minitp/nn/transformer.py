@@ -5,6 +5,10 @@
 
 The residual dropouts live inside ``attention`` and ``mlp`` (as in Megatron, where they belong to the
 layer's output), so the block itself is just the two residual additions.
+
+``recompute`` (Korthikanti et al. 2022, section 5; see ``minitp.nn.recompute``): ``"selective"``
+recomputes the attention core in backward, ``"full"`` keeps only the block's input and re-runs the whole
+layer in backward.
 """
 import numpy
 
@@ -13,24 +17,34 @@ from minitp.nn.attention import MultiHeadAttention
 from minitp.nn.layers import LayerNorm
 from minitp.nn.mlp import MLP
 from minitp.nn.module import Module
+from minitp.nn.recompute import RECOMPUTE_CHOICES, check_recompute, checkpoint
 
 
 class TransformerBlock(Module):
     """(s, b, h) -> (s, b, h). Sublayers: ``ln1``, ``attention``, ``ln2``, ``mlp``.
 
     Each sublayer, and so each of its dropouts, gets a seed derived from ``seed`` and its name.
+    ``recompute``: None, ``"selective"`` (passed to the attention) or ``"full"``.
     """
 
+    recompute = None
+
     def __init__(self, hidden, heads, ffn_hidden=None, causal=True, dropout=0.0, attention_dropout=0.0,
-                 seed=0, dtype=numpy.float32):
+                 seed=0, dtype=numpy.float32, recompute=None):
         super().__init__()
+        self.recompute = check_recompute(recompute, RECOMPUTE_CHOICES, type(self).__name__)
         self.ln1 = LayerNorm(hidden, dtype=dtype)
         self.attention = MultiHeadAttention(hidden, heads, causal=causal, attention_dropout=attention_dropout,
                                             dropout=dropout, seed=init.derive_seed(seed, "attention"),
-                                            dtype=dtype)
+                                            dtype=dtype, recompute="selective" if recompute == "selective" else None)
         self.ln2 = LayerNorm(hidden, dtype=dtype)
         self.mlp = MLP(hidden, ffn_hidden, dropout=dropout, seed=init.derive_seed(seed, "mlp"), dtype=dtype)
 
     def forward(self, x):
+        if self.recompute == "full":
+            return checkpoint(self._layer, x, modules=[self])  # keep x alone; the layer runs again in backward
+        return self._layer(x)
+
+    def _layer(self, x):
         x = x + self.attention(self.ln1(x))
         return x + self.mlp(self.ln2(x))

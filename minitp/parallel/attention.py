@@ -14,6 +14,7 @@ from minitp.nn import init
 from minitp.nn.attention import MultiHeadAttention
 from minitp.nn.layers import Dropout
 from minitp.nn.module import Module
+from minitp.nn.recompute import check_recompute
 from minitp.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from minitp.parallel.sequence import SequenceParallelDropout
 
@@ -27,15 +28,18 @@ class ParallelAttention(MultiHeadAttention):
     -> (s, b, h) replicated, or reduce-scattered to (s/t, b, h). The attention dropout draws the
     rank's heads' slice of the serial (b, a, s, s) mask (``heads_offset``).
 
-    The forward is the serial module's: only the layers and the head count differ.
+    The forward is the serial module's: only the layers and the head count differ, and so is
+    ``recompute="selective"``: the rank's heads' attention core is recomputed in backward (it holds no
+    communication, so the re-run adds none).
     """
 
     def __init__(self, hidden, heads, causal=True, attention_dropout=0.0, dropout=0.0, seed=0,
-                 dtype=numpy.float32, sequence_parallel=False, group=None):
+                 dtype=numpy.float32, sequence_parallel=False, group=None, recompute=None):
         Module.__init__(self)  # MultiHeadAttention's forward, with these layers instead of its own
         group = dist.tensor_parallel_group(group)
         if heads < 1 or hidden % heads:
             raise ValueError(f"heads ({heads}) must divide hidden ({hidden})")
+        self.recompute = check_recompute(recompute, (None, "selective"), type(self).__name__)
         self.heads = dist.divide(heads, group.size, "heads (whole heads per tensor-parallel rank)")
         self.heads_offset, self.heads_total = group.rank * self.heads, heads
         self.hidden, self.head_dim, self.causal, self.group = hidden, hidden // heads, causal, group
