@@ -1,0 +1,143 @@
+"""What the benchmarks share: launching MPI workers, timing, markdown tables, plots, the machine's name.
+
+Each benchmark is one script with two roles. Run plainly (``python benchmarks/memory.py``) it is the
+*driver*: it launches itself under ``mpiexec -n N ... --worker`` for each rank count it needs, reads
+the numbers the workers print, and writes ``benchmarks/results/<name>.md`` and its plots. The workers
+measure and print one JSON line (rank 0). So a reader can run any worker by hand, and the driver alone
+needs matplotlib.
+"""
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULT_PREFIX = "BENCH-RESULT "
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# -- launching workers ------------------------------------------------------------------------------
+
+def mpiexec():
+    """The launcher: $MPIEXEC, else the one beside this Python (the venv's MPICH), else PATH's."""
+    if os.environ.get("MPIEXEC"):
+        return os.environ["MPIEXEC"]
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def launch(script, ranks, args=(), env=None, timeout=1200):
+    """Run ``script --worker *args`` on ``ranks`` MPI ranks; return what rank 0 ``report``-ed (a dict).
+
+    ``env`` adds to this process's environment (e.g. ``ONE_THREAD``). A failed worker raises with its
+    output, so a broken benchmark cannot pass for a slow one.
+    """
+    command = [mpiexec(), "-n", str(ranks), sys.executable, str(script), "--worker", *map(str, args)]
+    environment = dict(os.environ, **(env or {}))
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
+    lines = [line[len(RESULT_PREFIX):] for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return json.loads(lines[-1])
+
+
+def report(result):
+    """Called by a worker's rank 0: hand ``result`` (JSON-able) to the driver."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# -- timing -----------------------------------------------------------------------------------------
+
+def best_time(step, repeats, warmup=1, synchronize=None):
+    """The fastest of ``repeats`` runs of ``step()`` in seconds, after ``warmup`` untimed runs.
+
+    The minimum, not the mean: on a shared machine every disturbance only adds time, so the fastest run
+    is the best estimate of what the code itself costs. ``synchronize`` (e.g. a GPU sync, or an MPI
+    barrier) runs before each clock read.
+    """
+    sync = synchronize or (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+def table(header, rows, align=None):
+    """A markdown table; numbers right-aligned unless ``align`` (a string of 'l'/'r' per column) says."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine():
+    """One line naming where the numbers came from: date, CPU, cores, BLAS."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    blas = "BLAS unknown"
+    try:
+        from threadpoolctl import threadpool_info
+        pools = [p for p in threadpool_info() if p["user_api"] == "blas"]
+        if pools:
+            blas = f"{pools[0]['internal_api']} {pools[0]['version']} ({pools[0].get('architecture', '?')} kernels)"
+    except ImportError:
+        pass
+    import numpy
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{datetime.date.today().isoformat()}, {cpu}, {cores} cores, Python {platform.python_version()}, "
+            f"numpy {numpy.__version__}, {blas}")
+
+
+def output_dir(path=None):
+    directory = Path(path) if path else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def write(directory, name, text):
+    """Write ``text`` to ``directory/name`` and say so."""
+    path = Path(directory) / name
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def pyplot():
+    """matplotlib's pyplot with a file-only backend, or None (plots skipped, with a note) if missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: plots skipped (pip install matplotlib, or the [bench] extra)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def human_bytes(value):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.2f} {unit}"
+        value /= 1024
