@@ -212,7 +212,21 @@ class Function:
     def apply(cls, *inputs, **options):
         fn = cls()
         fn.needs_input_grad = tuple(t.requires_grad for t in inputs)
-        output = fn.forward(*(t.data for t in inputs), **options)
+        arrays = tuple(t.data for t in inputs)
+        # Same dtype and same array type as the first input: the common case costs two reads per input.
+        # Anything else goes to _check_operands, which lets integer/bool inputs through and raises for
+        # mixed float precisions or a numpy/CuPy mix.
+        first = arrays[0] if arrays else None
+        for array in arrays[1:]:
+            if array.dtype is not first.dtype or type(array) is not type(first):
+                _check_operands(cls, arrays)
+                break
+        try:
+            output = fn.forward(*arrays, **options)
+        except OperandError:
+            raise  # an op inside this op's forward already named its own inputs
+        except ValueError as error:  # numpy's own words ("could not be broadcast") name no op
+            raise OperandError(f"{cls.__name__} of {_describe(arrays)}: {str(error).strip()}") from error
         result = Tensor(output)
         if _grad_enabled and any(fn.needs_input_grad):
             fn.inputs = inputs
@@ -223,6 +237,36 @@ class Function:
         else:
             fn.saved = ()  # nothing will call backward: keep nothing alive
         return result
+
+
+class OperandError(ValueError):
+    """An op's forward rejected its inputs (shapes that do not broadcast, a matmul's inner dimensions,
+    ...): the message names the op and every input's dtype and shape; the array library's own error
+    is chained as ``__cause__``."""
+
+
+def _describe(arrays):
+    """'float32 (3, 4) and float64 (4, 5)': what an error says about an op's inputs."""
+    words = [f"{array.dtype} {tuple(array.shape)}" for array in arrays]
+    return " and ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _check_operands(cls, arrays):
+    """Raise ``TypeError`` if ``arrays`` (one op's inputs) mix numpy with CuPy, or mix floating dtypes.
+
+    numpy would promote float32 + float64 to float64 without a word: float32 weights meeting a float64
+    input would then run the whole model in float64, and a float32 run would not be one. Integer and
+    bool inputs (ids, targets, masks) are not floating and do not count."""
+    libraries = {type(array).__module__.split(".")[0] for array in arrays}
+    if len(libraries) > 1:
+        where = " and ".join(f"{type(a).__module__.split('.')[0]} {tuple(a.shape)}" for a in arrays)
+        raise TypeError(f"{cls.__name__}: {where} operands: minitp never moves arrays between numpy (CPU) and "
+                        "CuPy (GPU) behind your back; put them on one device (backend.from_host, "
+                        "backend.to_host)")
+    floating = [array for array in arrays if array.dtype.kind == "f"]
+    if len({array.dtype for array in floating}) > 1:
+        raise TypeError(f"{cls.__name__}: {_describe(floating)} operands: minitp never mixes precisions; "
+                        "build them in one dtype")
 
 
 # -- accounting of the bytes kept for backward ------------------------------------------------------
