@@ -89,7 +89,8 @@ class MultiHeadAttention(Module):
         # this forward on a rank's heads [heads_offset, heads_offset + heads) of heads_total.
         self.heads_offset, self.heads_total = 0, heads
         self.qkv = Linear(hidden, 3 * hidden, dtype=dtype, seed=init.derive_seed(seed, "qkv"))
-        self.attention_dropout = Dropout(attention_dropout, seed=init.derive_seed(seed, "attention_dropout"))
+        self.attention_dropout = Dropout(attention_dropout, seed=init.derive_seed(seed, "attention_dropout"),
+                                         batch_axis=0)  # probabilities are (b, a, s, s)
         self.proj = Linear(hidden, hidden, dtype=dtype, seed=init.derive_seed(seed, "proj"))
         self.dropout = Dropout(dropout, seed=init.derive_seed(seed, "dropout"))
 

@@ -87,17 +87,28 @@ class Dropout(Module):
     numbers this module's calls and advances by one per training call. A sharded copy of the model
     that starts from the same ``seed`` and ``counter`` and passes its block's place in the full tensor
     (``global_shape``, ``offset``) drops exactly the elements the serial model drops.
+
+    Data parallelism cuts one more axis: a replica holds rows [``batch_offset``, ``batch_offset`` + b) of
+    a global batch of ``batch_total`` (set by the model; ``None``: the batch is whole). ``batch_axis``
+    says which axis of the input is the batch: 1 for (s, b, h) activations, 0 for attention's
+    (b, a, s, s) probabilities.
     """
 
-    def __init__(self, p=0.0, seed=0):
+    def __init__(self, p=0.0, seed=0, batch_axis=1):
         super().__init__()
         if not 0 <= p < 1:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p, self.seed, self.counter = p, seed, 0
+        self.batch_axis, self.batch_offset, self.batch_total = batch_axis, 0, None
 
     def forward(self, x, global_shape=None, offset=None):
         if not self.training or self.p == 0:
             return x  # the identity: no mask drawn, the counter does not move
+        if self.batch_total is not None:  # this replica's rows of the global batch's mask
+            global_shape = list(x.shape if global_shape is None else global_shape)
+            offset = list((0,) * x.ndim if offset is None else offset)
+            global_shape[self.batch_axis] = self.batch_total
+            offset[self.batch_axis] += self.batch_offset
         y = F.dropout(x, self.p, self.seed, self.counter, global_shape=global_shape, offset=offset)
         self.counter += 1
         return y

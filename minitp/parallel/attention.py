@@ -45,7 +45,8 @@ class ParallelAttention(MultiHeadAttention):
         self.hidden, self.head_dim, self.causal, self.group = hidden, hidden // heads, causal, group
         self.qkv = ColumnParallelLinear(hidden, 3 * hidden, sequence_parallel=sequence_parallel, group=group,
                                         dtype=dtype, seed=init.derive_seed(seed, "qkv"), tag="attention qkv")
-        self.attention_dropout = Dropout(attention_dropout, seed=init.derive_seed(seed, "attention_dropout"))
+        self.attention_dropout = Dropout(attention_dropout, seed=init.derive_seed(seed, "attention_dropout"),
+                                         batch_axis=0)  # probabilities are (b, a, s, s)
         self.proj = RowParallelLinear(hidden, hidden, input_is_parallel=True, sequence_parallel=sequence_parallel,
                                       group=group, dtype=dtype, seed=init.derive_seed(seed, "proj"),
                                       tag="attention proj")

@@ -1,0 +1,158 @@
+"""Data parallelism over the mesh's dp group, and gradient clipping by the global norm across shards.
+
+dp replicas hold the same (sharded) model and each takes its own slice of the batch. The loss is a mean
+over the tokens, and the global batch is the union of the replicas' equal slices, so
+
+    L = (1/dp) Σ_replicas L_replica      and      ∂L/∂θ = (1/dp) Σ_replicas ∂L_replica/∂θ
+
+one all-reduce (a sum) and a division turn each replica's gradient into the gradient of the whole batch.
+Every replica then takes the same optimizer step and the replicas stay identical.
+
+**Buckets.** A model has hundreds of parameter tensors; one all-reduce each would pay MPI's latency
+hundreds of times for small messages. The gradients are copied into one flat buffer per ``bucket_bytes``
+(25 MiB by default, as torch's DistributedDataParallel) and each buffer is all-reduced once: for a small
+model, ONE all-reduce per step. The copy is needed anyway: the engine may hand out read-only broadcast
+views as gradients, and the collectives never write into their input.
+
+**Clipping.** ``clip_grad_norm`` computes the norm of the gradient of the whole serial model from the
+shards: a split parameter's squares are summed over the tp ranks (each holds a different block), a
+replicated parameter's are counted once (every rank holds the same copy). Over dp nothing is added: after
+``all_reduce_gradients`` every replica holds the same, already averaged, gradient.
+
+Every function takes ``mesh=None`` for a serial model on one process (nothing to split or reduce), so a
+training loop is the same code for ``nn.GPT`` and ``ParallelGPT``.
+"""
+import math
+
+import numpy
+
+from minitp import backend, dist
+from minitp.parallel.shard import split_axis
+
+DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
+"""torch DDP's default bucket size: large enough that the all-reduces are bandwidth-bound."""
+
+
+def split_batch(array, mesh=None, axis=1):
+    """This replica's slice of the global batch ``array``: along ``axis`` (ids and targets are (s, b):
+    axis 1), columns [dp_rank·B/dp, (dp_rank+1)·B/dp) of B. A view; no communication.
+
+    ``ValueError`` when dp does not divide B -- on every rank, since every rank checks the same numbers.
+    """
+    if mesh is None or mesh.dp_size == 1:
+        return array
+    dist.divide(array.shape[axis], mesh.dp_size, "the batch size (split over the dp replicas)")
+    return dist.split(array, mesh.dp, axis)
+
+
+def all_reduce_gradients(module, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
+    """Average the parameter gradients of ``module`` over ``mesh.dp``: ``.grad`` becomes the mean of the
+    replicas' gradients, the gradient of the loss over the global batch. Returns the number of
+    all-reduces (buckets); 0 when there is nothing to reduce (dp = 1, or no gradients).
+
+    Gradients are packed in parameter order into flat buffers of at most ``bucket_bytes`` (a parameter
+    larger than that gets a bucket of its own) and each buffer is all-reduced once, tagged
+    "gradients (bucket i/n)". Parameters without a gradient are skipped: every replica ran the same graph,
+    so every replica skips the same ones and the buckets agree. The new ``.grad`` arrays are views of
+    the reduced buffers; the old ones are never written (they may be shared or read-only).
+    """
+    if mesh is None or mesh.dp_size == 1:
+        return 0
+    with_grads = [p for p in module.parameters() if p.grad is not None]
+    buckets = _buckets(with_grads, bucket_bytes)
+    for index, bucket in enumerate(buckets):
+        _all_reduce_bucket(bucket, mesh.dp, f"gradients (bucket {index + 1}/{len(buckets)})")
+    return len(buckets)
+
+
+def _buckets(parameters, bucket_bytes):
+    """Consecutive runs of ``parameters`` of one gradient dtype, each at most ``bucket_bytes``."""
+    buckets, size = [], 0
+    for p in parameters:
+        nbytes = p.grad.size * p.grad.dtype.itemsize
+        if not buckets or size + nbytes > bucket_bytes or buckets[-1][0].grad.dtype != p.grad.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += nbytes
+    return buckets
+
+
+def _all_reduce_bucket(bucket, group, tag):
+    xp = backend.array_module(bucket[0].grad)
+    flat = xp.empty(sum(p.grad.size for p in bucket), dtype=bucket[0].grad.dtype)
+    offset = 0
+    for p in bucket:  # copy each gradient into its slot (reading a broadcast view is fine; writing it is not)
+        flat[offset:offset + p.grad.size].reshape(p.grad.shape)[...] = p.grad
+        offset += p.grad.size
+    total = dist.all_reduce(flat, group, tag=tag)  # a new array (dp > 1): ours to scale in place
+    total /= group.size
+    offset = 0
+    for p in bucket:
+        size = math.prod(p.shape)
+        p.grad = total[offset:offset + size].reshape(p.shape)
+        offset += size
+
+
+def grad_norm(module, mesh=None):
+    """The 2-norm of the gradient of the whole (serial) model, from this rank's shards; the same number
+    on every rank. One all-reduce of one number over ``mesh.tp`` (tagged "grad norm").
+
+    Squares are summed in float64: split parameters' over the tp ranks, replicated parameters' once
+    (every tp rank holds the same copy; adding them t times would count them t times).
+    """
+    split_squares, replicated_squares = 0.0, 0.0
+    for p in module.parameters():
+        if p.grad is None:
+            continue
+        grad = p.grad.astype(numpy.float64, copy=False)
+        squares = float(backend.array_module(grad).vdot(grad.ravel(), grad.ravel()))
+        if split_axis(p) is None:
+            replicated_squares += squares
+        else:
+            split_squares += squares
+    if mesh is not None and mesh.tp_size > 1:
+        split_squares = float(dist.all_reduce(numpy.array([split_squares]), mesh.tp, tag="grad norm")[0])
+    return math.sqrt(split_squares + replicated_squares)
+
+
+def clip_grad_norm(module, max_norm, mesh=None, eps=1e-6):
+    """Scale every gradient of ``module`` by max_norm / (norm + eps) when the global norm exceeds
+    ``max_norm`` (torch's ``clip_grad_norm_``); returns the norm before clipping, the same on every rank.
+
+    Call it after ``all_reduce_gradients``: the norm is then that of the global batch's gradient, and
+    every replica scales by the same factor. The gradients are replaced, not scaled in place.
+    """
+    norm = grad_norm(module, mesh)
+    if max_norm is not None and norm > max_norm:
+        scale = max_norm / (norm + eps)
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad = p.grad * scale
+    return norm
+
+
+def average_over_data_parallel(value, mesh=None):
+    """The mean over the dp replicas of a number (e.g. each replica's loss): the global batch's loss,
+    since the replicas' slices are equal. One all-reduce of one number (tagged "loss")."""
+    if mesh is None or mesh.dp_size == 1:
+        return float(value)
+    return float(dist.all_reduce(numpy.array([float(value)]), mesh.dp, tag="loss")[0]) / mesh.dp_size
+
+
+def train_step(model, optimizer, ids, targets, mesh=None, max_norm=None):
+    """One step of data- (and tensor-) parallel training on the global batch ``ids``, ``targets`` (s, B):
+
+        this replica's slice -> forward, loss -> backward -> average the gradients over dp (one
+        all-reduce per bucket) -> clip by the global norm -> optimizer step
+
+    Works for ``nn.GPT`` with ``mesh=None`` (the serial step) and for ``ParallelGPT``. Returns
+    (loss over the global batch, gradient norm before clipping), the same on every rank.
+    """
+    loss = model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
+    optimizer.zero_grad()
+    loss.backward()
+    all_reduce_gradients(model, mesh)
+    norm = clip_grad_norm(model, max_norm, mesh)
+    optimizer.step()
+    return average_over_data_parallel(loss.item(), mesh), norm
