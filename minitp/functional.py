@@ -483,6 +483,10 @@ class GeLU(Function):
 
     Saves only its input (the paper counts GeLU's input, 8sbh bytes of its 19sbh MLP) and recomputes
     tanh or erf in backward.
+
+    The tanh form is written with in-place updates of fresh buffers: it runs on the MLP's 4sbh-sized
+    activations, where each temporary costs a pass over memory, and ``x ** 3`` (a general power in
+    numpy, several times the cost of a multiplication) is rewritten x (1 + k x^2).
     """
 
     def forward(self, x, approximate="tanh"):
@@ -492,15 +496,34 @@ class GeLU(Function):
         self.save_for_backward(x)
         xp = backend.array_module(x)
         if approximate == "tanh":
-            return 0.5 * x * (1 + xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)))
+            y = _gelu_tanh_argument(x, xp)
+            xp.tanh(y, out=y)
+            y += 1
+            y *= x
+            y *= 0.5  # 0.5 x (1 + tanh u)
+            return y
         return 0.5 * x * (1 + backend.erf(x * (1 / math.sqrt(2))))
 
     def backward(self, grad):
         (x,) = self.saved
         xp = backend.array_module(x)
         if self.approximate == "tanh":
-            t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3))
-            slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
+            t = _gelu_tanh_argument(x, xp)
+            xp.tanh(t, out=t)
+            # slope = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3k x^2), built in three buffers
+            du = x * x
+            du *= 3 * _GELU_CUBIC
+            du += 1
+            du *= x
+            du *= 0.5 * _SQRT_2_OVER_PI  # 0.5 x du/dx
+            slope = t * t
+            xp.subtract(1, slope, out=slope)
+            slope *= du
+            t += 1
+            t *= 0.5
+            slope += t
+            slope *= grad
+            return slope
         else:
             cdf = 0.5 * (1 + backend.erf(x * (1 / math.sqrt(2))))
             slope = cdf + x * xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
@@ -517,14 +540,17 @@ class Softmax(Function):
     def forward(self, x, axis=-1):
         xp = backend.array_module(x)
         self.axis = axis
-        y = xp.exp(x - x.max(axis=axis, keepdims=True))
+        y = x - x.max(axis=axis, keepdims=True)
+        xp.exp(y, out=y)  # in place: the (b, a, s, s) scores are the largest activation of a layer
         y /= y.sum(axis=axis, keepdims=True)
         self.save_for_backward(y)
         return y
 
     def backward(self, grad):
         (y,) = self.saved
-        return y * (grad - (grad * y).sum(axis=self.axis, keepdims=True))
+        grad_x = grad * y  # y * (g - sum(g * y)) = g y - y sum(g y): one score-sized buffer fewer
+        grad_x -= y * grad_x.sum(axis=self.axis, keepdims=True)
+        return grad_x
 
 
 class LogSoftmax(Function):
@@ -545,6 +571,16 @@ class LogSoftmax(Function):
         (y,) = self.saved
         xp = backend.array_module(y)
         return grad - xp.exp(y) * grad.sum(axis=self.axis, keepdims=True)
+
+
+def _gelu_tanh_argument(x, xp):
+    """u = sqrt(2/pi) (x + k x^3) = sqrt(2/pi) x (1 + k x^2), in a new array."""
+    u = x * x
+    u *= _GELU_CUBIC
+    u += 1
+    u *= x
+    u *= _SQRT_2_OVER_PI
+    return u
 
 
 def gelu(x, approximate="tanh"):
