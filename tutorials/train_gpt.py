@@ -1,0 +1,327 @@
+"""Train a small character-level GPT with tensor, sequence and data parallelism -- and prove it is the
+serial model's training, step for step.
+
+    python tutorials/train_gpt.py                                        # one process
+    mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2              # 2 replicas of 2 TP ranks
+    mpirun -n 4 python tutorials/train_gpt.py --tp 4 --sequence-parallel
+    mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2 --check      # losses == serial, float64
+    mpirun -n 4 python tutorials/train_gpt.py --tp 4 --steps 100 --save gpt.npz
+    mpirun -n 2 python tutorials/train_gpt.py --tp 2 --load gpt.npz      # resume on another mesh
+
+The ranks form a (dp × tp) grid (``dist.init``; tp ranks contiguous). Each group of tp ranks holds one
+copy of the model cut into shards -- the embedding and the LM head by vocabulary, attention by heads,
+the MLP by columns then rows, and with ``--sequence-parallel`` the LayerNorms and dropouts by sequence.
+The dp copies each take their slice of the batch, and after backward average their gradients with one
+all-reduce. The text is this repository's own README and tutorials: nothing is downloaded.
+
+Read top to bottom: the data (1), the model and the mesh (2), one training step (3), the loop (4), the
+check that the parallel run IS the serial run (5), and the command line (6).
+"""
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+from mpi4py import MPI
+
+from minitp import checkpoint, dist
+from minitp.nn import GPT, AdamW
+from minitp.parallel.data_parallel import train_step
+from minitp.parallel.gpt import ParallelGPT
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The data: this repository's prose and code, one character per token.
+#
+# Rank 0 reads the files and broadcasts the text, so every rank trains on the same characters even if
+# a file changes while the job starts (and no rank but 0 needs to see the files). The vocabulary is the
+# set of characters, padded to a multiple of 8 -- Megatron pads its vocabulary the same way -- because
+# the vocab-parallel embedding gives each of the t ranks V/t rows: with V a multiple of 8, any tp in
+# {1, 2, 4, 8} divides it, and a checkpoint moves between those meshes. The padding ids never occur, so
+# the model just learns to give them no probability.
+# ---------------------------------------------------------------------------------------------------
+VOCAB_MULTIPLE = 8
+
+
+def read_corpus(comm=MPI.COMM_WORLD, path=None):
+    """The README and the tutorials' source (or the file at ``path``), as one string, the same on
+    every rank."""
+    text = None
+    if comm.Get_rank() == 0:
+        files = [Path(path)] if path else [REPOSITORY / "README.md"] + sorted((REPOSITORY / "tutorials").glob("*.py"))
+        text = "\n\n".join(file.read_text(encoding="utf-8") for file in files if file.exists())
+    return comm.bcast(text, root=0)
+
+
+class Characters:
+    """Characters <-> ids: id i is the i-th character in sorted order; ``vocab`` is padded up to a
+    multiple of ``VOCAB_MULTIPLE``."""
+
+    def __init__(self, text):
+        self.chars = sorted(set(text))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.vocab = math.ceil(len(self.chars) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    def encode(self, text):
+        return numpy.array([self.index[c] for c in text], dtype=numpy.int64)
+
+    def decode(self, ids):
+        return "".join(self.chars[i] if i < len(self.chars) else "?" for i in ids)
+
+
+def batch_at(data, step, batch, seq, seed=0):
+    """The global batch of training step ``step``: ``batch`` random windows of seq + 1 characters,
+    as ids (s, B) and targets (s, B) -- the next character at every position.
+
+    A pure function of (seed, step): a run resumed from a checkpoint at step k draws the batches the
+    uninterrupted run draws, whatever its mesh."""
+    starts = numpy.random.default_rng([seed, step]).integers(0, len(data) - seq - 1, batch)
+    windows = numpy.stack([data[start:start + seq + 1] for start in starts], axis=1)  # (s + 1, B)
+    return windows[:-1], windows[1:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. The model on the mesh.
+#
+# ParallelGPT is nn.GPT with every layer swapped for its tensor-parallel twin; it builds the serial
+# GPT-2 initialisation from the seed and keeps its shard, so every mesh starts from the same weights.
+# AdamW is built from named_parameters(): its state is keyed by the serial names, which is what lets a
+# checkpoint hold it in serial shapes.
+# ---------------------------------------------------------------------------------------------------
+
+
+def build(args, vocab, mesh, dtype):
+    """(model, optimizer): a ParallelGPT on ``mesh``, or with ``mesh=None`` the serial nn.GPT."""
+    config = dict(vocab=vocab, seq_len=args.seq, hidden=args.hidden, heads=args.heads, layers=args.layers,
+                  dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype)
+    if mesh is None:
+        model = GPT(**config)
+    else:
+        model = ParallelGPT(**config, sequence_parallel=args.sequence_parallel, mesh=mesh)
+    optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return model, optimizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. One training step (minitp.parallel.data_parallel.train_step):
+#
+#     ids, targets (s, B)  -> this replica's columns (s, B/dp)
+#     forward: the vocab-parallel embedding, the TP(+SP) blocks, the column-parallel LM head, and the
+#              vocab-parallel cross-entropy -- the loss without ever gathering the s×b×V logits
+#     backward
+#     all-reduce the gradients over dp: ONE flat buffer, one collective (not one per tensor)
+#     clip by the global norm: split parameters' squares summed over tp, replicated ones counted once
+#     AdamW
+#
+# The same function runs the serial nn.GPT (mesh=None): nothing to split, nothing to reduce.
+# ---------------------------------------------------------------------------------------------------
+
+
+def train(model, optimizer, data, args, mesh, first_step=0, report=None):
+    """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses.
+    ``report(step, loss, norm, seconds)`` is called after each step (on every rank)."""
+    losses = []
+    for step in range(first_step, args.steps):
+        ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
+        started = time.perf_counter()
+        loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm)
+        losses.append(loss)
+        if report is not None:
+            report(step, loss, norm, time.perf_counter() - started)
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. The run: train, log on rank 0, save, and write a little text.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Training:
+    """What ``setup`` prepares: the mesh, the text, the model and its optimizer, the step to start at."""
+    mesh: object
+    characters: Characters
+    data: numpy.ndarray
+    model: object
+    optimizer: object
+    first_step: int
+
+
+def setup(args, mesh):
+    """Read the text, build the model on ``mesh``, resume from ``--load``. A configuration that cannot
+    work (a batch that dp does not divide, heads or vocabulary that tp does not divide, a checkpoint of
+    another model) raises the same ValueError on every rank, before any training."""
+    dist.divide(args.batch, mesh.dp_size, "--batch (the global batch, split over the --dp replicas)")
+    text = read_corpus(mesh.world.comm, args.text)
+    if len(text) <= args.seq + 1:
+        raise ValueError(f"the text has {len(text)} characters: too few for windows of --seq {args.seq} + 1")
+    characters = Characters(text)
+    model, optimizer = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
+    first_step = checkpoint.load(args.load, model, optimizer, mesh) if args.load else 0
+    return Training(mesh, characters, characters.encode(text), model, optimizer, first_step)
+
+
+def run(args, training):
+    mesh, characters, data = training.mesh, training.characters, training.data
+    model, optimizer, first_step = training.model, training.optimizer, training.first_step
+
+    def say(text):
+        """Print once, from rank 0: every rank runs this file, and the others would only repeat it."""
+        if mesh.rank == 0:
+            print(text, flush=True)
+
+    parameters = sum(math.prod(p.shape) for p in model.parameters())
+    source = args.text or "README.md + tutorials/*.py"
+    say(f"{mesh}\n{len(data):,} characters of {source}, vocabulary {len(characters.chars)} "
+        f"(padded to {characters.vocab}); {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
+        f"seq {args.seq}, global batch {args.batch} ({args.batch // mesh.dp_size} per replica), "
+        f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}; "
+        f"{parameters:,} parameters per rank")
+    if args.load:
+        say(f"resumed from {args.load} at step {first_step}")
+
+    tokens_per_step = args.seq * args.batch
+    window = {"seconds": 0.0, "steps": 0}
+
+    def report(step, loss, norm, seconds):
+        window["seconds"] += seconds
+        window["steps"] += 1
+        if (step + 1) % args.log_every == 0 or step == first_step or step + 1 == args.steps:
+            speed = window["steps"] * tokens_per_step / window["seconds"]
+            say(f"step {step + 1:4d}/{args.steps}  loss {loss:.4f}  grad norm {norm:6.3f}  {speed:8,.0f} tokens/s")
+            window.update(seconds=0.0, steps=0)
+        if args.save and args.save_every and (step + 1) % args.save_every == 0:
+            checkpoint.save(args.save, model, optimizer, mesh, step=step + 1)
+
+    started = time.perf_counter()
+    losses = train(model, optimizer, data, args, mesh, first_step, report)
+    elapsed = time.perf_counter() - started
+    if losses:
+        say(f"trained steps {first_step + 1}..{args.steps} in {elapsed:.1f} s: loss {losses[0]:.4f} -> "
+            f"{losses[-1]:.4f}, {len(losses) * tokens_per_step / elapsed:,.0f} tokens/s overall")
+    if args.save:
+        checkpoint.save(args.save, model, optimizer, mesh, step=args.steps)
+        say(f"saved {args.save} (one file, serial parameter names: load it on any mesh)")
+    if args.sample:
+        # every rank of a tp group takes part (each step all-gathers the last position's logits); the
+        # same seed on every rank draws the same characters
+        prompt = characters.encode("The ")[:, None]  # (s, b=1)
+        ids = model.generate(prompt, args.sample, temperature=args.temperature,
+                             rng=numpy.random.default_rng(args.seed))
+        say("sample:\n" + characters.decode(ids[:, 0].tolist()))
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. The proof: the parallel run is the serial run.
+#
+# In float64 with dropout ON, train the same tiny GPT for 10 steps on the mesh and serially (nn.GPT, the
+# whole batch, on every rank), and compare the losses step by step. Everything that could differ is
+# made not to: the weights start from the same serial initialisation; every dropout mask is a function
+# of (seed, counter, global element index), and each rank passes the place of its block in the global
+# tensor -- its heads, its sequence block under SP, its replica's batch columns under dp; the gradient
+# averaged over dp is the global batch's; the global norm counts every parameter once. What remains is
+# rounding: sums taken in another order, far below 1e-9.
+# ---------------------------------------------------------------------------------------------------
+CHECK_TOLERANCE = 1e-9
+
+
+@dataclass
+class CheckResult:
+    parallel: list
+    serial: list
+
+    @property
+    def max_difference(self):
+        return max(abs(p - s) for p, s in zip(self.parallel, self.serial))
+
+
+def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, steps=10, text=None):
+    """The tiny float64 configuration of the check: divisible by tp <= 4 and dp <= 2."""
+    return argparse.Namespace(tp=tp, dp=dp, sequence_parallel=sequence_parallel, tie_embeddings=tie_embeddings,
+                              steps=steps, text=text, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1,
+                              lr=3e-3, weight_decay=0.01, max_norm=0.5, seed=0)
+
+
+def check(args, mesh):
+    """The losses of ``args.steps`` steps on ``mesh`` and serially, in float64; the same on every rank."""
+    text = read_corpus(mesh.world.comm, args.text)
+    characters = Characters(text)
+    data = characters.encode(text)
+    parallel = train(*build(args, characters.vocab, mesh, numpy.float64), data, args, mesh)
+    serial = train(*build(args, characters.vocab, None, numpy.float64), data, args, None)
+    return CheckResult(parallel, serial)
+
+
+def run_check(args, mesh):
+    result = check(args, mesh)
+    if mesh.rank == 0:
+        print(f"check: {mesh}, sequence_parallel={args.sequence_parallel}, float64, dropout {args.dropout}")
+        print(" step   parallel loss        serial loss      |difference|")
+        for step, (p, s) in enumerate(zip(result.parallel, result.serial), 1):
+            print(f"{step:5d}  {p:.15f}  {s:.15f}  {abs(p - s):.1e}")
+        verdict = "OK" if result.max_difference <= CHECK_TOLERANCE else "FAIL"
+        print(f"{verdict}: the largest difference from the serial run is {result.max_difference:.1e} "
+              f"(tolerance {CHECK_TOLERANCE:.0e})")
+    return result.max_difference <= CHECK_TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. The command line.
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model replica")
+    parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: ranks / tp)")
+    parser.add_argument("--sequence-parallel", action="store_true", help="split LayerNorm and dropout by sequence")
+    parser.add_argument("--text", metavar="FILE", help="train on this file (default: README.md + tutorials/*.py)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=8, help="global batch (split over dp)")
+    parser.add_argument("--seq", type=int, default=64, help="context length")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--tie-embeddings", action="store_true", help="the LM head reuses the embedding")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--sample", type=int, default=200, help="characters to generate at the end (0: none)")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--save", metavar="PATH", help="write a checkpoint here at the end")
+    parser.add_argument("--save-every", type=int, default=0, help="... and every this many steps")
+    parser.add_argument("--load", metavar="PATH", help="resume from this checkpoint (saved on any mesh)")
+    parser.add_argument("--check", action="store_true",
+                        help="prove it: 10 steps in float64 with dropout, the losses against the serial run's")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    try:
+        # errors of configuration are raised by every rank alike, before any training: rank 0 says why
+        mesh = dist.init(tp=args.tp, dp=args.dp)  # dp × tp ≠ ranks: ValueError
+        if args.check:
+            proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text)
+            return 0 if run_check(proof, mesh) else 1
+        prepared = setup(args, mesh)
+    except (ValueError, FileNotFoundError) as error:
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    run(args, prepared)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
