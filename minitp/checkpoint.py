@@ -189,8 +189,9 @@ def _problems(arrays, expected, with_optimizer):
             problems.append(f"{what} {key!r} has shape {array.shape} in the checkpoint, {shape} in the model")
 
     def check_integer(key):
-        if arrays[key].shape != () or arrays[key].dtype.kind not in "iu":
-            problems.append(f"{key!r} must be one integer, the checkpoint holds {arrays[key].dtype} {arrays[key].shape}")
+        array = arrays[key]
+        if array.shape != () or array.dtype.kind not in "iu":
+            problems.append(f"{key!r} must be one integer, the checkpoint holds {array.dtype} of shape {array.shape}")
 
     for name, shape in shapes.items():
         if name not in arrays:

@@ -137,8 +137,9 @@ CASES = {
         ["'optimizer/exp_avg_sq/wpe.weight'", "(8, 15)"]),
     "missing dropout counter": (lambda path: rewrite(path, without("dropout/blocks.1.mlp.dropout")),
                                 ["'blocks.1.mlp.dropout'"]),
-    "pickled object array": (lambda path: rewrite(path, lambda a: {**a, "wpe.weight": numpy.array([{}, 1], dtype=object)}),
-                             ["cannot read", "pickle"]),
+    "pickled object array": (
+        lambda path: rewrite(path, lambda a: {**a, "wpe.weight": numpy.array([{}, 1], dtype=object)}),
+        ["cannot read", "pickle"]),
     "truncated file": (truncated, ["cannot read", "truncated"]),
     "corrupt file": (corrupted, ["cannot read"]),
 }

@@ -30,9 +30,9 @@ from minitp import backend, dist
 from minitp import functional as F
 from minitp.autograd import Tensor, no_grad
 from minitp.nn.gpt import GPT
+from minitp.nn.init import derive_seed
 from minitp.nn.layers import Dropout, Embedding, LayerNorm
 from minitp.nn.module import Module, ModuleList
-from minitp.nn.init import derive_seed
 from minitp.parallel import mappings
 from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
 from minitp.parallel.embedding import VocabParallelEmbedding
