@@ -176,3 +176,18 @@ def test_generate_matches_serial(sequence_parallel):
     parallel_assert(numpy.array_equal(greedy, expected_greedy), f"greedy {greedy.T} vs {expected_greedy.T}")
     parallel_assert(numpy.array_equal(sampled, expected_sampled), f"sampled {sampled.T} vs {expected_sampled.T}")
     parallel_assert(model.training, "back in training mode")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_from_serial_takes_the_weights_and_the_dropout_streams(sequence_parallel):
+    mesh = dist.init(tp=WORLD.size)
+    ids, _ = batch((12, 2), CONFIG["vocab"], seed=3)
+    serial = GPT(**{**CONFIG, "seed": 11}, tie_embeddings=True)
+    serial(ids)  # the dropouts' counters move on to 1
+    for _, p in serial.named_parameters():  # weights no seed reproduces
+        p.data[...] += numpy.random.default_rng(len(p.data.shape)).standard_normal(p.shape) * 0.1
+    model = ParallelGPT.from_serial(serial, sequence_parallel=sequence_parallel, mesh=mesh)
+    parallel_assert(model.tie_embeddings and model.lm_head is None, "tied, as the serial model")
+    logits, expected = model(ids), dist.split(serial(ids).data, mesh.tp, axis=-1)  # both draw masks #1
+    parallel_assert(max_error(logits, expected) <= SAME, f"logits {max_error(logits, expected):.1e}")
