@@ -740,11 +740,25 @@ class Embedding(Function):
         return grad_weight
 
 
+def _check_indices(indices, count, what, size_name):
+    """``ValueError`` unless every entry of ``indices`` is in [0, count).
+
+    Checked here because numpy will not: a negative index counts from the end (id -1 silently reads
+    the last row), and an index past the end raises an IndexError that names neither the op nor the
+    vocabulary. On a GPU, min and max cost one small device-to-host copy each."""
+    if indices.size == 0:
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= count:
+        raise ValueError(f"{what} range over [{low}, {high}], not within [0, {count - 1}] ({size_name} {count})")
+
+
 def embedding(ids, weight):
     """Look up rows of ``weight`` (vocab, h) for integer ``ids`` of any shape: (*ids.shape, h)."""
     ids = backend.array_module(weight.data).asarray(_raw(ids))
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding ids must be integers, got {ids.dtype}")
+    _check_indices(ids, weight.shape[0], "embedding ids", "vocabulary size")
     return Embedding.apply(weight, ids=ids)
 
 
@@ -797,4 +811,5 @@ def cross_entropy(logits, targets, reduction="mean"):
     targets = backend.array_module(logits.data).asarray(_raw(targets))
     if targets.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy targets must be integers, got {targets.dtype}")
+    _check_indices(targets, logits.shape[-1], "cross_entropy targets", "classes in the logits:")
     return CrossEntropy.apply(logits, targets=targets, reduction=reduction)
