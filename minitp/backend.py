@@ -78,7 +78,7 @@ def array_module(array):
 
 def to_host(array):
     """A numpy copy of ``array`` (no copy if it already is one)."""
-    if isinstance(array, numpy.ndarray):
+    if isinstance(array, (numpy.ndarray, numpy.generic)):
         return array
     return array.get()
 
@@ -90,7 +90,7 @@ def from_host(array):
 
 def data_ptr(array):
     """The address of ``array``'s first element: two views of the same memory share it."""
-    if isinstance(array, numpy.ndarray):
+    if isinstance(array, (numpy.ndarray, numpy.generic)):
         return array.__array_interface__["data"][0]
     return array.data.ptr
 
