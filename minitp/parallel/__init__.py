@@ -9,6 +9,8 @@
     embedding    VocabParallelEmbedding (vocabulary rows split)
     cross_entropy vocab_parallel_cross_entropy (three all-reduces of s×b numbers, never the logits)
     shard        load_serial_state, gather_serial_state, gather_serial_grads
+    gpt          ParallelGPT (vocab-parallel embedding and loss, TP(+SP) blocks)
+    data_parallel  the dp axis of the mesh: batch split, one bucketed gradient all-reduce, global-norm clipping
 """
 from minitp.parallel.mappings import (
     copy_to_tensor_parallel_region,
@@ -31,3 +33,12 @@ from minitp.parallel.transformer import ParallelTransformerBlock
 from minitp.parallel.shard import gather_serial_grads, gather_serial_state, load_serial_state
 from minitp.parallel.embedding import VocabParallelEmbedding
 from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
+from minitp.parallel.gpt import ParallelGPT
+from minitp.parallel.data_parallel import (
+    all_reduce_gradients,
+    average_over_data_parallel,
+    clip_grad_norm,
+    grad_norm,
+    split_batch,
+    train_step,
+)
