@@ -75,6 +75,28 @@ def best_time(step, repeats, warmup=1, synchronize=None):
     return best
 
 
+def interleaved_best(steps, repeats, warmup=1, synchronize=None):
+    """{name: fastest time} for several ``steps`` ({name: function}), timed round-robin.
+
+    On a shared machine the load changes from second to second; timing A five times and then B five
+    times can compare a quiet minute with a busy one. Taking turns gives every step the same weather,
+    so their ratios stay meaningful even when the absolute times drift.
+    """
+    sync = synchronize or (lambda: None)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    sync()
+    best = {name: float("inf") for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 # -- output -----------------------------------------------------------------------------------------
 
 def table(header, rows, align=None):

@@ -1,0 +1,61 @@
+#!/bin/sh
+# minitp on a GPU machine, in one go (make gpu-check):
+#   1. the test suite with the CuPy backend: serially, then 2 and 4 ranks sharing the GPU(s)
+#      (rank r takes GPU r % count, so ranks share one GPU when there is only one);
+#   2. the GPT block benchmark in CuPy float32: forward+backward time and achieved FLOP/s against the
+#      GPU's FP32 peak and its measured big-GEMM rate, at the CPU bench's size and at a GPU-sized one,
+#      plus strong scaling with t ranks sharing the GPU;
+#   3. all-reduce bandwidth of CuPy buffers staged through the host (the default), then passed straight
+#      to MPI (MINITP_CUDA_AWARE_MPI=1) -- which only works if the MPI was built with CUDA support; the
+#      PyPI MPICH is not, so that step is expected to fail there, and says so.
+# Needs CuPy (pip install cupy-cuda12x, or the [gpu] extra). Writes benchmarks/results/gpu/*.md and a
+# log of everything to benchmarks/results/gpu/gpu_check.log. Exits non-zero if a required step fails.
+#
+# Usage: benchmarks/gpu_check.sh        (PYTHON, MPIEXEC and OUT may be set; defaults: the venv's)
+set -u
+cd "$(dirname "$0")/.." || exit 1
+PYTHON=${PYTHON:-.venv/bin/python}
+MPIEXEC=${MPIEXEC:-.venv/bin/mpiexec}
+OUT=${OUT:-benchmarks/results/gpu}
+export MPIEXEC OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+status=0
+
+step() {  # step NAME REQUIRED COMMAND...: run, log, remember a failure of a required step
+  name=$1; required=$2; shift 2
+  echo "== $name: $*" | tee -a "$LOG"
+  "$@" >> "$LOG" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then echo "   ok" | tee -a "$LOG"
+  elif [ "$required" = yes ]; then echo "   FAILED (exit $rc): see $LOG" | tee -a "$LOG"; status=1
+  else echo "   failed (exit $rc), as expected without a CUDA-aware MPI: see $LOG" | tee -a "$LOG"
+  fi
+}
+
+if ! "$PYTHON" -c "from minitp import backend; r = backend.gpu_unavailable_reason(); print(r or 'GPU ok'); raise SystemExit(1 if r else 0)" | tee -a "$LOG"; then
+  echo "no usable GPU: nothing to check" | tee -a "$LOG"
+  exit 1
+fi
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+
+# 1. the tests on the GPU (the device fixture runs its GPU half; MINITP_DEVICE makes CuPy the default)
+step "tests, serial, CuPy" yes env MINITP_DEVICE=gpu "$PYTHON" -m pytest -q -m "parallel[1]" -p no:randomly
+step "tests, 2 and 4 ranks sharing the GPU" yes env MINITP_DEVICE=gpu MPIEXEC="$MPIEXEC" PYTHON="$PYTHON" tests/run-mpi 2 4
+
+# 2. the block: the CPU bench's size, then one large enough to fill a GPU; scaling with ranks sharing it
+step "block at the CPU size, scaling t=1,2,4, staged all-reduce" yes \
+  "$PYTHON" benchmarks/speed.py --device gpu --no-torch --gemm-size 8192 --repeats 10 \
+  --tp 1 2 4 --bandwidth-ranks 2 4 --out "$OUT/cpu-size"
+step "block at s=2048, b=8, h=2048, a=16" yes \
+  "$PYTHON" benchmarks/speed.py --device gpu --no-torch --gemm-size 8192 --repeats 10 \
+  --block 2048 8 2048 16 --tp --bandwidth-ranks --out "$OUT/large"
+
+# 3. CUDA-aware MPI: device buffers straight to MPI (may crash a non-CUDA MPI: not required)
+step "CUDA-aware all-reduce" no env MINITP_CUDA_AWARE_MPI=1 \
+  "$PYTHON" benchmarks/speed.py --device gpu --no-torch --gemm-size 1024 --repeats 3 \
+  --block 256 4 512 8 --tp --bandwidth-ranks 2 --out "$OUT/cuda-aware"
+
+echo "reports: $OUT/cpu-size/speed.md, $OUT/large/speed.md, $OUT/cuda-aware/speed.md; log: $LOG" | tee -a "$LOG"
+exit $status
