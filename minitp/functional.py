@@ -496,18 +496,20 @@ class GeLU(Function):
         self.save_for_backward(x)
         xp = backend.array_module(x)
         if approximate == "tanh":
-            y = _gelu_tanh_argument(x, xp)
+            flat = x.reshape(-1)  # a view; a 0-d x becomes (1,), so the in-place updates have a buffer
+            y = _gelu_tanh_argument(flat, xp)
             xp.tanh(y, out=y)
             y += 1
-            y *= x
+            y *= flat
             y *= 0.5  # 0.5 x (1 + tanh u)
-            return y
+            return y.reshape(x.shape)
         return 0.5 * x * (1 + backend.erf(x * (1 / math.sqrt(2))))
 
     def backward(self, grad):
         (x,) = self.saved
         xp = backend.array_module(x)
         if self.approximate == "tanh":
+            shape, x, grad = x.shape, x.reshape(-1), grad.reshape(-1)  # (1,) for a 0-d x, as in forward
             t = _gelu_tanh_argument(x, xp)
             xp.tanh(t, out=t)
             # slope = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3k x^2), built in three buffers
@@ -523,7 +525,7 @@ class GeLU(Function):
             t *= 0.5
             slope += t
             slope *= grad
-            return slope
+            return slope.reshape(shape)
         else:
             cdf = 0.5 * (1 + backend.erf(x * (1 / math.sqrt(2))))
             slope = cdf + x * xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))

@@ -349,3 +349,12 @@ def test_keep_mask_matches_a_python_reference_on_every_backend(device):
         assert mask[i, j, k] == (_splitmix64_reference(12345, 7, flat) >> 32 >= threshold)
     numpy_mask = rng.keep_mask(shape, p, 12345, 7, global_shape, offset, xp=numpy)
     assert numpy.array_equal(mask, numpy_mask)  # identical bits on numpy and (on GPU) CuPy
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_of_a_0d_tensor(device, approximate):
+    """A scalar input (a 0-d array) goes through GeLU's in-place buffers and back."""
+    x = Tensor(backend.xp.asarray(0.7), requires_grad=True)
+    y = F.gelu(x, approximate=approximate)
+    assert y.shape == ()
+    assert gradcheck(lambda t: F.gelu(t, approximate=approximate), [x]).max_error <= 1e-6
