@@ -105,7 +105,7 @@ def synchronize():
 
 def erf(array):
     """The error function, elementwise: exact GeLU needs it and numpy lacks it."""
-    if not isinstance(array, numpy.ndarray):
+    if array_module(array) is not numpy:
         from cupyx.scipy.special import erf as cupy_erf
         return cupy_erf(array)
     try:
