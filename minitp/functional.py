@@ -742,7 +742,7 @@ class Embedding(Function):
         return grad_weight
 
 
-def _check_indices(indices, count, what, size_name):
+def check_indices(indices, count, what, size_name):
     """``ValueError`` unless every entry of ``indices`` is in [0, count).
 
     Checked here because numpy will not: a negative index counts from the end (id -1 silently reads
@@ -760,7 +760,7 @@ def embedding(ids, weight):
     ids = backend.array_module(weight.data).asarray(_raw(ids))
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding ids must be integers, got {ids.dtype}")
-    _check_indices(ids, weight.shape[0], "embedding ids", "vocabulary size")
+    check_indices(ids, weight.shape[0], "embedding ids", "vocabulary size")
     return Embedding.apply(weight, ids=ids)
 
 
@@ -813,5 +813,5 @@ def cross_entropy(logits, targets, reduction="mean"):
     targets = backend.array_module(logits.data).asarray(_raw(targets))
     if targets.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy targets must be integers, got {targets.dtype}")
-    _check_indices(targets, logits.shape[-1], "cross_entropy targets", "classes in the logits:")
+    check_indices(targets, logits.shape[-1], "cross_entropy targets", "classes in the logits:")
     return CrossEntropy.apply(logits, targets=targets, reduction=reduction)

@@ -144,6 +144,19 @@ def test_sequence_not_divisible_raises_on_every_rank():
                     f"expected a ValueError about the sequence: {error}")
 
 
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+def test_embedding_id_outside_the_vocabulary_raises_on_every_rank():
+    """An id no rank owns would embed as zeros without a word: every rank must refuse it, in step."""
+    group = tp_group()
+    layer = VocabParallelEmbedding(12, 4, group=group)
+    for bad in (-1, 12):
+        ids = token_ids((3, 2), 12)
+        ids[1, 1] = bad
+        error = raised_on_this_rank(ValueError, lambda: layer(ids))
+        parallel_assert(error is not None and "vocabulary size 12" in str(error), f"id {bad}: {error}")
+    parallel_assert(group.comm.allreduce(1) == group.size)
+
+
 # -- vocab_parallel_cross_entropy ---------------------------------------------------------------------
 
 def logits_and_targets(tokens, vocab, scale=1.0, seed=0):
@@ -261,7 +274,8 @@ def test_cross_entropy_rejects_bad_arguments_on_every_rank():
     cases = {
         "reduction": lambda: vocab_parallel_cross_entropy(shard, targets, group=group, reduction="max"),
         "targets of shape": lambda: vocab_parallel_cross_entropy(shard, targets[:1], group=group),
-        "[0, 12)": lambda: vocab_parallel_cross_entropy(shard, targets + 12, group=group),
+        "vocabulary size 12": lambda: vocab_parallel_cross_entropy(shard, targets + 12, group=group),
+        "[-1,": lambda: vocab_parallel_cross_entropy(shard, targets - 1 - targets.min(), group=group),
     }
     for words, call in cases.items():
         error = raised_on_this_rank(ValueError, call)

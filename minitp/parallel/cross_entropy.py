@@ -32,6 +32,7 @@ one-hot term is nonzero only in the owner's block. Each rank gets the gradient o
 shard, which is what the column-parallel layer before it needs: no communication.
 """
 from minitp import backend, dist
+from minitp import functional as F
 from minitp.autograd import Function, Tensor
 from minitp.parallel import mappings
 
@@ -124,9 +125,6 @@ def vocab_parallel_cross_entropy(logits_shard, targets, group=None, reduction="m
         raise TypeError(f"cross_entropy targets must be integers, got {targets.dtype}")
     if targets.shape != logits_shard.shape[:-1]:
         raise ValueError(f"targets of shape {targets.shape} for logits of shape {logits_shard.shape}")
-    vocab_size = logits_shard.shape[-1] * group.size
-    if targets.size and bool(xp.any((targets < 0) | (targets >= vocab_size))):
-        # serially this would be an IndexError; here an id no rank owns would silently lose its z_y
-        raise ValueError(f"targets must lie in [0, {vocab_size}), the vocabulary of {group.size} shards "
-                         f"of {logits_shard.shape[-1]} columns")
+    # serially a target out of range is an error; here one that no rank owns would silently lose its z_y
+    F.check_indices(targets, logits_shard.shape[-1] * group.size, "cross_entropy targets", "vocabulary size")
     return VocabParallelCrossEntropy.apply(logits_shard, targets=targets, group=group, reduction=reduction, tag=tag)

@@ -13,6 +13,7 @@ over the vocabulary, whose sharded logits go straight into ``vocab_parallel_cros
 import numpy
 
 from minitp import backend, dist
+from minitp import functional as F
 from minitp.autograd import Function, Tensor
 from minitp.nn.layers import Embedding
 from minitp.nn.module import Module
@@ -103,6 +104,10 @@ class VocabParallelEmbedding(Module):
         self.weight = sharded_parameter(serial.weight.data, 0, self.group)
 
     def forward(self, ids):
+        # ids are the same on every rank: an id no rank owns would silently embed as zeros, so every rank
+        # raises the same error here, before the collective
+        ids = backend.array_module(self.weight.data).asarray(ids.data if isinstance(ids, Tensor) else ids)
+        F.check_indices(ids, self.num_embeddings, "embedding ids", "vocabulary size")
         if self.sequence_parallel:
             dist.divide(len(ids), self.group.size, "the sequence length (split over tp by sequence parallelism)")
         partial = vocab_range_lookup(ids, self.weight, self.vocab_start)  # (s, b, h), zeros outside the range

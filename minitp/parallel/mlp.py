@@ -35,7 +35,7 @@ class ParallelMLP(MLP):
         Module.__init__(self)  # MLP's forward, with these layers instead of MLP's
         group = dist.tensor_parallel_group(group)
         ffn_hidden = 4 * hidden if ffn_hidden is None else ffn_hidden
-        dist.divide(ffn_hidden, group.size, "ffn_hidden (split over tp)")
+        dist.divide(ffn_hidden, group.size, "ffn_hidden (fc1's columns, split over tp)")
         self.hidden, self.ffn_hidden, self.group = hidden, ffn_hidden, group
         self.fc1 = ColumnParallelLinear(hidden, ffn_hidden, sequence_parallel=sequence_parallel, group=group,
                                         dtype=dtype, seed=init.derive_seed(seed, "fc1"), tag="mlp fc1")
@@ -66,6 +66,8 @@ class SyncPointMLP(MLP):
         Module.__init__(self)
         group = dist.tensor_parallel_group(group)
         ffn_hidden = 4 * hidden if ffn_hidden is None else ffn_hidden
+        dist.divide(hidden, group.size, "hidden (fc1's rows, split over tp)")
+        dist.divide(ffn_hidden, group.size, "ffn_hidden (fc2's rows, split over tp)")
         self.hidden, self.ffn_hidden, self.group = hidden, ffn_hidden, group
         self.fc1 = RowParallelLinear(hidden, ffn_hidden, input_is_parallel=False, group=group, dtype=dtype,
                                      seed=init.derive_seed(seed, "fc1"), tag="sync-point fc1")
