@@ -237,8 +237,8 @@ def test_sync_point_mlp_communicates_at_its_sync_point():
     ("ffn_hidden", lambda t: ParallelMLP(4, t + 1, dtype=F64)),
     ("out_features", lambda t: ColumnParallelLinear(4, t + 1, dtype=F64)),
     ("in_features", lambda t: RowParallelLinear(t + 1, 4, dtype=F64)),
-    ("in_features", lambda t: SyncPointMLP(t + 1, 2 * t, dtype=F64)),  # hidden, split by fc1's rows
-    ("in_features", lambda t: SyncPointMLP(2 * t, t + 1, dtype=F64)),  # ffn, split by fc2's rows
+    ("hidden", lambda t: SyncPointMLP(t + 1, 2 * t, dtype=F64)),  # hidden, split by fc1's rows
+    ("ffn_hidden", lambda t: SyncPointMLP(2 * t, t + 1, dtype=F64)),  # ffn, split by fc2's rows
 ], ids=["heads", "ffn", "column-out", "row-in", "sync-point-hidden", "sync-point-ffn"])
 def test_sizes_not_divisible_raise_on_every_rank_before_any_collective(what, build):
     t = tp_mesh().tp_size
