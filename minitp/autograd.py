@@ -20,6 +20,7 @@ import contextlib
 from minitp import backend
 
 _grad_enabled = True
+_functional = None  # minitp.functional, once an operator (+, @, ...) first needs it
 
 
 @contextlib.contextmanager
@@ -135,8 +136,12 @@ class Tensor:
 
     # -- operators: thin wrappers over minitp.functional -------------------------------------------
     def _f(self):
-        from minitp import functional
-        return functional
+        # functional imports this module, so it is imported on first use, then kept: an import
+        # statement per operator costs more than the op itself on small tensors
+        global _functional
+        if _functional is None:
+            from minitp import functional as _functional
+        return _functional
 
     def __add__(self, other): return self._f().add(self, other)
     def __radd__(self, other): return self._f().add(other, self)
