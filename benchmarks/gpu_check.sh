@@ -41,7 +41,7 @@ fi
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
 
 # 1. the tests on the GPU (the device fixture runs its GPU half; MINITP_DEVICE makes CuPy the default)
-step "tests, serial, CuPy" yes env MINITP_DEVICE=gpu "$PYTHON" -m pytest -q -m "parallel[1]" -p no:randomly
+step "tests, serial, CuPy" yes env MINITP_DEVICE=gpu "$PYTHON" -m pytest -q -m "parallel[1]"
 step "tests, 2 and 4 ranks sharing the GPU" yes env MINITP_DEVICE=gpu MPIEXEC="$MPIEXEC" PYTHON="$PYTHON" tests/run-mpi 2 4
 
 # 2. the block: the CPU bench's size, then one large enough to fill a GPU; scaling with ranks sharing it

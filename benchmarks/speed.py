@@ -83,7 +83,7 @@ def machine_gemm_rate(xp, dtype, size, repeats, sync):
 
 # -- minitp ---------------------------------------------------------------------------------------
 
-def minitp_block_step(shape, dtype, dropout, device="cpu"):
+def minitp_block_step(shape, dtype, dropout):
     """A function running one forward + backward of a minitp block, and the block (for its weights)."""
     from minitp import backend
     from minitp.autograd import Tensor
@@ -246,9 +246,9 @@ def serial(args):
     result["machine_gemm"] = machine_gemm_rate(xp, dtype, result["gemm_size"], repeats, sync)
 
     # Everything compared is timed round-robin (harness.interleaved_best): the same load for each.
-    step, block, x = minitp_block_step(shape, dtype, 0.0, args.device)
+    step, block, x = minitp_block_step(shape, dtype, 0.0)
     steps = {"minitp": step, "gemm_replay": replay_gemms(xp, gemms, dtype),
-             "minitp_dropout": minitp_block_step(shape, dtype, DROPOUT, args.device)[0]}
+             "minitp_dropout": minitp_block_step(shape, dtype, DROPOUT)[0]}
     torch = None if args.device == "gpu" else import_torch(args, result)
     if torch is not None:
         torch_step, torch_forward = torch_block_step(torch, block, x, shape["a"], 0.0)
@@ -270,6 +270,8 @@ def serial(args):
     steps = {"minitp_gpt": gpt_step}
     if torch is not None:
         steps["torch_gpt"] = torch_gpt_step(torch, model, ids, gpt_shape)
+        # the same model from the same weights: the first step's losses agree (float32 rounding apart)
+        result["gpt_losses"] = [float(gpt_step().data), float(steps["torch_gpt"]().detach())]
     result.update(harness.interleaved_best(steps, repeats))
     return result
 
@@ -445,9 +447,11 @@ def render(serial_result, scaling, bandwidth, out, command):
                   f"a={g['a']}, layers={g['layers']}, float32, AdamW", ""]
         gpt_rows = [["minitp", ms(r["minitp_gpt"]), "-"]]
         if torch_time:
+            minitp_loss, torch_loss = r["gpt_losses"]
+            gpt_rows[0][2] = f"first loss {minitp_loss:.6f}"
             gpt_rows.append([f"PyTorch {r['torch_version']}", ms(r["torch_gpt"]),
-                             f"minitp / PyTorch = {r['minitp_gpt'] / r['torch_gpt']:.2f}"])
-        lines += [harness.table(["implementation", "ms / step", "ratio"], gpt_rows, "lrl"), ""]
+                             f"minitp / PyTorch = {r['minitp_gpt'] / r['torch_gpt']:.2f}; first loss {torch_loss:.6f}"])
+        lines += [harness.table(["implementation", "ms / step", "note"], gpt_rows, "lrl"), ""]
     lines += ["## Where minitp's time goes (cProfile, per step)", "",
               "Own time of each function; a GEMM's time shows up in the Python function that runs the `@`.", "",
               harness.table(["function", "calls", "own ms", "share", "cumulative ms"], r["profile"], "lrrrr"), ""]
