@@ -109,7 +109,7 @@ def table(header, rows, align=None):
 
 
 def machine():
-    """One line naming where the numbers came from: date, CPU, cores, BLAS."""
+    """One line naming where the numbers came from: date, CPU, cores, the load at the start, BLAS."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -128,8 +128,9 @@ def machine():
         pass
     import numpy
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{datetime.date.today().isoformat()}, {cpu}, {cores} cores, Python {platform.python_version()}, "
-            f"numpy {numpy.__version__}, {blas}")
+    load = f", load average {os.getloadavg()[0]:.2f} at the start" if hasattr(os, "getloadavg") else ""
+    return (f"{datetime.date.today().isoformat()}, {cpu}, {cores} cores{load} (other work on the machine slows "
+            f"timings), Python {platform.python_version()}, numpy {numpy.__version__}, {blas}")
 
 
 def output_dir(path=None):

@@ -74,11 +74,12 @@ def replay_gemms(xp, gemms, dtype):
     return lambda: [left @ right for left, right in operands]
 
 
-def machine_gemm_rate(xp, dtype, size, repeats, sync):
-    """FLOP/s of one big square GEMM: the machine's ceiling for matrix work at this thread count."""
+def big_square_gemm(xp, dtype, size):
+    """A function running one (size x size) @ (size x size) GEMM: its FLOP/s, 2 size^3 / time, is the
+    machine's ceiling for matrix work at this thread count."""
     rng = numpy.random.default_rng(0)
     left, right = (xp.asarray(rng.standard_normal((size, size)).astype(dtype)) for _ in range(2))
-    return 2 * size ** 3 / harness.best_time(lambda: left @ right, repeats, synchronize=sync)
+    return lambda: left @ right
 
 
 # -- minitp ---------------------------------------------------------------------------------------
@@ -114,6 +115,20 @@ def minitp_gpt_step(shape, dtype):
         optimizer.zero_grad()
         return loss
     return step, model, ids
+
+
+def page_faults_per_step(step, steps=3):
+    """Minor page faults per call of ``step``: each is a page the kernel had to map (and zero) because
+    memory freed earlier went back to the kernel -- glibc returns large blocks (numpy's big temporaries)
+    with munmap, so the next temporary of that size is faulted in afresh. None where not measurable."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
 def _qualified(path, line, function):
@@ -243,11 +258,11 @@ def serial(args):
     gemms = block_gemms(**shape)
     result["flops"] = gemm_flops(gemms)
     result["gemm_size"] = 256 if args.quick else args.gemm_size
-    result["machine_gemm"] = machine_gemm_rate(xp, dtype, result["gemm_size"], repeats, sync)
 
     # Everything compared is timed round-robin (harness.interleaved_best): the same load for each.
     step, block, x = minitp_block_step(shape, dtype, 0.0)
     steps = {"minitp": step, "gemm_replay": replay_gemms(xp, gemms, dtype),
+             "big_square_gemm": big_square_gemm(xp, dtype, result["gemm_size"]),
              "minitp_dropout": minitp_block_step(shape, dtype, DROPOUT)[0]}
     torch = None if args.device == "gpu" else import_torch(args, result)
     if torch is not None:
@@ -259,6 +274,10 @@ def serial(args):
         steps.update(torch=torch_step, torch_sdpa=torch_block_step(torch, block, x, shape["a"], 0.0, True)[0],
                      torch_dropout=torch_block_step(torch, block, x, shape["a"], DROPOUT)[0])
     result.update(harness.interleaved_best(steps, repeats, synchronize=sync))
+    result["machine_gemm"] = 2 * result["gemm_size"] ** 3 / result.pop("big_square_gemm")
+    result["faults"] = {"minitp": page_faults_per_step(step)}
+    if torch is not None:
+        result["faults"]["PyTorch"] = page_faults_per_step(steps["torch"])
     result["profile"] = profile(step, 14)
     if args.device == "gpu":
         result["gpu"] = gpu_description()
@@ -410,6 +429,7 @@ def render(serial_result, scaling, bandwidth, out, command):
              f"part, one per rank under MPI. Best of {r['repeats']} runs after a warm-up (the fastest run: "
              "noise on a shared machine only adds time).", "",
              f"Reproduce: `{command}`", ""]
+    lines += targets(r, scaling)
     if r["device"] == "gpu":
         gpu = r["gpu"]
         lines += [f"GPU: {gpu['name']} (compute capability {gpu['compute_capability']}), FP32 peak "
@@ -441,6 +461,16 @@ def render(serial_result, scaling, bandwidth, out, command):
               "and bias additions), gradient accumulation and the engine's Python.", ""]
     if not torch_time:
         lines += [f"PyTorch comparison: {r.get('torch', 'not run')}.", ""]
+    faults = {name: count for name, count in r.get("faults", {}).items() if count is not None}
+    if faults:
+        lines += ["Page faults per step (pages the kernel maps afresh, zeroing each): " +
+                  ", ".join(f"{name} {count:,.0f}" for name, count in faults.items()) +
+                  ". glibc hands freed blocks above its mmap threshold back to the kernel, so every large "
+                  "temporary is faulted in again on its next allocation. "
+                  "`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824` in the environment keeps "
+                  "them in the heap (about 7× fewer faults for this block on the 2-core machine this bench was written on); PyTorch, loaded in "
+                  "the same process, frees large blocks too, which raises glibc's dynamic threshold and can make "
+                  "minitp faster here than in a process of its own (the scaling launches).", ""]
     if "minitp_gpt" in r:
         g = r["gpt_shape"]
         lines += [f"## A small GPT training step: vocab={g['vocab']}, s={g['s']}, b={g['b']}, h={g['h']}, "
@@ -496,6 +526,23 @@ def render(serial_result, scaling, bandwidth, out, command):
         lines += [harness.table(header, rows, "l" + "r" * len(bandwidth)), ""]
     plot(scaling, bandwidth, out, lines)
     return "\n".join(lines)
+
+
+def targets(r, scaling):
+    """The issue's two speed targets, with the figures measured here."""
+    lines = []
+    if isinstance(r.get("torch"), float):
+        ratio = r["minitp"] / r["torch"]
+        lines.append(f"- Block forward+backward within 1.5× of PyTorch's CPU time: minitp / PyTorch = {ratio:.2f} "
+                     f"({'met' if ratio <= 1.5 else 'NOT met'}).")
+    serial_time = next((e["times"]["serial"] for e in scaling if "serial" in e["times"]), None)
+    two = next((e for e in scaling if e["t"] == 2), None)
+    if serial_time and two:
+        speedups = {label: serial_time / two["times"][label] for label in ("TP", "TP+SP")}
+        met = all(value >= 1.6 for value in speedups.values())
+        lines.append(f"- t = 2 at least 1.6× faster than serial, one thread per rank: TP {speedups['TP']:.2f}×, "
+                     f"TP+SP {speedups['TP+SP']:.2f}× ({'met' if met else 'NOT met'}).")
+    return (["## Targets", ""] + lines + [""]) if lines else []
 
 
 def plot(scaling, bandwidth, out, lines):
