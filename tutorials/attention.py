@@ -12,7 +12,8 @@ The seed notebook ("3. MHA", shared/seeds/000_c7951c7fdd5b7433.txt) had the righ
 independent -- and a sketch that does not yet work. We start by naming its mistakes, then build the real
 thing and check it against the serial MultiHeadAttention, dropout and causal mask included.
 
-Every rank runs this file; rank 0 prints, and per-rank lines are gathered to rank 0 so they come out in order.
+Every rank runs this file; rank 0 prints (say), and per-rank lines are gathered to rank 0 so they come out
+in order (each_rank; both from minitp.report).
 """
 import numpy
 from mpi4py import MPI
@@ -21,29 +22,11 @@ from minitp import Tensor, backend, dist
 from minitp import functional as F
 from minitp.nn import MultiHeadAttention, attention_core
 from minitp.parallel import ParallelAttention, gather_serial_grads, load_serial_state
+from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
 mesh = dist.init(tp=MPI.COMM_WORLD.Get_size())  # all ranks in one tensor-parallel group: one model, t shards
 tp_size, rank = mesh.tp.size, mesh.tp.rank
-
-
-def say(text=""):
-    """Print once, from rank 0: every rank runs this file, and the others would only repeat it."""
-    if mesh.rank == 0:
-        print(text, flush=True)
-
-
-def each_rank(text):
-    """One line per rank, in rank order: the ranks send their line to rank 0 (mpi4py's pickling
-    ``gather``: a few words of commentary, not model data), which prints them all."""
-    lines = mesh.world.comm.gather(text, root=0)
-    if mesh.rank == 0:
-        for r, line in enumerate(lines):
-            print(f"   rank {r}: {line}", flush=True)
-
-
-def indent(table):
-    return "\n".join("     " + line for line in table.splitlines())
 
 
 def spans(numbers):
@@ -69,8 +52,7 @@ except ValueError as error:  # every rank computes the same numbers, so every ra
     say(f"{error}.\nThis tutorial runs on 1, 2, 3, 4, 6 or 12 ranks: mpirun -n 4 python tutorials/attention.py")
     raise SystemExit(1)
 
-say(f"minitp: self-attention split by heads over {tp_size} rank{'s' * (tp_size > 1)} "
-    f"| arrays: {'numpy (CPU)' if backend.device() == 'cpu' else 'CuPy (GPU)'} | MPI: {dist.transport()}")
+banner(f"self-attention split by heads over {ranks(tp_size)}")
 say(f"sizes: seq s={seq}, batch b={batch}, heads a={heads} of d={head_dim}, hidden h={hidden}, "
     f"{numpy.dtype(dtype).name}; causal, attention dropout {attention_dropout}, output dropout {output_dropout}")
 
@@ -265,9 +247,8 @@ one_each_way = (forward_log.count() == forward_log.count("all_reduce") == 1
 # ---------------------------------------------------------------------------------------------------
 say("\nnext: minitp.parallel.ParallelTransformerBlock joins attention and the MLP (2 all-reduces each way per")
 say("      layer); with sequence_parallel=True each becomes a reduce-scatter + an all-gather")
-if worst > 1e-12 or not masks_agree or not one_each_way:
-    say(f"check: FAILED: max error {worst:.1e} (must be <= 1e-12), dropout masks agree: {masks_agree}, "
-        f"collectives forward {forward_log.count()}, backward {backward_log.count()} (must be 1 all-reduce each)")
-    raise SystemExit(1)
-say(f"check: head-parallel attention == serial MultiHeadAttention (max error {worst:.1e}, output and all "
-    f"gradients) on {tp_size} rank{'s' * (tp_size > 1)}")
+verdict(worst <= 1e-12 and masks_agree and one_each_way,
+        f"head-parallel attention == serial MultiHeadAttention (max error {worst:.1e}, output and all "
+        f"gradients) on {ranks(tp_size)}",
+        failure=f"max error {worst:.1e} (must be <= 1e-12), dropout masks agree: {masks_agree}, collectives "
+                f"forward {forward_log.count()}, backward {backward_log.count()} (must be 1 all-reduce each)")

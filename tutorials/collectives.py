@@ -14,7 +14,9 @@ collectives, and every sharded layer in minitp is built on them:
 and ends with the check: the values are the sums and concatenations they should be, and every gradient
 through f, f̄, g and ḡ equals the serial computation's.
 
-Every rank runs this file; rank 0 prints, and per-rank lines are gathered to rank 0 so they come out in order.
+Every rank runs this file, and speaks through minitp.report: say() prints once, from rank 0; each_rank()
+gathers one line from every rank to rank 0, which prints them in rank order; verdict() ends the check,
+on every rank together.
 """
 import numpy
 from mpi4py import MPI
@@ -22,6 +24,7 @@ from mpi4py import MPI
 from minitp import Tensor, backend, dist
 from minitp.parallel import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
                              reduce_from_tensor_parallel_region, reduce_scatter_to_sequence_parallel_region)
+from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
 # The papers' symbols (Korthikanti et al. 2022 keep Megatron's f, rename its g to f̄, and call the sequence
@@ -38,25 +41,6 @@ mesh = dist.init(tp=MPI.COMM_WORLD.Get_size())
 tp_size, rank = mesh.tp.size, mesh.tp.rank
 
 
-def say(text=""):
-    """Print once, from rank 0: every rank runs this file, and the others would only repeat it."""
-    if mesh.rank == 0:
-        print(text, flush=True)
-
-
-def each_rank(text):
-    """One line per rank, in rank order: the ranks send their line to rank 0 (mpi4py's pickling
-    ``gather``: a few words of commentary, not model data), which prints them all."""
-    lines = mesh.world.comm.gather(text, root=0)
-    if mesh.rank == 0:
-        for r, line in enumerate(lines):
-            print(f"   rank {r}: {line}", flush=True)
-
-
-def indent(table):
-    return "\n".join("     " + line for line in table.splitlines())
-
-
 def show(array, blocks=1):
     """The integer-valued ``array`` as "[0 1 | 2 3]": ``blocks`` equal blocks, split by bars."""
     values = [f"{v:g}" for v in backend.to_host(array).ravel()]
@@ -64,12 +48,7 @@ def show(array, blocks=1):
     return "[" + " | ".join(" ".join(values[i:i + width]) for i in range(0, len(values), width)) + "]"
 
 
-def ranks(n):
-    return f"{n} rank{'s' * (n > 1)}"
-
-
-say(f"minitp: collectives and the conjugate operators on {ranks(tp_size)} "
-    f"| arrays: {'numpy (CPU)' if backend.device() == 'cpu' else 'CuPy (GPU)'} | MPI: {dist.transport()}")
+banner(f"collectives and the conjugate operators on {ranks(tp_size)}")
 worst = 0.0  # the largest error of any check below, on this rank
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,12 +255,9 @@ collectives_as_designed = (ops(f_forward) == ops(f_backward) == ["all_reduce"]
 # gives every rank the same verdict, so that on failure every rank stops with exit status 1 together.
 # ---------------------------------------------------------------------------------------------------
 worst = mesh.world.comm.allreduce(worst, op=MPI.MAX)
-passed = mesh.world.comm.allreduce(worst <= 1e-12 and ring_bytes_agree and collectives_as_designed
-                                   and f_is_needed, op=MPI.LAND)
 say("\nnext: mpirun -n 4 python tutorials/mlp.py (f and f̄ around the Megatron MLP: one all-reduce each way)")
-if not passed:
-    say(f"check: FAILED: max error {worst:.1e} (must be <= 1e-12), ring bytes agree: {ring_bytes_agree}, "
-        f"collectives as designed: {collectives_as_designed}, f's all-reduce needed: {f_is_needed}")
-    raise SystemExit(1)
-say(f"check: all-reduce == all-gather(reduce-scatter); f, f̄, g, ḡ gradients == serial "
-    f"(max error {worst:.1e}) on {ranks(tp_size)}")
+verdict(worst <= 1e-12 and ring_bytes_agree and collectives_as_designed and f_is_needed,
+        f"all-reduce == all-gather(reduce-scatter); f, f̄, g, ḡ gradients == serial "
+        f"(max error {worst:.1e}) on {ranks(tp_size)}",
+        failure=f"max error {worst:.1e} (must be <= 1e-12), ring bytes agree: {ring_bytes_agree}, "
+                f"collectives as designed: {collectives_as_designed}, f's all-reduce needed: {f_is_needed}")

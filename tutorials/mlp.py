@@ -14,8 +14,9 @@ shared/seeds/000_c7951c7fdd5b7433.txt) tries both answers (Shoeybi et al. 2019, 
 
 Both parts then prove the claim: the sharded output and every gradient equal the serial MLP's in float64.
 
-Every rank runs this same file. Rank 0 prints; what each rank holds is gathered to rank 0 first, so the
-lines come out in rank order. Each printed line is explained in the comment just above the code printing it.
+Every rank runs this same file. Rank 0 prints (minitp.report.say); what each rank holds is gathered to
+rank 0 first (each_rank), so the lines come out in rank order. Each printed line is explained in the comment
+just above the code printing it.
 """
 import numpy
 from mpi4py import MPI
@@ -24,6 +25,7 @@ from minitp import Tensor, backend, dist
 from minitp import functional as F
 from minitp.nn import MLP
 from minitp.parallel import ParallelMLP, SyncPointMLP, gather_serial_grads, load_serial_state
+from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
 # ---------------------------------------------------------------------------------------------------
@@ -35,26 +37,6 @@ from minitp.testing import max_error
 # ---------------------------------------------------------------------------------------------------
 mesh = dist.init(tp=MPI.COMM_WORLD.Get_size())
 tp_size, rank = mesh.tp.size, mesh.tp.rank
-
-
-def say(text=""):
-    """Print once, from rank 0: every rank runs this file, and the others would only repeat it."""
-    if mesh.rank == 0:
-        print(text, flush=True)
-
-
-def each_rank(text):
-    """Print one line per rank, in rank order: every rank sends its line to rank 0 (mpi4py's pickling
-    ``gather``, fine for a few words of commentary; model data goes through minitp.dist's buffer
-    collectives), and rank 0 prints them. Printing from every rank would interleave the lines."""
-    lines = mesh.world.comm.gather(text, root=0)
-    if mesh.rank == 0:
-        for r, line in enumerate(lines):
-            print(f"   rank {r}: {line}", flush=True)
-
-
-def indent(table):
-    return "\n".join("     " + line for line in table.splitlines())
 
 
 def block(symbol, parameter):
@@ -81,8 +63,7 @@ except ValueError as error:  # every rank computes the same numbers, so every ra
     say(f"{error}.\nThis tutorial runs on 1, 2, 3, 4, 6 or 12 ranks: mpirun -n 4 python tutorials/mlp.py")
     raise SystemExit(1)
 
-say(f"minitp: the MLP block split over {tp_size} rank{'s' * (tp_size > 1)} "
-    f"| arrays: {'numpy (CPU)' if backend.device() == 'cpu' else 'CuPy (GPU)'} | MPI: {dist.transport()}")
+banner(f"the MLP block split over {ranks(tp_size)}")
 say(f"sizes: seq s={seq}, batch b={batch}, hidden h={hidden}, ffn={ffn_hidden}, {numpy.dtype(dtype).name}")
 say("MLP:   Z = Dropout(GeLU(X A + b1) B + b2), X (s, b, h), A = fc1.weight (h, ffn), B = fc2.weight (ffn, h)")
 
@@ -240,9 +221,8 @@ megatron_is_one_each_way = (megatron_forward.count() == megatron_forward.count("
 # all-reduces forward and 2 backward per layer, each of s×b×h.
 # ---------------------------------------------------------------------------------------------------
 say("\nnext: mpirun -n 4 python tutorials/attention.py (whole heads per rank, the same one all-reduce each way)")
-if worst > 1e-12 or not megatron_is_one_each_way:
-    say(f"check: FAILED: max error {worst:.1e} (must be <= 1e-12); Megatron collectives "
-        f"forward {megatron_forward.count()}, backward {megatron_backward.count()} (must be 1 all-reduce each)")
-    raise SystemExit(1)
-say(f"check: sharded MLP == serial MLP (max error {worst:.1e}, output and all gradients, both splits) "
-    f"on {tp_size} rank{'s' * (tp_size > 1)}")
+verdict(worst <= 1e-12 and megatron_is_one_each_way,
+        f"sharded MLP == serial MLP (max error {worst:.1e}, output and all gradients, both splits) "
+        f"on {ranks(tp_size)}",
+        failure=f"max error {worst:.1e} (must be <= 1e-12); Megatron collectives forward "
+                f"{megatron_forward.count()}, backward {megatron_backward.count()} (must be 1 all-reduce each)")

@@ -23,7 +23,8 @@ the two questions the seed leaves open:
     5. the one sum that must not be forgotten: the replicated LayerNorm weight's gradient
 and ends with the check: sequence-parallel LayerNorm and dropout, forward and backward, equal the serial ones.
 
-Every rank runs this file; rank 0 prints, and per-rank lines are gathered to rank 0 so they come out in order.
+Every rank runs this file; rank 0 prints (say), and per-rank lines are gathered to rank 0 so they come out
+in order (each_rank; both from minitp.report).
 """
 import numpy
 from mpi4py import MPI
@@ -31,29 +32,11 @@ from mpi4py import MPI
 from minitp import Tensor, backend, dist, nn, no_grad, track_saved
 from minitp.parallel import (ParallelTransformerBlock, SequenceParallelDropout, SequenceParallelLayerNorm,
                              load_serial_state)
+from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
 mesh = dist.init(tp=MPI.COMM_WORLD.Get_size())  # all ranks in one tensor-parallel group: one model, t shards
 tp_size, rank = mesh.tp.size, mesh.tp.rank
-
-
-def say(text=""):
-    """Print once, from rank 0: every rank runs this file, and the others would only repeat it."""
-    if mesh.rank == 0:
-        print(text, flush=True)
-
-
-def each_rank(text):
-    """One line per rank, in rank order: the ranks send their line to rank 0 (mpi4py's pickling
-    ``gather``: a few words of commentary, not model data), which prints them all."""
-    lines = mesh.world.comm.gather(text, root=0)
-    if mesh.rank == 0:
-        for r, line in enumerate(lines):
-            print(f"   rank {r}: {line}", flush=True)
-
-
-def indent(table):
-    return "\n".join("     " + line for line in table.splitlines())
 
 
 def span(first, count, noun):
@@ -75,8 +58,7 @@ except ValueError as error:  # every rank computes the same numbers, so every ra
 first_token = rank * tokens_per_rank
 my_tokens = span(first_token, tokens_per_rank, "token")
 
-say(f"minitp: sequence parallelism over {tp_size} rank{'s' * (tp_size > 1)} "
-    f"| arrays: {'numpy (CPU)' if backend.device() == 'cpu' else 'CuPy (GPU)'} | MPI: {dist.transport()}")
+banner(f"sequence parallelism over {ranks(tp_size)}")
 say(f"sizes: seq s={seq}, batch b={batch}, hidden h={hidden}, heads a={heads}, ffn={ffn_hidden}, "
     f"dropout p={p}, {numpy.dtype(dtype).name}; activations (s, b, h)")
 
@@ -327,8 +309,7 @@ claims = {"dropout masks are the serial mask's rows": masks_agree,
 failed = [claim for claim, holds in claims.items() if not mesh.world.comm.allreduce(holds, op=MPI.LAND)]
 
 say("\nnext: mpirun -n 4 python tutorials/transformer.py (one whole TP+SP block, rank by rank)")
-if worst > 1e-12 or failed:
-    say(f"check: FAILED: max error {worst:.1e} (must be <= 1e-12); claims that do not hold: {failed}")
-    raise SystemExit(1)
-say(f"check: sequence-parallel LayerNorm and dropout == serial (max error {worst:.1e}, output and all "
-    f"gradients; masks, bytes and ring bytes as claimed) on {tp_size} rank{'s' * (tp_size > 1)}")
+verdict(worst <= 1e-12 and not failed,
+        f"sequence-parallel LayerNorm and dropout == serial (max error {worst:.1e}, output and all gradients; "
+        f"masks, bytes and ring bytes as claimed) on {ranks(tp_size)}",
+        failure=f"max error {worst:.1e} (must be <= 1e-12); claims that do not hold: {failed}")

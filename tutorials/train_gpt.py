@@ -31,6 +31,7 @@ from minitp import checkpoint, dist
 from minitp.nn import GPT, AdamW
 from minitp.parallel.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
+from minitp.report import say
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -168,12 +169,6 @@ def setup(args, mesh):
 def run(args, training):
     mesh, characters, data = training.mesh, training.characters, training.data
     model, optimizer, first_step = training.model, training.optimizer, training.first_step
-
-    def say(text):
-        """Print once, from rank 0: every rank runs this file, and the others would only repeat it."""
-        if mesh.rank == 0:
-            print(text, flush=True)
-
     parameters = sum(math.prod(p.shape) for p in model.parameters())
     source = args.text or "README.md + tutorials/*.py"
     say(f"{mesh}\n{len(data):,} characters of {source}, vocabulary {len(characters.chars)} "
@@ -258,15 +253,14 @@ def check(args, mesh):
 
 
 def run_check(args, mesh):
-    result = check(args, mesh)
-    if mesh.rank == 0:
-        print(f"check: {mesh}, sequence_parallel={args.sequence_parallel}, float64, dropout {args.dropout}")
-        print(" step   parallel loss        serial loss      |difference|")
-        for step, (p, s) in enumerate(zip(result.parallel, result.serial), 1):
-            print(f"{step:5d}  {p:.15f}  {s:.15f}  {abs(p - s):.1e}")
-        verdict = "OK" if result.max_difference <= CHECK_TOLERANCE else "FAIL"
-        print(f"{verdict}: the largest difference from the serial run is {result.max_difference:.1e} "
-              f"(tolerance {CHECK_TOLERANCE:.0e})")
+    result = check(args, mesh)  # the same on every rank: rank 0 says it
+    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}, float64, dropout {args.dropout}")
+    say(" step   parallel loss        serial loss      |difference|")
+    for step, (p, s) in enumerate(zip(result.parallel, result.serial), 1):
+        say(f"{step:5d}  {p:.15f}  {s:.15f}  {abs(p - s):.1e}")
+    verdict = "OK" if result.max_difference <= CHECK_TOLERANCE else "FAIL"
+    say(f"{verdict}: the largest difference from the serial run is {result.max_difference:.1e} "
+        f"(tolerance {CHECK_TOLERANCE:.0e})")
     return result.max_difference <= CHECK_TOLERANCE
 
 

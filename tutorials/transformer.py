@@ -22,7 +22,8 @@ along s) leads from the first into the second, ḡ (reduce-scatter along s) back
 and the check: the output, the input's gradient and every parameter's gradient equal the serial
 TransformerBlock's, within 1e-12 in float64.
 
-Every rank runs this file; rank 0 prints, and per-rank lines are gathered to rank 0 so they come out in order.
+Every rank runs this file; rank 0 prints (say, from minitp.report), and what each rank holds is gathered
+to rank 0 into tables with one column per rank.
 """
 import numpy
 from mpi4py import MPI
@@ -31,20 +32,11 @@ from minitp import Tensor, backend, dist
 from minitp.nn import TransformerBlock
 from minitp.parallel import (ParallelTransformerBlock, gather_serial_grads, load_serial_state,
                              scatter_to_sequence_parallel_region)
+from minitp.report import banner, indent, ranks, say, verdict
 from minitp.testing import max_error
 
 mesh = dist.init(tp=MPI.COMM_WORLD.Get_size())  # all ranks in one tensor-parallel group: one model, t shards
 tp_size, rank = mesh.tp.size, mesh.tp.rank
-
-
-def say(text=""):
-    """Print once, from rank 0: every rank runs this file, and the others would only repeat it."""
-    if mesh.rank == 0:
-        print(text, flush=True)
-
-
-def indent(table):
-    return "\n".join("     " + line for line in table.splitlines())
 
 
 def span(first, count, noun):
@@ -84,8 +76,7 @@ except ValueError as error:  # every rank computes the same numbers, so every ra
 my_tokens = span(rank * tokens_per_rank, tokens_per_rank, "token")
 all_tokens = f"all {seq} tokens"
 
-say(f"minitp: one transformer block, tensor + sequence parallel over {tp_size} rank{'s' * (tp_size > 1)} "
-    f"| arrays: {'numpy (CPU)' if backend.device() == 'cpu' else 'CuPy (GPU)'} | MPI: {dist.transport()}")
+banner(f"one transformer block, tensor + sequence parallel over {ranks(tp_size)}")
 say(f"sizes: seq s={seq}, batch b={batch}, hidden h={hidden}, heads a={heads} of d={head_dim}, ffn={ffn_hidden}, "
     f"{numpy.dtype(dtype).name}; causal; dropout p={p} (attention probabilities and both residual branches)")
 
@@ -251,9 +242,8 @@ as_designed = counts == {"forward all-gathers": 2, "forward reduce-scatters": 2,
 
 say("\nThat is the whole layer: a GPT stacks such layers between its embedding and its logits, each one the same")
 say("pattern -- tokens split between the halves, heads or columns split inside them, g and ḡ at the seams.")
-if worst > 1e-12 or not shapes_agree or not as_designed:
-    say(f"check: FAILED: max error {worst:.1e} (must be <= 1e-12); shapes agree on every rank: {shapes_agree}; "
-        f"collectives {counts} (must be 2 each)")
-    raise SystemExit(1)
-say(f"check: TP+SP block == serial TransformerBlock (max error {worst:.1e}, output, input gradient and all "
-    f"{len(grads)} parameter gradients) on {tp_size} rank{'s' * (tp_size > 1)}")
+verdict(worst <= 1e-12 and shapes_agree and as_designed,
+        f"TP+SP block == serial TransformerBlock (max error {worst:.1e}, output, input gradient and all "
+        f"{len(grads)} parameter gradients) on {ranks(tp_size)}",
+        failure=f"max error {worst:.1e} (must be <= 1e-12); shapes agree on every rank: {shapes_agree}; "
+                f"collectives {counts} (must be 2 each)")
