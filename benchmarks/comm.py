@@ -138,7 +138,7 @@ def render(data):
     lines = [
         "# Communication per transformer layer",
         "",
-        f"Measured {harness.machine()}.",
+        f"Measured {harness.machine(timings=False)}.",
         "",
         f"One layer, s={s}, b={b}, h={h}, a={a}, float32: S = sbh·e = {S:,} bytes. Ring bytes one rank sends "
         "(`minitp.dist.log_collectives()`: 2(t-1)/t·S per all-reduce, (t-1)/t·S per all-gather or "

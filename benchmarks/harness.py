@@ -108,8 +108,9 @@ def table(header, rows, align=None):
     return "\n".join(lines)
 
 
-def machine():
-    """One line naming where the numbers came from: date, CPU, cores, the load at the start, BLAS."""
+def machine(timings=True):
+    """One line naming where the numbers came from: date, CPU, cores, BLAS, and for ``timings`` the load
+    average at the start (other work on a shared machine slows every timing)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -128,9 +129,11 @@ def machine():
         pass
     import numpy
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = f", load average {os.getloadavg()[0]:.2f} at the start" if hasattr(os, "getloadavg") else ""
-    return (f"{datetime.date.today().isoformat()}, {cpu}, {cores} cores{load} (other work on the machine slows "
-            f"timings), Python {platform.python_version()}, numpy {numpy.__version__}, {blas}")
+    load = ""
+    if timings and hasattr(os, "getloadavg"):
+        load = f", load average {os.getloadavg()[0]:.2f} at the start (other work on the machine slows timings)"
+    return (f"{datetime.date.today().isoformat()}, {cpu}, {cores} cores{load}, Python {platform.python_version()}, "
+            f"numpy {numpy.__version__}, {blas}")
 
 
 def output_dir(path=None):

@@ -119,7 +119,7 @@ def render(data, out):
     lines = [
         "# Activation memory per transformer layer",
         "",
-        f"Measured {harness.machine()}.",
+        f"Measured {harness.machine(timings=False)}.",
         "",
         "Bytes one layer keeps for backward on one rank (`minitp.track_saved()` around the forward: each kept "
         "array once, weights left out), float32 activations (e = 4 bytes) and bool dropout masks (m = 1 byte), "

@@ -159,9 +159,10 @@ def profile(step, top):
     stats = pstats.Stats(profiler, stream=io.StringIO())
     total = stats.total_tt
     rows = []
-    for (path, line, function), (_, calls, own, cumulative, _) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]:
-        rows.append([_qualified(path, line, function).replace("|", "/"), calls // 3, f"{1e3 * own / 3:.1f}", f"{100 * own / total:.1f}%",
-                     f"{1e3 * cumulative / 3:.1f}"])
+    by_own_time = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:top]
+    for (path, line, function), (_, calls, own, cumulative, _) in by_own_time:
+        rows.append([_qualified(path, line, function).replace("|", "/"), calls // 3, f"{1e3 * own / 3:.1f}",
+                     f"{100 * own / total:.1f}%", f"{1e3 * cumulative / 3:.1f}"])
     return rows
 
 
@@ -248,7 +249,7 @@ def serial(args):
     if args.device == "gpu":
         backend.use("gpu")
     xp = backend.xp
-    limits = threadpool_limits(args.threads, user_api="blas")  # noqa: F841 (held for the whole run)
+    threadpool_limits(args.threads, user_api="blas")  # for the rest of this process
     shape = block_shape(args)
     repeats = 1 if args.quick else args.repeats
     dtype = numpy.float32
@@ -468,9 +469,10 @@ def render(serial_result, scaling, bandwidth, out, command):
                   ". glibc hands freed blocks above its mmap threshold back to the kernel, so every large "
                   "temporary is faulted in again on its next allocation. "
                   "`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824` in the environment keeps "
-                  "them in the heap (about 7× fewer faults for this block on the 2-core machine this bench was written on); PyTorch, loaded in "
-                  "the same process, frees large blocks too, which raises glibc's dynamic threshold and can make "
-                  "minitp faster here than in a process of its own (the scaling launches).", ""]
+                  "them in the heap (about 7× fewer faults for this block on the 2-core machine this bench was "
+                  "written on); PyTorch, loaded in the same process, frees large blocks too, which raises glibc's "
+                  "dynamic threshold and can make minitp faster here than in a process of its own (the scaling "
+                  "launches).", ""]
     if "minitp_gpt" in r:
         g = r["gpt_shape"]
         lines += [f"## A small GPT training step: vocab={g['vocab']}, s={g['s']}, b={g['b']}, h={g['h']}, "

@@ -224,7 +224,8 @@ def test_parallel_recomputed_block_equals_serial_plain_block(recompute, sequence
     sharded_y.backward(cut(upstream))
     grads = gather_serial_grads(sharded)
 
-    errors = {"output": max_error(sharded_y, cut(expected[0])), "input grad": max_error(sharded_x.grad, cut(expected[1]))}
+    errors = {"output": max_error(sharded_y, cut(expected[0])),
+              "input grad": max_error(sharded_x.grad, cut(expected[1]))}
     errors.update({f"{name} grad": max_error(grads[name], grad) for name, grad in expected[2].items()})
     name = max(errors, key=errors.get)
     parallel_assert(errors[name] <= TIGHT, f"t={t}: largest error {errors[name]:.2e} in {name}")
