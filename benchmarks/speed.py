@@ -84,12 +84,13 @@ def big_square_gemm(xp, dtype, size):
 
 # -- minitp ---------------------------------------------------------------------------------------
 
-def minitp_block_step(shape, dtype, dropout):
+def minitp_block_step(shape, dtype, dropout, recompute=None):
     """A function running one forward + backward of a minitp block, and the block (for its weights)."""
     from minitp import backend
     from minitp.autograd import Tensor
     from minitp.nn import TransformerBlock
-    block = TransformerBlock(shape["h"], shape["a"], dropout=dropout, attention_dropout=dropout, dtype=dtype, seed=1)
+    block = TransformerBlock(shape["h"], shape["a"], dropout=dropout, attention_dropout=dropout, dtype=dtype, seed=1,
+                             recompute=recompute)
     rng = numpy.random.default_rng(0)
     x = backend.from_host(rng.standard_normal((shape["s"], shape["b"], shape["h"])).astype(dtype))
     upstream = backend.from_host(rng.standard_normal(x.shape).astype(dtype))
@@ -264,7 +265,9 @@ def serial(args):
     step, block, x = minitp_block_step(shape, dtype, 0.0)
     steps = {"minitp": step, "gemm_replay": replay_gemms(xp, gemms, dtype),
              "big_square_gemm": big_square_gemm(xp, dtype, result["gemm_size"]),
-             "minitp_dropout": minitp_block_step(shape, dtype, DROPOUT)[0]}
+             "minitp_dropout": minitp_block_step(shape, dtype, DROPOUT)[0],
+             "minitp_selective": minitp_block_step(shape, dtype, 0.0, "selective")[0],
+             "minitp_full": minitp_block_step(shape, dtype, 0.0, "full")[0]}
     torch = None if args.device == "gpu" else import_torch(args, result)
     if torch is not None:
         torch_step, torch_forward = torch_block_step(torch, block, x, shape["a"], 0.0)
@@ -449,6 +452,10 @@ def render(serial_result, scaling, bandwidth, out, command):
     row("minitp", r["minitp"])
     row("its GEMMs alone (numpy, same shapes)", r["gemm_replay"], "what BLAS needs, whatever the engine does")
     row(f"minitp, dropout {DROPOUT}", r["minitp_dropout"], "masks from minitp.rng's counter-based hash")
+    row("minitp, selective recomputation", r["minitp_selective"],
+        f"{100 * (r['minitp_selective'] / r['minitp'] - 1):+.0f}%: the attention core runs twice")
+    row("minitp, full recomputation", r["minitp_full"],
+        f"{100 * (r['minitp_full'] / r['minitp'] - 1):+.0f}%: the whole forward runs twice")
     if torch_time:
         row(f"PyTorch {r['torch_version']} CPU, the same ops", r["torch"],
             f"max |difference| of outputs {r['torch_max_difference']:.1e}")
