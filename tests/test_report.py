@@ -72,5 +72,6 @@ def test_verdict_is_the_same_on_every_rank(capsys):
 
 
 def test_indent_and_ranks():
-    assert report.indent("op  bytes\nall_reduce  96\n") == report.INDENT + "op  bytes\n" + report.INDENT + "all_reduce  96"
+    table = "op  bytes\nall_reduce  96\n"
+    assert report.indent(table) == report.INDENT + "op  bytes\n" + report.INDENT + "all_reduce  96"
     assert [report.ranks(n) for n in (1, 2, 4)] == ["1 rank", "2 ranks", "4 ranks"]

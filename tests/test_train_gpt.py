@@ -1,19 +1,16 @@
 """tutorials/train_gpt.py: its --check holds on every mesh (in process, fast), and its command line trains,
 saves, resumes on another mesh and refuses a mesh that does not fit the ranks (as a learner runs it)."""
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 from minitp import dist
+from tutorial_runner import TUTORIALS, launch, needs_mpiexec
 
 WORLD = MPI.COMM_WORLD
-TUTORIAL = Path(__file__).resolve().parent.parent / "tutorials" / "train_gpt.py"
+TUTORIAL = TUTORIALS / "train_gpt.py"
 
 
 def tutorial():
@@ -40,37 +37,29 @@ def test_check_mode_losses_equal_the_serial_run(sequence_parallel, tie_embedding
         parallel_assert(len(set(result.serial)) == 10, "the losses move: the check compares something")
 
 
-def launch(ranks, *args, timeout=90):
-    """Run the tutorial as a learner does, in a fresh launch outside this test's MPI job."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("PMI_", "OMPI_", "MPI_", "HYDRA_", "_PYTEST_MPI"))}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MINITP_DEVICE="cpu")
-    command = [sys.executable, str(TUTORIAL), *args]
-    if ranks > 1:
-        command = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)] + command
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-
-
+# The command line, run as a learner does (tutorial_runner.launch): a fresh launch outside this test's MPI job.
 SMALL = ["--seq", "16", "--hidden", "16", "--layers", "1", "--log-every", "1", "--sample", "20"]
 
 
+@needs_mpiexec
 def test_command_line_trains_saves_and_resumes_on_another_mesh(tmp_path):
     # a text of our own: the repository's tutorials may change between the two launches
     text = tmp_path / "text.txt"
     text.write_text(TUTORIAL.read_text(encoding="utf-8"), encoding="utf-8")
     saved = tmp_path / "gpt.npz"
-    first = launch(1, *SMALL, "--text", str(text), "--steps", "3", "--save", str(saved))
+    first = launch("train_gpt.py", *SMALL, "--text", str(text), "--steps", "3", "--save", str(saved), timeout=90)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "step    3/3" in first.stdout and "tokens/s" in first.stdout and "sample:" in first.stdout, first.stdout
-    resumed = launch(2, *SMALL, "--text", str(text), "--tp", "2", "--sequence-parallel", "--steps", "5",
-                     "--load", str(saved))
+    resumed = launch("train_gpt.py", *SMALL, "--text", str(text), "--tp", "2", "--sequence-parallel", "--steps", "5",
+                     "--load", str(saved), ranks=2, timeout=90)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout and "step    5/5" in resumed.stdout, resumed.stdout
     assert "step    3/5" not in resumed.stdout, "steps 1..3 are not trained again"
 
 
+@needs_mpiexec
 def test_a_mesh_that_does_not_fit_the_ranks_is_a_clear_error():
-    run = launch(2, *SMALL, "--tp", "2", "--dp", "2", "--steps", "1")
+    run = launch("train_gpt.py", *SMALL, "--tp", "2", "--dp", "2", "--steps", "1", ranks=2, timeout=90)
     assert run.returncode != 0
     assert "error: dp_size × tp_size must equal the number of ranks: 2 × 2 ≠ 2" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr

@@ -6,47 +6,18 @@ concatenations they should, that all-gather(reduce-scatter(x)) equals all-reduce
 ring bytes, and that the gradients through f, f̄, g and ḡ equal the serial computation's within 1e-12
 (it exits 1 otherwise, on every rank). These tests launch it as a learner does, in fresh processes
 outside any MPI job this test may itself be running in, and check the numbers it prints against the
-formulas, not against recorded output.
+formulas, not against recorded output (tutorial_runner.py launches it and reads the verdict).
 """
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-TUTORIAL = ROOT / "tutorials" / "collectives.py"
-VENV_MPIEXEC = Path(sys.executable).parent / "mpiexec"  # the PyPI MPI's launcher, beside the venv's python
-MPIEXEC = str(VENV_MPIEXEC) if VENV_MPIEXEC.exists() else shutil.which("mpiexec")  # or a system MPI's
+from tutorial_runner import assert_verdict, launch, needs_mpiexec, rank_lines
+
 VERDICT = "check: all-reduce == all-gather(reduce-scatter); f, f̄, g, ḡ gradients == serial"
 # the per-rank listings, in order: x, all-reduce, all-gather, reduce-scatter, all-gather(reduce-scatter),
 # f/f̄ vs serial, g/ḡ shapes, g/ḡ vs serial
 LISTINGS = 8
-
-
-def run(command, device="cpu"):
-    """The completed process of ``command`` (60 s at most), in a clean environment."""
-    # Drop the variables of an MPI job we may be running inside (mpiexec -n N python -m pytest), so that
-    # an inner mpiexec starts a job of its own, and a plain python starts as a singleton, instead of
-    # joining ours.
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA_", "_PYTEST_MPI"))}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MINITP_DEVICE=device)
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-
-
-def assert_verdict(completed, ranks):
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    lines = completed.stdout.strip().splitlines()
-    # The verdict is the last line, printed once (by rank 0 only), for this many ranks.
-    assert lines and lines[-1].startswith(VERDICT), completed.stdout + completed.stderr
-    assert completed.stdout.count(VERDICT) == 1, completed.stdout
-    assert lines[-1].endswith(f"on {ranks} rank{'s' * (ranks > 1)}"), lines[-1]
-    error = float(re.search(r"max error ([0-9.e+-]+)", lines[-1]).group(1))
-    assert error <= 1e-12, lines[-1]
 
 
 def numbers(text):
@@ -54,14 +25,14 @@ def numbers(text):
     return [float(v) for v in text.strip("[]").replace("|", " ").split()]
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: neither the venv's (make venv) nor one on PATH")
+@needs_mpiexec
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_collectives_tutorial_under_mpiexec(ranks, device):
-    completed = run([MPIEXEC, "-n", str(ranks), sys.executable, str(TUTORIAL)], device)
-    assert_verdict(completed, ranks)
+    completed = launch("collectives.py", ranks=ranks, device=device)
+    assert_verdict(completed, VERDICT, ranks)
     out = completed.stdout
     # every per-rank listing names every rank once, in rank order
-    assert [int(r) for r in re.findall(r"^   rank (\d+): ", out, re.M)] == list(range(ranks)) * LISTINGS
+    assert rank_lines(out) == list(range(ranks)) * LISTINGS
 
     # What the learner reads is right: rank r's x is 10r + (0 .. 2n-1); the all-reduce is the sum over
     # the ranks, the all-gather their concatenation in rank order, and rank r's reduce-scatter block r.
@@ -94,4 +65,4 @@ def test_collectives_tutorial_under_mpiexec(ranks, device):
 
 def test_collectives_tutorial_as_a_plain_script():
     # `python tutorials/collectives.py` with no launcher: MPI starts a singleton, one rank.
-    assert_verdict(run([sys.executable, str(TUTORIAL)]), 1)
+    assert_verdict(launch("collectives.py"), VERDICT, 1)

@@ -12,60 +12,35 @@ Each tutorial ends with a one-line verdict, printed only when every rank agrees 
   forward, 2 re-gathers backward.
 
 These tests launch them as a learner does, ``mpiexec -n N python tutorials/...``, in fresh processes
-outside any MPI job this test may itself be running in.
+outside any MPI job this test may itself be running in (tutorial_runner.py).
 """
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_MPIEXEC = Path(sys.executable).parent / "mpiexec"  # the PyPI MPI's launcher, beside the venv's python
-MPIEXEC = str(VENV_MPIEXEC) if VENV_MPIEXEC.exists() else shutil.which("mpiexec")  # or a system MPI's
+from tutorial_runner import assert_stops_before_any_collective, assert_verdict, launch, needs_mpiexec, rank_lines
 
 VERDICTS = {
     "sequence_parallel.py": "check: sequence-parallel LayerNorm and dropout == serial",
     "transformer.py": "check: TP+SP block == serial TransformerBlock",
 }
 
-needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: neither the venv's (make venv) nor one on PATH")
-
-
-def launch(tutorial, ranks, device="cpu"):
-    """``mpiexec -n ranks python tutorials/<tutorial>``: the completed process (60 s at most)."""
-    # Drop the variables of an MPI job we may be running inside (mpiexec -n N python -m pytest), so that
-    # the inner mpiexec starts a job of its own instead of joining ours.
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA_", "_PYTEST_MPI"))}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MINITP_DEVICE=device)
-    command = [MPIEXEC, "-n", str(ranks), sys.executable, str(ROOT / "tutorials" / tutorial)]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-
 
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 @pytest.mark.parametrize("tutorial", sorted(VERDICTS))
 def test_tutorial_proves_its_claims(tutorial, ranks, device):
-    run = launch(tutorial, ranks, device)
-    assert run.returncode == 0, run.stdout + run.stderr
-    lines = run.stdout.strip().splitlines()
-    # The verdict is the last line, printed once (by rank 0 only), for this many ranks.
-    assert lines and lines[-1].startswith(VERDICTS[tutorial]), run.stdout + run.stderr
-    assert run.stdout.count(VERDICTS[tutorial]) == 1, run.stdout
-    assert lines[-1].endswith(f"on {ranks} rank{'s' * (ranks > 1)}"), lines[-1]
-    # and the error it reports is rounding error, as the tutorial claims
-    error = float(re.search(r"max error ([0-9.e+-]+)", lines[-1]).group(1))
-    assert error <= 1e-12, lines[-1]
+    run = launch(tutorial, ranks=ranks, device=device)
+    # the verdict is the last line, printed once, for this many ranks, and the error it reports is
+    # rounding error, as the tutorial claims
+    assert_verdict(run, VERDICTS[tutorial], ranks)
     if tutorial == "sequence_parallel.py":
         # five per-rank listings (LayerNorm, layouts, dropout masks, the forgotten sum, the check), each
         # naming every rank once, in rank order
-        assert [int(r) for r in re.findall(r"^   rank (\d+): ", run.stdout, re.M)] == list(range(ranks)) * 5
+        assert rank_lines(run.stdout) == list(range(ranks)) * 5
     else:
         # two tables with one column per rank (the weights, the stages), headed rank 0 .. rank N-1
+        lines = run.stdout.strip().splitlines()
         headers = [line.split() for line in lines if re.match(r"^   (parameter|stage) ", line)]
         assert len(headers) == 2, run.stdout
         for header in headers:
@@ -77,7 +52,4 @@ def test_tutorial_proves_its_claims(tutorial, ranks, device):
 def test_tutorial_says_when_sizes_do_not_divide(tutorial):
     # seq = 12 does not divide over 5 ranks: every rank must stop before any collective (no hang: the
     # 60 s timeout would fail the test) and rank 0 must say why, once.
-    run = launch(tutorial, 5)
-    assert run.returncode != 0, run.stdout + run.stderr
-    assert run.stdout.count("is not divisible by 5") == 1, run.stdout + run.stderr
-    assert "check:" not in run.stdout, run.stdout
+    assert_stops_before_any_collective(launch(tutorial, ranks=5), 5)

@@ -3,20 +3,11 @@
 Each tutorial ends with a one-line verdict, printed only when the sharded module's output and every
 gradient equal the serial module's within 1e-12 and the collective count is as designed (it exits 1
 otherwise, on every rank). These tests launch them as a learner does, ``mpiexec -n N python tutorials/...``,
-in fresh processes outside any MPI job this test may itself be running in.
+in fresh processes outside any MPI job this test may itself be running in (tutorial_runner.py).
 """
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_MPIEXEC = Path(sys.executable).parent / "mpiexec"  # the PyPI MPI's launcher, beside the venv's python
-MPIEXEC = str(VENV_MPIEXEC) if VENV_MPIEXEC.exists() else shutil.which("mpiexec")  # or a system MPI's
+from tutorial_runner import assert_stops_before_any_collective, assert_verdict, launch, needs_mpiexec, rank_lines
 
 VERDICTS = {
     "mlp.py": "check: sharded MLP == serial MLP",
@@ -24,41 +15,21 @@ VERDICTS = {
 }
 
 
-def launch(tutorial, ranks, device="cpu"):
-    """``mpiexec -n ranks python tutorials/<tutorial>``: the completed process (60 s at most)."""
-    # Drop the variables of an MPI job we may be running inside (mpiexec -n N python -m pytest), so that
-    # the inner mpiexec starts a job of its own instead of joining ours.
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA_", "_PYTEST_MPI"))}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MINITP_DEVICE=device)
-    command = [MPIEXEC, "-n", str(ranks), sys.executable, str(ROOT / "tutorials" / tutorial)]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-
-
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: neither the venv's (make venv) nor one on PATH")
+@needs_mpiexec
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 @pytest.mark.parametrize("tutorial", sorted(VERDICTS))
 def test_tutorial_proves_sharded_equals_serial(tutorial, ranks, device):
-    run = launch(tutorial, ranks, device)
-    assert run.returncode == 0, run.stdout + run.stderr
-    lines = run.stdout.strip().splitlines()
-    # The verdict is the last line, printed once (by rank 0 only), for this many ranks.
-    assert lines and lines[-1].startswith(VERDICTS[tutorial]), run.stdout + run.stderr
-    assert run.stdout.count(VERDICTS[tutorial]) == 1, run.stdout
-    assert lines[-1].endswith(f"on {ranks} rank{'s' * (ranks > 1)}"), lines[-1]
-    # and the error it reports is rounding error, as the tutorial claims
-    error = float(re.search(r"max error ([0-9.e+-]+)", lines[-1]).group(1))
-    assert error <= 1e-12, lines[-1]
+    run = launch(tutorial, ranks=ranks, device=device)
+    # the verdict is the last line, printed once, for this many ranks, and the error it reports is
+    # rounding error, as the tutorial claims
+    assert_verdict(run, VERDICTS[tutorial], ranks)
     # each per-rank listing (2 in mlp.py, 3 in attention.py) names every rank once, in rank order
     listings = {"mlp.py": 2, "attention.py": 3}[tutorial]
-    assert [int(r) for r in re.findall(r"^   rank (\d+): ", run.stdout, re.M)] == list(range(ranks)) * listings
+    assert rank_lines(run.stdout) == list(range(ranks)) * listings
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: neither the venv's (make venv) nor one on PATH")
+@needs_mpiexec
 def test_tutorial_says_when_sizes_do_not_divide():
     # hidden = 12 and ffn = 48 do not divide over 5 ranks: every rank must stop before any collective
     # (no hang: the 60 s timeout would fail the test) and rank 0 must say why, once.
-    run = launch("mlp.py", 5)
-    assert run.returncode != 0, run.stdout + run.stderr
-    assert run.stdout.count("is not divisible by 5") == 1, run.stdout + run.stderr
-    assert "check:" not in run.stdout, run.stdout
+    assert_stops_before_any_collective(launch("mlp.py", ranks=5), 5)
