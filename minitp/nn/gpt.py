@@ -91,26 +91,41 @@ class GPT(Module):
         host). Runs in eval mode (no dropout) without recording a graph; the mode is restored after.
         Only the last ``seq_len`` tokens are fed to the model: its positions stop there.
         """
-        ids = ids.data if isinstance(ids, Tensor) else ids
-        tokens = numpy.asarray(backend.to_host(ids))
-        if tokens.ndim != 2:
-            raise ValueError(f"generate takes ids of shape (s, b), got {tokens.shape}")
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                for _ in range(steps):
-                    context = backend.from_host(tokens[-self.seq_len:])
-                    # the last position's logits, (b, v), in float64 on the host
-                    logits = backend.to_host(self(context).data[-1]).astype(numpy.float64)
-                    if rng is None or temperature == 0:
-                        following = logits.argmax(axis=-1)
-                    else:
-                        scaled = logits / temperature
-                        probs = numpy.exp(scaled - scaled.max(axis=-1, keepdims=True))
-                        probs /= probs.sum(axis=-1, keepdims=True)
-                        following = numpy.array([rng.choice(self.vocab, p=row) for row in probs])
-                    tokens = numpy.concatenate([tokens, following[None, :].astype(tokens.dtype)])
-        finally:
-            self.train(was_training)
-        return backend.array_module(ids).asarray(tokens)
+        return generate_tokens(self, ids, steps, temperature, rng)
+
+    def _next_logits(self, tokens):
+        """The logits of the token after ``tokens`` (s, b), host ids: (b, vocab), float64 on the host."""
+        context = backend.from_host(tokens[-self.seq_len:])
+        return backend.to_host(self(context).data[-1]).astype(numpy.float64)
+
+
+def generate_tokens(model, ids, steps, temperature=1.0, rng=None):
+    """The sampling loop of ``GPT.generate`` and ``ParallelGPT.generate``: extend ``ids`` (s, b) by
+    ``steps`` tokens, each the argmax of the next token's logits or (with ``rng`` and a non-zero
+    ``temperature``) drawn from softmax(logits / temperature).
+
+    ``model._next_logits(tokens)`` is all that differs between the models: every token so far, (s, b)
+    on the host, -> the logits of the next one, (b, vocab) float64 on the host. The tokens live on the
+    host, where ``rng`` draws; the result goes back to ``ids``'s host/device.
+    """
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    tokens = numpy.asarray(backend.to_host(ids))
+    if tokens.ndim != 2:
+        raise ValueError(f"generate takes ids of shape (s, b), got {tokens.shape}")
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            for _ in range(steps):
+                logits = model._next_logits(tokens)
+                if rng is None or temperature == 0:
+                    following = logits.argmax(axis=-1)
+                else:
+                    scaled = logits / temperature
+                    probs = numpy.exp(scaled - scaled.max(axis=-1, keepdims=True))
+                    probs /= probs.sum(axis=-1, keepdims=True)
+                    following = numpy.array([rng.choice(model.vocab, p=row) for row in probs])
+                tokens = numpy.concatenate([tokens, following[None, :].astype(tokens.dtype)])
+    finally:
+        model.train(was_training)
+    return backend.array_module(ids).asarray(tokens)

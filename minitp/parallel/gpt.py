@@ -28,8 +28,8 @@ import numpy
 
 from minitp import backend, dist
 from minitp import functional as F
-from minitp.autograd import Tensor, no_grad
-from minitp.nn.gpt import GPT
+from minitp.autograd import Tensor
+from minitp.nn.gpt import GPT, generate_tokens
 from minitp.nn.init import derive_seed
 from minitp.nn.layers import Dropout, Embedding, LayerNorm
 from minitp.nn.module import Module, ModuleList
@@ -174,36 +174,20 @@ class ParallelGPT(Module):
         mask keeps the padding invisible to the real tokens, so the last real position's logits are
         unchanged. The context is the last ``seq_len`` tokens (under SP, the last multiple of t of them).
         """
-        ids = ids.data if isinstance(ids, Tensor) else ids
-        tokens = numpy.asarray(backend.to_host(ids))
-        if tokens.ndim != 2:
-            raise ValueError(f"generate takes ids of shape (s, b), got {tokens.shape}")
+        return generate_tokens(self, ids, steps, temperature, rng)
+
+    def _next_logits(self, tokens):
+        """The logits of the token after ``tokens`` (s, b), host ids: (b, V) gathered from every rank's
+        V/t columns, float64 on the host."""
         t = self.group.size if self.sequence_parallel else 1
-        window = self.seq_len // t * t
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                for _ in range(steps):
-                    context = tokens[-window:]
-                    real = len(context)
-                    padded = math.ceil(real / t) * t
-                    context = numpy.concatenate([context, numpy.zeros((padded - real,) + context.shape[1:],
-                                                                      dtype=context.dtype)])
-                    shard = self(backend.from_host(context)).data[real - 1]  # (b, V/t), the last real position
-                    logits = dist.all_gather(shard, self.group, axis=-1, tag="generate: logits")  # (b, V)
-                    logits = backend.to_host(logits).astype(numpy.float64)
-                    if rng is None or temperature == 0:
-                        following = logits.argmax(axis=-1)
-                    else:
-                        scaled = logits / temperature
-                        probs = numpy.exp(scaled - scaled.max(axis=-1, keepdims=True))
-                        probs /= probs.sum(axis=-1, keepdims=True)
-                        following = numpy.array([rng.choice(self.vocab, p=row) for row in probs])
-                    tokens = numpy.concatenate([tokens, following[None, :].astype(tokens.dtype)])
-        finally:
-            self.train(was_training)
-        return backend.array_module(ids).asarray(tokens)
+        context = tokens[-(self.seq_len // t * t):]  # the last seq_len tokens; under SP, a multiple of t of them
+        real = len(context)
+        # under SP, padded on the right to a multiple of t: the causal mask hides the padding from the real tokens
+        padding = numpy.zeros((math.ceil(real / t) * t - real,) + context.shape[1:], dtype=context.dtype)
+        context = numpy.concatenate([context, padding])
+        shard = self(backend.from_host(context)).data[real - 1]  # (b, V/t), the last real position
+        logits = dist.all_gather(shard, self.group, axis=-1, tag="generate: logits")  # (b, V)
+        return backend.to_host(logits).astype(numpy.float64)
 
     def extra_repr(self):
         return (f"vocab={self.vocab}, seq_len={self.seq_len}, hidden={self.hidden}, heads={self.heads}, "
