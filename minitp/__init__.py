@@ -6,8 +6,10 @@ Layers, bottom to top (imports point down only):
     functional  every differentiable op
     nn          Module, Parameter, the serial layers, optimizers
     dist        MPI: the process mesh, buffer collectives, the collective log
+    report      a program on many ranks talking to a person: print once, rank by rank, one verdict
     parallel    the paper's operators (f, f-bar, g, g-bar) and the sharded layers
     testing     gradient checks and error measures
+    checkpoint  one full npz from any mesh, loaded into any other
 """
 from minitp.autograd import Function, Tensor, no_grad, track_saved
 
