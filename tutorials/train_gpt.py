@@ -180,15 +180,19 @@ def run(args, training):
         say(f"resumed from {args.load} at step {first_step}")
 
     tokens_per_step = args.seq * args.batch
-    window = {"seconds": 0.0, "steps": 0}
+    window = {"seconds": 0.0, "steps": 0, "loss": 0.0}
 
     def report(step, loss, norm, seconds):
         window["seconds"] += seconds
         window["steps"] += 1
+        window["loss"] += loss
         if (step + 1) % args.log_every == 0 or step == first_step or step + 1 == args.steps:
+            # one batch's loss is noisy: print the mean since the last line
             speed = window["steps"] * tokens_per_step / window["seconds"]
-            say(f"step {step + 1:4d}/{args.steps}  loss {loss:.4f}  grad norm {norm:6.3f}  {speed:8,.0f} tokens/s")
-            window.update(seconds=0.0, steps=0)
+            mean = window["loss"] / window["steps"]
+            say(f"step {step + 1:4d}/{args.steps}  loss {mean:.4f} (mean of {window['steps']:3d})  "
+                f"grad norm {norm:6.3f}  {speed:8,.0f} tokens/s")
+            window.update(seconds=0.0, steps=0, loss=0.0)
         if args.save and args.save_every and (step + 1) % args.save_every == 0:
             checkpoint.save(args.save, model, optimizer, mesh, step=step + 1)
 
@@ -276,8 +280,8 @@ def parse(argv=None):
     parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: ranks / tp)")
     parser.add_argument("--sequence-parallel", action="store_true", help="split LayerNorm and dropout by sequence")
     parser.add_argument("--text", metavar="FILE", help="train on this file (default: README.md + tutorials/*.py)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=8, help="global batch (split over dp)")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=16, help="global batch (split over dp)")
     parser.add_argument("--seq", type=int, default=64, help="context length")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
@@ -289,7 +293,7 @@ def parse(argv=None):
     parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--sample", type=int, default=200, help="characters to generate at the end (0: none)")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--save", metavar="PATH", help="write a checkpoint here at the end")
