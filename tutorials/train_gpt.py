@@ -200,8 +200,10 @@ def run(args, training):
     losses = train(model, optimizer, data, args, mesh, first_step, report)
     elapsed = time.perf_counter() - started
     if losses:
-        say(f"trained steps {first_step + 1}..{args.steps} in {elapsed:.1f} s: loss {losses[0]:.4f} -> "
-            f"{losses[-1]:.4f}, {len(losses) * tokens_per_step / elapsed:,.0f} tokens/s overall")
+        last = losses[-args.log_every:]
+        say(f"trained steps {first_step + 1}..{args.steps} in {elapsed:.1f} s: loss {losses[0]:.4f} (first step) -> "
+            f"{sum(last) / len(last):.4f} (mean of the last {len(last)}), "
+            f"{len(losses) * tokens_per_step / elapsed:,.0f} tokens/s overall")
     if args.save:
         checkpoint.save(args.save, model, optimizer, mesh, step=args.steps)
         say(f"saved {args.save} (one file, serial parameter names: load it on any mesh)")
