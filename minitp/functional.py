@@ -307,7 +307,6 @@ class Max(Function):
 
     def forward(self, x, axis=None, keepdims=False):
         self.axes = _axes(axis, x.ndim)
-        xp = backend.array_module(x)
         kept = x.max(axis=self.axes, keepdims=True)
         if self.needs_input_grad[0]:
             winners = x == kept

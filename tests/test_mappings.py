@@ -148,7 +148,7 @@ def test_g_bar_is_reduce_scatter_forward_and_all_gather_backward(block):
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_float32_stays_float32_through_every_operator():
-    n, rank = WORLD.size, WORLD.rank
+    n = WORLD.size
     x = Tensor(rank_array(0, (2 * n, 1, 3 * n)).astype(numpy.float32), requires_grad=True)
     y = mappings.copy_to_tensor_parallel_region(x, world())
     y = mappings.reduce_from_tensor_parallel_region(y, world())

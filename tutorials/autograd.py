@@ -43,7 +43,7 @@ print(f"1. y = sum(x*x) = {y.item():.1f}; dy/dx = {backend.to_host(x.grad)} (exp
 seq, batch, hidden, ffn_hidden = 8, 4, 16, 64
 teacher = nn.MLP(hidden, ffn_hidden, seed=1)
 student = nn.MLP(hidden, ffn_hidden, seed=2)
-print(f"2. the student's parameters: "
+print("2. the student's parameters: "
       + ", ".join(f"{name} {p.shape}" for name, p in student.named_parameters()))
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ rank holds all of it). That is all it takes to go both ways:
 - ``gather_serial_state(module)``: all-gather the blocks back into full arrays, on every rank;
 - ``gather_serial_grads(module)``: the same for the gradients, to compare them with the serial ones.
 """
-from minitp import backend, dist
+from minitp import dist
 
 
 def split_axis(parameter):
@@ -58,7 +58,3 @@ def gather_serial_grads(module, group=None):
     """{serial name: full gradient} of the sharded ``module``, on every rank (``None`` where no gradient)."""
     return _gather(lambda p: p.grad, module, group)
 
-
-def to_host(arrays):
-    """{name: numpy array} (for saving, or comparing with a serial run)."""
-    return {name: None if a is None else backend.to_host(a) for name, a in arrays.items()}
