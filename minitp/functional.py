@@ -788,9 +788,7 @@ class CrossEntropy(Function):
         if self.needs_input_grad[0]:
             exps /= sum_exps  # now the softmax
             self.save_for_backward(exps, targets)
-        if reduction == "none":
-            return losses
-        return losses.sum() if reduction == "sum" else losses.mean()
+        return reduce_loss(losses, reduction)
 
     def backward(self, grad):
         probs, targets = self.saved
@@ -800,11 +798,24 @@ class CrossEntropy(Function):
         # drops saved arrays after backward, so this saves a logits-sized allocation.
         grad_logits = probs.reshape(-1, vocab)
         grad_logits[xp.arange(grad_logits.shape[0]), targets.reshape(-1)] -= 1
-        grad_logits = grad_logits.reshape(probs.shape)
-        if self.reduction == "none":
-            return grad_logits * grad[..., None]
-        scale = grad / targets.size if self.reduction == "mean" else grad
-        return grad_logits * scale
+        return reduce_loss_backward(grad_logits.reshape(probs.shape), grad, self.reduction)
+
+
+def reduce_loss(losses, reduction):
+    """Per-token ``losses`` (...) -> their "mean", their "sum", or themselves ("none")."""
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.mean()
+
+
+def reduce_loss_backward(grad_logits, grad, reduction):
+    """The backward of ``reduce_loss`` applied to per-token logit gradients (..., v): each token's row
+    times its own upstream gradient ("none"), the one upstream gradient ("sum"), or that over the
+    number of tokens ("mean")."""
+    if reduction == "none":
+        return grad_logits * grad[..., None]
+    tokens = grad_logits.size // grad_logits.shape[-1]
+    return grad_logits * (grad / tokens if reduction == "mean" else grad)
 
 
 def cross_entropy(logits, targets, reduction="mean"):

@@ -85,9 +85,7 @@ class VocabParallelCrossEntropy(Function):
         if self.needs_input_grad[0]:
             exps /= sum_exps.reshape(column)  # now this rank's columns of the softmax
             self.save_for_backward(exps, targets)
-        if reduction == "none":
-            return losses
-        return losses.sum() if reduction == "sum" else losses.mean()
+        return F.reduce_loss(losses, reduction)
 
     def backward(self, grad):
         probs, targets = self.saved
@@ -99,11 +97,7 @@ class VocabParallelCrossEntropy(Function):
         inside = ~outside.reshape(-1)
         grad_logits = probs.reshape(-1, vocab_per_rank)
         grad_logits[xp.arange(grad_logits.shape[0])[inside], local.reshape(-1)[inside]] -= 1
-        grad_logits = grad_logits.reshape(probs.shape)
-        if self.reduction == "none":
-            return grad_logits * grad[..., None]
-        scale = grad / targets.size if self.reduction == "mean" else grad
-        return grad_logits * scale
+        return F.reduce_loss_backward(grad_logits.reshape(probs.shape), grad, self.reduction)
 
 
 def vocab_parallel_cross_entropy(logits_shard, targets, group=None, reduction="mean", tag="cross-entropy"):
