@@ -11,8 +11,9 @@ from minitp.nn.layers import GELU, Dropout, Embedding, LayerNorm, Linear
 from minitp.nn.mlp import MLP
 from minitp.nn.module import Module, ModuleList, Parameter
 from minitp.nn.optim import SGD, AdamW, Optimizer
+from minitp.nn.recompute import checkpoint
 from minitp.nn.transformer import TransformerBlock
 
 __all__ = ["AdamW", "Dropout", "Embedding", "GELU", "GPT", "LayerNorm", "Linear", "MLP", "Module", "ModuleList",
            "MultiHeadAttention", "Optimizer", "Parameter", "SGD", "TransformerBlock", "attention_core",
-           "derive_seed"]
+           "checkpoint", "derive_seed"]
