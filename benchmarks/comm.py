@@ -14,7 +14,6 @@ The facts to reproduce (S = sbh·e bytes, one s×b×h activation; ring collectiv
 Run: ``python benchmarks/comm.py`` (launches ``mpiexec -n 4`` itself; ``--quick`` for a smoke run).
 Writes ``benchmarks/results/comm.md``.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -131,7 +130,7 @@ def total(entries):
     return sum(r["ring"] for r in entries)
 
 
-def render(data):
+def render(data, directory=None):  # directory: where plots would go; comm.md has none
     s, b, h, a = data["shape"]
     vocab = data["vocab"]
     S = s * b * h * E
@@ -202,22 +201,7 @@ def render(data):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 ranks: a smoke test in seconds")
-    parser.add_argument("--ranks", type=int, help="world size of the worker launch (default: the largest t)")
-    parser.add_argument("--tp", type=int, nargs="+", help="tensor-parallel sizes (default 1 2 4; 1 2 with --quick)")
-    parser.add_argument("--out", help="directory for comm.md (default benchmarks/results)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.tp = args.tp or ([1, 2] if args.quick else [1, 2, 4])
-    if args.worker:
-        worker(args)
-        return
-    extra = ["--quick"] if args.quick else []
-    data = harness.launch(__file__, args.ranks or max(args.tp), extra + ["--tp", *args.tp], env=harness.ONE_THREAD)
-    text = render(data)
-    harness.write(harness.output_dir(args.out), "comm.md", text)
-    print(text)
+    harness.main_for_exact_counts(__file__, __doc__.split("\n")[0], worker, render, "comm.md")
 
 
 if __name__ == "__main__":

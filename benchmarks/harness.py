@@ -6,6 +6,7 @@ the numbers the workers print, and writes ``benchmarks/results/<name>.md`` and i
 measure and print one JSON line (rank 0). So a reader can run any worker by hand, and the driver alone
 needs matplotlib.
 """
+import argparse
 import datetime
 import json
 import os
@@ -171,3 +172,29 @@ def human_bytes(value):
         if abs(value) < 1024 or unit == "GiB":
             return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.2f} {unit}"
         value /= 1024
+
+
+def main_for_exact_counts(script, description, worker, render, report):
+    """The command line shared by the benches that count bytes (memory.py, comm.py): parse the options,
+    and either be one of the MPI workers (``--worker``) or launch them at the largest t, render what
+    they measured into ``report`` (``render(data, directory)``) and print it.
+
+    Counts, not timings: the workers run with one BLAS thread and the numbers are the same on any machine.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 ranks: a smoke test in seconds")
+    parser.add_argument("--ranks", type=int, help="world size of the worker launch (default: the largest t)")
+    parser.add_argument("--tp", type=int, nargs="+", help="tensor-parallel sizes (default 1 2 4; 1 2 with --quick)")
+    parser.add_argument("--out", help=f"directory for {report} (default benchmarks/results)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.tp = args.tp or ([1, 2] if args.quick else [1, 2, 4])
+    if args.worker:
+        worker(args)
+        return
+    extra = ["--quick"] if args.quick else []
+    data = launch(script, args.ranks or max(args.tp), extra + ["--tp", *args.tp], env=ONE_THREAD)
+    directory = output_dir(args.out)
+    text = render(data, directory)
+    write(directory, report, text)
+    print(text)

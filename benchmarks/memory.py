@@ -23,7 +23,6 @@ m = 1 byte per dropout mask (a bool): 34 = 16e + 2m and 5 = 2e + m at e = 2, m =
 Run: ``python benchmarks/memory.py`` (launches ``mpiexec -n 4`` itself; ``--quick`` for a tiny smoke run).
 Writes ``benchmarks/results/memory.md`` and ``memory.png``.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -194,23 +193,7 @@ def render(data, out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 ranks: a smoke test in seconds")
-    parser.add_argument("--ranks", type=int, help="world size of the worker launch (default 4; 2 with --quick)")
-    parser.add_argument("--tp", type=int, nargs="+", help="tensor-parallel sizes (default 1 2 4; 1 2 with --quick)")
-    parser.add_argument("--out", help="directory for memory.md and memory.png (default benchmarks/results)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.tp = args.tp or ([1, 2] if args.quick else [1, 2, 4])
-    if args.worker:
-        worker(args)
-        return
-    ranks = args.ranks or max(args.tp)
-    extra = ["--quick"] if args.quick else []
-    data = harness.launch(__file__, ranks, extra + ["--tp", *args.tp], env=harness.ONE_THREAD)
-    text = render(data, harness.output_dir(args.out))
-    harness.write(harness.output_dir(args.out), "memory.md", text)
-    print(text)
+    harness.main_for_exact_counts(__file__, __doc__.split("\n")[0], worker, render, "memory.md")
 
 
 if __name__ == "__main__":
