@@ -103,8 +103,8 @@ def minitp_block_step(shape, dtype, dropout, recompute=None):
 
 
 def minitp_gpt_step(shape, dtype):
-    from minitp.nn import GPT, AdamW
-    model = GPT(shape["vocab"], shape["s"], shape["h"], shape["a"], shape["layers"], dtype=dtype, seed=1)
+    from minitp.nn import GPT, AdamW, GPTConfig
+    model = GPT(GPTConfig(shape["vocab"], shape["s"], shape["h"], shape["a"], shape["layers"], dtype=dtype, seed=1))
     optimizer = AdamW(model.parameters(), lr=1e-4)
     rng = numpy.random.default_rng(0)
     ids = rng.integers(0, shape["vocab"], (shape["s"] + 1, shape["b"]))

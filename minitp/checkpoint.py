@@ -10,6 +10,7 @@ of ``.npy`` files, readable with nothing but ``numpy.load`` -- keyed by the seri
     dropout/<module name>                               each dropout's call counter (its masks go on
                                                         exactly where they stopped)
     checkpoint/step                                     the training step the caller passed
+    checkpoint/config                                   the model's GPTConfig as JSON (models that have one)
 
 ``load`` cuts the file for any mesh: a checkpoint saved at tp=4 resumes at tp=2, or serially, and takes
 exactly the steps the uninterrupted run takes.
@@ -23,6 +24,7 @@ checkpoint intact) and at load reads it, checks it against the model, and broadc
 then the arrays. Every rank so raises the same error, naming the parameter -- nobody is left waiting in
 a collective -- and no other rank needs to see rank 0's filesystem.
 """
+import json
 import os
 
 import numpy
@@ -41,12 +43,11 @@ PARAMETER_ERRORS_SHOWN = 8  # a checkpoint of another model fails on every name:
 def save(path, model, optimizer=None, mesh=None, step=0):
     """Write ``model`` (and ``optimizer``'s state) as one full checkpoint at ``path``; call on every rank.
 
-    ``mesh``: the run's mesh (``None``: the current one, or a serial model on one process). The shards
+    ``mesh``: the run's mesh (``None``: a serial model on one process). The shards
     are all-gathered over tp by the first data-parallel replica (the others hold the same values);
     world rank 0 writes. ``OSError`` on every rank if the write fails; the file at ``path`` is then
     the previous checkpoint, untouched.
     """
-    mesh = mesh if mesh is not None else dist.current_mesh()
     arrays = None
     if mesh is None or mesh.dp_rank == 0:
         arrays = _gather_everything(model, optimizer, mesh, step)
@@ -74,6 +75,9 @@ def _gather_everything(model, optimizer, mesh, step):
     for name, dropout in _dropouts(model):
         arrays[f"dropout/{name}"] = numpy.int64(dropout.counter)
     arrays["checkpoint/step"] = numpy.int64(step)
+    config = _config(model)
+    if config is not None:
+        arrays["checkpoint/config"] = numpy.array(json.dumps(config))  # a unicode array: no pickle needed
     return arrays
 
 
@@ -116,7 +120,6 @@ def load(path, model, optimizer=None, mesh=None):
     ``ValueError`` naming the culprit, a missing file ``FileNotFoundError`` -- on every rank, since
     rank 0 broadcasts its verdict before anything else. Nothing is loaded unless everything checks.
     """
-    mesh = mesh if mesh is not None else dist.current_mesh()
     world = _world(mesh)
     expected = _expected(model, optimizer, mesh)
     arrays, message = None, None
@@ -154,7 +157,8 @@ def _expected(model, optimizer, mesh):
             shape[axis] *= tp  # the serial shape: t blocks along the split axis
         shapes[name] = tuple(shape)
     optimized = [name for _, _, name in _optimizer_parameters(model, optimizer)] if optimizer is not None else []
-    return {"shapes": shapes, "optimized": set(optimized), "dropouts": [name for name, _ in _dropouts(model)]}
+    return {"shapes": shapes, "optimized": set(optimized), "dropouts": [name for name, _ in _dropouts(model)],
+            "config": _config(model)}
 
 
 def _read_and_check(path, expected, with_optimizer):
@@ -203,10 +207,11 @@ def _problems(arrays, expected, with_optimizer):
             problems.append(f"the counter of dropout {name!r} (key 'dropout/{name}') is missing")
     if "checkpoint/step" not in arrays:
         problems.append("'checkpoint/step' is missing")
+    problems += _config_problems(arrays, expected["config"])
     if with_optimizer and "optimizer/step" not in arrays:
         problems.append("the optimizer's state ('optimizer/step') is missing")
     for key in arrays:
-        if key in shapes:
+        if key in shapes or key == "checkpoint/config":
             continue
         if key in ("checkpoint/step", "optimizer/step") or key.startswith("dropout/"):
             if key.startswith("dropout/") and key[len("dropout/"):] not in dropout_names:
@@ -274,6 +279,29 @@ def _optimizer_parameters(model, optimizer):
             raise ValueError(f"the optimizer's parameter {key!r} is not a parameter of the model")
         found.append((key, parameter, names[id(parameter)]))
     return found
+
+
+def _config(model):
+    """The model's configuration as a dict (``GPTConfig.to_dict``), or None for a model without one. The
+    dtype is left out: a float32 checkpoint may be loaded into a float64 model, and back."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return {key: value for key, value in config.to_dict().items() if key != "dtype"}
+
+
+def _config_problems(arrays, expected):
+    """How the stored configuration differs from the model's, one line per field."""
+    if expected is None:
+        return []
+    if "checkpoint/config" not in arrays:
+        return ["'checkpoint/config' (the model's configuration) is missing"]
+    try:
+        stored = json.loads(str(arrays["checkpoint/config"]))
+    except ValueError:
+        return ["'checkpoint/config' is not the JSON of a model configuration"]
+    return [f"the checkpoint's model has {key}={stored.get(key)!r}, this model {key}={value!r}"
+            for key, value in expected.items() if stored.get(key) != value]
 
 
 def _dropouts(model):

@@ -71,12 +71,12 @@ def compare(serial, sharded, x, upstream, input_block=whole, output_block=whole)
     """Run ``serial`` on ``x`` and ``sharded`` on ``input_block(x)``; backward from ``upstream`` (a random
     gradient of the serial output, so every output entry matters) and its ``output_block``.
 
-    Loads the serial weights into ``sharded`` first. Returns {what: max error}: "output", "input grad",
-    and "<parameter> grad" for each serial parameter, whose sharded gradient is gathered to full shape
+    Loads the serial weights into ``sharded`` first (over ``sharded.group``, its tensor-parallel group).
+    Returns {what: max error}: "output", "input grad", and "<parameter> grad" for each serial parameter, whose sharded gradient is gathered to full shape
     (``inf`` when the sharded module lacks it or computed no gradient for it). A sharded parameter the
     serial module lacks makes ``load_serial_state`` raise.
     """
-    load_serial_state(sharded, serial.state_dict())
+    load_serial_state(sharded, serial.state_dict(), sharded.group)
     serial_x = Tensor(x.copy(), requires_grad=True)
     serial_y = serial(serial_x)
     serial_y.backward(upstream)
@@ -84,7 +84,7 @@ def compare(serial, sharded, x, upstream, input_block=whole, output_block=whole)
     sharded_x = Tensor(input_block(x), requires_grad=True)
     sharded_y = sharded(sharded_x)
     sharded_y.backward(output_block(upstream))
-    grads = gather_serial_grads(sharded)
+    grads = gather_serial_grads(sharded, sharded.group)
 
     errors = {"output": max_error(sharded_y, output_block(serial_y.data)),
               "input grad": max_error(sharded_x.grad, input_block(serial_x.grad))}

@@ -12,7 +12,7 @@ from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 from minitp import checkpoint, dist
-from minitp.nn import GPT, AdamW
+from minitp.nn import GPT, AdamW, GPTConfig
 from minitp.parallel.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
 
@@ -33,12 +33,12 @@ def train(model, optimizer, mesh, first, last):
 
 
 def parallel(mesh, sequence_parallel=False):
-    model = ParallelGPT(**CONFIG, sequence_parallel=sequence_parallel, mesh=mesh)
+    model = ParallelGPT(GPTConfig(**CONFIG), mesh, sequence_parallel=sequence_parallel)
     return model, AdamW(model.named_parameters(), lr=1e-2)
 
 
 def serial():
-    model = GPT(**CONFIG)
+    model = GPT(GPTConfig(**CONFIG))
     return model, AdamW(model.named_parameters(), lr=1e-2)
 
 

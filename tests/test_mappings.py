@@ -173,10 +173,19 @@ def test_operators_communicate_within_their_tensor_parallel_group_only():
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 4])
-def test_operators_default_to_the_tensor_parallel_group_of_init_and_prefix_tags():
-    dist.init(tp=WORLD.size)
+def test_operators_need_their_group_and_prefix_tags():
+    """No global mesh to fall back on: a call without its group is refused on every rank, before any
+    communication; with it, the tag prefixes the log's names."""
+    mesh = dist.init(tp=WORLD.size)
     with dist.log_collectives() as log:
-        y = mappings.f_bar(Tensor(numpy.ones((1, 1, 2))), tag="mlp")
+        try:
+            mappings.f_bar(Tensor(numpy.ones((1, 1, 2))), None)
+            refused = False
+        except TypeError as error:
+            refused = "group" in str(error)
+    parallel_assert(refused and len(log) == 0, "f-bar without a group was not refused before communicating")
+    with dist.log_collectives() as log:
+        y = mappings.f_bar(Tensor(numpy.ones((1, 1, 2))), mesh.tp, tag="mlp")
     parallel_assert(numpy.all(y.data == WORLD.size))
     parallel_assert([(r.group, r.tag) for r in log] == [("tp", "mlp: f-bar forward")], log.table())
 

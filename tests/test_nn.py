@@ -220,16 +220,21 @@ def test_dropout_rejects_bad_probability():
 
 
 def test_dropout_block_draws_its_slice_of_the_full_mask(device):
-    """A sequence shard (rows 2..4 of 7) with global_shape/offset drops what the full tensor drops."""
-    x = make((7, 2, 3), 10)
+    """A sequence shard (rows 2..3 of 6: block 1 of 3 along axis 0) and a batch shard (column 1 of 2)
+    drop what the full tensor drops there; the same rows placed as block 0 draw another mask."""
+    x = make((6, 2, 3), 10)
     full = host(nn.Dropout(0.5, seed=12)(x))
-    block = nn.Dropout(0.5, seed=12)(x[2:5], global_shape=(7, 2, 3), offset=(2, 0, 0))
-    assert (host(block) == full[2:5]).all()
+    block = nn.Dropout(0.5, seed=12, splits=((0, 1, 3),))(x[2:4])
+    assert (host(block) == full[2:4]).all()
+    both = nn.Dropout(0.5, seed=12, splits=((0, 1, 3), (1, 1, 2)))(x[2:4, 1:2])
+    assert (host(both) == full[2:4, 1:2]).all()
+    misplaced = nn.Dropout(0.5, seed=12, splits=((0, 0, 3),))(x[2:4])
+    assert (host(misplaced) != full[2:4]).any()
 
 
 def test_train_and_eval_toggle_every_dropout(device):
-    model = nn.GPT(vocab=7, seq_len=4, hidden=4, heads=2, layers=2, ffn_hidden=6, dropout=0.3,
-                   dtype=numpy.float64)
+    model = nn.GPT(nn.GPTConfig(vocab=7, seq_len=4, hidden=4, heads=2, layers=2, ffn_hidden=6, dropout=0.3,
+                   dtype=numpy.float64))
     ids = backend.from_host(numpy.array([[1, 2], [3, 4], [5, 6]]))
     model.eval()
     assert all(not m.training for m in model.modules())
@@ -311,21 +316,21 @@ def test_attention_gradcheck_with_dropout(device, causal, seq, batch, hidden, he
 
 
 def test_attention_core_head_block_draws_its_slice_of_the_mask(device):
-    """A head-parallel rank runs attention_core on heads [1, 3) of 4 with heads_offset=1: its output,
-    attention dropout included, is exactly those heads of the serial core."""
+    """A head-parallel rank runs attention_core on heads [2, 4) of 4, its dropout placed as block 1 of 2
+    along the heads axis: its output, attention dropout included, is exactly those heads of the serial core."""
     batch, heads, seq, d = 2, 4, 3, 2
     q, k, v = (make((batch, heads, seq, d), seed) for seed in (12, 13, 14))
-    full = attention_core_output(q, k, v, heads_offset=0, heads_total=None)
-    block = attention_core_output(*(t[:, 1:3] for t in (q, k, v)), heads_offset=1, heads_total=heads)
-    assert max_error(block, full[:, 1:3]) <= EXACT
-    # the offset matters: the same heads drawn as if they were heads 0..1 get another mask
-    assert max_error(attention_core_output(*(t[:, 1:3] for t in (q, k, v)), heads_offset=0,
-                                           heads_total=heads), full[:, 1:3]) > 1e-6
+    full = attention_core_output(q, k, v, splits=())
+    block = attention_core_output(*(t[:, 2:4] for t in (q, k, v)), splits=((1, 1, 2),))
+    assert max_error(block, full[:, 2:4]) <= EXACT
+    # the placement matters: the same heads drawn as if they were heads 0..1 get another mask
+    assert max_error(attention_core_output(*(t[:, 2:4] for t in (q, k, v)), splits=((1, 0, 2),)),
+                     full[:, 2:4]) > 1e-6
 
 
-def attention_core_output(q, k, v, heads_offset, heads_total):
-    dropout = nn.Dropout(0.5, seed=15)
-    return host(nn.attention_core(q, k, v, True, dropout, heads_offset=heads_offset, heads_total=heads_total))
+def attention_core_output(q, k, v, splits):
+    dropout = nn.Dropout(0.5, seed=15, splits=splits)
+    return host(nn.attention_core(q, k, v, True, dropout))
 
 
 def test_attention_rejects_heads_that_do_not_divide_hidden():
@@ -353,8 +358,8 @@ def test_transformer_block_matches_numpy(device):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_gpt_gradcheck(device, tied):
-    model = nn.GPT(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, ffn_hidden=6, dropout=0.2,
-                   tie_embeddings=tied, dtype=numpy.float64, seed=1)
+    model = nn.GPT(nn.GPTConfig(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, ffn_hidden=6, dropout=0.2,
+                   tie_embeddings=tied, dtype=numpy.float64, seed=1))
     randomize(model, seed=2)
     ids = backend.from_host(numpy.array([[1, 6], [0, 1], [5, 1]]))  # (s, b) = (3, 2)
     result = check_layer(model, ids)
@@ -364,8 +369,8 @@ def test_gpt_gradcheck(device, tied):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("seq, batch", [(3, 2), (1, 1), (5, 3)])
 def test_gpt_logits_and_loss_match_numpy(device, tied, seq, batch):
-    model = nn.GPT(vocab=11, seq_len=5, hidden=6, heads=3, layers=2, ffn_hidden=5, dropout=0.1,
-                   tie_embeddings=tied, dtype=numpy.float64, seed=2)
+    model = nn.GPT(nn.GPTConfig(vocab=11, seq_len=5, hidden=6, heads=3, layers=2, ffn_hidden=5, dropout=0.1,
+                   tie_embeddings=tied, dtype=numpy.float64, seed=2))
     randomize(model, seed=3).eval()
     generator = numpy.random.default_rng(4)
     ids, targets = (generator.integers(0, 11, (seq, batch)) for _ in range(2))
@@ -380,7 +385,7 @@ def test_gpt_logits_and_loss_match_numpy(device, tied, seq, batch):
 
 def test_gpt_names_and_gpt2_init():
     layers = 8
-    model = nn.GPT(vocab=50, seq_len=16, hidden=64, heads=4, layers=layers, seed=0, dtype=numpy.float64)
+    model = nn.GPT(nn.GPTConfig(vocab=50, seq_len=16, hidden=64, heads=4, layers=layers, seed=0, dtype=numpy.float64))
     names = [name for name, _ in model.named_parameters()]
     assert names[:2] == ["wte.weight", "wpe.weight"] and names[-3:] == ["ln_f.weight", "ln_f.bias", "lm_head.weight"]
     assert "blocks.7.mlp.fc2.weight" in names and len(model.blocks) == layers
@@ -391,18 +396,18 @@ def test_gpt_names_and_gpt2_init():
                       ("blocks.3.mlp.fc1.weight", 0.02), ("lm_head.weight", 0.02)]:
         assert abs(weights[name].std() / std - 1) < 0.1, name
     assert (weights["blocks.3.mlp.fc1.bias"] == 0).all() and (weights["blocks.0.ln1.weight"] == 1).all()
-    tied = nn.GPT(vocab=50, seq_len=16, hidden=64, heads=4, layers=1, tie_embeddings=True)
+    tied = nn.GPT(nn.GPTConfig(vocab=50, seq_len=16, hidden=64, heads=4, layers=1, tie_embeddings=True))
     assert tied.lm_head is None and "lm_head.weight" not in dict(tied.named_parameters())
 
 
 def test_gpt_rejects_a_sequence_longer_than_seq_len():
-    model = nn.GPT(vocab=5, seq_len=3, hidden=4, heads=2, layers=1)
+    model = nn.GPT(nn.GPTConfig(vocab=5, seq_len=3, hidden=4, heads=2, layers=1))
     with pytest.raises(ValueError, match="longer than the model's seq_len 3"):
         model(numpy.zeros((4, 1), dtype=numpy.int64))
 
 
 def test_gpt_generate(device):
-    model = nn.GPT(vocab=9, seq_len=4, hidden=8, heads=2, layers=1, dropout=0.5, dtype=numpy.float64, seed=5)
+    model = nn.GPT(nn.GPTConfig(vocab=9, seq_len=4, hidden=8, heads=2, layers=1, dropout=0.5, dtype=numpy.float64, seed=5))
     randomize(model, seed=6, scale=1.0)
     prompt = backend.from_host(numpy.array([[1, 2], [3, 4]]))
     greedy = host(model.generate(prompt, steps=5))
@@ -430,8 +435,8 @@ def test_named_parameters_are_dotted_and_ordered():
 
 
 def test_state_dict_round_trip(device):
-    source = nn.GPT(vocab=7, seq_len=4, hidden=4, heads=2, layers=2, dtype=numpy.float64, seed=1)
-    target = nn.GPT(vocab=7, seq_len=4, hidden=4, heads=2, layers=2, dtype=numpy.float64, seed=2)
+    source = nn.GPT(nn.GPTConfig(vocab=7, seq_len=4, hidden=4, heads=2, layers=2, dtype=numpy.float64, seed=1))
+    target = nn.GPT(nn.GPTConfig(vocab=7, seq_len=4, hidden=4, heads=2, layers=2, dtype=numpy.float64, seed=2))
     ids = backend.from_host(numpy.array([[1, 2], [3, 4]]))
     assert max_error(source(ids), target(ids)) > 1e-6  # different seeds: different weights
     saved = source.state_dict()
@@ -457,10 +462,10 @@ def test_load_state_dict_names_the_problem():
 
 def test_same_seed_same_weights_on_every_backend(device):
     """Weights are drawn on the host: a GPU model starts from exactly the CPU model's weights."""
-    here = state(nn.GPT(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, seed=3))
+    here = state(nn.GPT(nn.GPTConfig(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, seed=3)))
     backend.use("cpu")  # the device fixture restores the backend after the test
-    on_cpu = state(nn.GPT(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, seed=3))
-    other_seed = state(nn.GPT(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, seed=4))
+    on_cpu = state(nn.GPT(nn.GPTConfig(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, seed=3)))
+    other_seed = state(nn.GPT(nn.GPTConfig(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, seed=4)))
     assert all((here[name] == on_cpu[name]).all() for name in on_cpu)
     assert any((other_seed[name] != on_cpu[name]).any() for name in on_cpu)
 
@@ -481,7 +486,7 @@ def test_zero_grad_and_module_registration():
 
 
 def test_float32_model_stays_float32(device):
-    model = nn.GPT(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, dropout=0.1)
+    model = nn.GPT(nn.GPTConfig(vocab=7, seq_len=4, hidden=4, heads=2, layers=1, dropout=0.1))
     ids = backend.from_host(numpy.array([[1, 2], [3, 4]]))
     loss = model.loss(ids, ids)
     loss.backward()

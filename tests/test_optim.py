@@ -176,7 +176,7 @@ def test_float32_parameters_stay_float32(device):
 
 def test_adamw_trains_a_tiny_gpt(device):
     """The loss on a fixed batch goes down under AdamW (the whole stack, forward to update, works)."""
-    model = nn.GPT(vocab=8, seq_len=6, hidden=16, heads=2, layers=1, seed=0)
+    model = nn.GPT(nn.GPTConfig(vocab=8, seq_len=6, hidden=16, heads=2, layers=1, seed=0))
     ids = backend.from_host(numpy.random.default_rng(0).integers(0, 8, (7, 2)))
     optimizer = nn.AdamW(model.parameters(), lr=1e-2)
     losses = []

@@ -13,7 +13,7 @@ from pytest_mpi import parallel_assert
 
 from minitp import dist
 from minitp import functional as F
-from minitp.nn import GPT
+from minitp.nn import GPT, GPTConfig
 from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
 from minitp.parallel.data_parallel import (
     all_reduce_gradients,
@@ -39,7 +39,7 @@ def batch(shape, vocab, seed=0):
 def serial_step(tie_embeddings, ids, targets, max_norm):
     """The serial reference, one forward (the dropouts' first masks): model, logits, loss, {name: grad},
     global norm, {name: clipped grad}."""
-    model = GPT(**CONFIG, tie_embeddings=tie_embeddings)
+    model = GPT(GPTConfig(**CONFIG, tie_embeddings=tie_embeddings))
     logits = model(ids)
     loss = F.cross_entropy(logits, targets)
     loss.backward()
@@ -62,10 +62,10 @@ def test_tensor_parallel_gpt_matches_serial(sequence_parallel, tie_embeddings):
     serial, serial_logits, serial_loss, serial_grads, serial_norm, serial_clipped = serial_step(
         tie_embeddings, ids, targets, max_norm=0.5)
 
-    model = ParallelGPT(**CONFIG, tie_embeddings=tie_embeddings, sequence_parallel=sequence_parallel, mesh=mesh)
+    model = ParallelGPT(GPTConfig(**CONFIG, tie_embeddings=tie_embeddings), mesh, sequence_parallel=sequence_parallel)
     names = [name for name, _ in model.named_parameters()]
     parallel_assert(names == [name for name, _ in serial.named_parameters()], "the serial parameter names")
-    start = worst(gather_serial_state(model), GPT(**CONFIG, tie_embeddings=tie_embeddings).state_dict())
+    start = worst(gather_serial_state(model, mesh.tp), GPT(GPTConfig(**CONFIG, tie_embeddings=tie_embeddings)).state_dict())
     parallel_assert(start == 0.0, f"starts from the serial weights: {start:.1e}")
 
     logits = model(ids)  # this rank's vocabulary columns
@@ -74,13 +74,13 @@ def test_tensor_parallel_gpt_matches_serial(sequence_parallel, tie_embeddings):
     loss = vocab_parallel_cross_entropy(logits, targets, group=mesh.tp)
     loss.backward()
     parallel_assert(abs(loss.item() - serial_loss) <= SAME, f"loss {loss.item()} vs {serial_loss}")
-    grads = worst(gather_serial_grads(model), serial_grads)
+    grads = worst(gather_serial_grads(model, mesh.tp), serial_grads)
     parallel_assert(grads <= SAME, f"gradients {grads:.1e}")
 
     norm = clip_grad_norm(model, 0.5, mesh)
     parallel_assert(abs(norm - serial_norm) <= SAME * serial_norm, f"global norm {norm} vs {serial_norm}")
     parallel_assert(norm > 0.5, "the test clips")
-    clipped = worst(gather_serial_grads(model), serial_clipped)
+    clipped = worst(gather_serial_grads(model, mesh.tp), serial_clipped)
     parallel_assert(clipped <= SAME, f"clipped gradients {clipped:.1e}")
 
 
@@ -97,7 +97,7 @@ def test_data_parallel_matches_serial_with_one_all_reduce(sequence_parallel):
     _, _, serial_loss, serial_grads, serial_norm, serial_clipped = serial_step(False, ids, targets, max_norm=0.5)
     for tp, dp in [(p.values[0], p.values[1]) for p in data_parallel_meshes()]:
         mesh = dist.init(tp=tp, dp=dp)
-        model = ParallelGPT(**CONFIG, sequence_parallel=sequence_parallel, mesh=mesh)
+        model = ParallelGPT(GPTConfig(**CONFIG), mesh, sequence_parallel=sequence_parallel)
         loss = model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
         loss.backward()
         local_bytes = sum(p.grad.nbytes for p in model.parameters())
@@ -111,11 +111,11 @@ def test_data_parallel_matches_serial_with_one_all_reduce(sequence_parallel):
 
         mean_loss = average_over_data_parallel(loss.item(), mesh)
         parallel_assert(abs(mean_loss - serial_loss) <= SAME, f"tp{tp} dp{dp}: loss {mean_loss} vs {serial_loss}")
-        grads = worst(gather_serial_grads(model), serial_grads)
+        grads = worst(gather_serial_grads(model, mesh.tp), serial_grads)
         parallel_assert(grads <= SAME, f"tp{tp} dp{dp}: the averaged gradients {grads:.1e}")
         norm = clip_grad_norm(model, 0.5, mesh)
         parallel_assert(abs(norm - serial_norm) <= SAME * serial_norm, f"tp{tp} dp{dp}: norm {norm} vs {serial_norm}")
-        clipped = worst(gather_serial_grads(model), serial_clipped)
+        clipped = worst(gather_serial_grads(model, mesh.tp), serial_clipped)
         parallel_assert(clipped <= SAME, f"tp{tp} dp{dp}: clipped gradients {clipped:.1e}")
 
 
@@ -125,7 +125,7 @@ def test_buckets_split_the_all_reduce_not_the_result():
     ids, targets = batch((12, 4), CONFIG["vocab"], seed=2)
     results = []
     for bucket_bytes in (None, 3000):  # None: everything in one bucket; 3000 B: a few parameters each
-        model = ParallelGPT(**CONFIG, mesh=mesh)
+        model = ParallelGPT(GPTConfig(**CONFIG), mesh)
         model.loss(split_batch(ids, mesh), split_batch(targets, mesh)).backward()
         sizes = [p.grad.nbytes for p in model.parameters()]
         with dist.log_collectives() as log:
@@ -155,7 +155,7 @@ def test_batch_not_divisible_by_dp_raises_on_every_rank():
 def test_vocabulary_not_divisible_by_tp_raises_on_every_rank():
     mesh = dist.init(tp=WORLD.size)
     try:
-        ParallelGPT(**{**CONFIG, "vocab": 25}, mesh=mesh)
+        ParallelGPT(GPTConfig(**{**CONFIG, "vocab": 25}), mesh)
         error = None
     except ValueError as raised:
         error = str(raised)
@@ -167,8 +167,8 @@ def test_vocabulary_not_divisible_by_tp_raises_on_every_rank():
 def test_generate_matches_serial(sequence_parallel):
     mesh = dist.init(tp=WORLD.size)
     config = {**CONFIG, "seq_len": 8}  # the context slides past seq_len; 8 splits over 1, 2 and 4
-    serial = GPT(**config)
-    model = ParallelGPT(**config, sequence_parallel=sequence_parallel, mesh=mesh)
+    serial = GPT(GPTConfig(**config))
+    model = ParallelGPT(GPTConfig(**config), mesh, sequence_parallel=sequence_parallel)
     prompt = batch((3, 2), config["vocab"])[0]  # 3 tokens: not a multiple of tp, padded under SP
     greedy, expected_greedy = model.generate(prompt, 7), serial.generate(prompt, 7)
     sampled = model.generate(prompt, 7, temperature=0.9, rng=numpy.random.default_rng(4))
@@ -183,11 +183,11 @@ def test_generate_matches_serial(sequence_parallel):
 def test_from_serial_takes_the_weights_and_the_dropout_streams(sequence_parallel):
     mesh = dist.init(tp=WORLD.size)
     ids, _ = batch((12, 2), CONFIG["vocab"], seed=3)
-    serial = GPT(**{**CONFIG, "seed": 11}, tie_embeddings=True)
+    serial = GPT(GPTConfig(**{**CONFIG, "seed": 11}, tie_embeddings=True))
     serial(ids)  # the dropouts' counters move on to 1
     for _, p in serial.named_parameters():  # weights no seed reproduces
         p.data[...] += numpy.random.default_rng(len(p.data.shape)).standard_normal(p.shape) * 0.1
-    model = ParallelGPT.from_serial(serial, sequence_parallel=sequence_parallel, mesh=mesh)
+    model = ParallelGPT.from_serial(serial, mesh, sequence_parallel=sequence_parallel)
     parallel_assert(model.tie_embeddings and model.lm_head is None, "tied, as the serial model")
     logits, expected = model(ids), dist.split(serial(ids).data, mesh.tp, axis=-1)  # both draw masks #1
     parallel_assert(max_error(logits, expected) <= SAME, f"logits {max_error(logits, expected):.1e}")

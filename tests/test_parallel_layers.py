@@ -1,5 +1,5 @@
 """Tensor parallelism's layers are their serial twins: ColumnParallelLinear, RowParallelLinear, Megatron's
-ParallelMLP, the seed notebook's SyncPointMLP and head-parallel ParallelAttention (Shoeybi et al. 2019).
+ParallelMLP, the notebook's SyncPointMLP and head-parallel ParallelAttention (Shoeybi et al. 2019).
 
 For each, on 1 to 4 ranks in float64:
 - the output and the gradients of the input and of every parameter (gathered) equal the serial
@@ -53,7 +53,7 @@ def test_column_parallel_linear_matches_serial(seq, batch, gather_output, bias):
     tp = tp_mesh().tp
     features_in, features_out = 5, 3 * tp.size
     serial = randomize(Linear(features_in, features_out, bias=bias, dtype=F64))
-    sharded = ColumnParallelLinear(features_in, features_out, bias=bias, gather_output=gather_output, dtype=F64)
+    sharded = ColumnParallelLinear(features_in, features_out, bias=bias, gather_output=gather_output, dtype=F64, group=tp)
     errors = compare(serial, sharded, replicated((seq, batch, features_in), 1),
                      replicated((seq, batch, features_out), 2),
                      output_block=whole if gather_output else columns(tp))
@@ -70,7 +70,7 @@ def test_row_parallel_linear_matches_serial(seq, batch, input_is_parallel, bias)
     features_in, features_out = 3 * tp.size, 5
     serial = randomize(Linear(features_in, features_out, bias=bias, dtype=F64))
     sharded = RowParallelLinear(features_in, features_out, bias=bias, input_is_parallel=input_is_parallel,
-                                dtype=F64)
+                                dtype=F64, group=tp)
     errors = compare(serial, sharded, replicated((seq, batch, features_in), 1),
                      replicated((seq, batch, features_out), 2),
                      input_block=columns(tp) if input_is_parallel else whole)
@@ -81,10 +81,10 @@ def test_row_parallel_linear_matches_serial(seq, batch, input_is_parallel, bias)
 @pytest.mark.parametrize("seq, batch", SHAPES)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_parallel_mlp_matches_serial(seq, batch, dropout):
-    t = tp_mesh().tp_size
-    hidden, ffn = 5, 6 * t
+    tp = tp_mesh().tp
+    hidden, ffn = 5, 6 * tp.size
     serial = randomize(MLP(hidden, ffn, dropout=dropout, seed=4, dtype=F64))
-    sharded = ParallelMLP(hidden, ffn, dropout=dropout, seed=4, dtype=F64)
+    sharded = ParallelMLP(hidden, ffn, dropout=dropout, seed=4, dtype=F64, group=tp)
     errors = compare(serial, sharded, replicated((seq, batch, hidden), 1), replicated((seq, batch, hidden), 2))
     parallel_assert(max(errors.values()) <= TIGHT, worst(errors))
     parallel_assert(dropout == 0 or seq == 1 or dropped(serial.dropout, (seq, batch, hidden)) > 0,
@@ -95,10 +95,10 @@ def test_parallel_mlp_matches_serial(seq, batch, dropout):
 @pytest.mark.parametrize("seq, batch", SHAPES)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_sync_point_mlp_matches_serial(seq, batch, dropout):
-    t = tp_mesh().tp_size
-    hidden, ffn = 3 * t, 6 * t  # the first GEMM is split along hidden, its contraction dimension
+    tp = tp_mesh().tp
+    hidden, ffn = 3 * tp.size, 6 * tp.size  # the first GEMM is split along hidden, its contraction dimension
     serial = randomize(MLP(hidden, ffn, dropout=dropout, seed=4, dtype=F64))
-    sharded = SyncPointMLP(hidden, ffn, dropout=dropout, seed=4, dtype=F64)
+    sharded = SyncPointMLP(hidden, ffn, dropout=dropout, seed=4, dtype=F64, group=tp)
     errors = compare(serial, sharded, replicated((seq, batch, hidden), 1), replicated((seq, batch, hidden), 2))
     parallel_assert(max(errors.values()) <= TIGHT, worst(errors))
 
@@ -110,12 +110,12 @@ def test_sync_point_mlp_matches_serial(seq, batch, dropout):
 def test_parallel_attention_matches_serial(seq, batch, causal, dropout):
     """Whole heads per rank (2 of 2t), head size 3; the attention-probability dropout draws the rank's
     heads' slice of the serial (b, a, s, s) mask, the residual dropout the whole (replicated) mask."""
-    t = tp_mesh().tp_size
-    heads = 2 * t
+    tp = tp_mesh().tp
+    heads = 2 * tp.size
     hidden = 3 * heads
     options = dict(causal=causal, attention_dropout=dropout, dropout=dropout, seed=6, dtype=F64)
     serial = randomize(MultiHeadAttention(hidden, heads, **options))
-    sharded = ParallelAttention(hidden, heads, **options)
+    sharded = ParallelAttention(hidden, heads, group=tp, **options)
     errors = compare(serial, sharded, replicated((seq, batch, hidden), 1), replicated((seq, batch, hidden), 2))
     parallel_assert(max(errors.values()) <= TIGHT, worst(errors))
     parallel_assert(dropout == 0 or seq == 1
@@ -142,7 +142,7 @@ def token_shard(group, hidden, batch=1, seed=1):
 @pytest.mark.parametrize("gather_output", [False, True])
 def test_column_parallel_linear_gradcheck(gather_output):
     tp = tp_mesh().tp
-    layer = ColumnParallelLinear(2, 2 * tp.size, gather_output=gather_output, dtype=F64, seed=1)
+    layer = ColumnParallelLinear(2, 2 * tp.size, gather_output=gather_output, dtype=F64, seed=1, group=tp)
     check(layer, token_shard(tp, 2), tp, replicated_input=True, replicated_output=gather_output)
 
 
@@ -150,7 +150,7 @@ def test_column_parallel_linear_gradcheck(gather_output):
 @pytest.mark.parametrize("input_is_parallel", [True, False])
 def test_row_parallel_linear_gradcheck(input_is_parallel):
     tp = tp_mesh().tp
-    layer = RowParallelLinear(2 * tp.size, 2, input_is_parallel=input_is_parallel, dtype=F64, seed=1)
+    layer = RowParallelLinear(2 * tp.size, 2, input_is_parallel=input_is_parallel, dtype=F64, seed=1, group=tp)
     if input_is_parallel:  # rank r's columns of X: per-rank numbers, perturbed as they are
         x = Tensor(block(replicated((tp.size, 1, 2 * tp.size), 1), tp, -1), requires_grad=True)
     else:
@@ -161,14 +161,14 @@ def test_row_parallel_linear_gradcheck(input_is_parallel):
 @pytest.mark.parallel(nprocs=ALL_RANKS)
 def test_parallel_mlp_gradcheck():
     tp = tp_mesh().tp
-    mlp = ParallelMLP(2, 2 * tp.size, dropout=0.1, seed=2, dtype=F64)
+    mlp = ParallelMLP(2, 2 * tp.size, dropout=0.1, seed=2, dtype=F64, group=tp)
     check(mlp, token_shard(tp, 2, batch=2), tp, replicated_input=True, replicated_output=True)
 
 
 @pytest.mark.parallel(nprocs=ALL_RANKS)
 def test_sync_point_mlp_gradcheck():
     tp = tp_mesh().tp
-    mlp = SyncPointMLP(tp.size, 2 * tp.size, dropout=0.1, seed=2, dtype=F64)
+    mlp = SyncPointMLP(tp.size, 2 * tp.size, dropout=0.1, seed=2, dtype=F64, group=tp)
     check(mlp, token_shard(tp, tp.size), tp, replicated_input=True, replicated_output=True)
 
 
@@ -178,7 +178,7 @@ def test_parallel_attention_gradcheck(causal):
     tp = tp_mesh().tp
     heads = tp.size  # one head of size 1 per rank: the fused qkv weight (h, 3h) dominates the cost
     attention = ParallelAttention(heads, heads, causal=causal, attention_dropout=0.1, dropout=0.1, seed=3,
-                                  dtype=F64)
+                                  dtype=F64, group=tp)
     check(attention, token_shard(tp, heads), tp, replicated_input=True, replicated_output=True)
 
 
@@ -194,10 +194,11 @@ def ring_all_reduce(t, shape):
 def test_megatron_mlp_and_attention_do_one_all_reduce_each_way(layer):
     """Column-parallel then row-parallel: f̄ sums the row layer's partial outputs (forward), f sums the
     column layer's partial input gradients (backward). One s×b×h all-reduce each way, nothing else."""
-    t = tp_mesh().tp_size
+    tp = tp_mesh().tp
+    t = tp.size
     seq, batch, hidden = 3, 2, 6 * t
-    module = (ParallelMLP(hidden, 6 * t, dropout=0.1, dtype=F64) if layer == "mlp"
-              else ParallelAttention(hidden, 2 * t, dropout=0.1, attention_dropout=0.1, dtype=F64))
+    module = (ParallelMLP(hidden, 6 * t, dropout=0.1, dtype=F64, group=tp) if layer == "mlp"
+              else ParallelAttention(hidden, 2 * t, dropout=0.1, attention_dropout=0.1, dtype=F64, group=tp))
     forward, backward = run_logged(module, replicated((seq, batch, hidden), 1), replicated((seq, batch, hidden), 2))
     sbh = (seq, batch, hidden)
     parallel_assert([(r.op, r.shape, r.tag.endswith("f-bar forward")) for r in forward]
@@ -212,9 +213,10 @@ def test_sync_point_mlp_communicates_at_its_sync_point():
     """Forward: the first GEMM's partial sums are all-reduced before GeLU (s×b×ffn), and the second's
     after it (s×b×h). Backward: the two splits of replicated tensors become all-gathers of their
     gradients, dY (s×b×ffn) then dX (s×b×h). Megatron's MLP moves s×b×h each way instead."""
-    t = tp_mesh().tp_size
+    tp = tp_mesh().tp
+    t = tp.size
     seq, batch, hidden, ffn = 3, 2, 2 * t, 8 * t
-    mlp = SyncPointMLP(hidden, ffn, dropout=0.1, dtype=F64)
+    mlp = SyncPointMLP(hidden, ffn, dropout=0.1, dtype=F64, group=tp)
     forward, backward = run_logged(mlp, replicated((seq, batch, hidden), 1), replicated((seq, batch, hidden), 2))
     parallel_assert([(r.op, r.shape, r.tag.endswith("f-bar forward")) for r in forward]
                     == [("all_reduce", (seq, batch, ffn), True), ("all_reduce", (seq, batch, hidden), True)],
@@ -233,16 +235,17 @@ def test_sync_point_mlp_communicates_at_its_sync_point():
 
 @pytest.mark.parallel(nprocs=[2, 3, 4])
 @pytest.mark.parametrize("what, build", [
-    ("heads", lambda t: ParallelAttention(2 * (t + 1), t + 1, dtype=F64)),
-    ("ffn_hidden", lambda t: ParallelMLP(4, t + 1, dtype=F64)),
-    ("out_features", lambda t: ColumnParallelLinear(4, t + 1, dtype=F64)),
-    ("in_features", lambda t: RowParallelLinear(t + 1, 4, dtype=F64)),
-    ("hidden", lambda t: SyncPointMLP(t + 1, 2 * t, dtype=F64)),  # hidden, split by fc1's rows
-    ("ffn_hidden", lambda t: SyncPointMLP(2 * t, t + 1, dtype=F64)),  # ffn, split by fc2's rows
+    ("heads", lambda tp, t: ParallelAttention(2 * (t + 1), t + 1, dtype=F64, group=tp)),
+    ("ffn_hidden", lambda tp, t: ParallelMLP(4, t + 1, dtype=F64, group=tp)),
+    ("out_features", lambda tp, t: ColumnParallelLinear(4, t + 1, dtype=F64, group=tp)),
+    ("in_features", lambda tp, t: RowParallelLinear(t + 1, 4, dtype=F64, group=tp)),
+    ("hidden", lambda tp, t: SyncPointMLP(t + 1, 2 * t, dtype=F64, group=tp)),  # hidden, split by fc1's rows
+    ("ffn_hidden", lambda tp, t: SyncPointMLP(2 * t, t + 1, dtype=F64, group=tp)),  # ffn, split by fc2's rows
 ], ids=["heads", "ffn", "column-out", "row-in", "sync-point-hidden", "sync-point-ffn"])
 def test_sizes_not_divisible_raise_on_every_rank_before_any_collective(what, build):
-    t = tp_mesh().tp_size
-    message, collectives = value_error(lambda: build(t))
+    tp = tp_mesh().tp
+    t = tp.size
+    message, collectives = value_error(lambda: build(tp, t))
     parallel_assert(message is not None, "this rank built the module without a ValueError")
     parallel_assert(message is None or (what in message and f"divisible by {t}" in message), str(message))
     parallel_assert(collectives == 0, f"{collectives} collectives ran before the error")
@@ -256,10 +259,10 @@ def test_an_f_without_its_all_reduce_breaks_the_mlp_comparison(monkeypatch):
     each rank's input gradient is then only its own columns' contribution, X's gradient through A_r.
     The weights' gradients stay right (they never pass through f), which the errors show as well."""
     monkeypatch.setattr(mappings.CopyToTensorParallelRegion, "backward", lambda self, grad: grad)
-    t = tp_mesh().tp_size
-    hidden, ffn = 5, 6 * t
+    tp = tp_mesh().tp
+    hidden, ffn = 5, 6 * tp.size
     serial = randomize(MLP(hidden, ffn, dtype=F64))
-    errors = compare(serial, ParallelMLP(hidden, ffn, dtype=F64), replicated((3, 2, hidden), 1),
+    errors = compare(serial, ParallelMLP(hidden, ffn, dtype=F64, group=tp), replicated((3, 2, hidden), 1),
                      replicated((3, 2, hidden), 2))
     parallel_assert(errors["input grad"] > 1e-3, f"the broken f went unnoticed: {worst(errors)}")
     parallel_assert(all(error <= TIGHT for name, error in errors.items() if name != "input grad"), worst(errors))

@@ -20,7 +20,7 @@ from pytest_mpi import parallel_assert
 from minitp import backend, dist, track_saved
 from minitp.autograd import Tensor, no_grad
 from minitp.nn import Dropout, MultiHeadAttention, TransformerBlock
-from minitp.nn.recompute import checkpoint
+from minitp.nn.recompute import recompute
 from minitp.parallel import ParallelAttention, ParallelTransformerBlock
 from minitp.parallel.shard import gather_serial_grads, load_serial_state
 from minitp.testing import gradcheck, max_error
@@ -150,8 +150,8 @@ def test_gradcheck_through_a_checkpointed_attention():
 def test_checkpoint_of_a_plain_function_keeps_its_inputs_only():
     a, b = Tensor(random((4, 3), 1), requires_grad=True), Tensor(random((3, 5), 2), requires_grad=True)
     with track_saved() as saved:
-        y = checkpoint(lambda a, b: (a @ b).tanh().sum(), a, b)
-    assert saved.by_op == {"CheckpointFunction": a.data.nbytes + b.data.nbytes}
+        y = recompute(lambda a, b: (a @ b).tanh().sum(), a, b)
+    assert saved.by_op == {"RecomputeFunction": a.data.nbytes + b.data.nbytes}
     y.backward()
     expected_a = (1 - numpy.tanh(a.data @ b.data) ** 2) @ b.data.T
     assert max_error(a.grad, expected_a) <= TIGHT
@@ -186,13 +186,13 @@ def test_selective_recompute_drops_exactly_the_attention_core(seq, batch, hidden
     assert "Softmax" not in selective.by_op and "Mul" not in selective.by_op
     # kept in their place: q, k and v, each (b, a, s, d) = sbh entries -- which the plain block keeps
     # too (the scaled q and k for QK^T, v for the product with V): the paper's 4sbh + 2sbh
-    assert selective.by_op["CheckpointFunction"] == 3 * seq * batch * hidden * e
+    assert selective.by_op["RecomputeFunction"] == 3 * seq * batch * hidden * e
 
 
 @pytest.mark.parametrize("seq, batch, hidden, heads", SHAPES)
 def test_full_recompute_keeps_only_the_block_input(seq, batch, hidden, heads):
     x = random((seq, batch, hidden), 1, numpy.float32)
-    assert saved_bytes(block("full", hidden, heads, numpy.float32), x).by_op == {"CheckpointFunction": x.nbytes}
+    assert saved_bytes(block("full", hidden, heads, numpy.float32), x).by_op == {"RecomputeFunction": x.nbytes}
 
 
 # -- parallel: the same numbers as the serial plain block, and the bytes per rank ----------------------
@@ -217,12 +217,12 @@ def test_parallel_recomputed_block_equals_serial_plain_block(recompute, sequence
     cut = (lambda a: sequence_rows(a, tp)) if sequence_parallel else (lambda a: a)
     sharded = ParallelTransformerBlock(hidden, heads, dropout=0.3, attention_dropout=0.4, seed=3, dtype=F64,
                                        sequence_parallel=sequence_parallel, group=tp, recompute=recompute)
-    load_serial_state(sharded, serial.state_dict())
+    load_serial_state(sharded, serial.state_dict(), tp)
     sharded_x = Tensor(cut(x), requires_grad=True)
     with track_saved() as saved:
         sharded_y = sharded(sharded_x)
     sharded_y.backward(cut(upstream))
-    grads = gather_serial_grads(sharded)
+    grads = gather_serial_grads(sharded, tp)
 
     errors = {"output": max_error(sharded_y, cut(expected[0])),
               "input grad": max_error(sharded_x.grad, cut(expected[1]))}
@@ -233,9 +233,9 @@ def test_parallel_recomputed_block_equals_serial_plain_block(recompute, sequence
 
     e, local_heads = 8, heads // t
     if recompute == "full":  # the rank's input alone: (s, b, h), or its s/t tokens under sequence parallelism
-        parallel_assert(saved.by_op == {"CheckpointFunction": sharded_x.data.nbytes}, f"full keeps {saved.by_op}")
+        parallel_assert(saved.by_op == {"RecomputeFunction": sharded_x.data.nbytes}, f"full keeps {saved.by_op}")
     else:  # q, k, v of the rank's heads, and no (b, a/t, s, s) score-sized array anywhere
-        parallel_assert(saved.by_op.get("CheckpointFunction") == 3 * seq * batch * (hidden // t) * e
+        parallel_assert(saved.by_op.get("RecomputeFunction") == 3 * seq * batch * (hidden // t) * e
                         and "Softmax" not in saved.by_op, f"selective keeps {saved.by_op}")
         plain = ParallelTransformerBlock(hidden, heads, dropout=0.3, attention_dropout=0.4, seed=3, dtype=F64,
                                          sequence_parallel=sequence_parallel, group=tp)

@@ -45,7 +45,7 @@ def test_sequence_parallel_layer_norm_matches_serial(tokens, batch):
     tp = tp_mesh().tp
     hidden, seq = 5, tokens * tp.size
     serial = randomize(LayerNorm(hidden, dtype=F64))
-    errors = compare(serial, SequenceParallelLayerNorm(hidden, dtype=F64), replicated((seq, batch, hidden), 1),
+    errors = compare(serial, SequenceParallelLayerNorm(hidden, dtype=F64, group=tp), replicated((seq, batch, hidden), 1),
                      replicated((seq, batch, hidden), 2), **sequence_parallel_blocks(tp))
     parallel_assert(max(errors.values()) <= TIGHT, worst(errors))
 
@@ -56,7 +56,7 @@ def test_sequence_parallel_layer_norm_matches_serial(tokens, batch):
 def test_sequence_parallel_dropout_draws_the_ranks_block_of_the_serial_mask(tokens, batch, p):
     tp = tp_mesh().tp
     seq, hidden = tokens * tp.size, 7
-    serial, sharded = Dropout(p, seed=11), SequenceParallelDropout(p, seed=11)
+    serial, sharded = Dropout(p, seed=11), SequenceParallelDropout(p, seed=11, group=tp)
     x, upstream = replicated((seq, batch, hidden), 1), replicated((seq, batch, hidden), 2)
     errors = compare(serial, sharded, x, upstream, **sequence_parallel_blocks(tp))
     parallel_assert(max(errors.values()) <= TIGHT, worst(errors))
@@ -73,7 +73,7 @@ def test_sequence_parallel_column_linear_gathers_the_sequence(tokens, batch):
     tp = tp_mesh().tp
     seq, features_in, features_out = tokens * tp.size, 5, 2 * tp.size
     serial = randomize(Linear(features_in, features_out, dtype=F64))
-    sharded = ColumnParallelLinear(features_in, features_out, sequence_parallel=True, dtype=F64)
+    sharded = ColumnParallelLinear(features_in, features_out, sequence_parallel=True, dtype=F64, group=tp)
     errors = compare(serial, sharded, replicated((seq, batch, features_in), 1),
                      replicated((seq, batch, features_out), 2), input_block=lambda a: sequence_block(a, tp),
                      output_block=lambda a: block(a, tp, -1))
@@ -88,7 +88,7 @@ def test_sequence_parallel_row_linear_reduce_scatters_the_sequence(tokens, batch
     tp = tp_mesh().tp
     seq, features_in, features_out = tokens * tp.size, 2 * tp.size, 5
     serial = randomize(Linear(features_in, features_out, dtype=F64))
-    sharded = RowParallelLinear(features_in, features_out, sequence_parallel=True, dtype=F64)
+    sharded = RowParallelLinear(features_in, features_out, sequence_parallel=True, dtype=F64, group=tp)
     errors = compare(serial, sharded, replicated((seq, batch, features_in), 1),
                      replicated((seq, batch, features_out), 2), input_block=lambda a: block(a, tp, -1),
                      output_block=lambda a: sequence_block(a, tp))
@@ -97,14 +97,14 @@ def test_sequence_parallel_row_linear_reduce_scatters_the_sequence(tokens, batch
 
 # -- the transformer block ---------------------------------------------------------------------------
 
-def blocks(t, sequence_parallel, dropout=0.0, causal=True, heads_per_rank=1, head_dim=3, ffn_hidden=None, seed=7):
+def blocks(tp, sequence_parallel, dropout=0.0, causal=True, heads_per_rank=1, head_dim=3, ffn_hidden=None, seed=7):
     """(serial TransformerBlock with random weights, ParallelTransformerBlock) of the same configuration."""
-    heads = heads_per_rank * t
+    heads = heads_per_rank * tp.size
     hidden = heads * head_dim
     options = dict(ffn_hidden=ffn_hidden, causal=causal, dropout=dropout, attention_dropout=dropout, seed=seed,
                    dtype=F64)
     return (randomize(TransformerBlock(hidden, heads, **options)),
-            ParallelTransformerBlock(hidden, heads, sequence_parallel=sequence_parallel, **options))
+            ParallelTransformerBlock(hidden, heads, sequence_parallel=sequence_parallel, **options, group=tp))
 
 
 @pytest.mark.parallel(nprocs=ALL_RANKS)
@@ -117,7 +117,7 @@ def test_block_matches_serial(tokens, batch, sequence_parallel, dropout, causal)
     [r·s/t, (r+1)·s/t) of the input and of the output, and the dropouts outside attention and MLP draw
     that block of the serial masks."""
     tp = tp_mesh().tp
-    serial, sharded = blocks(tp.size, sequence_parallel, dropout, causal, heads_per_rank=2)
+    serial, sharded = blocks(tp, sequence_parallel, dropout, causal, heads_per_rank=2)
     seq, hidden = tokens * tp.size, serial.ln1.hidden
     errors = compare(serial, sharded, replicated((seq, batch, hidden), 1), replicated((seq, batch, hidden), 2),
                      **(sequence_parallel_blocks(tp) if sequence_parallel else {}))
@@ -128,7 +128,7 @@ def test_block_matches_serial(tokens, batch, sequence_parallel, dropout, causal)
 @pytest.mark.parametrize("seq, batch", [(3, 2), (1, 1)])
 def test_tensor_parallel_block_matches_serial_on_odd_sequences(seq, batch):
     """Without SP the sequence need not divide by t: 3 tokens, or 1, whatever the rank count."""
-    serial, sharded = blocks(tp_mesh().tp_size, False, dropout=0.1)
+    serial, sharded = blocks(tp_mesh().tp, False, dropout=0.1)
     hidden = serial.ln1.hidden
     errors = compare(serial, sharded, replicated((seq, batch, hidden), 1), replicated((seq, batch, hidden), 2))
     parallel_assert(max(errors.values()) <= TIGHT, worst(errors))
@@ -149,7 +149,7 @@ def test_sequence_parallel_block_gradcheck():
     t = tp.size
     hidden = GRADCHECK_HIDDEN.get(t, t)
     layer = ParallelTransformerBlock(hidden, t, ffn_hidden=2 * t, dropout=0.1, attention_dropout=0.1, seed=7,
-                                     dtype=F64, sequence_parallel=True)
+                                     dtype=F64, sequence_parallel=True, group=tp)
     randomize(layer.ln1, seed=1)  # replicated, the same on every rank: not ones and zeros
     randomize(layer.ln2, seed=2)
     x = Tensor(sequence_block(replicated((t, 1, hidden), 1), tp), requires_grad=True)
@@ -171,7 +171,7 @@ def test_a_layer_norm_without_the_gradient_sum_breaks_the_block_comparison(monke
     monkeypatch.setattr(SequenceParallelLayerNorm, "forward",
                         lambda self, x: layer_norm(x, self.weight, self.bias, eps=self.eps))
     tp = tp_mesh().tp
-    serial, sharded = blocks(tp.size, True)
+    serial, sharded = blocks(tp, True)
     seq, hidden = 2 * tp.size, serial.ln1.hidden
     errors = compare(serial, sharded, replicated((seq, 1, hidden), 1), replicated((seq, 1, hidden), 2),
                      **sequence_parallel_blocks(tp))
@@ -195,7 +195,7 @@ def only(records, op, tag_end):
 def test_tensor_parallel_block_does_two_all_reduces_each_way():
     """Megatron: f̄ after attention and after the MLP forward; f before each backward. s×b×h each."""
     tp = tp_mesh().tp
-    _, sharded = blocks(tp.size, False, dropout=0.1)
+    _, sharded = blocks(tp, False, dropout=0.1)
     sbh = (3, 2, sharded.ln1.hidden)
     forward, backward = run_logged(sharded, replicated(sbh, 1), replicated(sbh, 2))
     parallel_assert([(r.op, r.shape) for r in only(forward, "all_reduce", "f-bar forward")] == [("all_reduce", sbh)] * 2
@@ -219,8 +219,8 @@ def test_sequence_parallel_sends_the_ring_bytes_of_tensor_parallel():
     """
     tp = tp_mesh().tp
     t = tp.size
-    _, tensor_parallel = blocks(t, False, dropout=0.1)
-    _, sequence_parallel = blocks(t, True, dropout=0.1)
+    _, tensor_parallel = blocks(tp, False, dropout=0.1)
+    _, sequence_parallel = blocks(tp, True, dropout=0.1)
     seq, batch, hidden = 2 * t, 3, tensor_parallel.ln1.hidden
     S = 8 * seq * batch * hidden  # one float64 s×b×h tensor, in bytes
     x, upstream = replicated((seq, batch, hidden), 1), replicated((seq, batch, hidden), 2)
@@ -292,7 +292,8 @@ def test_activation_memory_is_the_papers():
     - attention's 1/sqrt(d) scale, a 0-d array kept by the multiplication that applies it: e bytes,
       on every rank whatever t.
     """
-    t = tp_mesh().tp_size
+    tp = tp_mesh().tp
+    t = tp.size
     seq, batch, heads = 2 * t, 3, 2 * t
     head_dim = 2
     hidden = heads * head_dim
@@ -300,8 +301,8 @@ def test_activation_memory_is_the_papers():
     sbh, as2b, e, m = s * b * h, a * s * s * b, ACTIVATION, MASK
     layer_norm_statistics, scale = 2 * s * b * e, e
 
-    serial, tensor_parallel = blocks(t, False, dropout=0.1, heads_per_rank=2, head_dim=head_dim)
-    _, sequence_parallel = blocks(t, True, dropout=0.1, heads_per_rank=2, head_dim=head_dim)
+    serial, tensor_parallel = blocks(tp, False, dropout=0.1, heads_per_rank=2, head_dim=head_dim)
+    _, sequence_parallel = blocks(tp, True, dropout=0.1, heads_per_rank=2, head_dim=head_dim)
     parallel_assert(serial.mlp.ffn_hidden == 4 * hidden)
     x = replicated((seq, batch, hidden), 1)
     measured = {"none": saved_bytes(serial, x), "TP": saved_bytes(tensor_parallel, x),
@@ -346,7 +347,8 @@ def test_a_sequence_not_divisible_raises_on_every_rank_before_any_collective(ent
 
 @pytest.mark.parallel(nprocs=[2, 3, 4])
 def test_a_block_whose_heads_do_not_divide_raises_on_every_rank():
-    t = tp_mesh().tp_size
+    tp = tp_mesh().tp
+    t = tp.size
     message, collectives = value_error(
-        lambda: ParallelTransformerBlock(2 * (t + 1), t + 1, sequence_parallel=True, dtype=F64))
+        lambda: ParallelTransformerBlock(2 * (t + 1), t + 1, sequence_parallel=True, dtype=F64, group=tp))
     parallel_assert(message is not None and "heads" in message and collectives == 0, str(message))

@@ -23,8 +23,8 @@ def test_tutorial_proves_sharded_equals_serial(tutorial, ranks, device):
     # the verdict is the last line, printed once, for this many ranks, and the error it reports is
     # rounding error, as the tutorial claims
     assert_verdict(run, VERDICTS[tutorial], ranks)
-    # each per-rank listing (2 in mlp.py, 3 in attention.py) names every rank once, in rank order
-    listings = {"mlp.py": 2, "attention.py": 3}[tutorial]
+    # each per-rank listing (3 in mlp.py, 3 in attention.py) names every rank once, in rank order
+    listings = {"mlp.py": 3, "attention.py": 3}[tutorial]
     assert rank_lines(run.stdout) == list(range(ranks)) * listings
 
 

@@ -87,7 +87,7 @@ def test_embedding_matches_serial(vocab, tokens, sequence_parallel):
     parallel_assert(layer.weight.shape == (rows, hidden) and layer.weight.split_axis == 0)
     parallel_assert(max_error(layer.weight.data, serial.weight.data[rank * rows:(rank + 1) * rows]) == 0,
                     "the shard must be the serial table's rows [r V/t, (r+1) V/t)")
-    parallel_assert(numpy.array_equal(gather_serial_state(layer)["weight"], serial.weight.data),
+    parallel_assert(numpy.array_equal(gather_serial_state(layer, group)["weight"], serial.weight.data),
                     "split_axis=0 lets the generic shard helpers gather the serial table")
     parallel_assert(y.shape == expected.data[mine].shape, f"output {y.shape}")
     error = max_error(y, expected.data[mine])
@@ -116,11 +116,12 @@ def test_embedding_gradcheck(sequence_parallel):
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
-def test_embedding_float32_and_default_group():
-    n = tp_group().size  # dist.init made the current mesh: the layer finds its tp group there
+def test_embedding_float32():
+    tp = tp_group()
+    n = tp.size
     ids = token_ids((3, 2), 12)
     serial = Embedding(12, 4, seed=5)  # float32
-    y = VocabParallelEmbedding(12, 4, seed=5)(ids)
+    y = VocabParallelEmbedding(12, 4, seed=5, group=tp)(ids)
     parallel_assert(y.dtype == numpy.float32 and max_error(y, serial(ids)) <= 1e-6, f"{y.dtype} on {n} ranks")
 
 

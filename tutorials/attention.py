@@ -8,7 +8,7 @@ with a heads of d = h/a features each. Megatron (Shoeybi et al. 2019, section 3)
 WHOLE heads: the qkv projection split by columns, the output projection by rows -- the MLP's column-then-row
 pattern -- so the only communication is one all-reduce forward and one backward.
 
-The seed notebook ("3. MHA", shared/seeds/000_c7951c7fdd5b7433.txt) had the right intuition -- heads are
+A learner's notebook on tensor parallelism (its part "3. MHA") had the right intuition -- heads are
 independent -- and a sketch that does not yet work. We start by naming its mistakes, then build the real
 thing and check it against the serial MultiHeadAttention, dropout and causal mask included.
 
@@ -21,7 +21,7 @@ from mpi4py import MPI
 from minitp import Tensor, backend, dist
 from minitp import functional as F
 from minitp.nn import MultiHeadAttention, attention_core
-from minitp.parallel import ParallelAttention, gather_serial_grads, load_serial_state
+from minitp.parallel import ParallelAttention, gather_serial_grads
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
@@ -70,7 +70,7 @@ qkv = (x_values @ serial.qkv.weight.data + serial.qkv.bias.data).reshape(seq, ba
 q, k, v = (qkv[:, :, :, part].transpose(1, 2, 0, 3) for part in range(3))
 
 # ---------------------------------------------------------------------------------------------------
-# 1. The seed's sketch, mistake by mistake.
+# 1. The notebook's sketch, mistake by mistake.
 #
 # (1) `ks = q.reshape(...)` and `vs = q.reshape(...)`: keys and values are cut from q. Then every score
 #     q_i·k_j is q_i·q_j, so every score matrix is symmetric (token i likes j exactly as j likes i), the
@@ -79,7 +79,7 @@ q, k, v = (qkv[:, :, :, part].transpose(1, 2, 0, 3) for part in range(3))
 # (2) `q.reshape(num_gpus, B*heads/num_gpus, S, -1).unbind(0)`: the axis being cut is the flattened
 #     (batch, head) axis, batch-major (index = batch·heads + head). Its first block is the first batches
 #     with ALL their heads: data parallelism, not head parallelism -- every GPU would need every head's
-#     weights. Below, the seed's own reshape is applied to (batch, head) labels. Correct: keep the heads
+#     weights. Below, the notebook's own reshape is applied to (batch, head) labels. Correct: keep the heads
 #     on their own axis, (b, a, s, d), and give each rank a block of THAT axis. (The same line
 #     hard-codes the sequence length 120: `S` was meant.)
 # (3) `for i in qs: qs[i].to(f'cuda:{i}')`: iterating a tuple yields its tensors, not indices, and a
@@ -94,20 +94,20 @@ q, k, v = (qkv[:, :, :, part].transpose(1, 2, 0, 3) for part in range(3))
 # (5) `qkv.reshape(B, S, 3, -1)` assumes qkv's columns are [all q | all k | all v]. Serially that is a
 #     matter of convention; for a column split it decides whether a rank gets whole heads (section 3).
 # ---------------------------------------------------------------------------------------------------
-say("\n1. The seed notebook's attention sketch, and its corrections")
+say("\n1. The notebook's attention sketch, and its corrections")
 scores_k_is_q = q @ q.transpose(0, 1, 3, 2)
 scores = q @ k.transpose(0, 1, 3, 2)
 asymmetry = float(abs(scores - scores.transpose(0, 1, 3, 2)).max())
 say(f"   (1) k, v cut from q: every score matrix is symmetric, max |S - S^T| = "
     f"{float(abs(scores_k_is_q - scores_k_is_q.transpose(0, 1, 3, 2)).max()):.1f} (with the real k: {asymmetry:.1f})")
 
-seed_batch, seed_heads, seed_gpus = 4, 4, 2  # small enough to list; the seed had 64 examples, 8 heads, 2 GPUs
-labels = numpy.array([[(b, a) for a in range(seed_heads)] for b in range(seed_batch)])  # (batch, heads, 2)
-seed_gpu0 = labels.reshape(seed_batch * seed_heads, 2).reshape(seed_gpus, -1, 2)[0]  # the seed's reshape, block 0
-head_gpu0 = labels[:, :seed_heads // seed_gpus].reshape(-1, 2)  # a block of the heads axis, every batch
-say(f"   (2) cutting the flattened (batch, head) axis splits the batch; {seed_batch} examples, {seed_heads} heads, "
-    f"{seed_gpus} GPUs:")
-for name, pairs in (("the seed's reshape", seed_gpu0), ("head-parallel", head_gpu0)):
+notebook_batch, notebook_heads, notebook_gpus = 4, 4, 2  # small enough to list; the notebook had 64 examples, 8 heads, 2 GPUs
+labels = numpy.array([[(b, a) for a in range(notebook_heads)] for b in range(notebook_batch)])  # (batch, heads, 2)
+notebook_gpu0 = labels.reshape(notebook_batch * notebook_heads, 2).reshape(notebook_gpus, -1, 2)[0]  # the notebook's reshape, block 0
+head_gpu0 = labels[:, :notebook_heads // notebook_gpus].reshape(-1, 2)  # a block of the heads axis, every batch
+say(f"   (2) cutting the flattened (batch, head) axis splits the batch; {notebook_batch} examples, {notebook_heads} heads, "
+    f"{notebook_gpus} GPUs:")
+for name, pairs in (("the notebook's reshape", notebook_gpu0), ("head-parallel", head_gpu0)):
     say(f"       {name + ':':20}GPU 0 gets " + " ".join(f"b{b}h{a}" for b, a in pairs)
         + f" = examples {spans(set(pairs[:, 0]))}, heads {spans(set(pairs[:, 1]))}")
 say("   (3) `for i in qs: qs[i].to(...)` indexes a tuple with tensors and drops .to()'s result: nothing moves;")
@@ -118,7 +118,7 @@ say("   (5) `qkv.reshape(B, S, 3, -1)` reads the columns as [all q | all k | all
 # ---------------------------------------------------------------------------------------------------
 # 2. Why heads are independent.
 #
-# The seed's own argument, checked: q k^T has shape (b, a, s, s) -- b·a separate (s, s) score matrices,
+# The notebook's own argument, checked: q k^T has shape (b, a, s, s) -- b·a separate (s, s) score matrices,
 # one per example and head, each made of that head's own q and k. The softmax runs along each row of
 # each matrix, and the product with v uses the same head's v. Nothing mixes heads until proj. So
 # attention computed on any group of heads alone gives exactly those heads' columns of the result.
@@ -138,7 +138,7 @@ say(f"   attention on heads 0-{heads // 2 - 1} alone and {heads // 2}-{heads - 1
 #
 # The column-parallel qkv gives rank r a contiguous block of 3h/t output columns. For that block to
 # hold whole heads -- each head's q, k AND v -- the columns must be ordered head by head:
-# [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]. That is MultiHeadAttention's order. With the seed's (and torch's
+# [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]. That is MultiHeadAttention's order. With the notebook's (and torch's
 # usual) order [all q | all k | all v], the same block would hold some heads' q and other heads' k:
 # no head could be computed without the other ranks. The output projection's input is the heads'
 # outputs side by side, head i in features [d·i, d·(i+1)): rank r takes those rows of proj.
@@ -156,14 +156,13 @@ each_rank(f"heads {spans(range(first, last))}: qkv columns {columns.start}:{colu
 #
 # qkv is a ColumnParallelLinear (entered through f: identity forward, all-reduce of dX backward), proj
 # a RowParallelLinear (left through f̄: all-reduce forward). In between, the attention core runs on the
-# rank's heads alone; heads_offset says where they sit among all a heads (for the dropout mask, next).
-# load_serial_state cuts each rank's blocks out of the serial weights.
+# rank's heads alone. Built from the same seed, each rank draws only its blocks of the serial weights
+# (every value is a function of its global index: minitp.nn.init), so there is nothing to load.
 # ---------------------------------------------------------------------------------------------------
 say("\n4. ParallelAttention on each rank: its heads, end to end, with no communication until proj")
 parallel = ParallelAttention(hidden, heads, causal=True, attention_dropout=attention_dropout,
-                             dropout=output_dropout, seed=0, dtype=dtype)
-load_serial_state(parallel, serial.state_dict())
-each_rank(f"heads_offset {parallel.heads_offset}, {parallel.heads} heads: qkv.weight {parallel.qkv.weight.shape}, "
+                             dropout=output_dropout, seed=0, dtype=dtype, group=mesh.tp)
+each_rank(f"heads {first}..{last - 1}, {parallel.heads} heads: qkv.weight {parallel.qkv.weight.shape}, "
           f"q/k/v {(batch, parallel.heads, seq, head_dim)}, scores {(batch, parallel.heads, seq, seq)}, "
           f"proj.weight {parallel.proj.weight.shape}")
 
@@ -175,7 +174,8 @@ each_rank(f"heads_offset {parallel.heads_offset}, {parallel.heads} heads: qkv.we
 # (b, a, s, s) probabilities, and a rank holding heads [first, last) must drop exactly those elements
 # of its (b, a/t, s, s) block, or the sharded model is a different model. minitp's dropout mask is a
 # pure function of (seed, call counter, the element's index in the GLOBAL tensor), so a rank draws its
-# block by passing global_shape and offset = (0, heads_offset, 0, 0). We draw both masks here the way
+# block by saying where it sits: along axis 1 (the heads), block r of t -- the attention dropout's
+# ``splits`` = ((1, r, t),), which TensorParallelLayers gave it. We draw both masks here the way
 # the modules will on their first call, and compare; each rank shows its first head's pattern.
 # ---------------------------------------------------------------------------------------------------
 say("\n5. Causal mask and attention dropout: each rank draws its heads' slice of the serial mask")
@@ -186,7 +186,7 @@ serial_keep = F.dropout(Tensor(ones), attention_dropout, serial.attention_dropou
                         serial.attention_dropout.counter).data != 0
 rank_keep = F.dropout(Tensor(ones[:, first:last]), attention_dropout, parallel.attention_dropout.seed,
                       parallel.attention_dropout.counter, global_shape=global_shape,
-                      offset=(0, parallel.heads_offset, 0, 0)).data != 0
+                      offset=(0, first, 0, 0)).data != 0
 masks_agree = bool((rank_keep == serial_keep[:, first:last]).all())
 causal = F.causal_mask(Tensor(backend.xp.zeros((seq, seq), dtype=dtype))).data == 0  # True: key j <= query i
 pattern = " ".join("".join("x" if keep and allowed else ("o" if allowed else ".")
@@ -229,7 +229,7 @@ say("\n7. The proof: head-parallel vs serial, max |error|")
 x_serial = Tensor(x_values, requires_grad=True)
 z_serial = serial(x_serial)
 z_serial.backward(grad_z)
-grads = gather_serial_grads(parallel)
+grads = gather_serial_grads(parallel, mesh.tp)
 errors = {"Z": max_error(z_parallel, z_serial), "dX": max_error(x_parallel.grad, x_serial.grad)}
 errors.update({f"d{name}": max_error(grads[name], parameter.grad) for name, parameter in serial.named_parameters()})
 say("   " + ", ".join(f"{name} {error:.1e}" for name, error in errors.items()))

@@ -35,7 +35,7 @@ g = gather_from_sequence_parallel_region
 g_bar = reduce_scatter_to_sequence_parallel_region
 
 # dist.init(tp=t) puts all ranks in one tensor-parallel group (mesh.tp), the group every collective below
-# talks over. It also makes an exception on any rank abort the whole job with that rank's traceback,
+# talks over: each call names it, so the code says which ranks talk. It also makes an exception on any rank abort the whole job with that rank's traceback,
 # instead of leaving the others waiting in a collective forever.
 mesh = dist.init(tp=MPI.COMM_WORLD.Get_size())
 tp_size, rank = mesh.tp.size, mesh.tp.rank
@@ -173,7 +173,7 @@ say("     so the backward of a copy is a sum: f's backward is an all-reduce")
 x_tp = Tensor(x_values, requires_grad=True)
 w_tp = Tensor(backend.xp.ascontiguousarray(weights[rank]), requires_grad=True)
 with dist.log_collectives() as f_forward:
-    z_tp = f_bar(f(x_tp) * w_tp)
+    z_tp = f_bar(f(x_tp, mesh.tp) * w_tp, mesh.tp)
 with dist.log_collectives() as f_backward:
     z_tp.backward(grad_z)
 f_errors = {"z": max_error(z_tp, z_serial), "dL/dx": max_error(x_tp.grad, x_serial.grad),
@@ -186,7 +186,7 @@ each_rank("vs serial: " + ", ".join(f"{name} {error:.1e}" for name, error in f_e
 # What f's all-reduce is for: the same region without f. Each rank's x then receives only its own term,
 # dL/dz · w_r, not the sum over the ranks -- wrong on every rank as soon as there are two.
 x_without_f = Tensor(x_values, requires_grad=True)
-f_bar(x_without_f * w_tp).backward(grad_z)
+f_bar(x_without_f * w_tp, mesh.tp).backward(grad_z)
 missing_terms = mesh.world.comm.allreduce(max_error(x_without_f.grad, x_serial.grad), op=MPI.MAX)
 say(f"   without f, dL/dx = dL/dz · w_r misses the other ranks' terms: max error {missing_terms:.1e}"
     + (" (one rank: nothing is missing)" if tp_size == 1 else ""))
@@ -223,8 +223,8 @@ tokens = seq // tp_size
 x_sp = Tensor(backend.xp.ascontiguousarray(dist.split(x_values, mesh.tp, axis=0)), requires_grad=True)
 w_sp = Tensor(backend.xp.ascontiguousarray(weights[rank]), requires_grad=True)
 with dist.log_collectives() as g_forward:
-    gathered_x = g(x_sp)
-    z_sp = g_bar(gathered_x * w_sp)
+    gathered_x = g(x_sp, mesh.tp)
+    z_sp = g_bar(gathered_x * w_sp, mesh.tp)
 with dist.log_collectives() as g_backward:
     z_sp.backward(dist.split(grad_z, mesh.tp, axis=0))  # each rank holds dL/dz for its own tokens only
 each_rank(f"tokens {rank * tokens}-{(rank + 1) * tokens - 1}: x_r {x_sp.shape} --g--> {gathered_x.shape}, "

@@ -1,16 +1,18 @@
-"""The transformer's MLP split over MPI ranks, both ways the seed notebook tries, proven equal to the serial MLP.
+"""The transformer's MLP split over MPI ranks, both ways a learner's notebook tries, proven equal to the serial MLP.
 
     mpirun -n 4 python tutorials/mlp.py          (1, 2 or 3 ranks work too; `make tutorial` runs this)
 
 The MLP block is Z = Dropout(GeLU(X A) B), with X (s, b, h) the activations, A (h, ffn) and B (ffn, h) the
 weights. Tensor parallelism gives each of t ranks 1/t of A and B, so each holds 1/t of the weights and does
-1/t of the multiplications. The question is how to cut A, and the seed notebook ("Tensor Parallelism",
-shared/seeds/000_c7951c7fdd5b7433.txt) tries both answers (Shoeybi et al. 2019, "Megatron-LM", section 3):
+1/t of the multiplications. The question is how to cut A, and a learner's notebook on tensor parallelism
+(its part "Tensor Parallelism", two "GPUs" simulated with torch tensors, forward only) tries both answers
+(Shoeybi et al. 2019, "Megatron-LM", section 3):
 
     Part 1. cut A by rows (the contraction dimension): every rank gets a partial sum of X A, and the
             partial sums must be added before the GeLU -- a sync point in the middle of the block;
     Part 2. cut A by columns and B by rows (Megatron): GeLU runs on each rank's own columns, and the
-            only communication is one all-reduce forward and one backward.
+            only communication is one all-reduce forward and one backward. Written out with the
+            library's operators first -- f̄(GeLU(f(X) A_r + b1_r) B_r) + b2 -- then as the module.
 
 Both parts then prove the claim: the sharded output and every gradient equal the serial MLP's in float64.
 
@@ -24,7 +26,7 @@ from mpi4py import MPI
 from minitp import Tensor, backend, dist
 from minitp import functional as F
 from minitp.nn import MLP
-from minitp.parallel import ParallelMLP, SyncPointMLP, gather_serial_grads, load_serial_state
+from minitp.parallel import ParallelMLP, SyncPointMLP, f, f_bar, gather_serial_grads
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
@@ -70,7 +72,8 @@ say("MLP:   Z = Dropout(GeLU(X A + b1) B + b2), X (s, b, h), A = fc1.weight (h, 
 # ---------------------------------------------------------------------------------------------------
 # The serial MLP: the reference that both sharded versions must reproduce.
 #
-# Every rank builds it from the same seed, and draws the same input X and the same gradient dL/dZ
+# Every rank builds it from the same seed (each weight a pure function of the seed, its name and its
+# index: minitp.nn.init), and draws the same input X and the same gradient dL/dZ
 # arriving from the layers above (a seeded generator gives every rank the same numbers; a real model
 # would have received X from the previous layer, replicated). That the gradient of a replicated output
 # is the same on every rank is the invariant that Megatron's backward passes rely on.
@@ -90,14 +93,17 @@ z_serial.backward(grad_z)
 # ---------------------------------------------------------------------------------------------------
 # Part 1. A split by rows: the sync point.
 #
-# The seed's first idea cuts X by columns and A by rows. Rank r holds rows [r·h/t, (r+1)·h/t) of A and
+# The notebook's first idea cuts X by columns and A by rows. Rank r holds rows [r·h/t, (r+1)·h/t) of A and
 # the matching columns X_r of X (X is replicated, so taking columns costs nothing), and
-#       X A = X_1 A_1 + X_2 A_2 + ... + X_t A_t        (the seed's x + y with 2 "GPUs")
+#       X A = X_1 A_1 + X_2 A_2 + ... + X_t A_t        (the notebook's x + y with 2 "GPUs")
 # Each rank's X_r A_r has the full (s, b, ffn) shape but is only a partial sum.
+#
+# The sharded module is built from the same seed, with the group it communicates over passed in: rank r
+# draws only its own rows of A and B -- the values the serial MLP drew there, since every value is a
+# function of where it sits -- so no rank ever holds the whole of A, and there is nothing to load.
 # ---------------------------------------------------------------------------------------------------
 say("\nPart 1. A split by rows (the contraction dimension): each rank computes a partial sum of X A")
-sync_mlp = SyncPointMLP(hidden, ffn_hidden, dropout=0.1, seed=0, dtype=dtype)
-load_serial_state(sync_mlp, serial.state_dict())  # rank r cuts its block out of the serial weights
+sync_mlp = SyncPointMLP(hidden, ffn_hidden, dropout=0.1, seed=0, dtype=dtype, group=mesh.tp)
 x_columns = dist.split(x_values, mesh.tp, axis=-1)
 each_rank(f"X[:, :, {rank * x_columns.shape[-1]}:{(rank + 1) * x_columns.shape[-1]}] {x_columns.shape} "
           f"@ {block('A', sync_mlp.fc1.weight)} = X_r A_r {(seq, batch, ffn_hidden)}, a partial sum")
@@ -142,7 +148,7 @@ say(f"   {sync_backward.count('all_gather')} all-gathers backward: dY (4sbh), dX
 # ---------------------------------------------------------------------------------------------------
 # Part 2. Megatron: A split by columns, B by rows.
 #
-# The seed's second idea: rank r holds columns A_r of A, so X A_r is a block of whole COLUMNS of X A --
+# The notebook's second idea: rank r holds columns A_r of A, so X A_r is a block of whole COLUMNS of X A --
 # no sum needed, and GeLU, which acts on each element alone, can run on it at once:
 #       Y = GeLU(X A) = [GeLU(X A_1) | ... | GeLU(X A_t)]
 # Rank r's Y_r is exactly the input that rows B_r of B multiply, so the second GEMM needs nothing from
@@ -155,16 +161,29 @@ say(f"   {sync_backward.count('all_gather')} all-gathers backward: dY (4sbh), dX
 #   f̄  (after B; Megatron's "g"): all-reduce forward, identity backward: Z = Σ Z_r, so dL/dZ_r = dL/dZ.
 # ---------------------------------------------------------------------------------------------------
 say("\nPart 2. Megatron: A split by columns, B by rows; GeLU on each rank's own columns")
-megatron_mlp = ParallelMLP(hidden, ffn_hidden, dropout=0.1, seed=0, dtype=dtype)
-load_serial_state(megatron_mlp, serial.state_dict())
-fc1, fc2 = megatron_mlp.fc1, megatron_mlp.fc2
+megatron_mlp = ParallelMLP(hidden, ffn_hidden, dropout=0.1, seed=0, dtype=dtype, group=mesh.tp)
+fc1, fc2, dropout = megatron_mlp.fc1, megatron_mlp.fc2, megatron_mlp.dropout
 each_rank(f"{block('A', fc1.weight)} {block('b1', fc1.bias)}  {block('B', fc2.weight)}  {block('b2', fc2.bias)}")
+
+# Megatron's MLP written out with the library's operators, on rank r, before using the module:
+#       Z = Dropout( f̄( GeLU( f(X) A_r + b1_r ) B_r ) + b2 )
+# f and f̄ are the autograd Functions above; everything between them is this rank's own arithmetic.
+# The dropout draws the mask of its first call (counter 0), the one the module will draw too.
+x_by_hand = Tensor(x_values, requires_grad=True)
+y_r = F.gelu(F.matmul(f(x_by_hand, mesh.tp), fc1.weight) + fc1.bias)  # (s, b, ffn/t): this rank's columns of Y
+z_partial = F.matmul(y_r, fc2.weight)  # (s, b, ffn/t) @ (ffn/t, h): rank r's partial sum Y_r B_r
+z_by_hand = F.dropout(f_bar(z_partial, mesh.tp) + fc2.bias, dropout.p, dropout.seed, counter=0)
+z_by_hand.backward(grad_z)
+megatron_mlp.zero_grad()  # the hand-written run left gradients in the module's parameters: start afresh
+each_rank(f"by hand: f(X) {x_values.shape} -> Y_r {y_r.shape} -> Y_r B_r {z_partial.shape} -> f̄ -> Z {z_by_hand.shape}")
 
 x_megatron = Tensor(x_values, requires_grad=True)
 with dist.log_collectives() as megatron_forward:
     z_megatron = megatron_mlp(x_megatron)
 with dist.log_collectives() as megatron_backward:
     z_megatron.backward(grad_z)
+by_hand_error = max(max_error(z_by_hand, z_megatron), max_error(x_by_hand.grad, x_megatron.grad))
+say(f"   the module computes what the lines above do: max error {by_hand_error:.1e} (Z and dX)")
 say("   forward, ParallelMLP (f̄ after B):")
 say(indent(megatron_forward.table()))
 say("   backward (f before A):")
@@ -204,12 +223,12 @@ say(f"   {'':18}" + "".join(f"{label:>9}" for label in ["Z", "dX"] + [f"d{symbol
 worst = 0.0
 for label, sharded, x_sharded, z_sharded in (("sync-point (1)", sync_mlp, x_sync, z_sync),
                                                ("Megatron (2)", megatron_mlp, x_megatron, z_megatron)):
-    grads = gather_serial_grads(sharded)
+    grads = gather_serial_grads(sharded, mesh.tp)
     errors = [max_error(z_sharded, z_serial), max_error(x_sharded.grad, x_serial.grad)]
     errors += [max_error(grads[name], serial_parameters[name].grad) for name in symbols]
     worst = max(worst, *errors)
     say(f"   {label:18}" + "".join(f"{e:9.1e}" for e in errors))
-worst = mesh.world.comm.allreduce(worst, op=MPI.MAX)
+worst = mesh.world.comm.allreduce(max(worst, by_hand_error), op=MPI.MAX)
 megatron_is_one_each_way = (megatron_forward.count() == megatron_forward.count("all_reduce") == 1
                             and megatron_backward.count() == megatron_backward.count("all_reduce") == 1)
 
@@ -217,12 +236,12 @@ megatron_is_one_each_way = (megatron_forward.count() == megatron_forward.count("
 # Where next: the other half of a transformer layer. tutorials/attention.py splits self-attention the
 # same way -- heads are independent, so each rank takes whole heads (the qkv projection by columns, the
 # output projection by rows) -- with again one all-reduce forward and one backward, and corrects the
-# mistakes in the seed notebook's attention sketch. Together the two give the paper's count: 2
+# mistakes in the notebook's attention sketch. Together the two give the paper's count: 2
 # all-reduces forward and 2 backward per layer, each of s×b×h.
 # ---------------------------------------------------------------------------------------------------
 say("\nnext: mpirun -n 4 python tutorials/attention.py (whole heads per rank, the same one all-reduce each way)")
 verdict(worst <= 1e-12 and megatron_is_one_each_way,
-        f"sharded MLP == serial MLP (max error {worst:.1e}, output and all gradients, both splits) "
-        f"on {ranks(tp_size)}",
+        f"sharded MLP == serial MLP (max error {worst:.1e}, output and all gradients, both splits, "
+        f"and the hand-written one) on {ranks(tp_size)}",
         failure=f"max error {worst:.1e} (must be <= 1e-12); Megatron collectives forward "
                 f"{megatron_forward.count()}, backward {megatron_backward.count()} (must be 1 all-reduce each)")

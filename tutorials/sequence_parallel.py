@@ -11,7 +11,7 @@ same work on it. Korthikanti et al. 2022 ("Reducing Activation Recomputation in 
 Models", section 4.2.2) split those parts along the sequence instead: rank r of t keeps tokens
 [r·s/t, (r+1)·s/t).
 
-The seed notebook ("Sequence Parallelism", shared/seeds/000_c7951c7fdd5b7433.txt) makes two remarks:
+A learner's notebook on tensor parallelism (its part "Sequence Parallelism") makes two remarks:
 LayerNorm does not mix tokens, and dropout is elementwise. This file makes each precise, then answers
 the two questions the seed leaves open:
 
@@ -30,8 +30,7 @@ import numpy
 from mpi4py import MPI
 
 from minitp import Tensor, backend, dist, nn, no_grad, track_saved
-from minitp.parallel import (ParallelTransformerBlock, SequenceParallelDropout, SequenceParallelLayerNorm,
-                             load_serial_state)
+from minitp.parallel import ParallelTransformerBlock, SequenceParallelDropout, SequenceParallelLayerNorm
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
@@ -69,7 +68,7 @@ x_values = backend.from_host(rng.standard_normal((seq, batch, hidden)))  # the s
 # 1. LayerNorm normalises each token alone.
 #
 # LayerNorm(x)[i, j] = (x[i, j] - mean_j) / std_j * weight + bias, where mean_j and std_j are taken over
-# the h features of token (i, j) only. The seed shows it with rows that are constant: they normalise to
+# the h features of token (i, j) only. The notebook shows it with rows that are constant: they normalise to
 # exactly 0, which can only happen if each row's mean is its own. Sharper: change one token and see which
 # outputs move. Only that token's row does -- the Jacobian is block-diagonal, one h×h block per token --
 # so normalising a block of tokens on its own gives exactly that block of the full result. Each rank
@@ -87,15 +86,15 @@ with no_grad():
 say(f"   change one feature of token 7, batch entry 1: the output rows that move are (token, batch entry) "
     f"{[tuple(map(int, where)) for where in numpy.argwhere(moved)]}, 1 of {seq * batch}")
 
-sp_layer_norm = SequenceParallelLayerNorm(hidden, dtype=dtype)
-load_serial_state(sp_layer_norm, layer_norm.state_dict())  # replicated: every rank takes the whole weight
+sp_layer_norm = SequenceParallelLayerNorm(hidden, dtype=dtype, group=mesh.tp)
+sp_layer_norm.load_state_dict(layer_norm.state_dict())  # the same random weights: replicated, every rank holds them whole
 with no_grad():
     my_normalised = sp_layer_norm(Tensor(dist.split(x_values, mesh.tp, axis=0))).data
 ln_error = max_error(my_normalised, dist.split(normalised, mesh.tp, axis=0))
 each_rank(f"{my_tokens} {my_normalised.shape}: LayerNorm of my tokens alone vs those rows of the serial "
           f"output: max error {ln_error:.1e}")
 
-# Which tokens? The seed stores (b, s, h), flattens it to (b·s, h) rows and cuts the rows in halves:
+# Which tokens? The notebook stores (b, s, h), flattens it to (b·s, h) rows and cuts the rows in halves:
 # row = batch·s + token, so the first half is batch entry 0 -- a split of the batch (that is data
 # parallelism), or, with more ranks than entries, pieces of single sequences. The papers store (s, b, h):
 # row = token·b + batch, so cutting rows (or cutting s) gives rank r tokens [r·s/t, (r+1)·s/t) of EVERY
@@ -106,22 +105,22 @@ each_rank(f"{my_tokens} {my_normalised.shape}: LayerNorm of my tokens alone vs t
 #   - s is long (2048 in the paper's models) and divides by the usual t; the micro-batch b that one
 #     tensor-parallel group works on is often as small as 1 -- nothing to split -- and splitting the
 #     batch is data parallelism's job anyway.
-# (The seed's `layernorm1 = layernorm(embedding1)` also, perhaps by accident, uses ONE LayerNorm for
+# (The notebook's `layernorm1 = layernorm(embedding1)` also, perhaps by accident, uses ONE LayerNorm for
 # both halves: right, the weight must be the same on every rank -- and section 5 shows what that implies.)
-seed_rows = batch * seq // tp_size  # the seed's cut: rows [r·b·s/t, (r+1)·b·s/t) of (b·s, h), row = entry·s+token
-seed_pieces = [(row // seq, row % seq) for row in range(rank * seed_rows, (rank + 1) * seed_rows)]
-seed_text = ", ".join(
-    f"entry {entry} " + span(min(token for e, token in seed_pieces if e == entry),
-                             sum(1 for e, _ in seed_pieces if e == entry), "token")
-    for entry in sorted({e for e, _ in seed_pieces}))
-if tp_size > 1 and seed_rows % seq == 0:
-    seed_text += ": whole sequences, a batch split"
-each_rank(f"split s of (s, b, h): {my_tokens} of every entry, one block  |  seed's (b·s, h) rows: {seed_text}")
+notebook_rows = batch * seq // tp_size  # the notebook's cut: rows [r·b·s/t, (r+1)·b·s/t) of (b·s, h), row = entry·s+token
+notebook_pieces = [(row // seq, row % seq) for row in range(rank * notebook_rows, (rank + 1) * notebook_rows)]
+notebook_text = ", ".join(
+    f"entry {entry} " + span(min(token for e, token in notebook_pieces if e == entry),
+                             sum(1 for e, _ in notebook_pieces if e == entry), "token")
+    for entry in sorted({e for e, _ in notebook_pieces}))
+if tp_size > 1 and notebook_rows % seq == 0:
+    notebook_text += ": whole sequences, a batch split"
+each_rank(f"split s of (s, b, h): {my_tokens} of every entry, one block  |  notebook's (b·s, h) rows: {notebook_text}")
 
 # ---------------------------------------------------------------------------------------------------
 # 2. Dropout is elementwise -- but its mask must be the serial mask's slice.
 #
-# The seed: "dropout is a per element operation", so it can run on any block of the tensor. True, and
+# The notebook: "dropout is a per element operation", so it can run on any block of the tensor. True, and
 # not enough: the sharded model is the serial model only if every element is dropped in both or in
 # neither. A stateful generator (numpy.random, torch.manual_seed) hands out numbers in the order they
 # are asked for: a rank seeded like the serial run draws the serial run's FIRST s/t rows of numbers, not
@@ -134,7 +133,7 @@ dropout_seed = 7
 ones = backend.xp.ones((seq, batch, hidden), dtype=dtype)
 with no_grad():
     serial_keep = nn.Dropout(p, seed=dropout_seed)(Tensor(ones)).data != 0
-    my_keep = SequenceParallelDropout(p, seed=dropout_seed)(Tensor(dist.split(ones, mesh.tp, axis=0))).data != 0
+    my_keep = SequenceParallelDropout(p, seed=dropout_seed, group=mesh.tp)(Tensor(dist.split(ones, mesh.tp, axis=0))).data != 0
 masks_agree = bool((my_keep == dist.split(serial_keep, mesh.tp, axis=0)).all())
 stateful_serial = numpy.random.default_rng(dropout_seed).random((seq, batch, hidden)) >= p
 stateful_mine = numpy.random.default_rng(dropout_seed).random(tuple(my_keep.shape)) >= p
@@ -167,8 +166,7 @@ serial_block = nn.TransformerBlock(hidden, heads, ffn_hidden, dropout=p, attenti
 blocks = {"serial": serial_block}
 for name, sequence_parallel in (("TP", False), ("TP+SP", True)):
     blocks[name] = ParallelTransformerBlock(hidden, heads, ffn_hidden, dropout=p, attention_dropout=p, seed=0,
-                                            dtype=dtype, sequence_parallel=sequence_parallel)
-    load_serial_state(blocks[name], serial_block.state_dict())
+                                            dtype=dtype, sequence_parallel=sequence_parallel, group=mesh.tp)
 grad_y = backend.from_host(rng.standard_normal((seq, batch, hidden)))  # dL/dy from the layers above
 
 saved, forward_logs, backward_logs = {}, {}, {}
@@ -295,7 +293,7 @@ serial_out.backward(grad_normalised)
 
 sp_layer_norm.zero_grad()
 my_x = Tensor(dist.split(x_values, mesh.tp, axis=0), requires_grad=True)
-my_out = SequenceParallelDropout(p, seed=dropout_seed)(sp_layer_norm(my_x))
+my_out = SequenceParallelDropout(p, seed=dropout_seed, group=mesh.tp)(sp_layer_norm(my_x))
 my_out.backward(dist.split(grad_normalised, mesh.tp, axis=0))
 errors = {"output": max_error(my_out, dist.split(serial_out.data, mesh.tp, axis=0)),
           "dx": max_error(my_x.grad, dist.split(serial_x.grad, mesh.tp, axis=0)),

@@ -28,7 +28,7 @@ import numpy
 from mpi4py import MPI
 
 from minitp import checkpoint, dist
-from minitp.nn import GPT, AdamW
+from minitp.nn import GPT, AdamW, GPTConfig
 from minitp.parallel.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
 from minitp.report import say
@@ -88,8 +88,10 @@ def batch_at(data, step, batch, seq, seed=0):
 # ---------------------------------------------------------------------------------------------------
 # 2. The model on the mesh.
 #
-# ParallelGPT is nn.GPT with every layer swapped for its tensor-parallel twin; it builds the serial
-# GPT-2 initialisation from the seed and keeps its shard, so every mesh starts from the same weights.
+# A GPTConfig describes the model once. ParallelGPT is nn.GPT built from tensor-parallel layers: each
+# rank draws only its shards of the serial GPT-2 initialisation (a weight's values are a function of the
+# seed, its name and its index), so every mesh starts from the same weights and no rank ever holds the
+# whole model.
 # AdamW is built from named_parameters(): its state is keyed by the serial names, which is what lets a
 # checkpoint hold it in serial shapes.
 # ---------------------------------------------------------------------------------------------------
@@ -97,12 +99,12 @@ def batch_at(data, step, batch, seq, seed=0):
 
 def build(args, vocab, mesh, dtype):
     """(model, optimizer): a ParallelGPT on ``mesh``, or with ``mesh=None`` the serial nn.GPT."""
-    config = dict(vocab=vocab, seq_len=args.seq, hidden=args.hidden, heads=args.heads, layers=args.layers,
-                  dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype)
+    config = GPTConfig(vocab=vocab, seq_len=args.seq, hidden=args.hidden, heads=args.heads, layers=args.layers,
+                       dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype)
     if mesh is None:
-        model = GPT(**config)
+        model = GPT(config)
     else:
-        model = ParallelGPT(**config, sequence_parallel=args.sequence_parallel, mesh=mesh)
+        model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel)
     optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return model, optimizer
 

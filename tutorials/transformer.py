@@ -30,7 +30,7 @@ from mpi4py import MPI
 
 from minitp import Tensor, backend, dist
 from minitp.nn import TransformerBlock
-from minitp.parallel import (ParallelTransformerBlock, gather_serial_grads, load_serial_state,
+from minitp.parallel import (ParallelTransformerBlock, gather_serial_grads,
                              scatter_to_sequence_parallel_region)
 from minitp.report import banner, indent, ranks, say, verdict
 from minitp.testing import max_error
@@ -84,19 +84,21 @@ say(f"sizes: seq s={seq}, batch b={batch}, hidden h={hidden}, heads a={heads} of
 # 1. The serial block, and each rank's blocks of its weights.
 #
 # Every rank builds the serial TransformerBlock from the same seed (the reference), then the parallel
-# block, and load_serial_state cuts each rank's blocks out of the serial weights: qkv and fc1 by columns
+# block from that seed too: it is the same TransformerBlock, built from tensor-parallel layers, and each
+# of those draws only the rank's block of the serial weights (a value is a function of the seed, its
+# name and its global index: minitp.nn.init), so nothing is loaded and no rank holds a whole weight
+# it does not own: qkv and fc1 by columns
 # (the column-parallel layers; qkv's columns are head-major, so a block of them is a set of whole heads),
 # proj and fc2 by rows (row-parallel). The rest is replicated, whole on every rank: both LayerNorms and
 # the biases of proj and fc2, which are added once, after the sum over ranks. Under sequence parallelism
 # these replicated weights meet only the rank's tokens, so their gradients are all-reduced in backward
 # (sequence_parallel.py, section 5).
 # ---------------------------------------------------------------------------------------------------
-say("\n1. Each rank's blocks of the serial weights (load_serial_state cuts them)")
+say("\n1. Each rank's blocks of the serial weights (each rank draws only its own)")
 serial = TransformerBlock(hidden, heads, ffn_hidden, causal=True, dropout=p, attention_dropout=p, seed=0,
                           dtype=dtype)
 block = ParallelTransformerBlock(hidden, heads, ffn_hidden, causal=True, dropout=p, attention_dropout=p, seed=0,
-                                 dtype=dtype, sequence_parallel=True)
-load_serial_state(block, serial.state_dict())
+                                 dtype=dtype, sequence_parallel=True, group=mesh.tp)
 
 
 def block_of(parameter):
@@ -149,7 +151,7 @@ def watch(module, stage, holds):
     module.forward = forward
 
 
-first_head, first_column = block.attention.heads_offset, rank * ffn_per_rank
+first_head, first_column = rank * block.attention.heads, rank * ffn_per_rank
 my_heads = span(first_head, block.attention.heads, "head")
 my_columns = f"ffn {first_column}-{first_column + ffn_per_rank - 1}"
 watch(block.ln1, "ln1 (its tokens, no communication)", my_tokens)
@@ -166,7 +168,7 @@ watch(block.mlp.dropout, "dropout, then + x' = y", my_tokens)
 x = Tensor(x_values, requires_grad=True)
 stages.append(("x, the block's input (replicated)", tuple(x.shape), all_tokens))
 with dist.log_collectives() as forward_log:
-    x_mine = scatter_to_sequence_parallel_region(x, tag="block input")
+    x_mine = scatter_to_sequence_parallel_region(x, mesh.tp, tag="block input")
     stages.append(("scatter: enter the SP region", tuple(x_mine.shape), my_tokens))
     y = block(x_mine)
 with dist.log_collectives() as backward_log:
@@ -227,7 +229,7 @@ say("\nThe check: TP+SP block vs serial TransformerBlock, max |error|")
 x_serial = Tensor(x_values, requires_grad=True)
 y_serial = serial(x_serial)
 y_serial.backward(grad_y)
-grads = gather_serial_grads(block)
+grads = gather_serial_grads(block, mesh.tp)
 errors = {"y, each rank's tokens": max_error(y, dist.split(y_serial.data, mesh.tp, axis=0)),
           "dL/dx, whole on every rank": max_error(x.grad, x_serial.grad)}
 errors.update({f"d {name}": max_error(grads[name], parameter.grad) for name, parameter in serial.named_parameters()})

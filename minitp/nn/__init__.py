@@ -5,15 +5,16 @@ Every layer takes its activations as (s, b, h), sequence first, and works in flo
 is proven equal to.
 """
 from minitp.nn.attention import MultiHeadAttention, attention_core
-from minitp.nn.gpt import GPT
+from minitp.nn.builders import SERIAL, SerialLayers
+from minitp.nn.gpt import GPT, GPTConfig
 from minitp.nn.init import derive_seed
 from minitp.nn.layers import GELU, Dropout, Embedding, LayerNorm, Linear
 from minitp.nn.mlp import MLP
 from minitp.nn.module import Module, ModuleList, Parameter
 from minitp.nn.optim import SGD, AdamW, Optimizer
-from minitp.nn.recompute import checkpoint
+from minitp.nn.recompute import recompute
 from minitp.nn.transformer import TransformerBlock
 
-__all__ = ["AdamW", "Dropout", "Embedding", "GELU", "GPT", "LayerNorm", "Linear", "MLP", "Module", "ModuleList",
-           "MultiHeadAttention", "Optimizer", "Parameter", "SGD", "TransformerBlock", "attention_core",
-           "checkpoint", "derive_seed"]
+__all__ = ["AdamW", "Dropout", "Embedding", "GELU", "GPT", "GPTConfig", "LayerNorm", "Linear", "MLP", "Module",
+           "ModuleList", "MultiHeadAttention", "Optimizer", "Parameter", "SERIAL", "SGD", "SerialLayers",
+           "TransformerBlock", "attention_core", "derive_seed", "recompute"]

@@ -10,7 +10,8 @@ own q, k and v columns. That is what lets Megatron (Shoeybi et al. 2019, section
 heads: ``qkv`` split by columns (a column-parallel layer), ``proj`` split by rows (row-parallel), and the
 attention core of a rank's heads computed with no communication at all.
 
-Where the seed notebook (shared/seeds/000_c7951c7fdd5b7433.txt, "3. MHA") goes wrong, and the line here
+Where a learner's notebook on tensor parallelism goes wrong in its multi-head attention sketch (its part
+"3. MHA", which splits q, k and v over GPUs by hand), and the line here
 that does it right:
 
 1. ``ks = q.reshape(...)`` and ``vs = q.reshape(...)``: k and v are cut from q, so every "key" and "value"
@@ -18,8 +19,8 @@ that does it right:
 2. ``q.reshape(3, B*heads, S, -1)`` then ``reshape(num_gpus, B*heads/num_gpus, ...)``: the flattened axis
    is batch-major (index = batch * heads + head), so cutting it into num_gpus blocks gives GPU 0 the first
    half of the *batch* with all its heads: data parallelism, not head parallelism. Here heads keep their
-   own axis, (b, a, s, d), and a head-parallel rank takes a block of that axis (``heads_offset`` in
-   ``attention_core``). (The same line also hard-codes the sequence length 120.)
+   own axis, (b, a, s, d), and a head-parallel rank takes a block of that axis (its attention dropout
+   says so: ``splits`` on axis 1). (The same line also hard-codes the sequence length 120.)
 3. ``for i in qs: qs[i].to(f'cuda:{i}')``: iterating a tuple yields its tensors, which are then used as
    indices into the tuple, and ``.to()`` returns a new tensor that the loop throws away, so nothing moves.
    Here nothing needs moving: each MPI rank computes its own heads where its weights already are.
@@ -34,21 +35,19 @@ import numpy
 
 from minitp import functional as F
 from minitp.nn import init
-from minitp.nn.layers import Dropout, Linear
+from minitp.nn.builders import SERIAL
 from minitp.nn.module import Module
-from minitp.nn.recompute import check_recompute, checkpoint
+from minitp.nn.recompute import check_recompute, recompute
 
 
-def attention_core(q, k, v, causal, dropout, heads_offset=0, heads_total=None):
+def attention_core(q, k, v, causal, dropout):
     """softmax(q k^T / sqrt(d)) v for q, k, v of shape (b, a, s, d) -> (b, a, s, d).
 
-    ``dropout`` (a ``Dropout`` module, or None) drops attention probabilities. ``heads_offset`` and
-    ``heads_total`` say where these a heads sit among all the model's heads: a head-parallel rank holding
-    heads [heads_offset, heads_offset + a) of heads_total draws exactly its slice of the serial model's
-    (b, heads_total, s, s) dropout mask. Serially both keep their defaults (all heads, from 0).
+    ``dropout`` (a ``Dropout`` module, or None) drops attention probabilities; on a head-parallel rank
+    its ``splits`` place the rank's a heads among all the model's, so it draws exactly its slice of the
+    serial model's (b, heads, s, s) mask.
     """
-    batch, heads, seq, head_dim = q.shape
-    heads_total = heads if heads_total is None else heads_total
+    head_dim = q.shape[-1]
     # scale q (s*d numbers) rather than the scores (s*s per head): the same product, less work
     # (b, a, s, d) @ (b, a, d, s) = (b, a, s, s): row i holds query i's score against every key
     scores = F.matmul(F.mul(q, head_dim ** -0.5), F.transpose(k, (0, 1, 3, 2)))
@@ -56,7 +55,7 @@ def attention_core(q, k, v, causal, dropout, heads_offset=0, heads_total=None):
         scores = F.causal_mask(scores)  # query i may not attend to keys j > i: their scores become -inf
     probs = F.softmax(scores, axis=-1)  # over the keys
     if dropout is not None:
-        probs = dropout(probs, global_shape=(batch, heads_total, seq, seq), offset=(0, heads_offset, 0, 0))
+        probs = dropout(probs)
     return F.matmul(probs, v)  # (b, a, s, s) @ (b, a, s, d) = (b, a, s, d)
 
 
@@ -79,20 +78,22 @@ class MultiHeadAttention(Module):
     recompute = None  # None or "selective"
 
     def __init__(self, hidden, heads, causal=True, attention_dropout=0.0, dropout=0.0, seed=0,
-                 dtype=numpy.float32, recompute=None):
+                 dtype=numpy.float32, recompute=None, init_std=None, output_std=None, layers=SERIAL):
         super().__init__()
         if heads < 1 or hidden % heads:
             raise ValueError(f"heads ({heads}) must divide hidden ({hidden})")
         self.recompute = check_recompute(recompute, (None, "selective"), type(self).__name__)
-        self.hidden, self.heads, self.head_dim, self.causal = hidden, heads, hidden // heads, causal
-        # Which of the model's heads this module computes: all of them here. ``ParallelAttention`` reuses
-        # this forward on a rank's heads [heads_offset, heads_offset + heads) of heads_total.
-        self.heads_offset, self.heads_total = 0, heads
-        self.qkv = Linear(hidden, 3 * hidden, dtype=dtype, seed=init.derive_seed(seed, "qkv"))
-        self.attention_dropout = Dropout(attention_dropout, seed=init.derive_seed(seed, "attention_dropout"),
-                                         batch_axis=0)  # probabilities are (b, a, s, s)
-        self.proj = Linear(hidden, hidden, dtype=dtype, seed=init.derive_seed(seed, "proj"))
-        self.dropout = Dropout(dropout, seed=init.derive_seed(seed, "dropout"))
+        self.hidden, self.head_dim, self.causal = hidden, hidden // heads, causal
+        self.heads_total = heads
+        # the heads computed here: all of them serially, a/t on a tensor-parallel rank
+        self.heads = layers.local(heads, "heads (whole heads per tensor-parallel rank)")
+        self.qkv = layers.column_linear(hidden, 3 * hidden, dtype=dtype, seed=init.derive_seed(seed, "qkv"),
+                                        std=init_std, tag="attention qkv")
+        self.attention_dropout = layers.attention_dropout(attention_dropout,
+                                                          init.derive_seed(seed, "attention_dropout"))
+        self.proj = layers.row_linear(hidden, hidden, dtype=dtype, seed=init.derive_seed(seed, "proj"),
+                                      std=output_std, tag="attention proj")
+        self.dropout = layers.dropout(dropout, init.derive_seed(seed, "dropout"))
 
     def forward(self, x):
         if x.shape[-1] != self.hidden:
@@ -108,11 +109,10 @@ class MultiHeadAttention(Module):
                    for part in F.split(qkv, 3, axis=3))
 
         def core(q, k, v):
-            return attention_core(q, k, v, self.causal, self.attention_dropout,
-                                  heads_offset=self.heads_offset, heads_total=self.heads_total)
+            return attention_core(q, k, v, self.causal, self.attention_dropout)
         if self.recompute == "selective":
             # keep q, k, v (3sbh); the 5as^2b bytes of scores, probabilities and mask are re-made in backward
-            context = checkpoint(core, q, k, v, modules=[self.attention_dropout])
+            context = recompute(core, q, k, v, modules=[self.attention_dropout])
         else:
             context = core(q, k, v)
         # (b, a, s, d) -> (s, b, a, d) -> (s, b, a*d): head i's d features land in columns [d*i, d*(i+1)),
@@ -121,4 +121,5 @@ class MultiHeadAttention(Module):
         return self.dropout(self.proj(context))  # (s, b, a*d) @ (a*d, h) = (s, b, h)
 
     def extra_repr(self):
-        return f"{self.hidden}, heads={self.heads}, causal={self.causal}"
+        here = f" ({self.heads} on this rank)" if self.heads != self.heads_total else ""
+        return f"{self.hidden}, heads={self.heads_total}{here}, causal={self.causal}"

@@ -3,17 +3,21 @@ language-model head.
 
     ids (s, b) --wte--> (s, b, h) + wpe(0..s-1) (s, 1, h) --drop--> blocks --ln_f--> --lm_head--> (s, b, v)
 
-Token ids are (s, b), sequence first, like every activation in minitp.
+Token ids are (s, b), sequence first, like every activation in minitp. ``GPTConfig`` describes a model
+once; ``GPT(config)`` builds it serially, ``minitp.parallel.ParallelGPT(config, mesh)`` builds the same
+model from tensor-parallel layers, each rank only its shards.
 """
+
+import dataclasses
 import math
 
 import numpy
 
 from minitp import backend
-from minitp import functional as F
 from minitp.autograd import Tensor, no_grad
 from minitp.nn import init
-from minitp.nn.layers import Dropout, Embedding, LayerNorm, Linear
+from minitp.nn.builders import SERIAL
+from minitp.nn.layers import Embedding
 from minitp.nn.module import Module, ModuleList
 from minitp.nn.transformer import TransformerBlock
 
@@ -21,67 +25,106 @@ INIT_STD = 0.02
 """GPT-2's initial standard deviation for every weight matrix and embedding."""
 
 
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Everything that defines a GPT: its shapes, its dropout, its initial weights (``seed``) and dtype.
+
+    ``ffn_hidden`` defaults to 4·hidden, ``attention_dropout`` to ``dropout``. Used by ``GPT``,
+    ``ParallelGPT``, ``train_gpt.py`` and checkpoints (which store it and refuse another).
+    ``ValueError`` for sizes that are not positive integers or heads that do not divide hidden.
+    """
+
+    vocab: int
+    seq_len: int
+    hidden: int
+    heads: int
+    layers: int
+    ffn_hidden: int = None
+    dropout: float = 0.0
+    attention_dropout: float = None
+    tie_embeddings: bool = False
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        # a frozen dataclass fills in its derived defaults through object.__setattr__
+        object.__setattr__(self, "dtype", numpy.dtype(self.dtype).name)
+        if self.ffn_hidden is None:
+            object.__setattr__(self, "ffn_hidden", 4 * self.hidden)
+        if self.attention_dropout is None:
+            object.__setattr__(self, "attention_dropout", self.dropout)
+        for name in ("vocab", "seq_len", "hidden", "heads", "layers", "ffn_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive integer, got {value!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"GPTConfig: heads ({self.heads}) must divide hidden ({self.hidden})")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
 class GPT(Module):
-    """A GPT-2 language model over ``vocab`` tokens and contexts of at most ``seq_len`` tokens.
+    """A GPT-2 language model over ``config.vocab`` tokens and contexts of at most ``config.seq_len``.
 
     Sublayers: ``wte`` (vocab, h) token embedding, ``wpe`` (seq_len, h) position embedding, ``drop``
     (embedding dropout), ``blocks`` (a ModuleList of ``layers`` TransformerBlocks), ``ln_f``, and
-    ``lm_head`` (Linear h -> vocab, no bias). With ``tie_embeddings`` there is no ``lm_head``: the logits
-    are x @ wte.weight^T, reusing the token embedding (as GPT-2 does).
+    ``lm_head`` (h -> vocab, no bias). With ``tie_embeddings`` there is no ``lm_head``: the logits
+    are x @ wte.weightᵀ, reusing the token embedding (as GPT-2 does).
 
-    Initialisation is GPT-2's (Radford et al. 2019): weights and embeddings N(0, 0.02^2), biases 0,
+    Initialisation is GPT-2's (Radford et al. 2019): weights and embeddings N(0, 0.02²), biases 0,
     LayerNorm weight 1, and the two projections that write into the residual stream (``attention.proj``
-    and ``mlp.fc2``) scaled by 1/sqrt(2 * layers), since 2 * layers of them add up along the stream.
-    ``attention_dropout`` defaults to ``dropout``.
+    and ``mlp.fc2``) scaled by 1/sqrt(2·layers), since 2·layers of them add up along the stream. Each
+    value is drawn once, where it lives (``minitp.nn.init``).
+
+    ``layers``: where the layers come from (``minitp.nn.builders``); ``ParallelGPT`` passes the
+    tensor-parallel ones.
     """
 
-    def __init__(self, vocab, seq_len, hidden, heads, layers, ffn_hidden=None, dropout=0.0, seed=0,
-                 tie_embeddings=False, attention_dropout=None, dtype=numpy.float32):
+    def __init__(self, config, layers=SERIAL):
         super().__init__()
-        self.vocab, self.seq_len, self.hidden, self.heads, self.layers = vocab, seq_len, hidden, heads, layers
-        attention_dropout = dropout if attention_dropout is None else attention_dropout
-        self.wte = Embedding(vocab, hidden, dtype=dtype, seed=init.derive_seed(seed, "wte"))
-        self.wpe = Embedding(seq_len, hidden, dtype=dtype, seed=init.derive_seed(seed, "wpe"))
-        self.drop = Dropout(dropout, seed=init.derive_seed(seed, "drop"))
+        self.config = config
+        seed, dtype, h = config.seed, numpy.dtype(config.dtype), config.hidden
+        self.vocab, self.seq_len, self.hidden, self.heads = config.vocab, config.seq_len, h, config.heads
+        self.layers, self.tie_embeddings = config.layers, config.tie_embeddings
+        self.builders = layers
+        residual_std = INIT_STD / math.sqrt(2 * config.layers)
+        self.wte = layers.vocab_embedding(config.vocab, h, dtype=dtype, seed=init.derive_seed(seed, "wte"),
+                                          std=INIT_STD, tag="wte")
+        # replicated on every rank: seq_len×h is small next to vocab×h
+        self.wpe = Embedding(config.seq_len, h, dtype=dtype, seed=init.derive_seed(seed, "wpe"), std=INIT_STD)
+        self.drop = layers.dropout(config.dropout, init.derive_seed(seed, "drop"))
         self.blocks = ModuleList(
-            TransformerBlock(hidden, heads, ffn_hidden, causal=True, dropout=dropout,
-                             attention_dropout=attention_dropout, seed=init.derive_seed(seed, f"blocks.{i}"),
-                             dtype=dtype)
-            for i in range(layers))
-        self.ln_f = LayerNorm(hidden, dtype=dtype)
-        self.tie_embeddings = tie_embeddings
-        self.lm_head = None if tie_embeddings else Linear(hidden, vocab, bias=False, dtype=dtype)
-        self._init_gpt2(numpy.random.default_rng(init.derive_seed(seed, "init")))
-
-    def _init_gpt2(self, rng):
-        residual_std = INIT_STD / math.sqrt(2 * self.layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (Linear, Embedding)):
-                writes_residual = name.endswith(("attention.proj", "mlp.fc2"))
-                std = residual_std if writes_residual else INIT_STD
-                module.weight.data[...] = init.normal(module.weight.shape, std, rng, module.weight.dtype)
-            if isinstance(module, Linear) and module.bias is not None:
-                module.bias.data[...] = 0
+            TransformerBlock(h, config.heads, config.ffn_hidden, causal=True, dropout=config.dropout,
+                             attention_dropout=config.attention_dropout, seed=init.derive_seed(seed, f"blocks.{i}"),
+                             dtype=dtype, init_std=INIT_STD, output_std=residual_std, layers=layers)
+            for i in range(config.layers))
+        self.ln_f = layers.norm(h, dtype=dtype, tag="ln_f")
+        self.lm_head = None if config.tie_embeddings else layers.column_linear(
+            h, config.vocab, bias=False, dtype=dtype, seed=init.derive_seed(seed, "lm_head"), std=INIT_STD,
+            tag="lm_head")
 
     def forward(self, ids):
-        """ids (s, b) integers -> logits (s, b, vocab)."""
+        """ids (s, b) integers -> logits (s, b, vocab); on a tensor-parallel rank (s, b, vocab/t), the
+        columns of its vocabulary range."""
+        ids = ids.data if isinstance(ids, Tensor) else ids
         seq = ids.shape[0]
         if seq > self.seq_len:
             raise ValueError(f"a sequence of {seq} tokens is longer than the model's seq_len {self.seq_len}")
-        xp = backend.array_module(self.wpe.weight.data)
-        # (s, b, h) + (s, 1, h): every sequence in the batch gets the same position vectors
-        x = self.wte(ids) + self.wpe(xp.arange(seq)[:, None])
+        # (s, b, h) + (s, 1, h): every sequence in the batch gets the same position vectors (under
+        # sequence parallelism, (s/t, b, h) + (s/t, 1, h): this rank's tokens and their positions)
+        x = self.wte(ids) + self.builders.positions(self.wpe, seq)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
         if self.lm_head is not None:
             return self.lm_head(x)  # (s, b, h) @ (h, v) = (s, b, v)
-        return F.matmul(x, F.transpose(self.wte.weight))  # (s, b, h) @ (h, v), the tied table
+        return self.builders.tied_logits(x, self.wte.weight)  # (s, b, h) @ (h, v), the tied table
 
     def loss(self, ids, targets):
         """Mean cross-entropy of the next-token predictions: ``targets`` (s, b) are the ids to predict."""
-        return F.cross_entropy(self(ids), targets)
+        return self.builders.cross_entropy(self(ids), targets)
 
     def generate(self, ids, steps, temperature=1.0, rng=None):
         """Extend ``ids`` (s, b) by ``steps`` tokens -> (s + steps, b), on ``ids``'s own host/device.
@@ -97,6 +140,9 @@ class GPT(Module):
         """The logits of the token after ``tokens`` (s, b), host ids: (b, vocab), float64 on the host."""
         context = backend.from_host(tokens[-self.seq_len:])
         return backend.to_host(self(context).data[-1]).astype(numpy.float64)
+
+    def extra_repr(self):
+        return ", ".join(f"{key}={value}" for key, value in self.config.to_dict().items())
 
 
 def generate_tokens(model, ids, steps, temperature=1.0, rng=None):

@@ -8,6 +8,7 @@ import math
 import numpy
 
 from minitp import functional as F
+from minitp import rng
 from minitp.nn import init
 from minitp.nn.module import Module, Parameter
 
@@ -19,17 +20,36 @@ class Linear(Module):
     a column-parallel layer splits A by columns (the ``out`` axis, ``W[:, j0:j1]``), a row-parallel
     layer by rows (the ``in`` axis, ``W[i0:i1, :]``).
 
-    Initialised as torch's ``nn.Linear``: W and b uniform in +-1/sqrt(in_features), drawn from ``rng``
-    (or a generator seeded with ``seed``). The GPT re-initialises its layers GPT-2 style.
+    Initialised as torch's ``nn.Linear`` (W and b uniform in ±1/sqrt(in_features)), or with ``std``
+    GPT-2's way (W ~ N(0, std²), b = 0); every value a pure function of (``seed``, its name, its index),
+    ``minitp.nn.init``.
+
+    The tensor-parallel layers are this class with ``weight_split_axis``/``bias_split_axis`` set and
+    ``shard=(index, parts)``, the rank's block of the split axes: they draw only that block of the
+    serial layer's weights. Serially ``shard=(0, 1)``: the whole.
     """
 
-    def __init__(self, in_features, out_features, bias=True, dtype=numpy.float32, seed=0, rng=None):
+    weight_split_axis = bias_split_axis = None  # serially nothing is split
+
+    def __init__(self, in_features, out_features, bias=True, dtype=numpy.float32, seed=0, std=None, shard=(0, 1)):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        rng = init.rng_from(seed, rng)
-        bound = 1 / math.sqrt(in_features)
-        self.weight = Parameter(init.uniform((in_features, out_features), bound, rng, dtype))
-        self.bias = Parameter(init.uniform((out_features,), bound, rng, dtype)) if bias else None
+        place = dict(index=shard[0], parts=shard[1])
+        weight_seed, bias_seed = init.derive_seed(seed, "weight"), init.derive_seed(seed, "bias")
+        if std is None:
+            bound = 1 / math.sqrt(in_features)
+            weight = init.uniform((in_features, out_features), bound, weight_seed, dtype,
+                                  axis=self.weight_split_axis, **place)
+        else:
+            weight = init.normal((in_features, out_features), std, weight_seed, dtype,
+                                 axis=self.weight_split_axis, **place)
+        self.weight = init.parameter(weight, self.weight_split_axis)
+        self.bias = None
+        if bias:
+            bias_shape, _ = init.block((out_features,), self.bias_split_axis, **place)
+            data = (init.zeros(bias_shape, dtype) if std is not None else
+                    init.uniform((out_features,), bound, bias_seed, dtype, axis=self.bias_split_axis, **place))
+            self.bias = init.parameter(data, self.bias_split_axis)
 
     def forward(self, x):
         # (..., in) @ (in, out) = (..., out): one GEMM over every leading (s, b) position
@@ -44,13 +64,19 @@ class Embedding(Module):
     """Row ``i`` of a (num_embeddings, dim) table for each index ``i``: ids (s, b) -> (s, b, dim).
 
     Its backward scatters the incoming gradient rows back into the table (rows of ids that repeat add
-    up); ids themselves get no gradient. Initialised N(0, 1) as in torch.
+    up); ids themselves get no gradient. Initialised N(0, std²), std 1 as in torch; ``seed`` and ``shard``
+    as in ``Linear``. ``VocabParallelEmbedding`` splits the rows (``weight_split_axis = 0``).
     """
 
-    def __init__(self, num_embeddings, dim, dtype=numpy.float32, seed=0, rng=None):
+    weight_split_axis = None
+
+    def __init__(self, num_embeddings, dim, dtype=numpy.float32, seed=0, std=1.0, shard=(0, 1)):
         super().__init__()
         self.num_embeddings, self.dim = num_embeddings, dim
-        self.weight = Parameter(init.normal((num_embeddings, dim), 1.0, init.rng_from(seed, rng), dtype))
+        self.weight = init.parameter(
+            init.normal((num_embeddings, dim), std, init.derive_seed(seed, "weight"), dtype,
+                        axis=self.weight_split_axis, index=shard[0], parts=shard[1]),
+            self.weight_split_axis)
 
     def forward(self, ids):
         return F.embedding(ids, self.weight)
@@ -84,37 +110,36 @@ class Dropout(Module):
     """Zero each element with probability ``p`` and scale the survivors by 1/(1-p) (training only).
 
     The mask is a pure function of (``seed``, ``counter``, the element's global index): ``counter``
-    numbers this module's calls and advances by one per training call. A sharded copy of the model
-    that starts from the same ``seed`` and ``counter`` and passes its block's place in the full tensor
-    (``global_shape``, ``offset``) drops exactly the elements the serial model drops.
+    numbers this module's calls and advances by one per training call.
 
-    Data parallelism cuts one more axis: a replica holds rows [``batch_offset``, ``batch_offset`` + b) of
-    a global batch of ``batch_total`` (set by the model; ``None``: the batch is whole). ``batch_axis``
-    says which axis of the input is the batch: 1 for (s, b, h) activations, 0 for attention's
-    (b, a, s, s) probabilities.
+    **Where this rank's block sits: one mechanism, ``splits``.** A parallel model hands each rank a
+    block of the serial tensor; to drop exactly the elements the serial model drops, the rank draws
+    the mask at its block's global indices. ``splits`` lists how the input is cut, as
+    ``(axis, index, parts)``: "along ``axis`` this is block ``index`` of ``parts`` equal blocks". For
+    example sequence parallelism is ``(0, tp_rank, tp)`` on (s, b, h), head parallelism ``(1, tp_rank, tp)``
+    on attention's (b, a, s, s) probabilities, data parallelism ``(1, dp_rank, dp)`` on (s, b, h). Empty
+    serially: the input is the whole tensor.
     """
 
-    def __init__(self, p=0.0, seed=0, batch_axis=1):
+    def __init__(self, p=0.0, seed=0, splits=()):
         super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        rng.check_probability(p)
         self.p, self.seed, self.counter = p, seed, 0
-        self.batch_axis, self.batch_offset, self.batch_total = batch_axis, 0, None
+        self.splits = tuple(splits)
 
-    def forward(self, x, global_shape=None, offset=None):
+    def forward(self, x):
         if not self.training or self.p == 0:
             return x  # the identity: no mask drawn, the counter does not move
-        if self.batch_total is not None:  # this replica's rows of the global batch's mask
-            global_shape = list(x.shape if global_shape is None else global_shape)
-            offset = list((0,) * x.ndim if offset is None else offset)
-            global_shape[self.batch_axis] = self.batch_total
-            offset[self.batch_axis] += self.batch_offset
+        global_shape, offset = list(x.shape), [0] * x.ndim
+        for axis, index, parts in self.splits:
+            global_shape[axis], offset[axis] = x.shape[axis] * parts, x.shape[axis] * index
         y = F.dropout(x, self.p, self.seed, self.counter, global_shape=global_shape, offset=offset)
         self.counter += 1
         return y
 
     def extra_repr(self):
-        return f"p={self.p}, seed={self.seed}, counter={self.counter}"
+        splits = f", splits={self.splits}" if self.splits else ""
+        return f"p={self.p}, seed={self.seed}, counter={self.counter}{splits}"
 
 
 class GELU(Module):

@@ -1,10 +1,11 @@
 """Activation recomputation: keep a region's inputs, not its intermediates, and run the region again
-in backward (Korthikanti et al. 2022, section 5; Megatron-LM's ``tensor_parallel.checkpoint``).
+in backward (Korthikanti et al. 2022, section 5; Megatron-LM's ``tensor_parallel.checkpoint``, named
+``recompute`` here so that it is not confused with ``minitp.checkpoint``, which saves training to files).
 
 Every op keeps what its backward reads (``save_for_backward``): for a transformer layer that is
 sbh(34 + 5as/h) bytes at 2-byte activations, and the 5as/h term -- attention's (b, a, s, s) softmax,
-its dropout mask and the dropped probabilities -- dominates at long sequences. ``checkpoint`` trades
-those bytes for compute:
+its dropout mask and the dropped probabilities -- dominates at long sequences. ``recompute`` trades
+those bytes for compute (``recompute``):
 
     forward    run the region under ``no_grad``: its ops keep nothing; keep only the region's inputs
     backward   run it again, with grad on, from detached copies of those inputs; back-propagate the
@@ -24,7 +25,7 @@ Two regions, as in the paper:
 
 **The same dropout masks.** A re-run must drop exactly the elements the first run dropped, or the
 gradient belongs to another function. minitp's masks are a pure function of (seed, counter, element
-index), and each ``nn.Dropout`` advances its ``counter`` once per call. So ``checkpoint`` notes the
+index), and each ``nn.Dropout`` advances its ``counter`` once per call. So ``recompute`` notes the
 counters of the Dropout modules in the region before the forward, rewinds them to those values for the
 re-run (which then draws the same masks and advances them to where the forward left them), and finally
 puts back the counters they held when backward began -- the module may have run again since, e.g. for
@@ -44,7 +45,7 @@ def check_recompute(value, allowed, owner):
     return value
 
 
-class CheckpointFunction(Function):
+class RecomputeFunction(Function):
     """Run ``region`` without keeping its intermediates; re-run it in backward.
 
     Positional inputs: the region's ``inputs_count`` activation inputs, then the region's parameters.
@@ -85,7 +86,7 @@ def _set_counters(dropouts, counters):
         dropout.counter = counter
 
 
-def checkpoint(region, *inputs, modules=()):
+def recompute(region, *inputs, modules=()):
     """``region(*inputs)``, keeping only ``inputs`` for backward and re-running ``region`` there.
 
     ``region`` maps Tensors to one Tensor. ``modules``: the Modules it runs; their Dropout layers are
@@ -103,5 +104,5 @@ def checkpoint(region, *inputs, modules=()):
             if id(parameter) not in seen:
                 seen.add(id(parameter))
                 parameters.append(parameter)
-    return CheckpointFunction.apply(*inputs, *parameters, region=region, inputs_count=len(inputs),
+    return RecomputeFunction.apply(*inputs, *parameters, region=region, inputs_count=len(inputs),
                                     dropouts=dropouts)

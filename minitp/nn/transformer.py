@@ -14,35 +14,40 @@ import numpy
 
 from minitp.nn import init
 from minitp.nn.attention import MultiHeadAttention
-from minitp.nn.layers import LayerNorm
+from minitp.nn.builders import SERIAL
 from minitp.nn.mlp import MLP
 from minitp.nn.module import Module
-from minitp.nn.recompute import RECOMPUTE_CHOICES, check_recompute, checkpoint
+from minitp.nn.recompute import RECOMPUTE_CHOICES, check_recompute, recompute
 
 
 class TransformerBlock(Module):
     """(s, b, h) -> (s, b, h). Sublayers: ``ln1``, ``attention``, ``ln2``, ``mlp``.
 
     Each sublayer, and so each of its dropouts, gets a seed derived from ``seed`` and its name.
-    ``recompute``: None, ``"selective"`` (passed to the attention) or ``"full"``.
+    ``recompute``: None, ``"selective"`` (passed to the attention) or ``"full"``. ``init_std`` and
+    ``output_std`` go to the attention and the MLP (``output_std`` to the projections that write into
+    the residual stream). ``layers``: where the layers come from (``minitp.nn.builders``).
     """
 
     recompute = None
 
     def __init__(self, hidden, heads, ffn_hidden=None, causal=True, dropout=0.0, attention_dropout=0.0,
-                 seed=0, dtype=numpy.float32, recompute=None):
+                 seed=0, dtype=numpy.float32, recompute=None, init_std=None, output_std=None, layers=SERIAL):
         super().__init__()
         self.recompute = check_recompute(recompute, RECOMPUTE_CHOICES, type(self).__name__)
-        self.ln1 = LayerNorm(hidden, dtype=dtype)
+        std = dict(init_std=init_std, output_std=output_std)
+        self.ln1 = layers.norm(hidden, dtype=dtype, tag="ln1")
         self.attention = MultiHeadAttention(hidden, heads, causal=causal, attention_dropout=attention_dropout,
-                                            dropout=dropout, seed=init.derive_seed(seed, "attention"),
-                                            dtype=dtype, recompute="selective" if recompute == "selective" else None)
-        self.ln2 = LayerNorm(hidden, dtype=dtype)
-        self.mlp = MLP(hidden, ffn_hidden, dropout=dropout, seed=init.derive_seed(seed, "mlp"), dtype=dtype)
+                                            dropout=dropout, seed=init.derive_seed(seed, "attention"), dtype=dtype,
+                                            recompute="selective" if recompute == "selective" else None,
+                                            layers=layers, **std)
+        self.ln2 = layers.norm(hidden, dtype=dtype, tag="ln2")
+        self.mlp = MLP(hidden, ffn_hidden, dropout=dropout, seed=init.derive_seed(seed, "mlp"), dtype=dtype,
+                       layers=layers, **std)
 
     def forward(self, x):
         if self.recompute == "full":
-            return checkpoint(self._layer, x, modules=[self])  # keep x alone; the layer runs again in backward
+            return recompute(self._layer, x, modules=[self])  # keep x alone; the layer runs again in backward
         return self._layer(x)
 
     def _layer(self, x):

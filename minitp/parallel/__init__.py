@@ -2,7 +2,8 @@
 
     mappings     f, f̄ (Megatron's g), g, ḡ and the scatter/gather region operators, as autograd Functions
     layers       ColumnParallelLinear, RowParallelLinear
-    mlp          ParallelMLP (Megatron: column then row), SyncPointMLP (the seed's row-split first GEMM)
+    builders     TensorParallelLayers: the layers a serial module is built from, tensor-parallel
+    mlp          ParallelMLP (Megatron: column then row), SyncPointMLP (the notebook's row-split first GEMM)
     attention    ParallelAttention (whole heads per rank)
     sequence     SequenceParallelLayerNorm, SequenceParallelDropout
     transformer  ParallelTransformerBlock (sequence_parallel=False|True)
@@ -26,6 +27,7 @@ from minitp.parallel.mappings import (
     scatter_to_tensor_parallel_region,
 )
 from minitp.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from minitp.parallel.builders import TensorParallelLayers
 from minitp.parallel.mlp import ParallelMLP, SyncPointMLP
 from minitp.parallel.attention import ParallelAttention
 from minitp.parallel.sequence import SequenceParallelDropout, SequenceParallelLayerNorm

@@ -100,7 +100,7 @@ class VocabParallelCrossEntropy(Function):
         return F.reduce_loss_backward(grad_logits.reshape(probs.shape), grad, self.reduction)
 
 
-def vocab_parallel_cross_entropy(logits_shard, targets, group=None, reduction="mean", tag="cross-entropy"):
+def vocab_parallel_cross_entropy(logits_shard, targets, group, reduction="mean", tag="cross-entropy"):
     """Softmax cross-entropy of vocabulary-split logits against global integer targets, without
     gathering the logits.
 
@@ -109,7 +109,6 @@ def vocab_parallel_cross_entropy(logits_shard, targets, group=None, reduction="m
     "mean" (over the tokens), "sum" or "none" (one loss per token). Returns the same loss on every rank,
     equal to ``F.cross_entropy`` on the gathered logits. See ``VocabParallelCrossEntropy``.
     """
-    group = dist.tensor_parallel_group(group)
     # Every check reads numbers that are the same on every rank: all raise together, before any collective.
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")

@@ -16,9 +16,7 @@ from minitp import backend, dist
 from minitp import functional as F
 from minitp.autograd import Function, Tensor
 from minitp.nn.layers import Embedding
-from minitp.nn.module import Module
 from minitp.parallel import mappings
-from minitp.parallel.layers import sharded_parameter
 
 
 def vocab_range(vocab_size, group):
@@ -75,10 +73,10 @@ def vocab_range_lookup(ids, weight_shard, start):
     return VocabRangeLookup.apply(weight_shard, ids=ids, start=start)
 
 
-class VocabParallelEmbedding(Module):
+class VocabParallelEmbedding(Embedding):
     """An (V, h) embedding table split by rows over the tensor-parallel group: rank r holds the rows of
-    ids [r·V/t, (r+1)·V/t) (``weight``: (V/t, h), ``split_axis=0``), cut from the serial
-    ``nn.Embedding(V, h, seed=seed)``, so the sharded layer starts from the serial layer's weights.
+    ids [r·V/t, (r+1)·V/t) (``weight``: (V/t, h), ``split_axis=0``): only those rows of the serial
+    ``nn.Embedding(V, h, seed=seed)`` are drawn, so the sharded layer starts from the serial layer's weights.
 
     Input: ids (s, b), the same on every rank. Each rank looks up the ids in its range and zeroes the
     others (``VocabRangeLookup``); the partial (s, b, h) embeddings then add up to the full lookup:
@@ -93,15 +91,14 @@ class VocabParallelEmbedding(Module):
     rank, before any communication.
     """
 
-    def __init__(self, num_embeddings, dim, group=None, sequence_parallel=False, dtype=numpy.float32, seed=0,
-                 tag="embedding"):
-        super().__init__()
-        self.group = dist.tensor_parallel_group(group)
-        self.num_embeddings, self.dim = num_embeddings, dim
-        self.vocab_start, self.vocab_end = vocab_range(num_embeddings, self.group)
+    weight_split_axis = 0
+
+    def __init__(self, num_embeddings, dim, *, group, sequence_parallel=False, dtype=numpy.float32, seed=0,
+                 std=1.0, tag="embedding"):
+        vocab_start, vocab_end = vocab_range(num_embeddings, group)
+        super().__init__(num_embeddings, dim, dtype=dtype, seed=seed, std=std, shard=(group.rank, group.size))
+        self.group, self.vocab_start, self.vocab_end = group, vocab_start, vocab_end
         self.sequence_parallel, self.tag = sequence_parallel, tag
-        serial = Embedding(num_embeddings, dim, dtype=dtype, seed=seed)
-        self.weight = sharded_parameter(serial.weight.data, 0, self.group)
 
     def forward(self, ids):
         # ids are the same on every rank: an id no rank owns would silently embed as zeros, so every rank

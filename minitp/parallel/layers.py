@@ -15,9 +15,11 @@ With ``sequence_parallel=True`` (Korthikanti et al. 2022) the activations outsid
 along the sequence: the column layer all-gathers its input (g) and the row layer reduce-scatters its
 output (ḡ) instead of f and f̄.
 
-Every parameter carries ``split_axis``: the axis of the serial weight it is a block of (``None`` for a
-replicated one). ``minitp.parallel.shard`` reads it to cut a serial model into shards and to gather
-them back.
+Both are ``nn.Linear`` with a split axis: each rank draws only its block of the serial layer's initial
+weights (``minitp.nn.init``: a value is a function of its global index), so the layer never exists whole
+on any rank, and the t blocks together are exactly ``nn.Linear(in, out, seed=seed)``. Every parameter
+carries ``split_axis``: the axis of the serial weight it is a block of (``None`` for a replicated one);
+``minitp.parallel.shard`` and checkpoints read it to gather blocks back into serial arrays.
 """
 import numpy
 
@@ -25,17 +27,7 @@ from minitp import dist
 from minitp import functional as F
 from minitp.autograd import Function
 from minitp.nn.layers import Linear
-from minitp.nn.module import Module, Parameter
 from minitp.parallel import mappings
-
-
-def sharded_parameter(full, axis, group):
-    """A Parameter holding this rank's block of the full array ``full`` along ``axis``; ``axis=None``
-    keeps all of it (a replicated parameter). The block is copied so the full array can be freed."""
-    data = full if axis is None else dist.split(full, group, axis).copy()
-    parameter = Parameter(data)
-    parameter.split_axis = axis
-    return parameter
 
 
 class LinearWithSequenceGather(Function):
@@ -73,7 +65,7 @@ class LinearWithSequenceGather(Function):
         return grad_x, grad_weight
 
 
-class ColumnParallelLinear(Module):
+class ColumnParallelLinear(Linear):
     """Y = X A + b with A (in, out) split by columns: rank r holds A_r, the columns
     [r·out/t, (r+1)·out/t), and the same block of b.
 
@@ -83,18 +75,15 @@ class ColumnParallelLinear(Module):
     (s, b, out) on every rank (backward: each rank keeps its columns of the gradient).
     """
 
-    def __init__(self, in_features, out_features, bias=True, gather_output=False, sequence_parallel=False,
-                 group=None, dtype=numpy.float32, seed=0, tag=None):
-        super().__init__()
-        self.group = dist.tensor_parallel_group(group)
-        self.in_features, self.out_features = in_features, out_features
-        self.out_per_rank = dist.divide(out_features, self.group.size, "out_features (columns split over tp)")
+    weight_split_axis, bias_split_axis = 1, 0
+
+    def __init__(self, in_features, out_features, bias=True, *, group, gather_output=False,
+                 sequence_parallel=False, dtype=numpy.float32, seed=0, std=None, tag=None):
+        out_per_rank = dist.divide(out_features, group.size, _what(tag, "out_features (columns split over tp)"))
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, seed=seed, std=std,
+                         shard=(group.rank, group.size))
+        self.group, self.out_per_rank = group, out_per_rank
         self.gather_output, self.sequence_parallel, self.tag = gather_output, sequence_parallel, tag
-        # Cut the shard out of the serial layer's initial weights: the sharded model starts where the serial
-        # one does (Megatron's master-weight initialisation).
-        serial = Linear(in_features, out_features, bias=bias, dtype=dtype, seed=seed)
-        self.weight = sharded_parameter(serial.weight.data, 1, self.group)
-        self.bias = sharded_parameter(serial.bias.data, 0, self.group) if bias else None
 
     def forward(self, x):
         if self.sequence_parallel:
@@ -112,7 +101,7 @@ class ColumnParallelLinear(Module):
                 f"sequence_parallel={self.sequence_parallel}")
 
 
-class RowParallelLinear(Module):
+class RowParallelLinear(Linear):
     """Y = X A + b with A (in, out) split by rows: rank r holds A_r, the rows [r·in/t, (r+1)·in/t).
 
     Input: X split along its last axis, (s, b, in/t) -- the output of a column-parallel layer
@@ -126,16 +115,15 @@ class RowParallelLinear(Module):
     the sum of the ranks' contributions: it enters through f, whose backward all-reduces it.
     """
 
-    def __init__(self, in_features, out_features, bias=True, input_is_parallel=True, sequence_parallel=False,
-                 group=None, dtype=numpy.float32, seed=0, tag=None):
-        super().__init__()
-        self.group = dist.tensor_parallel_group(group)
-        self.in_features, self.out_features = in_features, out_features
-        self.in_per_rank = dist.divide(in_features, self.group.size, "in_features (rows split over tp)")
+    weight_split_axis, bias_split_axis = 0, None
+
+    def __init__(self, in_features, out_features, bias=True, *, group, input_is_parallel=True,
+                 sequence_parallel=False, dtype=numpy.float32, seed=0, std=None, tag=None):
+        in_per_rank = dist.divide(in_features, group.size, _what(tag, "in_features (rows split over tp)"))
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, seed=seed, std=std,
+                         shard=(group.rank, group.size))
+        self.group, self.in_per_rank = group, in_per_rank
         self.input_is_parallel, self.sequence_parallel, self.tag = input_is_parallel, sequence_parallel, tag
-        serial = Linear(in_features, out_features, bias=bias, dtype=dtype, seed=seed)
-        self.weight = sharded_parameter(serial.weight.data, 0, self.group)
-        self.bias = sharded_parameter(serial.bias.data, None, self.group) if bias else None
 
     def forward(self, x):
         if not self.input_is_parallel:
@@ -154,3 +142,8 @@ class RowParallelLinear(Module):
     def extra_repr(self):
         return (f"{self.in_features} (rows {self.in_per_rank} per rank), {self.out_features}, "
                 f"sequence_parallel={self.sequence_parallel}")
+
+
+def _what(tag, what):
+    """The size named in a divisibility error: the layer's tag first, when it has one."""
+    return f"{tag}: {what}" if tag else what

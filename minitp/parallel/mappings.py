@@ -22,7 +22,8 @@ sums. The same argument pairs all-gather (a copy of each block to every rank) wi
 split with all-gather. These backwards assume the Megatron invariant: a tensor replicated across the
 tensor-parallel group receives the same gradient on every rank.
 
-Every operator takes the ``group`` to communicate over (default: ``dist.current_mesh().tp``) and an
+Every operator takes the ``group`` to communicate over (``mesh.tp``: always passed, so a reader sees
+from the call which ranks talk) and an
 optional ``tag`` ("mlp", "attention") that prefixes the names in the collective log, e.g.
 "mlp: f backward". Sequence is axis 0: activations are (s, b, h).
 """
@@ -44,7 +45,9 @@ class _Mapping(Function):
     """A communication op: remembers its group and log tag for backward."""
 
     def setup(self, group, tag):
-        self.group = dist.tensor_parallel_group(group)
+        if group is None:
+            raise TypeError(f"{type(self).__name__} needs the group to communicate over (e.g. mesh.tp), got None")
+        self.group = group
         self.tag = tag
 
 
@@ -182,7 +185,7 @@ class ReduceScatterToSequenceParallelRegion(_Mapping):
 # -- the functions layers call ----------------------------------------------------------------------
 
 
-def copy_to_tensor_parallel_region(x, group=None, tag=None):
+def copy_to_tensor_parallel_region(x, group, tag=None):
     """f: identity forward, all-reduce backward. See ``CopyToTensorParallelRegion``."""
     y = CopyToTensorParallelRegion.apply(x, group=group, tag=tag)
     # f forwards the very same array: f of a weight (a sequence-parallel LayerNorm's, a row-parallel
@@ -191,28 +194,28 @@ def copy_to_tensor_parallel_region(x, group=None, tag=None):
     return y
 
 
-def reduce_from_tensor_parallel_region(x, group=None, tag=None):
+def reduce_from_tensor_parallel_region(x, group, tag=None):
     """Megatron's g, Korthikanti's f̄: all-reduce forward, identity backward.
     See ``ReduceFromTensorParallelRegion``."""
     return ReduceFromTensorParallelRegion.apply(x, group=group, tag=tag)
 
 
-def scatter_to_tensor_parallel_region(x, group=None, tag=None):
+def scatter_to_tensor_parallel_region(x, group, tag=None):
     """Split the last axis forward, all-gather it backward. See ``ScatterToTensorParallelRegion``."""
     return ScatterToTensorParallelRegion.apply(x, group=group, tag=tag)
 
 
-def gather_from_tensor_parallel_region(x, group=None, tag=None):
+def gather_from_tensor_parallel_region(x, group, tag=None):
     """All-gather the last axis forward, split it backward. See ``GatherFromTensorParallelRegion``."""
     return GatherFromTensorParallelRegion.apply(x, group=group, tag=tag)
 
 
-def scatter_to_sequence_parallel_region(x, group=None, tag=None):
+def scatter_to_sequence_parallel_region(x, group, tag=None):
     """Split the sequence (axis 0) forward, all-gather it backward. See ``ScatterToSequenceParallelRegion``."""
     return ScatterToSequenceParallelRegion.apply(x, group=group, tag=tag)
 
 
-def gather_from_sequence_parallel_region(x, group=None, tag=None, tensor_parallel_output_grad=True):
+def gather_from_sequence_parallel_region(x, group, tag=None, tensor_parallel_output_grad=True):
     """Korthikanti's g: all-gather the sequence forward; reduce-scatter backward, or split when the
     output feeds replicated computation (``tensor_parallel_output_grad=False``).
     See ``GatherFromSequenceParallelRegion``."""
@@ -220,7 +223,7 @@ def gather_from_sequence_parallel_region(x, group=None, tag=None, tensor_paralle
         x, group=group, tag=tag, tensor_parallel_output_grad=tensor_parallel_output_grad)
 
 
-def reduce_scatter_to_sequence_parallel_region(x, group=None, tag=None):
+def reduce_scatter_to_sequence_parallel_region(x, group, tag=None):
     """Korthikanti's ḡ: reduce-scatter the sequence forward, all-gather it backward.
     See ``ReduceScatterToSequenceParallelRegion``."""
     return ReduceScatterToSequenceParallelRegion.apply(x, group=group, tag=tag)

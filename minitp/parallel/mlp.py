@@ -1,18 +1,14 @@
-"""The MLP block split over t ranks, both ways the seed notebook tries (Shoeybi et al. 2019, section 3).
+"""The MLP block split over t ranks, both ways the learner's notebook tries (Shoeybi et al. 2019, section 3).
 
 ``ParallelMLP`` is Megatron's: A split by columns, B by rows. ``SyncPointMLP`` is the first idea, A split
-by rows, which the paper rejects because of the sum it forces before GeLU. Both compute exactly the
-serial ``MLP``; the collective log shows what each costs.
+by rows, which the paper rejects because of the sum it forces before GeLU. Both are the serial ``MLP``
+built from other layers (``minitp.nn.builders``), so both compute exactly the serial ``MLP``; the
+collective log shows what each costs.
 """
-import numpy
-
 from minitp import dist
-from minitp.nn import init
-from minitp.nn.layers import GELU, Dropout
 from minitp.nn.mlp import MLP
-from minitp.nn.module import Module
-from minitp.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from minitp.parallel.sequence import SequenceParallelDropout
+from minitp.parallel.builders import TensorParallelLayers
+from minitp.parallel.layers import RowParallelLinear
 
 
 class ParallelMLP(MLP):
@@ -21,34 +17,39 @@ class ParallelMLP(MLP):
     Rank r computes Y_r = GeLU(X A_r) -- GeLU acts on each column separately, so on its own columns it
     needs nothing from the other ranks -- then Y_r B_r, its partial sum of Y B. One all-reduce (f̄)
     forward sums them; in backward, f's all-reduce sums the ranks' contributions to dX. Two
-    all-reduces of an s×b×h tensor per MLP, forward and backward together.
+    all-reduces of an s×b×h tensor per MLP, forward and backward together. Written out, on rank r::
+
+        Z = Dropout( f̄( GeLU( f(X) A_r + b1_r ) B_r ) + b2 )       fc1 = f, A_r, b1_r;  fc2 = B_r, f̄, b2
 
     Shapes on rank r: X (s, b, h) replicated -> (s, b, ffn/t) -> (s, b, h) replicated. With
     ``sequence_parallel``: X (s/t, b, h) -> g -> (s, b, ffn/t) -> ḡ -> (s/t, b, h), and dropout on the
     rank's tokens.
 
-    The forward is the serial ``MLP``'s, unchanged: only its layers are swapped for parallel ones.
+    This is ``MLP`` built with ``TensorParallelLayers(group, sequence_parallel)``: the constructor and
+    forward are MLP's; f lives in ``ColumnParallelLinear.forward``, f̄ in ``RowParallelLinear.forward``.
     """
 
-    def __init__(self, hidden, ffn_hidden=None, dropout=0.0, seed=0, dtype=numpy.float32, approximate="tanh",
-                 sequence_parallel=False, group=None):
-        Module.__init__(self)  # MLP's forward, with these layers instead of MLP's
-        group = dist.tensor_parallel_group(group)
-        ffn_hidden = 4 * hidden if ffn_hidden is None else ffn_hidden
-        dist.divide(ffn_hidden, group.size, "ffn_hidden (fc1's columns, split over tp)")
-        self.hidden, self.ffn_hidden, self.group = hidden, ffn_hidden, group
-        self.fc1 = ColumnParallelLinear(hidden, ffn_hidden, sequence_parallel=sequence_parallel, group=group,
-                                        dtype=dtype, seed=init.derive_seed(seed, "fc1"), tag="mlp fc1")
-        self.gelu = GELU(approximate)
-        self.fc2 = RowParallelLinear(ffn_hidden, hidden, input_is_parallel=True, sequence_parallel=sequence_parallel,
-                                     group=group, dtype=dtype, seed=init.derive_seed(seed, "fc2"), tag="mlp fc2")
-        dropout_seed = init.derive_seed(seed, "dropout")
-        self.dropout = (SequenceParallelDropout(dropout, dropout_seed, group) if sequence_parallel
-                        else Dropout(dropout, dropout_seed))
+    def __init__(self, hidden, ffn_hidden=None, *, group, sequence_parallel=False, data_parallel=None, **options):
+        super().__init__(hidden, ffn_hidden, layers=TensorParallelLayers(group, sequence_parallel, data_parallel),
+                         **options)
+        self.group = group
+
+
+class SyncPointLayers(TensorParallelLayers):
+    """The notebook's split: BOTH linears split by rows (their input features), inputs replicated."""
+
+    def column_linear(self, in_features, out_features, *, dtype, seed, bias=True, std=None, tag=None):
+        return RowParallelLinear(in_features, out_features, bias=bias, group=self.group, input_is_parallel=False,
+                                 dtype=dtype, seed=seed, std=std, tag=tag and f"sync-point {tag}")
+
+    row_linear = column_linear
+
+    def local(self, total, what):
+        return total  # GeLU sees the full, summed ffn width on every rank
 
 
 class SyncPointMLP(MLP):
-    """The seed notebook's "feed forward with sync point": A split by ROWS, the contraction dimension.
+    """The learner's notebook's "feed forward with sync point": A split by ROWS, the contraction dimension.
 
     Rank r holds rows A_r of A and the matching columns X_r of X (split here, no communication), and
     computes X_r A_r: a partial sum of X A, the full (s, b, ffn) width. GeLU is not linear --
@@ -61,17 +62,9 @@ class SyncPointMLP(MLP):
     dX (sbh). Megatron's ``ParallelMLP`` moves sbh each way instead: column-then-row removes the sync point.
     """
 
-    def __init__(self, hidden, ffn_hidden=None, dropout=0.0, seed=0, dtype=numpy.float32, approximate="tanh",
-                 group=None):
-        Module.__init__(self)
-        group = dist.tensor_parallel_group(group)
+    def __init__(self, hidden, ffn_hidden=None, *, group, **options):
         ffn_hidden = 4 * hidden if ffn_hidden is None else ffn_hidden
         dist.divide(hidden, group.size, "hidden (fc1's rows, split over tp)")
         dist.divide(ffn_hidden, group.size, "ffn_hidden (fc2's rows, split over tp)")
-        self.hidden, self.ffn_hidden, self.group = hidden, ffn_hidden, group
-        self.fc1 = RowParallelLinear(hidden, ffn_hidden, input_is_parallel=False, group=group, dtype=dtype,
-                                     seed=init.derive_seed(seed, "fc1"), tag="sync-point fc1")
-        self.gelu = GELU(approximate)
-        self.fc2 = RowParallelLinear(ffn_hidden, hidden, input_is_parallel=False, group=group, dtype=dtype,
-                                     seed=init.derive_seed(seed, "fc2"), tag="sync-point fc2")
-        self.dropout = Dropout(dropout, init.derive_seed(seed, "dropout"))
+        super().__init__(hidden, ffn_hidden, layers=SyncPointLayers(group), **options)
+        self.group = group

@@ -8,7 +8,6 @@ on s/t tokens per rank with no communication at all, and keep 1/t of their activ
 """
 import numpy
 
-from minitp import dist
 from minitp import functional as F
 from minitp.nn.layers import Dropout, LayerNorm
 from minitp.parallel import mappings
@@ -25,9 +24,9 @@ class SequenceParallelLayerNorm(LayerNorm):
     each rank would step its LayerNorm with 1/t of the gradient, and the replicas would drift apart.
     """
 
-    def __init__(self, hidden, eps=1e-5, group=None, dtype=numpy.float32, tag="layernorm"):
+    def __init__(self, hidden, eps=1e-5, *, group, dtype=numpy.float32, tag="layernorm"):
         super().__init__(hidden, eps=eps, dtype=dtype)
-        self.group, self.tag = dist.tensor_parallel_group(group), tag
+        self.group, self.tag = group, tag
 
     def forward(self, x):
         weight = mappings.copy_to_tensor_parallel_region(self.weight, self.group, mappings.tag(self.tag, "weight"))
@@ -39,15 +38,10 @@ class SequenceParallelDropout(Dropout):
     """Dropout of this rank's tokens, (s/t, b, h): the rank draws exactly its block of the serial mask.
 
     The mask is a function of (seed, counter, global index), so the rank only has to say where its block
-    sits in the full tensor: rows [r·s/t, (r+1)·s/t) of (s, b, h). No communication.
+    sits in the full tensor: block r of t along the sequence, rows [r·s/t, (r+1)·s/t) of (s, b, h)
+    (``Dropout``'s ``splits``; more ``splits``, e.g. the data-parallel batch, may follow). No communication.
     """
 
-    def __init__(self, p=0.0, seed=0, group=None):
-        super().__init__(p, seed=seed)
-        self.group = dist.tensor_parallel_group(group)
-
-    def forward(self, x):
-        tokens = x.shape[0]
-        global_shape = (tokens * self.group.size,) + tuple(x.shape[1:])
-        offset = (self.group.rank * tokens,) + (0,) * (x.ndim - 1)
-        return super().forward(x, global_shape=global_shape, offset=offset)
+    def __init__(self, p=0.0, seed=0, *, group, splits=()):
+        super().__init__(p, seed, splits=((0, group.rank, group.size),) + tuple(splits))
+        self.group = group

@@ -4,9 +4,10 @@ A sharded module names its parameters exactly as the serial module does (``mlp.f
 parameter says which axis of the serial weight it is a block of (``split_axis``; ``None`` when every
 rank holds all of it). That is all it takes to go both ways:
 
-- ``load_serial_state(module, state)``: cut each full serial array into this rank's block;
-- ``gather_serial_state(module)``: all-gather the blocks back into full arrays, on every rank;
-- ``gather_serial_grads(module)``: the same for the gradients, to compare them with the serial ones.
+- ``load_serial_state(module, state, group)``: cut each full serial array into this rank's block (a
+  trained serial model into shards; a fresh model needs no loading: it draws its own shards);
+- ``gather_serial_state(module, group)``: all-gather the blocks back into full arrays, on every rank;
+- ``gather_serial_grads(module, group)``: the same for the gradients, to compare them with the serial ones.
 """
 from minitp import dist
 
@@ -16,15 +17,10 @@ def split_axis(parameter):
     return getattr(parameter, "split_axis", None)
 
 
-def _group(module, group):
-    return group if group is not None else getattr(module, "group", None) or dist.tensor_parallel_group()
-
-
-def load_serial_state(module, state, group=None):
+def load_serial_state(module, state, group):
     """Load a serial model's ``state`` (name -> full array) into the sharded ``module``: each split
     parameter takes rank r's block along its ``split_axis``, each replicated one the whole array. No
     communication: every rank holds the full state and cuts its own block."""
-    group = _group(module, group)
     local = {}
     for name, parameter in module.named_parameters():
         if name not in state:
@@ -36,7 +32,6 @@ def load_serial_state(module, state, group=None):
 
 
 def _gather(arrays, module, group):
-    group = _group(module, group)
     full = {}
     for name, parameter in module.named_parameters():
         array = arrays(parameter)
@@ -48,13 +43,13 @@ def _gather(arrays, module, group):
     return full
 
 
-def gather_serial_state(module, group=None):
+def gather_serial_state(module, group):
     """{serial name: full array} from the sharded ``module``, on every rank (one all-gather per split
     parameter)."""
     return _gather(lambda p: p.data, module, group)
 
 
-def gather_serial_grads(module, group=None):
+def gather_serial_grads(module, group):
     """{serial name: full gradient} of the sharded ``module``, on every rank (``None`` where no gradient)."""
     return _gather(lambda p: p.grad, module, group)
 

@@ -12,44 +12,21 @@ tensor-parallel layer) plus a reduce-scatter (ḡ, leaving it): the same ring by
     x (s/t, b, h) -> LN -> g -> attention (heads split) -> ḡ -> dropout -> + x
                   -> LN -> g -> MLP (ffn split)         -> ḡ -> dropout -> +
 """
-import numpy
-
-from minitp import dist
-from minitp.nn import init
-from minitp.nn.layers import LayerNorm
-from minitp.nn.module import Module
-from minitp.nn.recompute import RECOMPUTE_CHOICES, check_recompute
 from minitp.nn.transformer import TransformerBlock
-from minitp.parallel.attention import ParallelAttention
-from minitp.parallel.mlp import ParallelMLP
-from minitp.parallel.sequence import SequenceParallelLayerNorm
+from minitp.parallel.builders import TensorParallelLayers
 
 
 class ParallelTransformerBlock(TransformerBlock):
-    """``TransformerBlock`` over the tensor-parallel group; input and output (s, b, h) replicated, or
+    """``TransformerBlock`` built with ``TensorParallelLayers``: input and output (s, b, h) replicated, or
     (s/t, b, h) -- rank r's tokens [r·s/t, (r+1)·s/t) -- with ``sequence_parallel``.
-
-    With ``sequence_parallel`` the full sequence is cut where it enters the sequence-parallel region
-    (``scatter_to_sequence_parallel_region``): a length not divisible by t raises the same ValueError
-    on every rank there, before any communication.
 
     ``recompute`` as in ``TransformerBlock``. ``"full"`` re-runs the layer in backward, its collectives
     included: two more all-reduces (or all-gather + reduce-scatter pairs) per layer.
     """
 
-    def __init__(self, hidden, heads, ffn_hidden=None, causal=True, dropout=0.0, attention_dropout=0.0,
-                 seed=0, dtype=numpy.float32, sequence_parallel=False, group=None, recompute=None):
-        Module.__init__(self)  # TransformerBlock's forward, with these layers
-        self.recompute = check_recompute(recompute, RECOMPUTE_CHOICES, type(self).__name__)
-        group = dist.tensor_parallel_group(group)
-        self.group, self.sequence_parallel = group, sequence_parallel
-        self.ln1 = SequenceParallelLayerNorm(hidden, group=group, dtype=dtype, tag="ln1") if sequence_parallel \
-            else LayerNorm(hidden, dtype=dtype)
-        self.attention = ParallelAttention(hidden, heads, causal=causal, attention_dropout=attention_dropout,
-                                           dropout=dropout, seed=init.derive_seed(seed, "attention"), dtype=dtype,
-                                           sequence_parallel=sequence_parallel, group=group,
-                                           recompute="selective" if recompute == "selective" else None)
-        self.ln2 = SequenceParallelLayerNorm(hidden, group=group, dtype=dtype, tag="ln2") if sequence_parallel \
-            else LayerNorm(hidden, dtype=dtype)
-        self.mlp = ParallelMLP(hidden, ffn_hidden, dropout=dropout, seed=init.derive_seed(seed, "mlp"), dtype=dtype,
-                               sequence_parallel=sequence_parallel, group=group)
+    def __init__(self, hidden, heads, ffn_hidden=None, *, group, sequence_parallel=False, data_parallel=None,
+                 **options):
+        super().__init__(hidden, heads, ffn_hidden,
+                         layers=TensorParallelLayers(group, sequence_parallel, data_parallel), **options)
+        self.group = group
+        self.sequence_parallel = sequence_parallel

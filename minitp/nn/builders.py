@@ -1,0 +1,68 @@
+"""Which layers a model is built from: the one place where a serial and a tensor-parallel model differ.
+
+``MLP``, ``MultiHeadAttention``, ``TransformerBlock`` and ``GPT`` have ONE constructor and ONE forward
+each. They do not create their Linear, LayerNorm or Dropout layers directly: they ask a ``layers``
+object for them, by the role the layer plays in the papers --
+
+    column_linear   a GEMM whose output features may be split: qkv, fc1, the LM head (Megatron's A)
+    row_linear      a GEMM whose input features may be split: proj, fc2 (Megatron's B)
+    norm            LayerNorm
+    dropout         the dropout on (s, b, h) activations (embedding and residual dropouts)
+    attention_dropout   the dropout on attention's (b, a, s, s) probabilities
+    local           how many of n heads (or ffn features) this rank computes
+    vocab_embedding, positions, tied_logits, cross_entropy    the GPT's ends
+
+``SerialLayers`` (here) answers with the plain layers. ``minitp.parallel.TensorParallelLayers``
+answers with column- and row-parallel layers, sequence-parallel LayerNorm and dropout, vocabulary-
+parallel embedding and loss: the same module, built with those, is the tensor-parallel model. That is
+how the code shows that the parallel model *is* the serial model.
+"""
+from minitp import backend
+from minitp import functional as F
+from minitp.nn.layers import Dropout, Embedding, LayerNorm, Linear
+
+
+class SerialLayers:
+    """The plain layers: every rank (the only rank) holds every tensor whole."""
+
+    sequence_parallel = False
+
+    def column_linear(self, in_features, out_features, *, dtype, seed, bias=True, std=None, tag=None):
+        return Linear(in_features, out_features, bias=bias, dtype=dtype, seed=seed, std=std)
+
+    def row_linear(self, in_features, out_features, *, dtype, seed, bias=True, std=None, tag=None):
+        return Linear(in_features, out_features, bias=bias, dtype=dtype, seed=seed, std=std)
+
+    def norm(self, hidden, *, dtype, tag=None):
+        return LayerNorm(hidden, dtype=dtype)
+
+    def dropout(self, p, seed):
+        """Dropout of (s, b, h) activations."""
+        return Dropout(p, seed)
+
+    def attention_dropout(self, p, seed):
+        """Dropout of (b, a, s, s) attention probabilities."""
+        return Dropout(p, seed)
+
+    def local(self, total, what):
+        """How many of ``total`` (heads, ffn features) this rank computes: all of them."""
+        return total
+
+    def vocab_embedding(self, vocab, hidden, *, dtype, seed, std=1.0, tag=None):
+        return Embedding(vocab, hidden, dtype=dtype, seed=seed, std=std)
+
+    def positions(self, wpe, seq):
+        """The position vectors of this rank's tokens, (s, 1, h): positions 0 .. s-1."""
+        return wpe(backend.array_module(wpe.weight.data).arange(seq)[:, None])
+
+    def tied_logits(self, x, table):
+        """Logits with the token embedding table as the head: (s, b, h) @ (h, V)."""
+        return F.matmul(x, F.transpose(table))
+
+    def cross_entropy(self, logits, targets):
+        """The mean loss over the tokens."""
+        return F.cross_entropy(logits, targets)
+
+
+SERIAL = SerialLayers()
+"""The default ``layers`` of every module: plain, unsplit layers."""
