@@ -89,6 +89,13 @@ def random_bits(shape, seed, counter, global_shape=None, offset=None, xp=None):
     return _splitmix64_array(index * numpy.uint64(_GOLDEN) + key)
 
 
+def check_probability(p):
+    """``ValueError`` unless ``p`` is a dropout probability, in [0, 1): p = 1 would drop everything and
+    scale the survivors by 1/(1 - p), an infinity."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+
+
 def keep_mask(shape, p, seed, counter, global_shape=None, offset=None, xp=None):
     """Dropout's keep mask (bool array of ``shape``): True where the element survives.
 
@@ -96,8 +103,7 @@ def keep_mask(shape, p, seed, counter, global_shape=None, offset=None, xp=None):
     ``round(p * 2^32)``. A block at ``offset`` in ``global_shape`` gets exactly its slice of the mask of
     the whole tensor, on numpy and CuPy alike.
     """
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    check_probability(p)
     threshold = numpy.uint64(round(p * 2 ** 32))
     bits = random_bits(shape, seed, counter, global_shape, offset, xp)
     return (bits >> numpy.uint64(32)) >= threshold
