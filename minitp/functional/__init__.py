@@ -19,7 +19,7 @@ and the helpers they share: operands (constants as tensors, ``unbroadcast``), ch
 targets, index ranges). These files import autograd, backend and rng, and each other, never above.
 """
 from minitp.functional.activations import GeLU, LogSoftmax, Softmax, gelu, log_softmax, softmax
-from minitp.functional.checks import check_indices
+from minitp.functional.checks import check_indices, check_integer
 from minitp.functional.elementwise import (Add, Div, Exp, Log, Mul, Neg, Pow, Sub, Tanh, add, div, exp, log, mul,
                                            neg, pow, sub, tanh)
 from minitp.functional.embeddings import Embedding, embedding
@@ -36,7 +36,7 @@ __all__ = [
     "Add", "Cat", "CausalMask", "CrossEntropy", "Div", "Dropout", "Embedding", "Exp", "GeLU", "GetItem",
     "LayerNorm", "Log", "LogSoftmax", "MatMul", "Max", "Mean", "Mul", "Neg", "Pow", "Reshape", "Softmax",
     "Stack", "Sub", "Sum", "Tanh", "Transpose",
-    "add", "cat", "causal_mask", "check_indices", "cross_entropy", "div", "dropout",
+    "add", "cat", "causal_mask", "check_indices", "check_integer", "cross_entropy", "div", "dropout",
     "embedding", "exp", "gelu", "getitem", "layer_norm", "log", "log_softmax", "matmul", "max", "mean", "mul",
     "neg", "pow", "reduce_loss", "reduce_loss_backward", "reshape", "softmax", "split", "stack", "sub", "sum",
     "tanh", "transpose", "unbroadcast",

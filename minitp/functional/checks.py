@@ -5,6 +5,13 @@ and the sharded ones in ``minitp.parallel`` raise the same errors for the same m
 """
 
 
+def check_integer(array, what):
+    """``TypeError`` unless ``array`` holds integers (signed or unsigned): ``what`` names it in the
+    message, e.g. "embedding ids must be integers, got float32"."""
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integers, got {array.dtype}")
+
+
 def check_indices(indices, count, what, size_name):
     """``ValueError`` unless every entry of ``indices`` is in [0, count).
 

@@ -1,7 +1,7 @@
 """What does an embedding lookup save, and how does its scatter-add backward reach the table's rows?"""
 from minitp import backend
 from minitp.autograd import Function
-from minitp.functional.checks import check_indices
+from minitp.functional.checks import check_indices, check_integer
 from minitp.functional.operands import raw_array
 
 
@@ -30,7 +30,6 @@ class Embedding(Function):
 def embedding(ids, weight):
     """Look up rows of ``weight`` (vocab, h) for integer ``ids`` of any shape: (*ids.shape, h)."""
     ids = backend.array_module(weight.data).asarray(raw_array(ids))
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding ids must be integers, got {ids.dtype}")
+    check_integer(ids, "embedding ids")
     check_indices(ids, weight.shape[0], "embedding ids", "vocabulary size")
     return Embedding.apply(weight, ids=ids)

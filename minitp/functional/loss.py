@@ -2,7 +2,7 @@
 "sum", "none")? ``reduce_loss`` and its backward are shared with the vocabulary-parallel loss."""
 from minitp import backend
 from minitp.autograd import Function
-from minitp.functional.checks import check_indices
+from minitp.functional.checks import check_indices, check_integer
 from minitp.functional.operands import raw_array
 
 
@@ -64,7 +64,6 @@ def reduce_loss_backward(grad_logits, grad, reduction):
 def cross_entropy(logits, targets, reduction="mean"):
     """Softmax cross-entropy of ``logits`` (..., v) against integer ``targets`` (...)."""
     targets = backend.array_module(logits.data).asarray(raw_array(targets))
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy targets must be integers, got {targets.dtype}")
+    check_integer(targets, "cross_entropy targets")
     check_indices(targets, logits.shape[-1], "cross_entropy targets", "classes in the logits:")
     return CrossEntropy.apply(logits, targets=targets, reduction=reduction)

@@ -40,8 +40,7 @@ def dropout(x, p, seed, counter, global_shape=None, offset=None, training=True):
     ``x`` may be a block of a larger global tensor of ``global_shape`` starting at ``offset`` (one start
     per axis); by default it is the whole tensor. ``p = 0`` or ``training=False`` is the identity.
     """
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    rng.check_probability(p)
     return Dropout.apply(x, p=p, seed=seed, counter=counter, global_shape=global_shape, offset=offset,
                          training=training)
 
