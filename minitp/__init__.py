@@ -2,7 +2,8 @@
 
 Layers, bottom to top (imports point down only):
     backend     numpy or CuPy
-    autograd    Tensor, Function, the graph walk, bytes kept for backward
+    saved_bytes the bytes ops keep for backward (track_saved)
+    autograd    Tensor, Function, the graph walk
     functional  every differentiable op
     nn          Module, Parameter, the serial layers, optimizers
     dist        MPI: the process mesh, buffer collectives, the collective log
@@ -11,7 +12,8 @@ Layers, bottom to top (imports point down only):
     testing     gradient checks and error measures
     checkpoint  one full npz from any mesh, loaded into any other
 """
-from minitp.autograd import Function, Tensor, no_grad, track_saved
+from minitp.autograd import Function, Tensor, no_grad
+from minitp.saved_bytes import track_saved
 
 __version__ = "0.1.0"
 __all__ = ["Function", "Tensor", "no_grad", "track_saved"]

@@ -12,12 +12,14 @@ Two classes hold the whole idea:
 tensor along several paths (the chain rule's sum over paths). Leaves that require grad accumulate into
 ``.grad``; the engine never writes into a gradient array in place, so one array may be shared safely.
 
-The engine also counts the bytes each op keeps for backward (``track_saved``): those are the activations
-whose memory Korthikanti et al. set out to reduce, and the memory benchmark reads them from here.
+While a ``track_saved`` block is open, ``Function.apply`` hands each op it records to
+``minitp.saved_bytes``, which counts the bytes kept for backward; ``track_saved`` is re-exported here.
 """
 import contextlib
 
 from minitp import backend
+from minitp.saved_bytes import open_trackers as _saved_trackers, record as _record_saved
+from minitp.saved_bytes import SavedBytes, track_saved  # noqa: F401 (still importable from here)
 
 _grad_enabled = True
 _functional = None  # minitp.functional, once an operator (+, @, ...) first needs it
@@ -273,58 +275,3 @@ def _check_operands(cls, arrays):
     if len({array.dtype for array in floating}) > 1:
         raise TypeError(f"{cls.__name__}: {_describe(floating)} operands: minitp never mixes precisions; "
                         "build them in one dtype")
-
-
-# -- accounting of the bytes kept for backward ------------------------------------------------------
-
-_saved_trackers = []
-
-
-class SavedBytes:
-    """What the ops recorded inside ``track_saved()`` keep for backward.
-
-    Arrays are counted once however many ops save them (two views of one buffer with the same start and
-    size are one array), and parameters are left out: they are weights, not activations.
-    ``by_op`` splits the total by the op that first saved each array, e.g. ``{"LayerNorm": 4096, ...}``.
-    """
-
-    def __init__(self):
-        self._arrays = {}  # (address, nbytes) -> (op name, the array, kept alive so the address stays unique)
-        self.by_op = {}
-
-    @property
-    def total(self):
-        return sum(self.by_op.values())
-
-    def add(self, op_name, array):
-        key = (backend.data_ptr(array), array.nbytes)
-        if key in self._arrays:
-            return
-        self._arrays[key] = (op_name, array)
-        self.by_op[op_name] = self.by_op.get(op_name, 0) + array.nbytes
-
-
-@contextlib.contextmanager
-def track_saved():
-    """Count the bytes kept for backward by the ops run inside this block::
-
-        with track_saved() as saved:
-            loss = block(x).sum()
-        print(saved.total, saved.by_op)
-    """
-    tracker = SavedBytes()
-    _saved_trackers.append(tracker)
-    try:
-        yield tracker
-    finally:
-        _saved_trackers.remove(tracker)
-
-
-def _record_saved(fn, inputs):
-    parameters = [t.data for t in inputs if t.is_parameter]
-    name = getattr(fn, "name", type(fn).__name__)
-    for array in fn.saved:
-        if array is None or not hasattr(array, "nbytes") or any(array is p for p in parameters):
-            continue
-        for tracker in _saved_trackers:
-            tracker.add(name, array)

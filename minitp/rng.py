@@ -90,7 +90,8 @@ def random_bits(shape, seed, counter, global_shape=None, offset=None, xp=None):
 
 
 def check_probability(p):
-    """``ValueError`` unless ``p`` is a dropout probability, in [0, 1)."""
+    """``ValueError`` unless ``p`` is a dropout probability, in [0, 1): p = 1 would drop everything and
+    scale the survivors by 1/(1 - p), an infinity."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
 

@@ -8,7 +8,8 @@ import pytest
 
 from minitp import backend
 from minitp import functional as F
-from minitp.autograd import Tensor, no_grad, track_saved
+from minitp.autograd import Tensor, no_grad
+from minitp.saved_bytes import track_saved
 from minitp.testing import max_error
 
 

@@ -35,16 +35,9 @@ from minitp import backend, dist
 from minitp import functional as F
 from minitp.autograd import Function, Tensor
 from minitp.parallel import mappings
+from minitp.parallel.embedding import ids_in_range
 
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _local_targets(targets, start, vocab_per_rank, xp):
-    """The targets as columns of this rank's block (clipped to column 0 where outside it), and where
-    they are outside: another rank owns those."""
-    local = targets - start
-    outside = (local < 0) | (local >= vocab_per_rank)
-    return xp.where(outside, 0, local), outside
 
 
 class VocabParallelCrossEntropy(Function):
@@ -70,7 +63,7 @@ class VocabParallelCrossEntropy(Function):
         shifted = logits_shard - global_max  # <= 0 everywhere: exp cannot overflow
 
         # 2. z_y - m from the rank that owns y, zero from the others, summed
-        local, outside = _local_targets(targets, self.start, vocab_per_rank, xp)
+        local, outside = ids_in_range(targets, self.start, vocab_per_rank, xp)
         picked = xp.take_along_axis(shifted, local[..., None], axis=-1).reshape(positions)  # a new array
         picked[outside] = 0
         target_logit = dist.all_reduce(picked, group,
@@ -93,7 +86,7 @@ class VocabParallelCrossEntropy(Function):
         vocab_per_rank = probs.shape[-1]
         # softmax - onehot on this rank's columns; the one-hot's 1 only where this rank owns the target.
         # Written into the saved softmax (the engine drops it after backward), as the serial op does.
-        local, outside = _local_targets(targets, self.start, vocab_per_rank, xp)
+        local, outside = ids_in_range(targets, self.start, vocab_per_rank, xp)
         inside = ~outside.reshape(-1)
         grad_logits = probs.reshape(-1, vocab_per_rank)
         grad_logits[xp.arange(grad_logits.shape[0])[inside], local.reshape(-1)[inside]] -= 1
@@ -114,8 +107,7 @@ def vocab_parallel_cross_entropy(logits_shard, targets, group, reduction="mean",
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
     xp = backend.array_module(logits_shard.data)
     targets = xp.asarray(targets.data if isinstance(targets, Tensor) else targets)
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy targets must be integers, got {targets.dtype}")
+    F.check_integer(targets, "cross_entropy targets")
     if targets.shape != logits_shard.shape[:-1]:
         raise ValueError(f"targets of shape {targets.shape} for logits of shape {logits_shard.shape}")
     # serially a target out of range is an error; here one that no rank owns would silently lose its z_y

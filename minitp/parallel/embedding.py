@@ -42,7 +42,7 @@ class VocabRangeLookup(Function):
         xp = backend.array_module(weight_shard)
         self.save_for_backward(ids)
         self.start, self.weight_shape = start, weight_shard.shape
-        local, outside = self._local_ids(ids, xp)
+        local, outside = ids_in_range(ids, self.start, self.weight_shape[0], xp)
         rows = xp.take(weight_shard, local, axis=0)  # a new (s, b, h) array: zeroing it in place is safe
         rows[outside] = 0
         return rows
@@ -50,26 +50,27 @@ class VocabRangeLookup(Function):
     def backward(self, grad):
         (ids,) = self.saved
         xp = backend.array_module(grad)
-        local, outside = self._local_ids(ids, xp)
+        local, outside = ids_in_range(ids, self.start, self.weight_shape[0], xp)
         inside = ~outside.reshape(-1)
         grad_weight = xp.zeros(self.weight_shape, dtype=grad.dtype)
         # only the positions whose id is in this rank's range reach its rows
         xp.add.at(grad_weight, local.reshape(-1)[inside], grad.reshape(-1, self.weight_shape[-1])[inside])
         return grad_weight
 
-    def _local_ids(self, ids, xp):
-        """The ids as rows of this block (outside ones clipped to row 0), and where they were outside."""
-        local = ids - self.start
-        outside = (local < 0) | (local >= self.weight_shape[0])
-        return xp.where(outside, 0, local), outside
+
+def ids_in_range(ids, start, count, xp):
+    """(the ids as rows of the block [start, start + count), clipped to row 0 where outside it; where they
+    are outside: another rank owns those). Shared by the vocab-parallel embedding and cross-entropy."""
+    local = ids - start
+    outside = (local < 0) | (local >= count)
+    return xp.where(outside, 0, local), outside
 
 
 def vocab_range_lookup(ids, weight_shard, start):
     """This rank's partial embedding: rows of ``weight_shard`` for ids in [start, start + rows), zeros for
     the rest. See ``VocabRangeLookup``."""
     ids = backend.array_module(weight_shard.data).asarray(ids.data if isinstance(ids, Tensor) else ids)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding ids must be integers, got {ids.dtype}")
+    F.check_integer(ids, "embedding ids")
     return VocabRangeLookup.apply(weight_shard, ids=ids, start=start)
 
 

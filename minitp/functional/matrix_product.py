@@ -1,0 +1,47 @@
+"""What are the forward and backward of ``a @ b``, and how is a weight product made one large GEMM?"""
+from minitp import backend
+from minitp.autograd import Function
+from minitp.functional.operands import tensor_pair, unbroadcast
+
+
+class MatMul(Function):
+    """``a @ b`` for operands of two or more dimensions, batched and broadcast as in numpy.
+
+    Backward of C = A B: dA = dC B^T and dB = A^T dC, each summed over broadcast batch dimensions.
+    A weight shared by every batch entry, (s, b, h) @ (h, n), is one GEMM of (s*b, h) @ (h, n), not
+    s GEMMs of (b, h) @ (h, n): BLAS is fastest on one large product.
+    """
+
+    def forward(self, a, b):
+        if a.ndim < 2 or b.ndim < 2:
+            raise ValueError(f"matmul takes operands of 2 or more dimensions, got {a.shape} @ {b.shape}")
+        self.save_for_backward(a if self.needs_input_grad[1] else None,
+                               b if self.needs_input_grad[0] else None)
+        self.shapes = a.shape, b.shape
+        return _gemm(a, b)
+
+    def backward(self, grad):
+        a, b = self.saved
+        xp = backend.array_module(grad)
+        grad_a = grad_b = None
+        if b is not None:
+            grad_a = unbroadcast(_gemm(grad, xp.swapaxes(b, -1, -2)), self.shapes[0])
+        if a is not None:
+            if len(self.shapes[1]) == 2:
+                # dW = A^T dC summed over every leading dimension: (k, s*b) @ (s*b, n)
+                grad_b = a.reshape(-1, a.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
+            else:
+                grad_b = unbroadcast(xp.swapaxes(a, -1, -2) @ grad, self.shapes[1])
+        return grad_a, grad_b
+
+
+def _gemm(a, b):
+    """``a @ b``, folding the leading dimensions of ``a`` into one GEMM when ``b`` is a matrix."""
+    if b.ndim == 2 and a.ndim > 2:
+        return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
+    return a @ b
+
+
+def matmul(a, b):
+    return MatMul.apply(*tensor_pair(a, b))
+
