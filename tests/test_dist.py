@@ -251,7 +251,7 @@ def test_logs_nest_and_record_nothing_once_closed():
     dist.all_reduce(x, group)
     parallel_assert([r.op for r in outer] == ["all_reduce", "all_gather", "reduce_scatter"])
     parallel_assert([r.op for r in inner] == ["all_gather"])
-    parallel_assert(dist._active_logs == [], "a closed log is still recording")
+    parallel_assert(dist.log._active_logs == [], "a closed log is still recording")
 
 
 # -- processes: abort on exception, BLAS threads ----------------------------------------------------
