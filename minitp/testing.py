@@ -68,30 +68,9 @@ def gradcheck(fn, inputs, eps=1e-6, seed=0, comm=None, replicated_output=False):
     copy of a replicated input would break the replication that the operators rely on. Check such an
     input's gradient against the serial op instead.
     """
-    rank = comm.Get_rank() if comm is not None else 0
-    size = comm.Get_size() if comm is not None else 1
-    checked = [t for t in inputs if t.requires_grad]
-    for t in checked:
-        if t.dtype != numpy.float64:
-            raise ValueError(f"gradcheck needs float64 inputs, got {t.dtype}")
-        if not t.data.flags.c_contiguous:
-            raise ValueError("gradcheck perturbs inputs in place: pass C-contiguous arrays")
-        t.grad = None
-
-    y = fn(*inputs)
-    xp = backend.array_module(y.data)
-    rng = numpy.random.default_rng(seed if replicated_output else seed + 7919 * rank)
-    r = xp.asarray(rng.standard_normal(y.shape))
-
-    def loss():
-        with no_grad():
-            local = float(xp.sum(fn(*inputs).data * r))
-        if comm is None or replicated_output:
-            return local
-        return comm.allreduce(local)
-
-    y.backward(r)
-    analytic = [backend.to_host(t.grad) if t.grad is not None else numpy.zeros(t.shape) for t in checked]
+    rank, size = _rank_and_size(comm)
+    checked = _checked_inputs(inputs)
+    loss, analytic = _loss_and_gradients(fn, inputs, checked, seed, comm, replicated_output)
 
     worst, where, entries = 0.0, "nowhere", 0
     for turn in range(size):
@@ -112,10 +91,63 @@ def gradcheck(fn, inputs, eps=1e-6, seed=0, comm=None, replicated_output=False):
                     data[flat] = original
                     numeric = (plus - minus) / (2 * eps)
                     exact = float(analytic[index].reshape(-1)[flat])
-                    error = abs(exact - numeric) / max(1.0, abs(exact), abs(numeric))
+                    error = _relative_error(exact, numeric)
                     if error > worst:
                         worst, where = error, f"rank {rank} input {index} entry {flat}"
                 entries += 1
+    return _worst_over_ranks(worst, where, entries, comm)
+
+
+# -- the pieces of a check -------------------------------------------------------------------------
+
+def _rank_and_size(comm):
+    return (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+
+
+def _checked_inputs(inputs):
+    """The inputs that require grad, their gradients cleared; ``ValueError`` unless they are float64
+    (finite differences need its precision) and C-contiguous (the checks perturb them in place)."""
+    checked = [t for t in inputs if t.requires_grad]
+    for t in checked:
+        if t.dtype != numpy.float64:
+            raise ValueError(f"gradcheck needs float64 inputs, got {t.dtype}")
+        if not t.data.flags.c_contiguous:
+            raise ValueError("gradcheck perturbs inputs in place: pass C-contiguous arrays")
+        t.grad = None
+    return checked
+
+
+def _loss_and_gradients(fn, inputs, checked, seed, comm, replicated_output):
+    """``loss()``, evaluating ``L = sum(fn(*inputs) * r)`` without a graph, and the analytic gradients of
+    ``L`` with respect to ``checked`` (host arrays; zeros where no gradient flows).
+
+    The cotangent ``r`` is drawn from ``seed`` on a replicated output (the same on every rank), from
+    ``seed`` and the rank on a sharded one; ``L`` is summed over the ranks of ``comm`` unless the output
+    is replicated (then every rank holds the same ``L``).
+    """
+    rank, _ = _rank_and_size(comm)
+    y = fn(*inputs)
+    xp = backend.array_module(y.data)
+    rng = numpy.random.default_rng(seed if replicated_output else seed + 7919 * rank)
+    r = xp.asarray(rng.standard_normal(y.shape))
+
+    def loss():
+        with no_grad():
+            local = float(xp.sum(fn(*inputs).data * r))
+        if comm is None or replicated_output:
+            return local
+        return comm.allreduce(local)
+
+    y.backward(r)
+    analytic = [backend.to_host(t.grad) if t.grad is not None else numpy.zeros(t.shape) for t in checked]
+    return loss, analytic
+
+
+def _relative_error(exact, numeric):
+    return abs(exact - numeric) / max(1.0, abs(exact), abs(numeric))
+
+
+def _worst_over_ranks(worst, where, entries, comm):
     if comm is not None:
         worst, where = max(comm.allgather((worst, where)))
     return GradcheckResult(worst, where, entries)
