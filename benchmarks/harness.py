@@ -167,6 +167,16 @@ def pyplot():
     return plt
 
 
+def ms(seconds):
+    """Seconds as milliseconds, one decimal: ``ms(0.0123) == "12.3"``."""
+    return f"{1e3 * seconds:,.1f}"
+
+
+def rate(value):
+    """A rate in units of 10^9, one decimal and a "G" to put before the unit: ``rate(2.5e10) == "25.0 G"``."""
+    return f"{value / 1e9:,.1f} G"
+
+
 def human_bytes(value):
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(value) < 1024 or unit == "GiB":

@@ -63,7 +63,7 @@ def test_the_pytorch_block_computes_minitps_block():
     torch = pytest.importorskip("torch")
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import speed
+        import speed_block
     finally:
         sys.path.remove(str(BENCHMARKS))
     from minitp import Tensor, no_grad
@@ -75,6 +75,6 @@ def test_the_pytorch_block_computes_minitps_block():
     x = numpy.random.default_rng(0).standard_normal((5, 2, 12))
     with no_grad():
         expected = block(Tensor(x)).data
-    leaves = speed.torch_leaves(torch, block)
-    actual = speed.torch_block(torch, leaves, torch.tensor(x), heads=3, dropout=0.0).detach().numpy()
+    leaves = speed_block.torch_leaves(torch, block)
+    actual = speed_block.torch_block(torch, leaves, torch.tensor(x), heads=3, dropout=0.0).detach().numpy()
     assert numpy.abs(actual - expected).max() <= 1e-12

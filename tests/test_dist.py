@@ -76,10 +76,11 @@ def test_mesh_sizes_that_do_not_multiply_raise_on_every_rank():
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 4])
-def test_init_returns_the_same_mesh_and_sets_the_default_group():
+def test_init_returns_the_same_mesh_and_sets_no_default_group():
+    """Groups are passed explicitly: init() hands back the mesh, and nothing in minitp looks one up."""
     mesh = dist.init(tp=WORLD.size)
-    parallel_assert(dist.init(tp=WORLD.size) is mesh and dist.current_mesh() is mesh)
-    parallel_assert(dist.tensor_parallel_group() is mesh.tp)
+    parallel_assert(dist.init(tp=WORLD.size) is mesh)
+    parallel_assert(not hasattr(dist, "current_mesh") and not hasattr(dist, "tensor_parallel_group"))
 
 
 # -- each collective against numpy ------------------------------------------------------------------
@@ -251,7 +252,7 @@ def test_logs_nest_and_record_nothing_once_closed():
     dist.all_reduce(x, group)
     parallel_assert([r.op for r in outer] == ["all_reduce", "all_gather", "reduce_scatter"])
     parallel_assert([r.op for r in inner] == ["all_gather"])
-    parallel_assert(dist._active_logs == [], "a closed log is still recording")
+    parallel_assert(dist.log._active_logs == [], "a closed log is still recording")
 
 
 # -- processes: abort on exception, BLAS threads ----------------------------------------------------

@@ -1,0 +1,145 @@
+"""What does each collective compute, and what does it cost? all_reduce, all_gather, reduce_scatter,
+broadcast, and split (all_gather's inverse, no communication).
+
+The collectives take an array (numpy or CuPy) and a ``Group`` and return a new array; they never write
+into their input. They use mpi4py's buffer methods (``Allreduce``, ``Allgather``, ...), which hand MPI the
+array's memory with its MPI datatype -- no pickling. Arrays must have the same shape and dtype on every
+rank of the group. On a group of one rank there is nothing to communicate and the input itself is
+returned (no copy); ``split`` returns a view. So treat results as read-only, as every op in minitp does
+(the autograd engine never writes into an array in place).
+
+Each docstring gives the ring cost that the collective log (``log.py``) records; how a CuPy array
+reaches MPI (host staging or CUDA-aware) is ``runtime.py``'s business.
+"""
+import numpy
+from mpi4py import MPI
+
+from minitp import backend
+from minitp.dist import log
+from minitp.dist.mesh import divide
+from minitp.dist.runtime import _for_mpi, _like
+
+
+def _buffer(array):
+    """An mpi4py buffer specification: the memory and its MPI datatype, read from the numpy dtype."""
+    code = numpy.dtype(array.dtype).char
+    fromcode = getattr(MPI.Datatype, "fromcode", None)  # mpi4py >= 4; older versions keep a dict
+    datatype = fromcode(code) if fromcode is not None else MPI._typedict[code]
+    return [array, datatype]
+
+
+def _axis(array, axis):
+    if not -array.ndim <= axis < array.ndim:
+        raise ValueError(f"axis {axis} out of range for an array of shape {array.shape}")
+    return axis % array.ndim
+
+
+# -- the collectives --------------------------------------------------------------------------------
+
+
+_REDUCE_OPS = {"sum": MPI.SUM, "max": MPI.MAX}
+
+
+def all_reduce(x, group, tag="", op="sum"):
+    """The elementwise sum (``op="max"``: maximum) of ``x`` over the ranks of ``group``, on every rank.
+
+    Ring cost: 2(n-1)/n · S bytes sent per rank (a reduce-scatter then an all-gather, each passing n-1
+    blocks of S/n around the ring).
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"all_reduce op must be one of {sorted(_REDUCE_OPS)}, not {op!r}")
+    n = group.size
+    if log._active_logs:
+        log._record("all_reduce", group, x.shape, x.dtype, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag)
+    if n == 1:
+        return x
+    send = _for_mpi(x)
+    total = backend.array_module(send).empty_like(send)
+    group.comm.Allreduce(_buffer(send), _buffer(total), op=_REDUCE_OPS[op])
+    return _like(total, x)
+
+
+def all_gather(x, group, axis=0, tag=""):
+    """The ranks' arrays ``x`` concatenated along ``axis`` in rank order, on every rank.
+
+    Each rank sends its whole ``x`` (one contiguous block whatever the axis) and receives the n blocks
+    rank-major, shape (n, *x.shape). Along axis 0 that buffer already is the concatenation (no copy);
+    along another axis the rank index must move next to that axis, one copy. Ring cost: (n-1)/n · S
+    bytes sent per rank, S the gathered array.
+    """
+    n = group.size
+    axis = _axis(x, axis)
+    gathered_shape = x.shape[:axis] + (x.shape[axis] * n,) + x.shape[axis + 1:]
+    if log._active_logs:
+        log._record("all_gather", group, gathered_shape, x.dtype, n * x.nbytes, (n - 1) * x.nbytes, tag)
+    if n == 1:
+        return x
+    send = _for_mpi(x)
+    xp = backend.array_module(send)
+    blocks = xp.empty((n,) + send.shape, dtype=send.dtype)
+    group.comm.Allgather(_buffer(send), _buffer(blocks))
+    if axis == 0:
+        gathered = blocks.reshape(gathered_shape)
+    else:
+        # (n, ..., k, ...) -> (..., n, k, ...) -> (..., n*k, ...): rank r's block lands at [r*k, (r+1)*k)
+        gathered = xp.ascontiguousarray(xp.moveaxis(blocks, 0, axis)).reshape(gathered_shape)
+    return _like(gathered, x)
+
+
+def reduce_scatter(x, group, axis=0, tag=""):
+    """The sum of ``x`` over the ranks, of which rank r keeps block r along ``axis``.
+
+    ``x.shape[axis]`` must be divisible by the group size (``ValueError`` otherwise, on every rank).
+    MPI's Reduce_scatter_block wants block r to be the r-th contiguous chunk of the send buffer: true
+    along axis 0 of a C-contiguous array; for another axis the blocks are moved to the front first (one
+    copy). Ring cost: (n-1)/n · S bytes sent per rank, S the input (pre-scatter) array.
+    """
+    n = group.size
+    axis = _axis(x, axis)
+    block = divide(x.shape[axis], n, f"reduce_scatter: the length of axis {axis} of an array of shape {x.shape}")
+    if log._active_logs:
+        log._record("reduce_scatter", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
+    if n == 1:
+        return x
+    xp = backend.array_module(x)
+    block_shape = x.shape[:axis] + (block,) + x.shape[axis + 1:]
+    rank_major = x
+    if axis != 0:
+        # (..., n*k, ...) -> (..., n, k, ...) -> (n, ..., k, ...): each rank's block contiguous (a copy)
+        rank_major = xp.moveaxis(x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:]), axis, 0)
+    send = _for_mpi(rank_major)
+    mine = backend.array_module(send).empty(block_shape, dtype=send.dtype)
+    group.comm.Reduce_scatter_block(_buffer(send), _buffer(mine), op=MPI.SUM)
+    return _like(mine, x)
+
+
+def broadcast(x, group, root=0, tag=""):
+    """Rank ``root``'s ``x`` on every rank (the others pass an array of the same shape and dtype, whose
+    values are ignored).
+
+    Logged ring cost: (n-1)/n · S bytes per rank -- what each rank passes on in the all-gather phase of
+    the scatter + ring all-gather broadcast that MPI uses for large buffers (the root also sends
+    (n-1)/n · S in the scatter phase, not counted). Small buffers go down a tree instead.
+    """
+    n = group.size
+    if log._active_logs:
+        log._record("broadcast", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
+    if n == 1:
+        return x
+    values = _for_mpi(x)
+    if backend.data_ptr(values) == backend.data_ptr(x):
+        values = values.copy()  # Bcast writes in place; the caller's x must stay as it was
+    group.comm.Bcast(_buffer(values), root=root)
+    return _like(values, x)
+
+
+def split(x, group, axis):
+    """This rank's block of ``x`` along ``axis`` (a view; no communication, not logged).
+
+    Block r is ``[r*k, (r+1)*k)`` with k = length / group size: the inverse of ``all_gather``.
+    """
+    axis = _axis(x, axis)
+    block = divide(x.shape[axis], group.size, f"split: the length of axis {axis} of an array of shape {x.shape}")
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(group.rank * block, (group.rank + 1) * block)
+    return x[tuple(index)]
