@@ -20,6 +20,11 @@ m = 1 byte per dropout mask (a bool): 34 = 16e + 2m and 5 = 2e + m at e = 2, m =
     TP+SP    = [sbh(16e + 2m) + as²b(2e + m)] / t
     full     = e·sbh   (e·sbh/t with SP: the block's input is then a sequence shard)
 
+And the memory of *building* a model: every rank draws only its own shards of the initial weights
+(``minitp.nn.init``), so constructing a ``ParallelGPT`` at tensor-parallel size t should cost a rank about
+1/t of the serial model, plus what is replicated (position table, LayerNorms, row-parallel biases). Peak
+bytes while building (``tracemalloc``) and the parameter bytes kept, per rank, beside 1/t.
+
 Run: ``python benchmarks/memory.py`` (launches ``mpiexec -n 4`` itself; ``--quick`` for a tiny smoke run).
 Writes ``benchmarks/results/memory.md`` and ``memory.png``.
 """
@@ -35,6 +40,8 @@ E, M = 4, 1  # float32 activations, bool masks
 DROPOUT = 0.1  # on: the paper's counts include the masks
 SHAPES = {"A": (256, 2, 256, 4), "B": (512, 1, 128, 8)}  # (s, b, h, a): as/h = 4 and 32
 QUICK_SHAPES = {"A": (8, 2, 16, 4), "B": (16, 1, 8, 4)}
+CONSTRUCTION = dict(vocab=8192, seq_len=256, hidden=512, heads=8, layers=4)  # ~21M parameters, float32
+QUICK_CONSTRUCTION = dict(vocab=256, seq_len=16, hidden=32, heads=4, layers=2)
 
 # (label, sequence_parallel, recompute); "none" is the serial TransformerBlock
 CONFIGS = [("none", None, None), ("TP", False, None), ("TP+SP", True, None),
@@ -106,8 +113,34 @@ def worker(args):
                 results.append({"shape": name, "t": t, "config": label, "bytes": saved.total,
                                 "by_op": saved.by_op})
         group.comm.Free()
+    construction = measure_construction(args)
     if world.rank == 0:
-        harness.report({"shapes": shapes, "results": results})
+        harness.report({"shapes": shapes, "results": results, "construction": construction})
+
+
+def measure_construction(args):
+    """[{t, parameter bytes, peak bytes while building}] per t, the largest over the ranks; t = 0: serial."""
+    import tracemalloc
+
+    from mpi4py import MPI
+
+    from minitp import dist
+    from minitp.nn import GPT, GPTConfig
+    from minitp.parallel import ParallelGPT
+
+    config = GPTConfig(**(QUICK_CONSTRUCTION if args.quick else CONSTRUCTION))
+    rows = []
+    for t in [0] + list(args.tp):
+        mesh = dist.Mesh(tp_size=t) if t else None
+        tracemalloc.start()
+        model = ParallelGPT(config, mesh) if t else GPT(config)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        kept = sum(p.data.nbytes for p in model.parameters())
+        del model
+        rows.append({"t": t, "kept": MPI.COMM_WORLD.allreduce(kept, op=MPI.MAX),
+                     "peak": MPI.COMM_WORLD.allreduce(peak, op=MPI.MAX)})
+    return {"config": config.to_dict(), "rows": rows}
 
 
 # -- the driver: tables and plots -----------------------------------------------------------------
@@ -182,6 +215,7 @@ def render(data, out):
         figure.savefig(Path(out) / "memory.png", dpi=110)
         plt.close(figure)
         lines += ["![memory vs t](memory.png)", ""]
+    lines += construction_section(data["construction"])
     name = next(iter(shapes))
     serial = next(r for r in results if r["shape"] == name and r["config"] == "none")
     lines += [f"## Where the bytes go: shape {name}, no parallelism, by the op that keeps them", "",
@@ -190,6 +224,23 @@ def render(data, out):
               "+ 2 + 8 sbh at e = 2, plus 2as²b for the dropped probabilities); LayerNorm: x̂ and 1/std twice; "
               "Softmax: its output; Dropout: three bool masks; GeLU: its input.", ""]
     return "\n".join(lines)
+
+
+def construction_section(construction):
+    config, rows = construction["config"], construction["rows"]
+    serial = rows[0]
+    table = [["serial", f"{serial['kept']:,}", f"{serial['peak']:,}", "1.000", "1.000", "1"]]
+    table += [[f"t={r['t']}", f"{r['kept']:,}", f"{r['peak']:,}", f"{r['kept'] / serial['kept']:.3f}",
+               f"{r['peak'] / serial['peak']:.3f}", f"{1 / r['t']:.3f}"] for r in rows[1:]]
+    shape = ", ".join(f"{key}={value}" for key, value in config.items())
+    return ["## Building the model: memory per rank", "",
+            f"`ParallelGPT(GPTConfig({shape}), mesh)` at each t, against `GPT(config)`: the parameter bytes a "
+            "rank keeps, and its peak allocation while building (tracemalloc; numpy reports its arrays to it), "
+            "the largest over the ranks. Each rank draws only its shards, so both fall as about 1/t; what stays "
+            "is replicated (the position table, LayerNorms, row-parallel biases) plus the temporaries of drawing "
+            "one block (its 64-bit hashes and the Box–Muller terms).", "",
+            harness.table(["build", "parameters B", "peak B", "parameters / serial", "peak / serial", "1/t"],
+                          table, "lrrrrr"), ""]
 
 
 def main():

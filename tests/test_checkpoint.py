@@ -140,6 +140,12 @@ CASES = {
     "pickled object array": (
         lambda path: rewrite(path, lambda a: {**a, "wpe.weight": numpy.array([{}, 1], dtype=object)}),
         ["cannot read", "pickle"]),
+    "another architecture, the same shapes": (  # 4 heads of 4 -> 2 heads of 8: every weight fits, the model differs
+        lambda path: rewrite(path, lambda a: {**a, "checkpoint/config": numpy.array(
+            str(a["checkpoint/config"]).replace('"heads": 4', '"heads": 2'))}),
+        ["heads=2", "heads=4"]),
+    "missing configuration": (lambda path: rewrite(path, without("checkpoint/config")),
+                              ["'checkpoint/config'", "missing"]),
     "truncated file": (truncated, ["cannot read", "truncated"]),
     "corrupt file": (corrupted, ["cannot read"]),
 }

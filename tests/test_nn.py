@@ -492,3 +492,19 @@ def test_float32_model_stays_float32(device):
     loss.backward()
     assert loss.dtype == numpy.float32
     assert all(p.dtype == numpy.float32 and p.grad.dtype == numpy.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("field, value", [("vocab", 0), ("layers", -1), ("hidden", 2.5), ("heads", True),
+                                          ("seq_len", None)])
+def test_gpt_config_refuses_sizes_that_are_not_positive_integers(field, value):
+    options = dict(vocab=8, seq_len=4, hidden=8, heads=2, layers=1)
+    with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
+        nn.GPTConfig(**{**options, field: value})
+
+
+def test_gpt_config_fills_in_its_defaults_and_checks_heads():
+    config = nn.GPTConfig(vocab=8, seq_len=4, hidden=8, heads=2, layers=1, dropout=0.1, dtype=numpy.float64)
+    assert (config.ffn_hidden, config.attention_dropout, config.dtype) == (32, 0.1, "float64")
+    assert nn.GPT(config).config is config
+    with pytest.raises(ValueError, match=r"heads \(3\) must divide hidden \(8\)"):
+        nn.GPTConfig(vocab=8, seq_len=4, hidden=8, heads=3, layers=1)

@@ -57,6 +57,7 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
                 raise ValueError(f"GPTConfig: {name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a numpy integer becomes a plain one (JSON, repr)
         if self.hidden % self.heads:
             raise ValueError(f"GPTConfig: heads ({self.heads}) must divide hidden ({self.hidden})")
 

@@ -56,24 +56,41 @@ def block(global_shape, axis=None, index=0, parts=1):
     return shape, offset
 
 
-def _bits(global_shape, seed, axis, index, parts):
+CHUNK = 1 << 15
+"""Elements drawn at a time: the uint64 hashes and float64 terms of a chunk are its only temporaries
+(about 1 MiB), so building a layer peaks at little more than the layer itself."""
+
+
+def _draw(global_shape, seed, dtype, axis, index, parts, transform):
+    """Block ``index`` of ``parts`` along ``axis`` of the tensor whose elements are ``transform(bits)``,
+    computed chunk by chunk of rows (the first axis) on the host, then moved to the device."""
     shape, offset = block(global_shape, axis, index, parts)
-    return rng.random_bits(shape, seed, 0, global_shape, offset, xp=numpy)
+    out = numpy.empty(shape, dtype=dtype)
+    if out.size:
+        rows = max(1, CHUNK // max(1, out[0].size)) if out.ndim else 1
+        for start in range(0, shape[0] if out.ndim else 1, rows):
+            piece = out[start:start + rows] if out.ndim else out
+            corner = (offset[0] + start,) + offset[1:] if out.ndim else offset
+            piece[...] = transform(rng.random_bits(piece.shape, seed, 0, global_shape, corner, xp=numpy))
+    return backend.from_host(out)
 
 
 def uniform(global_shape, bound, seed, dtype, axis=None, index=0, parts=1):
     """Block ``index`` of ``parts`` along ``axis`` of a U(−bound, bound) tensor of ``global_shape``."""
-    unit = (_bits(global_shape, seed, axis, index, parts) >> numpy.uint64(11)) * 2.0 ** -53  # [0, 1)
-    return backend.from_host((bound * (2 * unit - 1)).astype(dtype))
+    def transform(bits):
+        unit = (bits >> numpy.uint64(11)) * 2.0 ** -53  # [0, 1) with a float64's 53 bits
+        return bound * (2 * unit - 1)
+    return _draw(global_shape, seed, dtype, axis, index, parts, transform)
 
 
 def normal(global_shape, std, seed, dtype, axis=None, index=0, parts=1):
     """Block ``index`` of ``parts`` along ``axis`` of an N(0, std²) tensor of ``global_shape``
     (Box–Muller on each element's hash; see the module docstring)."""
-    bits = _bits(global_shape, seed, axis, index, parts)
-    u1 = ((bits >> numpy.uint64(32)) + 1) * 2.0 ** -32  # (0, 1]: the log never sees 0
-    u2 = (bits & numpy.uint64(0xFFFFFFFF)) * 2.0 ** -32  # [0, 1)
-    return backend.from_host((std * numpy.sqrt(-2 * numpy.log(u1)) * numpy.cos(2 * math.pi * u2)).astype(dtype))
+    def transform(bits):
+        u1 = ((bits >> numpy.uint64(32)) + numpy.uint64(1)) * 2.0 ** -32  # (0, 1]: the log never sees 0
+        u2 = (bits & numpy.uint64(0xFFFFFFFF)) * 2.0 ** -32  # [0, 1)
+        return std * numpy.sqrt(-2 * numpy.log(u1)) * numpy.cos(2 * math.pi * u2)
+    return _draw(global_shape, seed, dtype, axis, index, parts, transform)
 
 
 def zeros(shape, dtype):
