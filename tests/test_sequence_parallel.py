@@ -24,8 +24,10 @@ from minitp.nn.layers import Dropout, LayerNorm, Linear
 from minitp.nn.transformer import TransformerBlock
 from minitp.parallel import (ColumnParallelLinear, ParallelTransformerBlock, RowParallelLinear, SequenceParallelDropout,
                              SequenceParallelLayerNorm, mappings)
-from parallel_helpers import (GRADCHECK, TIGHT, block, compare, randomize, replicated, run_logged, sequence_block,
-                              sharded_gradcheck, summary, tp_mesh, value_error, worst)
+from minitp.parallel.shard import split_axis
+from minitp.testing import directional_gradcheck
+from parallel_helpers import (GRADCHECK, TIGHT, block, compare, randomize, replicated, reset_dropout, run_logged,
+                              sequence_block, sharded_gradcheck, summary, tp_mesh, value_error, worst)
 
 F64 = numpy.float64
 ALL_RANKS = [1, 2, 3, 4]
@@ -352,3 +354,26 @@ def test_a_block_whose_heads_do_not_divide_raises_on_every_rank():
     message, collectives = value_error(
         lambda: ParallelTransformerBlock(2 * (t + 1), t + 1, sequence_parallel=True, dtype=F64, group=tp))
     parallel_assert(message is not None and "heads" in message and collectives == 0, str(message))
+
+
+@pytest.mark.parallel(nprocs=ALL_RANKS)
+def test_directional_gradcheck_of_the_block_moves_the_replicated_weights_too():
+    """Finite differences through the whole TP+SP block along random directions that move every input at
+    once: the rank's tokens and weight blocks (a direction of their own on each rank), and the replicated
+    LayerNorm weights and row-parallel biases (one direction shared by every rank, so their copies move
+    together) -- whose gradients are right only if f sums them over the ranks."""
+    tp = tp_mesh().tp
+    _, layer = blocks(tp, True, dropout=0.1, heads_per_rank=1, head_dim=2, ffn_hidden=2 * tp.size)
+    randomize(layer)  # LayerNorm's 1 and 0 would hide a forward that skipped it; every rank draws the same
+    parameters = [p for _, p in layer.named_parameters()]
+    x = Tensor(sequence_block(replicated((2 * tp.size, 2, layer.ln1.hidden), 1), tp), requires_grad=True)
+
+    def run(tokens, *weights):  # the weights are the layer's own: the check moves them in place
+        reset_dropout(layer)
+        return layer(tokens)
+
+    replicated_inputs = [1 + i for i, p in enumerate(parameters) if split_axis(p) is None]
+    result = directional_gradcheck(run, [x, *parameters], comm=tp.comm, replicated_inputs=replicated_inputs,
+                                   directions=3)
+    parallel_assert(result.max_error <= GRADCHECK, str(result))
+    parallel_assert(len(replicated_inputs) == 6, f"ln1, ln2 weight and bias, proj and fc2 bias: {replicated_inputs}")
