@@ -61,12 +61,39 @@ def test_mesh_groups_have_the_right_members():
         parallel_assert(mesh.world.ranks == tuple(range(n)))
 
 
+@pytest.mark.parallel(nprocs=[4])
+@pytest.mark.parametrize("dp, pp, cp, tp", [(1, 2, 1, 2), (1, 1, 2, 2), (2, 2, 1, 1), (1, 2, 2, 1), (1, 4, 1, 1)])
+def test_four_axis_mesh_lays_ranks_out_dp_pp_cp_tp(dp, pp, cp, tp):
+    """rank = ((dp_rank·pp + pp_rank)·cp + cp_rank)·tp + tp_rank; each group holds the ranks that differ only
+    in its coordinate(s), in coordinate order; dp_cp joins the dp and cp coordinates."""
+    mesh = dist.Mesh(tp_size=tp, dp_size=dp, pp_size=pp, cp_size=cp)
+    rank = WORLD.rank
+    coordinates = dict(tp=rank % tp, cp=rank // tp % cp, pp=rank // (tp * cp) % pp, dp=rank // (tp * cp * pp))
+    parallel_assert(mesh.coordinates == coordinates, f"{mesh.coordinates} vs {coordinates}")
+
+    def ranks_along(*axes):
+        sizes = dict(dp=dp, pp=pp, cp=cp, tp=tp)
+        found = []
+        for other in range(WORLD.size):
+            theirs = dict(tp=other % tp, cp=other // tp % cp, pp=other // (tp * cp) % pp, dp=other // (tp * cp * pp))
+            if all(theirs[a] == coordinates[a] for a in sizes if a not in axes):
+                found.append(other)
+        return tuple(found)
+    for name, axes in (("tp", ("tp",)), ("cp", ("cp",)), ("pp", ("pp",)), ("dp", ("dp",)), ("dp_cp", ("dp", "cp"))):
+        group = getattr(mesh, name)
+        parallel_assert(group.ranks == ranks_along(*axes) and group.ranks[group.rank] == rank, f"{name}: {group}")
+    parallel_assert(mesh.pp.rank == mesh.pp_rank and mesh.first_stage == (mesh.pp_rank == 0)
+                    and mesh.last_stage == (mesh.pp_rank == pp - 1))
+    parallel_assert(mesh.rank_of(tp=0) == rank - coordinates["tp"])
+
+
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_mesh_sizes_that_do_not_multiply_raise_on_every_rank():
     n = WORLD.size
-    for tp, dp in [(n + 1, None), (1, n + 1), (n, 2), (0, None)] + ([(3, None)] if n == 4 else []):
+    for tp, dp, pp in [(n + 1, None, 1), (1, n + 1, 1), (n, 2, 1), (0, None, 1), (1, None, 0),
+                       (1, None, n + 1)] + ([(3, None, 1), (2, None, 3)] if n == 4 else []):
         try:
-            dist.Mesh(tp_size=tp, dp_size=dp)
+            dist.Mesh(tp_size=tp, dp_size=dp, pp_size=pp)
             message = None
         except ValueError as error:
             message = str(error)

@@ -61,5 +61,5 @@ def test_command_line_trains_saves_and_resumes_on_another_mesh(tmp_path):
 def test_a_mesh_that_does_not_fit_the_ranks_is_a_clear_error():
     run = launch("train_gpt.py", *SMALL, "--tp", "2", "--dp", "2", "--steps", "1", ranks=2, timeout=90)
     assert run.returncode != 0
-    assert "error: dp_size × tp_size must equal the number of ranks: 2 × 2 ≠ 2" in run.stderr, run.stderr
+    assert "error: dp × pp × cp × tp must equal the number of ranks: 2 × 1 × 1 × 2 ≠ 2" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr

@@ -1,9 +1,10 @@
-"""Which ranks work together? The (dp, tp) process mesh, its groups, and sizes that must divide.
+"""Which ranks work together? The (dp, pp, cp, tp) process mesh, its groups, and sizes that must divide.
 
-``world`` ranks are laid out as a (dp, tp) grid, tensor-parallel ranks contiguous:
-``rank = dp_rank * tp + tp_rank``. Ranks that share a ``dp_rank`` form one tensor-parallel group (they
-hold the shards of one model replica, and talk on every layer, so they are neighbours: on one node when
-ranks are placed node by node); ranks that share a ``tp_rank`` form a data-parallel group.
+``world`` ranks are laid out as a (dp, pp, cp, tp) grid, tensor-parallel ranks contiguous:
+``rank = ((dp_rank·pp + pp_rank)·cp + cp_rank)·tp + tp_rank``. Ranks that differ only in their tp
+coordinate form one tensor-parallel group (they hold the shards of one layer and talk on every layer, so
+they are neighbours: on one node when ranks are placed node by node); likewise for cp (blocks of one
+sequence), pp (the stages of one replica) and dp (the replicas).
 
 Bad configurations (sizes that do not divide) raise the same ``ValueError`` on every rank before any
 communication, because every rank checks the same numbers.
@@ -53,48 +54,102 @@ class Group:
         return f"Group({self.name!r}, rank {self.rank} of {self.size}, world ranks {list(self.ranks)})"
 
 
-class Mesh:
-    """The world's ranks as a (dp, tp) grid: ``world``, ``tp`` and ``dp`` Groups.
+AXES = ("dp", "pp", "cp", "tp")
+"""The mesh's axes, outermost first: ``rank = ((dp_rank·pp + pp_rank)·cp + cp_rank)·tp + tp_rank``."""
 
-    ``tp_size`` ranks with consecutive world ranks share one model replica's shards; ``dp_size`` defaults
-    to ``world size // tp_size``. ``dp_size * tp_size`` must equal the world size, else ``ValueError``
-    (on every rank: each computes it from the same numbers).
+
+class Mesh:
+    """The world's ranks as a (dp, pp, cp, tp) grid, tensor-parallel ranks innermost (as picotron's
+    ``arange(world).view(dp, pp, cp, tp)`` and Megatron's default order).
+
+    - ``tp``: the ranks holding the shards of one layer -- they talk on every layer, so they are
+      neighbours (consecutive world ranks: on one node when ranks are placed node by node);
+    - ``cp``: the ranks holding blocks of one sequence (context parallelism);
+    - ``pp``: the pipeline stages of one model replica, in stage order (``pp.rank`` is the stage);
+    - ``dp``: the data-parallel replicas.
+
+    Each axis is a ``Group`` of the ranks that differ only in that coordinate; ``dp_cp`` joins dp and cp
+    (the parameters are replicated over both, so their gradients are reduced over both). Sizes default to
+    1 and ``dp_size`` to whatever is left of the world; the product must be the world size, else
+    ``ValueError`` (on every rank: each computes it from the same numbers).
     """
 
-    def __init__(self, tp_size=1, dp_size=None):
+    def __init__(self, tp_size=1, dp_size=None, pp_size=1, cp_size=1):
         world = MPI.COMM_WORLD
         world_size = world.Get_size()
-        if not isinstance(tp_size, int) or tp_size < 1:
-            raise ValueError(f"tp_size must be a positive integer, not {tp_size!r}")
+        for name, size in (("tp_size", tp_size), ("pp_size", pp_size), ("cp_size", cp_size)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, not {size!r}")
+        inner = tp_size * cp_size * pp_size
         if dp_size is None:
-            dp_size = world_size // tp_size
-        if not isinstance(dp_size, int) or dp_size < 1 or dp_size * tp_size != world_size:
+            dp_size = world_size // inner
+        if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1 \
+                or dp_size * inner != world_size:
             divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
             raise ValueError(
-                f"dp_size × tp_size must equal the number of ranks: {dp_size} × {tp_size} ≠ {world_size}. "
-                f"Launch a multiple of tp_size ranks (mpirun -n {tp_size}, {2 * tp_size}, ...) "
-                f"or choose tp_size among {divisors}")
-        self.tp_size, self.dp_size = tp_size, dp_size
+                f"dp × pp × cp × tp must equal the number of ranks: {dp_size} × {pp_size} × {cp_size} × "
+                f"{tp_size} ≠ {world_size}. Launch a multiple of pp × cp × tp = {inner} ranks "
+                f"(mpirun -n {inner}, {2 * inner}, ...) or choose sizes among the divisors {divisors}")
+        self.sizes = dict(dp=dp_size, pp=pp_size, cp=cp_size, tp=tp_size)
+        self.tp_size, self.dp_size, self.pp_size, self.cp_size = tp_size, dp_size, pp_size, cp_size
         rank = world.Get_rank()
-        self.dp_rank, self.tp_rank = divmod(rank, tp_size)  # rank = dp_rank * tp + tp_rank
+        self.coordinates = self._coordinates(rank)
+        self.dp_rank, self.pp_rank, self.cp_rank, self.tp_rank = (self.coordinates[a] for a in AXES)
         self.world = Group(world, "world")
-        # Split: ranks passing the same colour form one communicator, ordered by key.
-        self.tp = Group(world.Split(color=self.dp_rank, key=self.tp_rank), "tp")
-        self.dp = Group(world.Split(color=self.tp_rank, key=self.dp_rank), "dp")
+        # Split: ranks passing the same colour form one communicator, ordered by key. A group along some
+        # axes holds the ranks whose other coordinates equal ours: colour = the rank with those zeroed.
+        self.tp = self._group(world, ("tp",))
+        self.cp = self._group(world, ("cp",))
+        self.pp = self._group(world, ("pp",))
+        self.dp = self._group(world, ("dp",))
+        self.dp_cp = self._group(world, ("dp", "cp"), name="dp_cp")
+
+    def _coordinates(self, rank):
+        """{axis: coordinate} of world rank ``rank``."""
+        coordinates = {}
+        for axis in reversed(AXES):
+            rank, coordinates[axis] = divmod(rank, self.sizes[axis])
+        return coordinates
+
+    def rank_of(self, **coordinates):
+        """The world rank at ``coordinates`` (axes not given: this rank's own)."""
+        where = {**self.coordinates, **coordinates}
+        rank = 0
+        for axis in AXES:
+            rank = rank * self.sizes[axis] + where[axis]
+        return rank
+
+    def _group(self, world, axes, name=None):
+        colour = self.rank_of(**{axis: 0 for axis in axes})
+        key = 0
+        for axis in AXES:
+            if axis in axes:
+                key = key * self.sizes[axis] + self.coordinates[axis]
+        return Group(world.Split(color=colour, key=key), name or axes[0])
 
     @property
     def rank(self):
         return self.world.rank
 
+    @property
+    def first_stage(self):
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self):
+        return self.pp_rank == self.pp_size - 1
+
     def __repr__(self):
-        return (f"Mesh(world {self.world.size} = dp {self.dp_size} × tp {self.tp_size}; "
-                f"rank {self.rank} is tp_rank {self.tp_rank}, dp_rank {self.dp_rank})")
+        shape = " × ".join(f"{axis} {self.sizes[axis]}" for axis in AXES if axis in ("dp", "tp") or self.sizes[axis] > 1)
+        place = ", ".join(f"{axis}_rank {self.coordinates[axis]}" for axis in reversed(AXES)
+                          if axis in ("dp", "tp") or self.sizes[axis] > 1)
+        return f"Mesh(world {self.world.size} = {shape}; rank {self.rank} is {place})"
 
 
-_meshes = {}  # (tp, dp) -> Mesh: init() reuses communicators rather than splitting new ones each call
+_meshes = {}  # sizes -> Mesh: init() reuses communicators rather than splitting new ones each call
 
 
-def init(tp=1, dp=None):
+def init(tp=1, dp=None, pp=1, cp=1):
     """The process mesh for ``tp`` × ``dp`` ranks, ready to use: call it first, on every rank, and pass
     its groups (``mesh.tp``, ``mesh.dp``) to every parallel layer and operator -- there is no global
     default, so each call shows which ranks talk.
@@ -104,8 +159,8 @@ def init(tp=1, dp=None):
     sizes returns the same mesh.
     """
     install_abort_handler()
-    key = (tp, dp)
+    key = (tp, dp, pp, cp)
     if key not in _meshes:
-        _meshes[key] = Mesh(tp, dp)
+        _meshes[key] = Mesh(tp, dp, pp, cp)
         _limit_blas_threads()
     return _meshes[key]
