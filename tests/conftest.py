@@ -16,9 +16,15 @@ from pathlib import Path
 import pytest
 from mpi4py import MPI
 
-from minitp import backend
+from minitp import backend, dist
 
 CHILD = "_PYTEST_MPI_CHILD_PROCESS"  # set by mpi-pytest in the processes it launches
+
+# Checked mode (minitp.dist.checks): every collective first verifies that the ranks agree on its shape and
+# dtype, and a sequence-parallel layer that every rank feeds the same array says so. On for the whole
+# suite, and for the tutorials and scripts it launches (they inherit the environment).
+os.environ["MINITP_CHECKED"] = "1"
+dist.set_checked(True)
 
 # mpi-pytest launches `mpiexec` from PATH: make it the one beside this Python (the venv's MPICH), so that
 # plain `.venv/bin/python -m pytest` works without activating the venv.

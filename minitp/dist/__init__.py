@@ -13,12 +13,14 @@ to call them:
     collectives.py  what does each collective compute and cost? ``all_reduce``, ``all_gather``,
                     ``reduce_scatter``, ``broadcast``, ``split``
     log.py          which collectives ran, moving how many bytes? ``log_collectives``, ``CollectiveLog``
+    checks.py       do the ranks agree? checked mode, token-id agreement (``set_checked``, ``agree``)
     runtime.py      how does each rank run under MPI? the abort handler, BLAS threads, and how CuPy
                     arrays reach MPI (``set_cuda_aware``, ``transport``)
 
 Module-level state lives in exactly one of them: the meshes in ``mesh``, the open logs in ``log``, the
 CUDA-aware setting in ``runtime``; read or patch it there (``dist.log._active_logs``), not here.
 """
+from minitp.dist.checks import agree, agree_on_ids, checked, set_checked
 from minitp.dist.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
 from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
 from minitp.dist.mesh import Group, Mesh, divide, init
@@ -28,5 +30,5 @@ __all__ = [
     "init", "Mesh", "Group", "divide",
     "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split",
     "log_collectives", "CollectiveLog", "CollectiveRecord",
-    "install_abort_handler", "set_cuda_aware", "transport",
+    "install_abort_handler", "set_cuda_aware", "transport", "agree", "agree_on_ids", "checked", "set_checked",
 ]

@@ -4,7 +4,7 @@ broadcast, and split (all_gather's inverse, no communication).
 The collectives take an array (numpy or CuPy) and a ``Group`` and return a new array; they never write
 into their input. They use mpi4py's buffer methods (``Allreduce``, ``Allgather``, ...), which hand MPI the
 array's memory with its MPI datatype -- no pickling. Arrays must have the same shape and dtype on every
-rank of the group. On a group of one rank there is nothing to communicate and the input itself is
+rank of the group (checked mode, ``checks.py``, verifies it first). On a group of one rank there is nothing to communicate and the input itself is
 returned (no copy); ``split`` returns a view. So treat results as read-only, as every op in minitp does
 (the autograd engine never writes into an array in place).
 
@@ -15,7 +15,7 @@ import numpy
 from mpi4py import MPI
 
 from minitp import backend
-from minitp.dist import log
+from minitp.dist import checks, log
 from minitp.dist.mesh import divide
 from minitp.dist.runtime import _for_mpi, _like
 
@@ -49,6 +49,8 @@ def all_reduce(x, group, tag="", op="sum"):
     if op not in _REDUCE_OPS:
         raise ValueError(f"all_reduce op must be one of {sorted(_REDUCE_OPS)}, not {op!r}")
     n = group.size
+    if n > 1 and checks.checked():
+        checks.agree_on_array(group, f"all_reduce {op}", tag, x)
     if log._active_logs:
         log._record("all_reduce", group, x.shape, x.dtype, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag)
     if n == 1:
@@ -69,6 +71,8 @@ def all_gather(x, group, axis=0, tag=""):
     """
     n = group.size
     axis = _axis(x, axis)
+    if n > 1 and checks.checked():
+        checks.agree_on_array(group, "all_gather", tag, x)
     gathered_shape = x.shape[:axis] + (x.shape[axis] * n,) + x.shape[axis + 1:]
     if log._active_logs:
         log._record("all_gather", group, gathered_shape, x.dtype, n * x.nbytes, (n - 1) * x.nbytes, tag)
@@ -97,6 +101,8 @@ def reduce_scatter(x, group, axis=0, tag=""):
     n = group.size
     axis = _axis(x, axis)
     block = divide(x.shape[axis], n, f"reduce_scatter: the length of axis {axis} of an array of shape {x.shape}")
+    if n > 1 and checks.checked():
+        checks.agree_on_array(group, "reduce_scatter", tag, x)
     if log._active_logs:
         log._record("reduce_scatter", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
     if n == 1:
@@ -122,6 +128,8 @@ def broadcast(x, group, root=0, tag=""):
     (n-1)/n · S in the scatter phase, not counted). Small buffers go down a tree instead.
     """
     n = group.size
+    if n > 1 and checks.checked():
+        checks.agree_on_array(group, "broadcast", tag, x)
     if log._active_logs:
         log._record("broadcast", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
     if n == 1:

@@ -13,6 +13,7 @@ The meshes made so far live here (``_meshes``), and nowhere else; nothing in min
 """
 from mpi4py import MPI
 
+from minitp.dist.checks import set_checked
 from minitp.dist.runtime import _limit_blas_threads, install_abort_handler
 
 # -- sizes that must divide -------------------------------------------------------------------------
@@ -149,16 +150,19 @@ class Mesh:
 _meshes = {}  # sizes -> Mesh: init() reuses communicators rather than splitting new ones each call
 
 
-def init(tp=1, dp=None, pp=1, cp=1):
+def init(tp=1, dp=None, pp=1, cp=1, checked=None):
     """The process mesh for ``tp`` × ``dp`` ranks, ready to use: call it first, on every rank, and pass
     its groups (``mesh.tp``, ``mesh.dp``) to every parallel layer and operator -- there is no global
     default, so each call shows which ranks talk.
 
     Also installs the abort handler (an exception on one rank ends the job) and, when ranks on this
     node share its cores, limits each rank's BLAS to its share of them. Calling it again with the same
-    sizes returns the same mesh.
+    sizes returns the same mesh. ``checked=True`` turns on checked mode (``checks.py``: every collective
+    first verifies that the ranks agree on shape and dtype); None leaves it as it is.
     """
     install_abort_handler()
+    if checked is not None:
+        set_checked(checked)
     key = (tp, dp, pp, cp)
     if key not in _meshes:
         _meshes[key] = Mesh(tp, dp, pp, cp)

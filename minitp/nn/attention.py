@@ -96,8 +96,9 @@ class MultiHeadAttention(Module):
         self.dropout = layers.dropout(dropout, init.derive_seed(seed, "dropout"))
 
     def forward(self, x):
-        if x.shape[-1] != self.hidden:
-            raise ValueError(f"{type(self).__name__}({self.hidden}) got an input of shape {x.shape}")
+        if x.ndim != 3 or x.shape[-1] != self.hidden:
+            raise ValueError(f"{type(self).__name__}({self.hidden}) got an input of shape {tuple(x.shape)}, "
+                             f"expected (s, b, {self.hidden})")
         heads, head_dim = self.heads, self.head_dim  # heads: the heads computed here (a/t on a TP rank)
         # (s, b, h) @ (h, 3h) = (s, b, 3h), read head-major as (s, b, a, 3, d). Take s and b from the
         # product, not from x: under sequence parallelism x holds s/t tokens and qkv gathers all s.

@@ -107,6 +107,7 @@ def vocab_parallel_cross_entropy(logits_shard, targets, group, reduction="mean",
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
     xp = backend.array_module(logits_shard.data)
     targets = xp.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    dist.agree_on_ids(group, f"{tag}: the targets", targets)  # first: every check below then agrees too
     F.check_integer(targets, "cross_entropy targets")
     if targets.shape != logits_shard.shape[:-1]:
         raise ValueError(f"targets of shape {targets.shape} for logits of shape {logits_shard.shape}")

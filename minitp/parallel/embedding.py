@@ -105,6 +105,7 @@ class VocabParallelEmbedding(Embedding):
         # ids are the same on every rank: an id no rank owns would silently embed as zeros, so every rank
         # raises the same error here, before the collective
         ids = backend.array_module(self.weight.data).asarray(ids.data if isinstance(ids, Tensor) else ids)
+        dist.agree_on_ids(self.group, f"{self.tag}: the token ids", ids)  # first: the checks below then agree
         F.check_indices(ids, self.num_embeddings, "embedding ids", "vocabulary size")
         if self.sequence_parallel:
             dist.divide(len(ids), self.group.size, "the sequence length (split over tp by sequence parallelism)")

@@ -45,6 +45,7 @@ class LinearWithSequenceGather(Function):
 
     def forward(self, x_shard, weight, group=None, tag=None):
         self.group, self.tag = group, tag
+        dist.checks.not_replicated(group, mappings.tag(tag, "g (sequence-parallel input)"), x_shard)
         self.save_for_backward(x_shard, weight)
         x = dist.all_gather(x_shard, group, axis=0, tag=mappings.tag(tag, "g forward"))
         # (s, b, in) @ (in, out/t) = (s, b, out/t), as one GEMM over the s*b tokens
@@ -86,6 +87,8 @@ class ColumnParallelLinear(Linear):
         self.gather_output, self.sequence_parallel, self.tag = gather_output, sequence_parallel, tag
 
     def forward(self, x):
+        check_input(self, x, self.in_features, "this rank's s/t tokens, (s/t, b, in)" if self.sequence_parallel
+                    else "the whole input, replicated on every rank of the group")
         if self.sequence_parallel:
             y = LinearWithSequenceGather.apply(x, self.weight, group=self.group, tag=self.tag)
         else:
@@ -126,7 +129,10 @@ class RowParallelLinear(Linear):
         self.input_is_parallel, self.sequence_parallel, self.tag = input_is_parallel, sequence_parallel, tag
 
     def forward(self, x):
-        if not self.input_is_parallel:
+        if self.input_is_parallel:
+            check_input(self, x, self.in_per_rank, "this rank's in/t features, a column-parallel layer's output")
+        else:
+            check_input(self, x, self.in_features, "the whole input, replicated (split here)")
             x = mappings.scatter_to_tensor_parallel_region(x, self.group, self.tag)
         partial = F.matmul(x, self.weight)  # (s, b, in/t) @ (in/t, out) = this rank's share of (s, b, out)
         if self.sequence_parallel:
@@ -142,6 +148,15 @@ class RowParallelLinear(Linear):
     def extra_repr(self):
         return (f"{self.in_features} (rows {self.in_per_rank} per rank), {self.out_features}, "
                 f"sequence_parallel={self.sequence_parallel}")
+
+
+def check_input(layer, x, features, what):
+    """``ValueError`` naming the layer, the shape it got and the shape it expects on this rank, unless ``x``
+    is (s, b, ``features``). Every rank of the group is handed the same kind of input, so all raise alike."""
+    if x.ndim != 3 or x.shape[-1] != features:
+        name = f"{type(layer).__name__} {layer.tag!r}" if layer.tag else type(layer).__name__
+        raise ValueError(f"{name}: got an input of shape {tuple(x.shape)}, expected (s, b, {features}) on tp rank "
+                         f"{layer.group.rank} of {layer.group.size}: {what}")
 
 
 def _what(tag, what):
