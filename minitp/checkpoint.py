@@ -11,6 +11,8 @@ of ``.npy`` files, readable with nothing but ``numpy.load`` -- keyed by the seri
                                                         exactly where they stopped)
     checkpoint/step                                     the training step the caller passed
     checkpoint/config                                   the model's GPTConfig as JSON (models that have one)
+    metadata/<key>                                      strings the caller passes (``metadata=``), e.g. the
+                                                        vocabulary and a hash of the corpus, checked at load
 
 ``load`` cuts the file for any mesh: a checkpoint saved at tp=4 resumes at tp=2, or serially, and takes
 exactly the steps the uninterrupted run takes.
@@ -24,6 +26,7 @@ checkpoint intact) and at load reads it, checks it against the model, and broadc
 then the arrays. Every rank so raises the same error, naming the parameter -- nobody is left waiting in
 a collective -- and no other rank needs to see rank 0's filesystem.
 """
+import glob
 import json
 import os
 
@@ -40,17 +43,19 @@ PARAMETER_ERRORS_SHOWN = 8  # a checkpoint of another model fails on every name:
 # -- saving ---------------------------------------------------------------------------------------
 
 
-def save(path, model, optimizer=None, mesh=None, step=0):
+def save(path, model, optimizer=None, mesh=None, step=0, metadata=None):
     """Write ``model`` (and ``optimizer``'s state) as one full checkpoint at ``path``; call on every rank.
 
     ``mesh``: the run's mesh (``None``: a serial model on one process). The shards
     are all-gathered over tp by the first data-parallel replica (the others hold the same values);
     world rank 0 writes. ``OSError`` on every rank if the write fails; the file at ``path`` is then
-    the previous checkpoint, untouched.
+    the previous checkpoint, untouched. ``metadata``: {key: string} stored beside the model, which
+    ``load(..., metadata=)`` requires to match.
     """
     arrays = None
     if mesh is None or mesh.dp_rank == 0:
         arrays = _gather_everything(model, optimizer, mesh, step)
+        arrays.update({f"metadata/{key}": numpy.array(str(value)) for key, value in (metadata or {}).items()})
     verdict = None
     if _world(mesh).Get_rank() == 0:
         verdict = _write_atomically(path, arrays)
@@ -90,7 +95,15 @@ def _full(array, parameter, group, name):
 
 
 def _write_atomically(path, arrays):
-    """Write ``arrays`` to ``path`` through a temporary file and a rename; None, or what went wrong."""
+    """Write ``arrays`` to ``path`` through a temporary file and a rename; None, or what went wrong.
+
+    A save killed before its rename leaves its temporary behind (``path.tmp-<pid>``): the next save to
+    the same path removes any such leftovers first."""
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
     temporary = f"{path}.tmp-{os.getpid()}"
     try:
         with open(temporary, "wb") as file:  # a file object: savez would add ".npz" to a name
@@ -110,18 +123,38 @@ def _write_atomically(path, arrays):
 # -- loading --------------------------------------------------------------------------------------
 
 
-def load(path, model, optimizer=None, mesh=None):
+def check_writable(path, mesh=None):
+    """``OSError`` on every rank unless world rank 0 can create a file beside ``path`` (where ``save``
+    writes its temporary): call it before training, so that a bad ``--save`` fails in a second, not at
+    the end of the run."""
+    verdict = None
+    if _world(mesh).Get_rank() == 0:
+        probe = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as error:
+            verdict = f"{type(error).__name__}: {error}"
+    verdict = _world(mesh).bcast(verdict, root=0)
+    if verdict is not None:
+        raise OSError(f"cannot save a checkpoint at {path}: {verdict}")
+
+
+def load(path, model, optimizer=None, mesh=None, metadata=None):
     """Load the checkpoint at ``path`` into ``model`` (and ``optimizer``), cut for this rank's place in
     ``mesh``; returns the step stored by ``save``. Call on every rank.
 
     Rank 0 reads the whole file (``allow_pickle=False``) and checks it against the model: every
     parameter present with its serial shape, nothing unknown, the optimizer's state if an optimizer is
-    given, every dropout's counter. A mismatch or an unreadable (truncated, corrupt) file raises
+    given, every dropout's counter, the model's configuration and ``metadata`` (what ``save`` was
+    given: e.g. the vocabulary). A mismatch or an unreadable (truncated, corrupt) file raises
     ``ValueError`` naming the culprit, a missing file ``FileNotFoundError`` -- on every rank, since
     rank 0 broadcasts its verdict before anything else. Nothing is loaded unless everything checks.
     """
     world = _world(mesh)
     expected = _expected(model, optimizer, mesh)
+    expected["metadata"] = {key: str(value) for key, value in (metadata or {}).items()}
     arrays, message = None, None
     if world.Get_rank() == 0:
         arrays, message = _read_and_check(path, expected, optimizer is not None)
@@ -158,7 +191,7 @@ def _expected(model, optimizer, mesh):
         shapes[name] = tuple(shape)
     optimized = [name for _, _, name in _optimizer_parameters(model, optimizer)] if optimizer is not None else []
     return {"shapes": shapes, "optimized": set(optimized), "dropouts": [name for name, _ in _dropouts(model)],
-            "config": _config(model)}
+            "config": _config(model), "buffers": tuple(getattr(optimizer, "state_buffers", ()))}
 
 
 def _read_and_check(path, expected, with_optimizer):
@@ -208,10 +241,18 @@ def _problems(arrays, expected, with_optimizer):
     if "checkpoint/step" not in arrays:
         problems.append("'checkpoint/step' is missing")
     problems += _config_problems(arrays, expected["config"])
+    for key, value in expected.get("metadata", {}).items():
+        if f"metadata/{key}" not in arrays:
+            problems.append(f"'metadata/{key}' is missing: the checkpoint does not say which {key} it was saved with")
+        elif str(arrays[f"metadata/{key}"]) != value:
+            problems.append(f"the checkpoint was saved with another {key}: {_shorten(str(arrays[f'metadata/{key}']))} "
+                            f"there, {_shorten(value)} here")
+    if with_optimizer:
+        problems += _optimizer_state_problems(arrays, optimized, expected["buffers"])
     if with_optimizer and "optimizer/step" not in arrays:
         problems.append("the optimizer's state ('optimizer/step') is missing")
     for key in arrays:
-        if key in shapes or key == "checkpoint/config":
+        if key in shapes or key == "checkpoint/config" or key.startswith("metadata/"):
             continue
         if key in ("checkpoint/step", "optimizer/step") or key.startswith("dropout/"):
             if key.startswith("dropout/") and key[len("dropout/"):] not in dropout_names:
@@ -233,6 +274,23 @@ def _problems(arrays, expected, with_optimizer):
             continue
         problems.append(f"unexpected entry {key!r}: not a parameter of this model")
     return problems
+
+
+def _optimizer_state_problems(arrays, optimized, buffers):
+    """A parameter's optimizer state must be whole or absent: a file holding its second moment but not its
+    first would otherwise load, and training would drift from the run that saved it."""
+    problems = []
+    for name in sorted(optimized):
+        needed = [f"optimizer/step/{name}"] + [f"optimizer/{buffer}/{name}" for buffer in buffers]
+        present = [key for key in needed if key in arrays]
+        if present and len(present) < len(needed):
+            missing = ", ".join(repr(key) for key in needed if key not in arrays)
+            problems.append(f"the optimizer state of {name!r} is incomplete: {missing} missing")
+    return problems
+
+
+def _shorten(text, width=60):
+    return repr(text) if len(text) <= width else repr(text[:width]) + f"... ({len(text)} characters)"
 
 
 def _restore(full, model, optimizer, mesh):

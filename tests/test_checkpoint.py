@@ -135,6 +135,8 @@ CASES = {
     "optimizer state of a wrong shape": (
         lambda path: rewrite(path, lambda a: {**a, "optimizer/exp_avg_sq/wpe.weight": numpy.zeros((8, 15))}),
         ["'optimizer/exp_avg_sq/wpe.weight'", "(8, 15)"]),
+    "missing first moment": (lambda path: rewrite(path, without("optimizer/exp_avg/blocks.0.mlp.fc1.weight")),
+                             ["blocks.0.mlp.fc1.weight", "incomplete", "'optimizer/exp_avg/blocks.0.mlp.fc1.weight'"]),
     "missing dropout counter": (lambda path: rewrite(path, without("dropout/blocks.1.mlp.dropout")),
                                 ["'blocks.1.mlp.dropout'"]),
     "pickled object array": (
@@ -200,3 +202,31 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert open(path, "rb").read() == saved, "the previous checkpoint is intact"
     assert os.listdir(tmp_path) == ["gpt.npz"], "no temporary file left behind"
     assert checkpoint.load(path, *serial()) == 1
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_metadata_must_match_and_a_save_cleans_an_interrupted_ones_leftovers(tmp_path):
+    path = rank0_path(tmp_path)
+    mesh = dist.init(tp=WORLD.size)
+    model, optimizer = parallel(mesh)
+    if WORLD.rank == 0:  # what a save killed before its rename leaves behind
+        open(path + ".tmp-99999", "wb").write(b"half a checkpoint")
+    WORLD.Barrier()
+    checkpoint.save(path, model, optimizer, mesh, step=0, metadata={"vocabulary": "abc", "corpus": "sha 1"})
+    leftovers = WORLD.bcast(sorted(os.listdir(tmp_path)) if WORLD.rank == 0 else None, root=0)
+    parallel_assert(leftovers == ["gpt.npz"], f"the directory holds {leftovers}")
+    message = error_of(ValueError, lambda: checkpoint.load(path, model, optimizer, mesh,
+                                                           metadata={"vocabulary": "abd", "corpus": "sha 1"}))
+    parallel_assert(message is not None and "another vocabulary" in message and "'abd'" in message, f"{message}")
+    parallel_assert(checkpoint.load(path, model, optimizer, mesh, metadata={"vocabulary": "abc"}) == 0)
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_a_path_that_cannot_be_written_is_refused_before_training(tmp_path):
+    missing_directory = rank0_path(tmp_path, "no/such/dir/gpt.npz")
+    message = error_of(OSError, lambda: checkpoint.check_writable(missing_directory))
+    parallel_assert(message is not None and "cannot save a checkpoint" in message and "no/such/dir" in message,
+                    f"{message}")
+    checkpoint.check_writable(rank0_path(tmp_path))  # a writable one passes, and leaves nothing behind
+    left = WORLD.bcast(os.listdir(tmp_path) if WORLD.rank == 0 else None, root=0)
+    parallel_assert(left == [], f"{left}")

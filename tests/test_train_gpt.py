@@ -37,6 +37,22 @@ def test_check_mode_losses_equal_the_serial_run(sequence_parallel, tie_embedding
         parallel_assert(len(set(result.serial)) == 10, "the losses move: the check compares something")
 
 
+@pytest.mark.parallel(nprocs=[2])
+def test_check_catches_gradients_summed_over_dp_instead_of_averaged(monkeypatch):
+    """Clipping scales summed gradients back to the clip norm, so the losses of such a run stay within
+    1e-9 for some steps; the gradient norms, compared every step, do not."""
+    train_gpt = tutorial()
+    from minitp import dist as minitp_dist
+    from minitp.parallel import data_parallel
+    real_all_reduce = minitp_dist.all_reduce
+    monkeypatch.setattr(data_parallel.dist, "all_reduce",
+                        lambda x, group, tag="", op="sum": real_all_reduce(x, group, tag, op) *
+                        (group.size if tag.startswith("gradients") else 1))  # undo the mean: a sum
+    result = train_gpt.check(train_gpt.check_args(1, 2), dist.init(tp=1, dp=2))
+    norms = [abs(p / s - 1) for p, s in zip(result.parallel_norms, result.serial_norms)]
+    parallel_assert(result.max_difference > 0.5 and max(norms) > 0.5, f"{result}")
+
+
 # The command line, run as a learner does (tutorial_runner.launch): a fresh launch outside this test's MPI job.
 SMALL = ["--seq", "16", "--hidden", "16", "--layers", "1", "--log-every", "1", "--sample", "20"]
 
@@ -63,3 +79,67 @@ def test_a_mesh_that_does_not_fit_the_ranks_is_a_clear_error():
     assert run.returncode != 0
     assert "error: dp × pp × cp × tp must equal the number of ranks: 2 × 1 × 1 × 2 ≠ 2" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "0"], "--steps must be a positive integer, not 0"),
+    (["--batch", "-2"], "--batch must be a positive integer"),
+    (["--layers", "0"], "--layers must be a positive integer"),
+    (["--heads", "0"], "--heads must be a positive integer"),
+    (["--seq", "0"], "--seq must be a positive integer"),
+    (["--hidden", "0"], "--hidden must be a positive integer"),
+    (["--log-every", "0"], "--log-every must be a positive integer"),
+    (["--max-norm", "-1"], "--max-norm must be a finite positive number"),
+    (["--max-norm", "0"], "--max-norm must be a finite positive number"),
+    (["--lr", "nan"], "--lr must be a finite positive number"),
+    (["--lr", "inf"], "--lr must be a finite positive number"),
+    (["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--text", "/no/such/file.txt"], "--text /no/such/file.txt: no such file"),
+    (["--heads", "3"], "--heads 3 must divide --hidden 64"),
+])
+def test_every_command_line_value_is_checked_before_any_work(options, message, capsys):
+    train_gpt = tutorial()
+    status = train_gpt.main(options + ["--steps" if "--steps" not in options else "--seed", "1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.strip() == f"error: {err.strip()[7:]}" and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("options, message", [
+    (["--tp", "2", "--sequence-parallel", "--seq", "15"], "--seq (split over the --tp ranks by --sequence-parallel)=15 is not divisible by 2"),
+    (["--max-norm", "-1"], "--max-norm must be a finite positive number"),
+])
+def test_command_line_errors_end_every_rank_with_one_line_and_status_2(options, message):
+    run = launch("train_gpt.py", *SMALL, *options, "--steps", "1", ranks=2, timeout=60)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.count("error:") == 1 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@needs_mpiexec
+def test_a_text_that_is_not_utf8_ends_every_rank_with_the_reason(tmp_path):
+    """Before: rank 0 printed the error and returned, the other ranks waited forever for its broadcast."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("déjà vu, encore et encore ".encode("latin-1") * 20)
+    run = launch("train_gpt.py", *SMALL, "--text", str(latin1), "--steps", "1", ranks=2, timeout=60)
+    assert run.returncode == 2 and "UnicodeDecodeError" in run.stderr and run.stderr.count("error:") == 1, run.stderr
+
+
+@needs_mpiexec
+def test_resuming_is_refused_past_steps_on_another_corpus_or_to_an_unwritable_path(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TUTORIAL.read_text(encoding="utf-8"), encoding="utf-8")
+    saved = tmp_path / "gpt.npz"
+    first = launch("train_gpt.py", *SMALL, "--text", str(text), "--steps", "3", "--save", str(saved), timeout=90)
+    assert first.returncode == 0, first.stdout + first.stderr
+    beyond = launch("train_gpt.py", *SMALL, "--text", str(text), "--steps", "2", "--load", str(saved), timeout=90)
+    assert beyond.returncode == 2 and "at step 3, beyond --steps 2" in beyond.stderr, beyond.stderr
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text(encoding="utf-8")[::-1], encoding="utf-8")  # the same characters, reversed
+    corpus = launch("train_gpt.py", *SMALL, "--text", str(other), "--steps", "5", "--load", str(saved), timeout=90)
+    assert corpus.returncode == 2 and "another corpus" in corpus.stderr, corpus.stderr
+    unwritable = launch("train_gpt.py", *SMALL, "--text", str(text), "--steps", "1",
+                        "--save", str(tmp_path / "missing" / "gpt.npz"), ranks=2, timeout=90)
+    assert unwritable.returncode == 2 and "cannot save a checkpoint" in unwritable.stderr, unwritable.stderr
+    assert "step" not in unwritable.stdout, "refused before training"

@@ -18,6 +18,7 @@ Read top to bottom: the data (1), the model and the mesh (2), one training step 
 check that the parallel run IS the serial run (5), and the command line (6).
 """
 import argparse
+import hashlib
 import math
 import sys
 import time
@@ -50,12 +51,25 @@ VOCAB_MULTIPLE = 8
 
 def read_corpus(comm=MPI.COMM_WORLD, path=None):
     """The README and the tutorials' source (or the file at ``path``), as one string, the same on
-    every rank."""
-    text = None
+    every rank. A file that cannot be read (missing, not UTF-8) raises the same ValueError on every
+    rank: rank 0 broadcasts what went wrong instead of the text, so no rank waits for a text that
+    never comes."""
+    text, problem = None, None
     if comm.Get_rank() == 0:
         files = [Path(path)] if path else [REPOSITORY / "README.md"] + sorted((REPOSITORY / "tutorials").glob("*.py"))
-        text = "\n\n".join(file.read_text(encoding="utf-8") for file in files if file.exists())
-    return comm.bcast(text, root=0)
+        try:
+            text = "\n\n".join(file.read_text(encoding="utf-8") for file in files if path or file.exists())
+        except (OSError, UnicodeDecodeError) as error:
+            problem = f"cannot read the text {path or 'of the repository'}: {type(error).__name__}: {error}"
+    text, problem = comm.bcast((text, problem), root=0)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+def corpus_hash(text):
+    """A short fingerprint of the training text, stored in checkpoints: resuming on another corpus is refused."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 class Characters:
@@ -125,17 +139,19 @@ def build(args, vocab, mesh, dtype):
 
 
 def train(model, optimizer, data, args, mesh, first_step=0, report=None):
-    """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses.
-    ``report(step, loss, norm, seconds)`` is called after each step (on every rank)."""
-    losses = []
+    """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses and their
+    gradient norms (before clipping). ``report(step, loss, norm, seconds)`` is called after each step
+    (on every rank)."""
+    losses, norms = [], []
     for step in range(first_step, args.steps):
         ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
         started = time.perf_counter()
         loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm)
         losses.append(loss)
+        norms.append(norm)
         if report is not None:
             report(step, loss, norm, time.perf_counter() - started)
-    return losses
+    return losses, norms
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,6 +168,7 @@ class Training:
     model: object
     optimizer: object
     first_step: int
+    text: str
 
 
 def setup(args, mesh):
@@ -159,13 +176,28 @@ def setup(args, mesh):
     work (a batch that dp does not divide, heads or vocabulary that tp does not divide, a checkpoint of
     another model) raises the same ValueError on every rank, before any training."""
     dist.divide(args.batch, mesh.dp_size, "--batch (the global batch, split over the --dp replicas)")
+    if args.sequence_parallel:
+        dist.divide(args.seq, mesh.tp_size, "--seq (split over the --tp ranks by --sequence-parallel)")
+    if args.save:
+        checkpoint.check_writable(args.save, mesh)  # now, not after the training
     text = read_corpus(mesh.world.comm, args.text)
     if len(text) <= args.seq + 1:
         raise ValueError(f"the text has {len(text)} characters: too few for windows of --seq {args.seq} + 1")
     characters = Characters(text)
     model, optimizer = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
-    first_step = checkpoint.load(args.load, model, optimizer, mesh) if args.load else 0
-    return Training(mesh, characters, characters.encode(text), model, optimizer, first_step)
+    first_step = 0
+    if args.load:
+        first_step = checkpoint.load(args.load, model, optimizer, mesh, metadata=metadata(characters, text))
+        if first_step > args.steps:
+            raise ValueError(f"the checkpoint {args.load} is at step {first_step}, beyond --steps {args.steps}: "
+                             f"pass --steps larger than {first_step} to train on from there")
+    return Training(mesh, characters, characters.encode(text), model, optimizer, first_step, text)
+
+
+def metadata(characters, text):
+    """What a checkpoint must match besides the model: the vocabulary (which character each id is) and
+    the corpus it was trained on."""
+    return {"vocabulary": "".join(characters.chars), "corpus": corpus_hash(text)}
 
 
 def run(args, training):
@@ -196,10 +228,11 @@ def run(args, training):
                 f"grad norm {norm:6.3f}  {speed:8,.0f} tokens/s")
             window.update(seconds=0.0, steps=0, loss=0.0)
         if args.save and args.save_every and (step + 1) % args.save_every == 0:
-            checkpoint.save(args.save, model, optimizer, mesh, step=step + 1)
+            checkpoint.save(args.save, model, optimizer, mesh, step=step + 1,
+                            metadata=metadata(characters, training.text))
 
     started = time.perf_counter()
-    losses = train(model, optimizer, data, args, mesh, first_step, report)
+    losses, _ = train(model, optimizer, data, args, mesh, first_step, report)
     elapsed = time.perf_counter() - started
     if losses:
         last = losses[-args.log_every:]
@@ -207,7 +240,7 @@ def run(args, training):
             f"{sum(last) / len(last):.4f} (mean of the last {len(last)}), "
             f"{len(losses) * tokens_per_step / elapsed:,.0f} tokens/s overall")
     if args.save:
-        checkpoint.save(args.save, model, optimizer, mesh, step=args.steps)
+        checkpoint.save(args.save, model, optimizer, mesh, step=args.steps, metadata=metadata(characters, training.text))
         say(f"saved {args.save} (one file, serial parameter names: load it on any mesh)")
     if args.sample:
         # every rank of a tp group takes part (each step all-gathers the last position's logits); the
@@ -235,40 +268,56 @@ CHECK_TOLERANCE = 1e-9
 
 @dataclass
 class CheckResult:
-    parallel: list
+    parallel: list  # the losses of the parallel run, step by step
     serial: list
+    parallel_norms: list  # the gradient norms before clipping
+    serial_norms: list
 
     @property
     def max_difference(self):
-        return max(abs(p - s) for p, s in zip(self.parallel, self.serial))
+        """The largest difference of a loss, or of a gradient norm relative to the serial one: a norm
+        catches what clipping would hide (gradients summed over dp instead of averaged are clipped back
+        to the same size, and the losses barely move)."""
+        losses = [abs(p - s) for p, s in zip(self.parallel, self.serial)]
+        norms = [abs(p - s) / max(abs(s), 1e-300) for p, s in zip(self.parallel_norms, self.serial_norms)]
+        return max(losses + norms)
 
 
-def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, steps=10, text=None):
-    """The tiny float64 configuration of the check: divisible by tp <= 4 and dp <= 2."""
+CHECK_OVERRIDES = dict(steps=10, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1, lr=3e-3,
+                       weight_decay=0.01, max_norm=0.5, seed=0, dtype="float64")
+"""What ``--check`` sets, whatever the command line says: a tiny float64 model with dropout on,
+divisible by tp <= 4 and dp <= 2."""
+
+
+def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, **overrides):
+    """The configuration of the check (``CHECK_OVERRIDES``, then ``overrides``)."""
     return argparse.Namespace(tp=tp, dp=dp, sequence_parallel=sequence_parallel, tie_embeddings=tie_embeddings,
-                              steps=steps, text=text, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1,
-                              lr=3e-3, weight_decay=0.01, max_norm=0.5, seed=0)
+                              text=text, **{**CHECK_OVERRIDES, **overrides})
 
 
 def check(args, mesh):
-    """The losses of ``args.steps`` steps on ``mesh`` and serially, in float64; the same on every rank."""
+    """The losses and gradient norms of ``args.steps`` steps on ``mesh`` and serially, in float64; the
+    same on every rank."""
     text = read_corpus(mesh.world.comm, args.text)
     characters = Characters(text)
     data = characters.encode(text)
     parallel = train(*build(args, characters.vocab, mesh, numpy.float64), data, args, mesh)
     serial = train(*build(args, characters.vocab, None, numpy.float64), data, args, None)
-    return CheckResult(parallel, serial)
+    return CheckResult(parallel[0], serial[0], parallel[1], serial[1])
 
 
-def run_check(args, mesh):
+def run_check(args, mesh, overridden=()):
+    if overridden:
+        say(f"--check sets {', '.join(overridden)} itself (a tiny float64 model with dropout): those options are ignored")
     result = check(args, mesh)  # the same on every rank: rank 0 says it
     say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}, float64, dropout {args.dropout}")
-    say(" step   parallel loss        serial loss      |difference|")
-    for step, (p, s) in enumerate(zip(result.parallel, result.serial), 1):
-        say(f"{step:5d}  {p:.15f}  {s:.15f}  {abs(p - s):.1e}")
+    say(" step   parallel loss        serial loss      |difference|   grad norm (parallel, serial)")
+    for step, (p, s, pn, sn) in enumerate(zip(result.parallel, result.serial, result.parallel_norms,
+                                              result.serial_norms), 1):
+        say(f"{step:5d}  {p:.15f}  {s:.15f}  {abs(p - s):.1e}          {pn:.12f} {sn:.12f}")
     verdict = "OK" if result.max_difference <= CHECK_TOLERANCE else "FAIL"
-    say(f"{verdict}: the largest difference from the serial run is {result.max_difference:.1e} "
-        f"(tolerance {CHECK_TOLERANCE:.0e})")
+    say(f"{verdict}: the largest difference from the serial run (losses, and gradient norms relative) is "
+        f"{result.max_difference:.1e} (tolerance {CHECK_TOLERANCE:.0e})")
     return result.max_difference <= CHECK_TOLERANCE
 
 
@@ -281,43 +330,79 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model replica")
-    parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: ranks / tp)")
+    parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (unset: ranks / tp)")
     parser.add_argument("--sequence-parallel", action="store_true", help="split LayerNorm and dropout by sequence")
-    parser.add_argument("--text", metavar="FILE", help="train on this file (default: README.md + tutorials/*.py)")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--text", metavar="FILE", help="train on this UTF-8 file (unset: README.md + tutorials/*.py)")
+    parser.add_argument("--steps", type=int, default=500, help="training steps")
     parser.add_argument("--batch", type=int, default=16, help="global batch (split over dp)")
     parser.add_argument("--seq", type=int, default=64, help="context length")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size h")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout probability, in [0, 1)")
     parser.add_argument("--tie-embeddings", action="store_true", help="the LM head reuses the embedding")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
+    parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm (> 0)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
+    parser.add_argument("--seed", type=int, default=0, help="weights, dropout and batches")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     parser.add_argument("--sample", type=int, default=200, help="characters to generate at the end (0: none)")
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     parser.add_argument("--save", metavar="PATH", help="write a checkpoint here at the end")
-    parser.add_argument("--save-every", type=int, default=0, help="... and every this many steps")
+    parser.add_argument("--save-every", type=int, default=0, help="... and every this many steps (0: only at the end)")
     parser.add_argument("--load", metavar="PATH", help="resume from this checkpoint (saved on any mesh)")
     parser.add_argument("--check", action="store_true",
-                        help="prove it: 10 steps in float64 with dropout, the losses against the serial run's")
+                        help="prove it: 10 steps in float64 with dropout, losses and gradient norms against serial")
     return parser.parse_args(argv)
+
+
+def validate(args):
+    """Every value checked before any work: ``ValueError`` naming the option. The same on every rank,
+    which all parse the same command line."""
+    positive = ["tp", "steps", "batch", "seq", "hidden", "heads", "layers", "log_every"]
+    for name in positive + (["dp"] if args.dp is not None else []):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(args, name)}")
+    for name in ("sample", "save_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), not {args.dropout}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite positive number, not {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, not {args.weight_decay}")
+    if not (math.isfinite(args.max_norm) and args.max_norm > 0):
+        raise ValueError(f"--max-norm must be a finite positive number (the largest gradient norm kept), "
+                         f"not {args.max_norm}: a negative one would ascend the gradient, 0 would zero it")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), not {args.temperature}")
+    if args.hidden % args.heads:
+        raise ValueError(f"--heads {args.heads} must divide --hidden {args.hidden}")
+    if args.text is not None and not Path(args.text).is_file():
+        raise ValueError(f"--text {args.text}: no such file")
+    if args.load is not None and not Path(args.load).is_file():
+        raise ValueError(f"--load {args.load}: no such file")
+
+
+def overridden_by_check(argv):
+    """The options given on the command line that ``--check`` replaces with its own values."""
+    given = {word.split("=")[0][2:].replace("-", "_") for word in (argv or sys.argv[1:]) if word.startswith("--")}
+    return [f"--{name.replace('_', '-')}" for name in CHECK_OVERRIDES if name in given]
 
 
 def main(argv=None):
     args = parse(argv)
     try:
         # errors of configuration are raised by every rank alike, before any training: rank 0 says why
-        mesh = dist.init(tp=args.tp, dp=args.dp)  # dp × tp ≠ ranks: ValueError
+        validate(args)
+        mesh = dist.init(tp=args.tp, dp=args.dp, checked=args.check or None)  # dp × tp ≠ ranks: ValueError
         if args.check:
             proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text)
-            return 0 if run_check(proof, mesh) else 1
+            return 0 if run_check(proof, mesh, overridden_by_check(argv)) else 1
         prepared = setup(args, mesh)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         if MPI.COMM_WORLD.Get_rank() == 0:
             print(f"error: {error}", file=sys.stderr)
         return 2

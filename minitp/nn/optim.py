@@ -100,6 +100,11 @@ class SGD(Optimizer):
         super().__init__(params)
         self.lr, self.momentum = lr, momentum
 
+    @property
+    def state_buffers(self):
+        """The arrays kept per parameter (a checkpoint must hold each of them, or none)."""
+        return ("momentum",) if self.momentum else ()
+
     def _update(self, param, grad, state):
         if not self.momentum:
             param -= self.lr * grad
@@ -125,6 +130,8 @@ class AdamW(Optimizer):
     "Decoupled": the decay shrinks p directly, so it is not rescaled by Adam's 1/sqrt(v) as an L2 term
     added to g would be. A parameter whose gradient is zero still decays.
     """
+
+    state_buffers = ("exp_avg", "exp_avg_sq")  # per parameter: a checkpoint must hold both, or neither
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(params)
