@@ -13,6 +13,7 @@ With several MPI ranks on one machine, rank ``r`` takes GPU ``r % device_count``
 """
 import math
 import os
+import sys
 
 import numpy
 
@@ -118,5 +119,25 @@ def erf(array):
 _erf_python = numpy.vectorize(math.erf, otypes=[numpy.float64])
 
 
-if os.environ.get("MINITP_DEVICE", "cpu") != "cpu":
-    use(os.environ["MINITP_DEVICE"])
+def _world_rank_from_environment():
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def _use_the_environments_device():
+    """``MINITP_DEVICE`` (unset or empty: the CPU). One it cannot use is a configuration error of the
+    whole job, not of a line of code: world rank 0 says so in one line, and every rank exits with status 2
+    (a traceback per rank would repeat the same sentence N times)."""
+    wanted = os.environ.get("MINITP_DEVICE") or "cpu"
+    try:
+        use(wanted)
+    except (ValueError, RuntimeError) as error:
+        message = str(error) if wanted in ("cpu", "gpu") else f"MINITP_DEVICE={wanted!r}: {error}"
+        if _world_rank_from_environment() == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+_use_the_environments_device()

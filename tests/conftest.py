@@ -46,12 +46,29 @@ def pytest_collection_modifyitems(config, items):
     size = MPI.COMM_WORLD.size
     if size == 1 or CHILD in os.environ:
         return
+    counts = set()
     for item in items:
         n = _nprocs(item)
+        counts.add(n)
         if n != size:
             item.add_marker(pytest.mark.skip(
                 reason=f"written for {n} rank(s), this run has {size}: use plain `pytest` or "
                        f"`mpiexec -n {n} python -m pytest -m 'parallel[{n}]'`"))
+    if items and size not in counts:
+        config._minitp_nothing_for = (size, sorted(counts))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """``mpiexec -n N pytest`` for an N no test is written for ran nothing: say so and fail (status 5,
+    pytest's "no tests ran"), instead of reporting every test skipped and exiting 0."""
+    nothing = getattr(session.config, "_minitp_nothing_for", None)
+    if nothing is not None:
+        size, counts = nothing
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print(f"\nno test is written for {size} ranks, so none ran: the tests run on {counts} ranks "
+                  f"(e.g. mpiexec -n {counts[-1]} python -m pytest -m 'parallel[{counts[-1]}]', or `make test`)",
+                  file=sys.stderr)
+        session.exitstatus = 5
 
 
 @pytest.fixture(params=["cpu", "gpu"])

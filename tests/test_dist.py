@@ -284,7 +284,7 @@ def test_logs_nest_and_record_nothing_once_closed():
 
 # -- processes: abort on exception, BLAS threads ----------------------------------------------------
 
-def _launch(nprocs, script, timeout, environment=None):
+def _launch(nprocs, script, timeout, environment=None, args=()):
     """Run ``mpiexec -n nprocs python script`` in a clean MPI environment; (exit code, seconds, stderr, stdout)."""
     mpiexec = Path(sys.executable).parent / "mpiexec"
     env = {k: v for k, v in os.environ.items()
@@ -295,7 +295,8 @@ def _launch(nprocs, script, timeout, environment=None):
         else:
             env[name] = value
     start = time.monotonic()
-    done = subprocess.run([str(mpiexec), "-n", str(nprocs), sys.executable, str(REPO / "tests" / "scripts" / script)],
+    done = subprocess.run([str(mpiexec), "-n", str(nprocs), sys.executable, str(REPO / "tests" / "scripts" / script),
+                           *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     return done.returncode, time.monotonic() - start, done.stderr, done.stdout
 
@@ -308,6 +309,42 @@ def test_an_exception_on_one_rank_aborts_the_whole_job():
     assert seconds < 20, f"took {seconds:.1f} s"
     assert "[rank 2] Traceback" in stderr and "[rank 2] RuntimeError: rank 2 fails on purpose" in stderr, stderr
     assert "unreachable" not in stdout
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_a_rank_that_leaves_with_sys_exit_ends_the_job_naming_itself(status):
+    """Before: rank 1 left, rank 0 waited in its all-reduce forever. Now rank 1 waits briefly for the
+    others to leave too, then aborts the job saying which rank left and which had not."""
+    environment = {"MINITP_EXIT_WAIT": "2"}  # the wait after a normal (status 0) exit, shortened for the test
+    code, seconds, stderr, stdout = _launch(2, "exit_on_one_rank.py", 60, environment, args=[str(status)])
+    assert code != 0 and seconds < 20, f"status {code} after {seconds:.1f} s: {stderr}"
+    assert f"[rank 1] left the job (sys.exit({status}))" in stderr and "rank(s) [0] had not" in stderr, stderr
+    assert "unreachable" not in stdout
+
+
+def test_a_rank_that_raises_before_init_ends_the_job():
+    code, seconds, stderr, stdout = _launch(2, "raise_before_init.py", timeout=60)
+    assert code != 0 and seconds < 20, f"{code} after {seconds:.1f} s: {stderr}"
+    assert "[rank 1] RuntimeError: rank 1 fails before dist.init" in stderr and "unreachable" not in stdout, stderr
+
+
+def test_the_same_error_on_every_rank_is_printed_once():
+    """A configuration error raised alike on every rank: one traceback (rank 0's), not one per rank."""
+    code, seconds, stderr, _ = _launch(3, "same_error_on_every_rank.py", timeout=60)
+    assert code == 1 and seconds < 20, f"{code} after {seconds:.1f} s: {stderr}"
+    assert stderr.count("Traceback") == 1 and stderr.count("is not divisible by 3") == 1, stderr
+    assert "(the same on all 3 ranks)" in stderr and "[rank" not in stderr, stderr
+
+
+def test_pytest_under_mpiexec_for_a_rank_count_no_test_asks_for_fails_saying_so():
+    """Before: `mpiexec -n 5 python -m pytest` reported every test skipped and exited 0."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_", "_PYTEST_MPI"))}
+    done = subprocess.run([str(mpiexec), "-n", "5", sys.executable, "-m", "pytest", "-q", "tests/test_init.py"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "no test is written for 5 ranks, so none ran" in done.stderr, done.stderr
 
 
 def test_init_shares_the_cores_between_the_ranks_blas_threads():

@@ -187,3 +187,19 @@ def test_adamw_trains_a_tiny_gpt(device):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5 and math.isfinite(losses[-1])
+
+
+def test_clip_grad_norm_scales_as_torch_does_and_refuses_a_max_norm_that_is_not_positive():
+    """torch: factor = max_norm / (norm + 1e-6), clamped at 1 -- so a norm just below max_norm (within
+    eps) is still scaled a little, and one well below is left alone."""
+    from minitp.parallel.data_parallel import clip_grad_norm
+    layer = nn.Linear(2, 1, bias=False, dtype=numpy.float64)
+    for norm, max_norm in [(3.0, 1.0), (1.0 - 1e-7, 1.0), (0.5, 1.0)]:
+        layer.weight.grad = numpy.array([[0.6], [0.8]]) * norm  # |g| = norm
+        reported = clip_grad_norm(layer, max_norm)
+        factor = min(1.0, max_norm / (norm + 1e-6))
+        assert abs(reported - norm) < 1e-15 and numpy.allclose(layer.weight.grad, numpy.array([[0.6], [0.8]]) * norm
+                                                               * factor, rtol=1e-15, atol=0)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="max_norm must be positive"):
+            clip_grad_norm(layer, bad)

@@ -14,6 +14,7 @@ to call them:
                     ``reduce_scatter``, ``broadcast``, ``split``
     log.py          which collectives ran, moving how many bytes? ``log_collectives``, ``CollectiveLog``
     checks.py       do the ranks agree? checked mode, token-id agreement (``set_checked``, ``agree``)
+    failures.py     how does a job end when a rank raises or leaves? one message, within seconds
     runtime.py      how does each rank run under MPI? the abort handler, BLAS threads, and how CuPy
                     arrays reach MPI (``set_cuda_aware``, ``transport``)
 
@@ -24,7 +25,8 @@ from minitp.dist.checks import agree, agree_on_ids, checked, set_checked
 from minitp.dist.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
 from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
 from minitp.dist.mesh import Group, Mesh, divide, init
-from minitp.dist.runtime import install_abort_handler, set_cuda_aware, transport
+from minitp.dist.failures import install_abort_handler
+from minitp.dist.runtime import set_cuda_aware, transport
 
 __all__ = [
     "init", "Mesh", "Group", "divide",
@@ -32,3 +34,5 @@ __all__ = [
     "log_collectives", "CollectiveLog", "CollectiveRecord",
     "install_abort_handler", "set_cuda_aware", "transport", "agree", "agree_on_ids", "checked", "set_checked",
 ]
+
+install_abort_handler()  # from the first import: a rank that fails before init() must not hang the others

@@ -1,8 +1,6 @@
 """How does each rank run under MPI? Abort on failure, a share of the cores, and how arrays reach MPI.
 
-**Failures.** ``init()`` installs ``install_abort_handler()``: an unhandled exception on any rank prints
-that rank's traceback and aborts the whole job, instead of leaving the other ranks waiting in a
-collective forever.
+**Failures** (a rank that raises or leaves ends the job, with one message) are ``failures.py``'s.
 
 **Cores.** ``init()`` also limits each rank's BLAS to its share of the node's cores, so that ranks on one
 node do not start one BLAS thread per core each and fight over them.
@@ -14,45 +12,10 @@ passed to MPI directly, after the current stream has finished writing them. ``tr
 The setting lives here (``_cuda_aware``), beside ``_for_mpi``, the one function that acts on it.
 """
 import os
-import sys
-import traceback
-
 import numpy
 from mpi4py import MPI
 
 from minitp import backend
-
-# -- an exception on one rank ends the job ---------------------------------------------------------
-
-
-def install_abort_handler():
-    """On an unhandled exception, print ``[rank r]`` and the traceback to stderr, then abort every rank.
-
-    Without it, one rank dies while the others wait forever in their next collective, and mpirun hangs
-    with no message. With one rank, Python's usual handling is kept. Installed by ``init()``; safe to
-    call more than once. (``python -m mpi4py script.py`` does the same for scripts that skip ``init``.)
-    """
-    if getattr(sys.excepthook, "minitp_abort", False):
-        return
-    previous = sys.excepthook
-
-    def abort_on_exception(kind, value, trace):
-        world = MPI.COMM_WORLD
-        if world.Get_size() == 1:
-            previous(kind, value, trace)
-            return
-        text = "".join(traceback.format_exception(kind, value, trace)).rstrip("\n")
-        prefix = f"[rank {world.Get_rank()}] "
-        # every line prefixed: the ranks' outputs may interleave on a shared terminal
-        sys.stdout.flush()
-        sys.stderr.write("".join(prefix + line + "\n" for line in text.split("\n")))
-        sys.stderr.write(f"{prefix}aborting all {world.Get_size()} ranks\n")
-        sys.stderr.flush()
-        world.Abort(1)
-
-    abort_on_exception.minitp_abort = True
-    sys.excepthook = abort_on_exception
-
 
 # -- each rank's share of the cores -----------------------------------------------------------------
 

@@ -117,15 +117,19 @@ def grad_norm(module, mesh=None):
 
 
 def clip_grad_norm(module, max_norm, mesh=None, eps=1e-6):
-    """Scale every gradient of ``module`` by max_norm / (norm + eps) when the global norm exceeds
-    ``max_norm`` (torch's ``clip_grad_norm_``); returns the norm before clipping, the same on every rank.
+    """Scale every gradient of ``module`` by max_norm / (norm + eps) whenever that factor is below 1 --
+    exactly torch's ``clip_grad_norm_`` (which clamps the factor at 1) -- and return the norm before
+    clipping, the same on every rank. ``max_norm=None``: measure only. ``ValueError`` for a max_norm
+    that is not positive (a negative one would flip the gradient; 0 would zero it).
 
     Call it after ``all_reduce_gradients``: the norm is then that of the global batch's gradient, and
     every replica scales by the same factor. The gradients are replaced, not scaled in place.
     """
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"clip_grad_norm: max_norm must be positive, not {max_norm}")
     norm = grad_norm(module, mesh)
-    if max_norm is not None and norm > max_norm:
-        scale = max_norm / (norm + eps)
+    scale = 1.0 if max_norm is None else max_norm / (norm + eps)
+    if scale < 1:
         for p in module.parameters():
             if p.grad is not None:
                 p.grad = p.grad * scale
