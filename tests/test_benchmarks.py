@@ -15,6 +15,12 @@ from pathlib import Path
 import numpy
 import pytest
 
+try:
+    import matplotlib  # noqa: F401 -- the [bench] extra: without it the benches skip their plots, saying so
+    PLOTS = True
+except ImportError:
+    PLOTS = False
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
 
@@ -41,7 +47,7 @@ def test_memory_bench_matches_the_formulas(tmp_path):
     values = unexplained(report)
     assert len(values) == 2 * 13  # 2 shapes x (none + 6 configs at t = 1, 2)
     assert set(values) == {"0"}, report
-    assert (tmp_path / "memory.png").exists()
+    assert (tmp_path / "memory.png").exists() or not PLOTS
 
 
 def test_comm_bench_matches_the_formulas(tmp_path):
@@ -56,7 +62,7 @@ def test_speed_bench_runs(tmp_path):
     report = run_bench("speed.py", tmp_path, "--no-torch")
     for section in ("One GPT block", "Strong scaling", "all-reduce bandwidth", "cProfile"):
         assert section in report
-    assert (tmp_path / "speed.png").exists()
+    assert (tmp_path / "speed.png").exists() or not PLOTS
 
 
 def test_the_pytorch_block_computes_minitps_block():

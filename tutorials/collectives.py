@@ -37,7 +37,7 @@ g_bar = reduce_scatter_to_sequence_parallel_region
 # dist.init(tp=t) puts all ranks in one tensor-parallel group (mesh.tp), the group every collective below
 # talks over: each call names it, so the code says which ranks talk. It also makes an exception on any rank abort the whole job with that rank's traceback,
 # instead of leaving the others waiting in a collective forever.
-mesh = dist.init(tp=MPI.COMM_WORLD.Get_size())
+mesh = dist.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)
 tp_size, rank = mesh.tp.size, mesh.tp.rank
 
 

@@ -34,10 +34,11 @@ from minitp.testing import max_error
 # 0. Every rank joins one tensor-parallel group.
 #
 # dist.init(tp=t) lays the ranks out as a (data-parallel × tensor-parallel) grid; with tp = all of them
-# there is one model replica, cut into t shards. It also makes an exception on any rank abort the whole
-# job with that rank's traceback, instead of leaving the others waiting in a collective forever.
+# there is one model replica, cut into t shards. (An exception on any rank ends the whole job with its
+# traceback, instead of leaving the others waiting in a collective forever; checked=True makes every
+# collective first verify that the ranks pass arrays of the same shape and dtype.)
 # ---------------------------------------------------------------------------------------------------
-mesh = dist.init(tp=MPI.COMM_WORLD.Get_size())
+mesh = dist.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)
 tp_size, rank = mesh.tp.size, mesh.tp.rank
 
 

@@ -34,7 +34,7 @@ from minitp.parallel import ParallelTransformerBlock, SequenceParallelDropout, S
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
-mesh = dist.init(tp=MPI.COMM_WORLD.Get_size())  # all ranks in one tensor-parallel group: one model, t shards
+mesh = dist.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)  # all ranks in one tensor-parallel group: one model, t shards
 tp_size, rank = mesh.tp.size, mesh.tp.rank
 
 

@@ -21,6 +21,14 @@ to call them:
 Module-level state lives in exactly one of them: the meshes in ``mesh``, the open logs in ``log``, the
 CUDA-aware setting in ``runtime``; read or patch it there (``dist.log._active_logs``), not here.
 """
+try:
+    from mpi4py import MPI  # noqa: F401 -- first, to turn "no MPI library" into one sentence
+except (ImportError, RuntimeError) as error:
+    raise ImportError(
+        f"minitp needs mpi4py and an MPI library ({type(error).__name__}: {error}). Install one: "
+        "pip install 'minitp[mpi]' (MPICH from PyPI: nothing else needed), or your system's MPI "
+        "(e.g. apt install libopenmpi-dev) and then pip install --no-binary mpi4py mpi4py") from None
+
 from minitp.dist.checks import agree, agree_on_ids, checked, set_checked
 from minitp.dist.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
 from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
