@@ -45,11 +45,6 @@ test: venv
 tutorial: venv
 	$(MPIEXEC) -n $(NP) $(BIN)/python tutorials/mlp.py
 
-# glibc keeps freed blocks up to 32 MiB in the heap instead of returning them to the kernel, so the
-# block's large temporaries are not faulted in and zeroed afresh on every step (about 7x fewer page
-# faults, 10-30% faster steps here); benchmarks/results/speed.md records it.
-MALLOC_KEEP := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
-
 # PyTorch only for the speed comparison, the CPU build (the default wheel brings gigabytes of CUDA);
 # speed.py skips the PyTorch rows, saying so, where it cannot be had.
 bench: venv
@@ -58,7 +53,7 @@ bench: venv
 	  || echo "torch 2.13.0 unavailable: speed.py will skip the PyTorch rows"
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/memory.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/comm.py
-	MPIEXEC=$(MPIEXEC) $(MALLOC_KEEP) $(BIN)/python benchmarks/speed.py
+	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/speed.py
 
 gpu-check: venv
 	$(BIN)/python -m pip install -q cupy-cuda12x

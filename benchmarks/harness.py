@@ -133,12 +133,13 @@ def machine(timings=True):
     load = ""
     if timings and hasattr(os, "getloadavg"):
         load = f", load average {os.getloadavg()[0]:.2f} at the start (other work on the machine slows timings)"
-    # glibc returns freed blocks above its mmap threshold to the kernel, and every large temporary is then
-    # faulted in (and zeroed) again: these settings change timings by 10-30%, so a report says which held
-    malloc = ", ".join(f"{name}={os.environ[name]}" for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-                       if name in os.environ) if timings else ""
+    # whether glibc keeps freed memory (minitp.allocator, on by default) changes timings by 10-30%
+    malloc = ""
+    if timings:
+        from minitp import allocator
+        malloc = ", freed memory kept (minitp.allocator)" if allocator.KEPT else ", glibc's default allocator"
     return (f"{datetime.date.today().isoformat()}, {cpu}, {cores} cores{load}, Python {platform.python_version()}, "
-            f"numpy {numpy.__version__}, {blas}" + (f", glibc {malloc}" if malloc else ""))
+            f"numpy {numpy.__version__}, {blas}{malloc}")
 
 
 def output_dir(path=None):

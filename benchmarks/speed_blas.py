@@ -173,11 +173,9 @@ def render_faults(r):
             ", ".join(f"{name} {count:,.0f}" for name, count in faults.items()) +
             ". glibc hands freed blocks above its mmap threshold back to the kernel, so every large "
             "temporary is faulted in again on its next allocation. "
-            "`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824` in the environment keeps "
-            "them in the heap (about 7× fewer faults for this block on the 2-core machine this bench was "
-            "written on); PyTorch, loaded in the same process, frees large blocks too, which raises glibc's "
-            "dynamic threshold and can make minitp faster here than in a process of its own (the scaling "
-            "launches).", ""]
+            "`minitp.allocator` (on by default when minitp is imported) keeps them in the heap instead "
+            "(about 7× fewer faults for this block on the 2-core machine this bench was written on); "
+            "`MINITP_MALLOC=default` turns it off.", ""]
 
 
 def render_profile(r):

@@ -1,6 +1,7 @@
 """minitp: Megatron-style tensor and sequence parallelism, built from scratch and proven exact.
 
 Layers, bottom to top (imports point down only):
+    allocator   keep freed memory for the next step (glibc), set on import
     backend     numpy or CuPy
     saved_bytes the bytes ops keep for backward (track_saved)
     autograd    Tensor, Function, the graph walk
@@ -12,6 +13,7 @@ Layers, bottom to top (imports point down only):
     testing     gradient checks and error measures
     checkpoint  one full npz from any mesh, loaded into any other
 """
+from minitp import allocator  # noqa: F401 -- first: the allocator setting applies to every array after it
 from minitp.autograd import Function, Tensor, no_grad
 from minitp.saved_bytes import track_saved
 
