@@ -84,3 +84,9 @@ def test_the_pytorch_block_computes_minitps_block():
     leaves = speed_block.torch_leaves(torch, block)
     actual = speed_block.torch_block(torch, leaves, torch.tensor(x), heads=3, dropout=0.0).detach().numpy()
     assert numpy.abs(actual - expected).max() <= 1e-12
+
+
+def test_collectives_bench_compares_every_op_with_raw_mpi(tmp_path):
+    report = run_bench("collectives.py", tmp_path)
+    assert report.count("**") >= 2 * 3 * 2  # 2 sizes x 3 ops, each ratio in bold
+    assert "Largest ratio" in report and "raw / minitp" in report

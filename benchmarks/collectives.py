@@ -1,0 +1,127 @@
+"""Do minitp's collectives cost what raw MPI costs? ``dist.all_reduce``, ``all_gather`` and
+``reduce_scatter`` against the bare mpi4py call into a buffer allocated once, side by side in one run.
+
+A minitp collective does more than MPI's: it returns a new array (a receive buffer allocated per call),
+checks its arguments, and records itself when a collective log is open. The raw call is the floor: the
+same MPI operation on the same message, writing into a preallocated buffer. The ratio minitp / raw is
+what that convenience costs; the target is at most 1.1 at every size, in the default environment (no
+variables set: ``minitp.allocator`` keeps freed memory in the heap, so the per-call receive buffer reuses
+mapped pages instead of being faulted in and zeroed).
+
+The two are timed turn about (raw, minitp, raw, minitp, ...) and each keeps its best of several rounds,
+so a burst of load from elsewhere on the machine hits both alike.
+
+Run: ``python benchmarks/collectives.py`` (launches ``mpiexec -n 2`` and ``-n 4``; ``--quick``: tiny).
+Writes ``benchmarks/results/collectives.md`` and ``collectives.png``.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter")
+TARGET = 1.1
+
+
+def worker(args):
+    """Best seconds per call of each op and message size, raw and minitp, on the world's ranks."""
+    from mpi4py import MPI
+
+    from minitp import dist
+
+    mesh = dist.init(tp=MPI.COMM_WORLD.size)
+    group, comm, n = mesh.tp, mesh.tp.comm, mesh.tp.size
+    sizes = [2 ** k for k in (range(10, 15, 4) if args.quick else range(10, 27, 2))]  # 1 KiB .. 64 MiB
+    results = []
+    for size in sizes:
+        x = numpy.ones(size // 8)  # float64, S bytes: the all-reduce's and reduce-scatter's input, the
+        block = numpy.ones(size // 8 // n)  # all-gather's output (each rank sends S/n)
+        out, gathered, mine = numpy.empty_like(x), numpy.empty(n * block.size), numpy.empty(x.size // n)
+        raw = {"all_reduce": lambda: comm.Allreduce(x, out),
+               "all_gather": lambda: comm.Allgather(block, gathered),
+               "reduce_scatter": lambda: comm.Reduce_scatter_block(x, mine)}
+        ours = {"all_reduce": lambda: dist.all_reduce(x, group),
+                "all_gather": lambda: dist.all_gather(block, group),
+                "reduce_scatter": lambda: dist.reduce_scatter(x, group)}
+        count = 2 if args.quick else max(3, min(200, 2 ** 25 // size))
+        for op in OPS:
+            steps = {"raw": raw[op], "minitp": ours[op]}
+            best = harness.interleaved_best({name: _repeat(step, count) for name, step in steps.items()},
+                                            repeats=2 if args.quick else 7, synchronize=comm.Barrier)
+            results.append({"op": op, "bytes": size, "raw": best["raw"] / count, "minitp": best["minitp"] / count})
+    if mesh.rank == 0:
+        harness.report({"n": n, "results": results})
+
+
+def _repeat(step, count):
+    def run():
+        for _ in range(count):
+            step()
+    return run
+
+
+def render(runs, out):
+    from minitp import allocator
+    lines = ["# minitp's collectives against raw MPI", "", f"Measured {harness.machine()}.", "",
+             "Seconds per call, best of several rounds timed turn about; raw = the mpi4py buffer call into a "
+             "buffer allocated once; minitp = `dist.<op>(x, group)`, which allocates its result. The message "
+             "size S is the all-reduce's input, the all-gather's output and the reduce-scatter's input "
+             f"(float64). Default environment: freed memory kept = {allocator.KEPT}. Target: minitp / raw ≤ "
+             f"{TARGET} at every size.", ""]
+    worst = 0.0
+    for run in runs:
+        rows = []
+        for size in sorted({r["bytes"] for r in run["results"]}):
+            cells = [harness.human_bytes(size)]
+            for op in OPS:
+                r = next(r for r in run["results"] if r["op"] == op and r["bytes"] == size)
+                ratio = r["minitp"] / r["raw"]
+                worst = max(worst, ratio)
+                cells.append(f"{1e6 * r['raw']:,.1f} / {1e6 * r['minitp']:,.1f} µs = **{ratio:.2f}**")
+            rows.append(cells)
+        lines += [f"## {run['n']} ranks", "", harness.table(["S"] + [f"{op}: raw / minitp" for op in OPS], rows,
+                                                            "l" + "r" * len(OPS)), ""]
+    lines += [f"Largest ratio: {worst:.2f} ({'within' if worst <= TARGET else 'above'} the target {TARGET}).", ""]
+    plt = harness.pyplot()
+    if plt is not None:
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for index, run in enumerate(runs):
+            for style, op in zip(("o-", "s--", "^:"), OPS):
+                points = sorted((r["bytes"], r["minitp"] / r["raw"]) for r in run["results"] if r["op"] == op)
+                axis.plot(*zip(*points), style, color=f"C{index}", label=f"{op}, n={run['n']}")
+        axis.axhline(TARGET, color="gray", lw=1, ls="--")
+        axis.set(xscale="log", xlabel="message size S (bytes)", ylabel="minitp / raw MPI time",
+                 title="the cost of minitp's collectives over raw mpi4py")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(Path(out) / "collectives.png", dpi=110)
+        plt.close(figure)
+        lines += ["![ratios](collectives.png)", ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 ranks: a smoke test in seconds")
+    parser.add_argument("--ranks", type=int, nargs="+", help="rank counts (default 2 4; 2 with --quick)")
+    parser.add_argument("--out", help="directory for collectives.md (default benchmarks/results)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    ranks = args.ranks or ([2] if args.quick else [2, 4])
+    runs = [harness.launch(__file__, n, ["--quick"] if args.quick else [], env=harness.ONE_THREAD) for n in ranks]
+    directory = harness.output_dir(args.out)
+    text = render(runs, directory)
+    harness.write(directory, "collectives.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
