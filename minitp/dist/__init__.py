@@ -12,6 +12,7 @@ to call them:
     mesh.py         which ranks work together? ``init``, ``Mesh``, ``Group``, ``divide``
     collectives.py  what does each collective compute and cost? ``all_reduce``, ``all_gather``,
                     ``reduce_scatter``, ``broadcast``, ``split``
+    exchange.py     context parallelism's exchanges: ``sendrecv`` to ring neighbours, ``all_to_all``
     log.py          which collectives ran, moving how many bytes? ``log_collectives``, ``CollectiveLog``
     runtime.py      how does each rank run under MPI? the abort handler, BLAS threads, and how CuPy
                     arrays reach MPI (``set_cuda_aware``, ``transport``)
@@ -20,13 +21,14 @@ Module-level state lives in exactly one of them: the meshes in ``mesh``, the ope
 CUDA-aware setting in ``runtime``; read or patch it there (``dist.log._active_logs``), not here.
 """
 from minitp.dist.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
+from minitp.dist.exchange import all_to_all, sendrecv
 from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
 from minitp.dist.mesh import Group, Mesh, divide, init
 from minitp.dist.runtime import install_abort_handler, set_cuda_aware, transport
 
 __all__ = [
     "init", "Mesh", "Group", "divide",
-    "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split",
+    "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split", "sendrecv", "all_to_all",
     "log_collectives", "CollectiveLog", "CollectiveRecord",
     "install_abort_handler", "set_cuda_aware", "transport",
 ]
