@@ -26,7 +26,7 @@ Under SP as well, tp splits the rank's s/cp tokens further: s/(cp·t) per rank b
 """
 import math
 
-from minitp import dist
+from minitp import backend, dist
 from minitp.nn import placement
 from minitp.parallel.builders import SEQUENCE_AXIS, TensorParallelLayers
 from minitp.parallel.ring_attention import ring_attention
@@ -67,7 +67,7 @@ class ContextParallelLayers(TensorParallelLayers):
 
     def tokens(self, ids):
         """The (s/cp, b) ids or targets of this rank's tokens, in its placement's order."""
-        return ids[self.split_sequence(len(ids))]
+        return ids[backend.array_module(ids).asarray(self.split_sequence(len(ids)))]
 
     def tokens_here(self, seq):
         self.split_sequence(seq)
