@@ -134,3 +134,29 @@ def test_bad_sizes_are_refused_on_every_rank_before_any_communication():
     parallel_assert(error is not None and "heads" in error and "Ulysses" in error and sent == 0, f"{error}")
     error, sent = error_and_collectives(lambda: ParallelGPT(GPTConfig(**CONFIG), mesh))
     parallel_assert(error is not None and "context_parallel" in error and sent == 0, f"{error}")
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recomputation_reruns_the_ring_and_the_all_to_alls_to_the_same_gradients(kind, recompute):
+    """A context-parallel TransformerBlock with recomputation == the same block without: the re-run in
+    backward communicates again and draws the same dropout masks (attention dropout included)."""
+    from minitp import Tensor
+    from minitp.nn import TransformerBlock
+    from minitp.parallel import ContextParallelLayers
+
+    mesh = dist.init(cp=WORLD.size)
+    layers = ContextParallelLayers(mesh.tp, mesh.cp, kind)
+    x = rows(numpy.random.default_rng(2).standard_normal((16, 2, 16)), mesh, kind)
+    upstream = rows(numpy.random.default_rng(3).standard_normal((16, 2, 16)), mesh, kind)
+    results = []
+    for how in (None, recompute):
+        block = TransformerBlock(16, 8, dropout=0.1, attention_dropout=0.1, seed=4, dtype=numpy.float64,
+                                 recompute=how, layers=layers)
+        leaf = Tensor(x.copy(), requires_grad=True)
+        y = block(leaf)
+        y.backward(upstream)
+        results.append([y.data, leaf.grad] + [p.grad for p in block.parameters()])
+    worst = max(max_error(a, b) for a, b in zip(*results))
+    parallel_assert(worst <= SAME, f"{kind}, recompute={recompute}: {worst:.1e}")

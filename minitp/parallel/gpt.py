@@ -38,7 +38,8 @@ class ParallelGPT(GPT):
     """``nn.GPT`` over ``mesh``: tensor-parallel over ``mesh.tp`` (with ``sequence_parallel`` or not), the
     batch split over ``mesh.dp``, and with ``context_parallel`` ("ring", "zigzag" or "ulysses",
     ``minitp.parallel.context``) the sequence split over ``mesh.cp``: ``forward`` takes the whole (s, b)
-    ids and returns the logits of this rank's s/cp tokens.
+    ids and returns the logits of this rank's s/cp tokens, ``loss`` their mean loss (the mean over the dp ×
+    cp ranks, ``data_parallel.average_over_data_parallel``, is the global batch's).
 
     Sublayers (the serial names): ``wte`` a ``VocabParallelEmbedding`` (rows split, ``split_axis=0``),
     ``wpe`` the (seq_len, h) position table, replicated (it is small), ``drop``, ``blocks`` (built from
