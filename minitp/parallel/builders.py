@@ -23,8 +23,8 @@ elements the serial model drops on the whole batch.
 """
 from minitp import backend, dist
 from minitp import functional as F
-from minitp.nn.builders import SerialLayers
 from minitp.nn import placement
+from minitp.nn.builders import SerialLayers
 from minitp.nn.layers import Dropout
 from minitp.parallel import mappings
 from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
