@@ -57,13 +57,18 @@ def worker(args):
         harness.report(data)
 
 
+def usable(cp):
+    """The kinds that run at this cp: Ulysses needs cp to divide the heads."""
+    return [kind for kind in KINDS if kind != "ulysses" or HEADS % cp == 0]
+
+
 def traffic(group, s):
     """The bytes each kind sends forward and backward, from the collective log."""
     from minitp import Tensor, dist
     from minitp.parallel import ring_attention, ulysses_attention
 
     rows = []
-    for kind in KINDS:
+    for kind in usable(group.size):
         layout = "zigzag" if kind == "zigzag" else "contiguous"
         rng = numpy.random.default_rng(group.rank)
         leaves = [Tensor(rng.standard_normal((BATCH, HEADS, s // group.size, HEAD_DIM)).astype(numpy.float32),
@@ -91,7 +96,7 @@ def activations(group, s):
     tp = dist.Group(MPI.COMM_SELF, "tp")
     hidden = HEADS * HEAD_DIM
     rows = []
-    for kind in KINDS:
+    for kind in usable(group.size):
         block = TransformerBlock(hidden, HEADS, dropout=0.1, attention_dropout=0.1, dtype=numpy.float32,
                                  layers=ContextParallelLayers(tp, group, kind))
         x = Tensor(numpy.random.default_rng(0).standard_normal((s // group.size, BATCH, hidden)).astype(numpy.float32),
@@ -178,7 +183,7 @@ def render(data, directory=None):
     by = {(e["kind"], e["s"], e["cp"]): e for e in data["traffic"]}
     side = []
     for (kind, s, cp), entry in sorted(by.items(), key=lambda item: (item[0][1], item[0][2])):
-        if kind == "zigzag" and cp > 1:
+        if kind == "zigzag" and cp > 1 and ("ulysses", s, cp) in by:
             ulysses = by[("ulysses", s, cp)]
             side.append([s, cp, f"{entry['forward']:,.0f}", f"{ulysses['forward']:,.0f}",
                          f"{ulysses['forward'] / entry['forward']:.3f}", f"{2 / cp:.3f}"])
