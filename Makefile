@@ -1,9 +1,11 @@
 # minitp: two commands.
 #   make test       create .venv (numpy, mpi4py, MPICH from PyPI, pytest + mpi-pytest + pytest-timeout),
-#                   then run every test: serial, then 2, 3 and 4 ranks, each rank count in one mpiexec
+#                   then run every test: serial, then 2, 3, 4 and 8 ranks, each rank count in one mpiexec
+#                   (8: context parallelism with tp = 2, oversubscribed on a small machine: tiny sizes)
 #   make tutorial   mpirun -n 4 python tutorials/mlp.py
 # and, not part of the tests:
-#   make bench      activation memory, communication and speed against the papers and PyTorch (benchmarks/)
+#   make bench      activation memory, communication and speed against the papers and PyTorch, and context
+#                   parallelism's bytes, work balance and activations against their formulas (benchmarks/)
 #   make gpu-check  on a machine with a GPU: the suite on CuPy, the block's FLOP/s, staged vs CUDA-aware MPI
 # A system MPI instead of the PyPI one: make test MPI=system (mpi4py then builds against your mpicc).
 
@@ -40,7 +42,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 test: venv
 	$(BIN)/python -m pytest -q -m "parallel[1]"
-	MPIEXEC=$(MPIEXEC) tests/run-mpi 2 3 4
+	MPIEXEC=$(MPIEXEC) tests/run-mpi 2 3 4 8
 
 tutorial: venv
 	$(MPIEXEC) -n $(NP) $(BIN)/python tutorials/mlp.py
@@ -54,6 +56,7 @@ bench: venv
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/memory.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/comm.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/collectives.py
+	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/context.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/speed.py
 
 gpu-check: venv

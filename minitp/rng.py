@@ -57,29 +57,49 @@ def stream_key(seed, counter):
 def global_flat_index(shape, global_shape=None, offset=None, xp=None):
     """The C-order flat index, in the global tensor, of every element of a block of it (uint64).
 
-    The block has ``shape`` and starts at ``offset`` (one start per axis) inside a tensor of
-    ``global_shape``; by default the block is the whole tensor. Element ``[i0, i1, ...]`` has index
-    ``sum_k (i_k + offset_k) * stride_k`` with ``stride_k = prod(global_shape[k+1:])``.
+    The block has ``shape`` inside a tensor of ``global_shape`` (by default the block is the whole
+    tensor). ``offset`` says where it sits, one entry per axis: an int, the start of a contiguous run
+    along that axis, or a 1-d integer array, the global position of each of the block's entries along
+    it -- for a block that is not contiguous there, such as context parallelism's zigzag chunks or a
+    ring-attention block of (query, key) positions. Element ``[i0, i1, ...]`` has index
+    ``sum_k position_k(i_k) * stride_k`` with ``stride_k = prod(global_shape[k+1:])`` and
+    ``position_k(i) = offset_k + i`` or ``offset_k[i]``.
     """
     xp = xp or backend.xp
     shape = tuple(int(n) for n in shape)
     global_shape = shape if global_shape is None else tuple(int(n) for n in global_shape)
-    offset = (0,) * len(shape) if offset is None else tuple(int(o) for o in offset)
+    offset = (0,) * len(shape) if offset is None else tuple(offset)
     if not len(shape) == len(global_shape) == len(offset):
         raise ValueError(f"shape {shape}, global_shape {global_shape} and offset {offset} "
                          "must have one entry per axis")
-    for n, o, total in zip(shape, offset, global_shape):
-        if o < 0 or o + n > total:
-            raise ValueError(f"a block of shape {shape} at offset {offset} does not fit in {global_shape}")
+    positions = [_positions(n, o, total, shape, global_shape) for n, o, total in zip(shape, offset, global_shape)]
 
     index = xp.zeros((1,) * len(shape), dtype=xp.uint64)
     stride = 1
     for axis in reversed(range(len(shape))):
-        # (i_k + offset_k) * stride_k, shaped to broadcast along axis k only
-        along = (xp.arange(shape[axis], dtype=xp.uint64) + numpy.uint64(offset[axis])) * numpy.uint64(stride)
+        # position_k(i_k) * stride_k, shaped to broadcast along axis k only
+        start, where = positions[axis]
+        along = (xp.arange(shape[axis], dtype=xp.uint64) + numpy.uint64(start) if where is None
+                 else xp.asarray(where, dtype=xp.uint64)) * numpy.uint64(stride)
         index = index + along.reshape((1,) * axis + (shape[axis],) + (1,) * (len(shape) - axis - 1))
         stride *= global_shape[axis]
     return index if len(shape) else index.reshape(())
+
+
+def _positions(length, offset, total, shape, global_shape):
+    """(start, None) for a contiguous run, (None, host positions) for explicit ones; ValueError unless
+    every position lies in [0, total)."""
+    if numpy.ndim(offset) == 0:
+        start = int(offset)
+        if start < 0 or start + length > total:
+            raise ValueError(f"a block of shape {shape} at offset {start} does not fit in {global_shape}")
+        return start, None
+    where = numpy.asarray(backend.to_host(offset) if hasattr(offset, "__cuda_array_interface__") else offset)
+    if where.shape != (length,) or where.dtype.kind not in "iu":
+        raise ValueError(f"positions {where} along an axis of length {length}: one integer per entry expected")
+    if length and (where.min() < 0 or where.max() >= total):
+        raise ValueError(f"positions {where} do not fit in an axis of length {total} (global shape {global_shape})")
+    return None, where
 
 
 def random_bits(shape, seed, counter, global_shape=None, offset=None, xp=None):

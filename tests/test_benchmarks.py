@@ -58,6 +58,15 @@ def test_comm_bench_matches_the_formulas(tmp_path):
     assert "vocab-parallel" in report and "gather logits" in report
 
 
+def test_context_bench_matches_the_formulas(tmp_path):
+    report = run_bench("context.py", tmp_path)
+    values = unexplained(report)
+    assert len(values) == 2 * 3 * 2 + 3 * 2  # bytes: 2 lengths x 3 kinds x 2 passes at cp = 2; activations: 3 kinds x cp 1, 2
+    assert set(values) == {"0"}, report
+    errors = re.findall(r"^\| \w+ \| \d+ \| \d+ \| (?:yes|no) \| ([0-9.e+-]+) \|$", report, flags=re.M)
+    assert len(errors) == 2 * 3 and max(map(float, errors)) <= 1e-12, report  # cp = 1, 2 x 3 kinds: == serial GPT
+
+
 def test_speed_bench_runs(tmp_path):
     report = run_bench("speed.py", tmp_path, "--no-torch")
     for section in ("One GPT block", "Strong scaling", "all-reduce bandwidth", "cProfile"):

@@ -5,12 +5,16 @@ serial model's training, step for step.
     mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2              # 2 replicas of 2 TP ranks
     mpirun -n 4 python tutorials/train_gpt.py --tp 4 --sequence-parallel
     mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2 --check      # losses == serial, float64
+    mpirun -n 4 python tutorials/train_gpt.py --cp 2 --tp 2 --check      # the sequence split over 2 ranks too
     mpirun -n 4 python tutorials/train_gpt.py --tp 4 --steps 100 --save gpt.npz
     mpirun -n 2 python tutorials/train_gpt.py --tp 2 --load gpt.npz      # resume on another mesh
 
 The ranks form a (dp × tp) grid (``dist.init``; tp ranks contiguous). Each group of tp ranks holds one
 copy of the model cut into shards -- the embedding and the LM head by vocabulary, attention by heads,
 the MLP by columns then rows, and with ``--sequence-parallel`` the LayerNorms and dropouts by sequence.
+With ``--cp C`` every activation is split along the sequence over C ranks as well, attention crossing
+them by ring attention (``--cp-kind ring``, or ``zigzag``: its causal work balanced) or Ulysses
+(``minitp.parallel.context``); the mesh is then (dp × cp × tp).
 The dp copies each take their slice of the batch, and after backward average their gradients with one
 all-reduce. The text is this repository's own README and tutorials: nothing is downloaded.
 
@@ -118,7 +122,8 @@ def build(args, vocab, mesh, dtype):
     if mesh is None:
         model = GPT(config)
     else:
-        model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel)
+        model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel,
+                            context_parallel=args.cp_kind if mesh.cp_size > 1 else None)
     optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return model, optimizer
 
@@ -185,6 +190,7 @@ def setup(args, mesh):
         raise ValueError(f"the text has {len(text)} characters: too few for windows of --seq {args.seq} + 1")
     characters = Characters(text)
     model, optimizer = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
+    model.builders.tokens_here(args.seq)  # a --seq the mesh cannot split (SP, cp): ValueError now, on every rank
     first_step = 0
     if args.load:
         first_step = checkpoint.load(args.load, model, optimizer, mesh, metadata=metadata(characters, text))
@@ -208,7 +214,8 @@ def run(args, training):
     say(f"{mesh}\n{len(data):,} characters of {source}, vocabulary {len(characters.chars)} "
         f"(padded to {characters.vocab}); {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
         f"seq {args.seq}, global batch {args.batch} ({args.batch // mesh.dp_size} per replica), "
-        f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}; "
+        f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}"
+        f"{f', context parallel: {args.cp_kind}' if mesh.cp_size > 1 else ''}; "
         f"{parameters:,} parameters per rank")
     if args.load:
         say(f"resumed from {args.load} at step {first_step}")
@@ -285,14 +292,16 @@ class CheckResult:
 
 CHECK_OVERRIDES = dict(steps=10, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1, lr=3e-3,
                        weight_decay=0.01, max_norm=0.5, seed=0, dtype="float64")
-"""What ``--check`` sets, whatever the command line says: a tiny float64 model with dropout on,
-divisible by tp <= 4 and dp <= 2."""
+"""What ``--check`` sets, whatever the command line says: a tiny float64 model with dropout on, divisible
+by tp <= 4 and dp <= 2; its 8 tokens by 2·cp zigzag chunks for cp <= 4 (s/cp by tp under SP), its 4
+heads by cp·tp under Ulysses."""
 
 
-def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, **overrides):
+def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, cp=1, cp_kind="zigzag",
+               **overrides):
     """The configuration of the check (``CHECK_OVERRIDES``, then ``overrides``)."""
-    return argparse.Namespace(tp=tp, dp=dp, sequence_parallel=sequence_parallel, tie_embeddings=tie_embeddings,
-                              text=text, **{**CHECK_OVERRIDES, **overrides})
+    return argparse.Namespace(tp=tp, dp=dp, cp=cp, cp_kind=cp_kind, sequence_parallel=sequence_parallel,
+                              tie_embeddings=tie_embeddings, text=text, **{**CHECK_OVERRIDES, **overrides})
 
 
 def check(args, mesh):
@@ -310,7 +319,8 @@ def run_check(args, mesh, overridden=()):
     if overridden:
         say(f"--check sets {', '.join(overridden)} itself (a tiny float64 model with dropout): those options are ignored")
     result = check(args, mesh)  # the same on every rank: rank 0 says it
-    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}, float64, dropout {args.dropout}")
+    context = f", context parallel: {args.cp_kind}" if mesh.cp_size > 1 else ""
+    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}{context}, float64, dropout {args.dropout}")
     say(" step   parallel loss        serial loss      |difference|   grad norm (parallel, serial)")
     for step, (p, s, pn, sn) in enumerate(zip(result.parallel, result.serial, result.parallel_norms,
                                               result.serial_norms), 1):
@@ -332,6 +342,9 @@ def parse(argv=None):
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model replica")
     parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (unset: ranks / tp)")
     parser.add_argument("--sequence-parallel", action="store_true", help="split LayerNorm and dropout by sequence")
+    parser.add_argument("--cp", type=int, default=1, help="context-parallel ranks: every activation split by sequence")
+    parser.add_argument("--cp-kind", choices=["ring", "zigzag", "ulysses"], default="zigzag",
+                        help="how attention crosses the cp ranks: ring attention (zigzag: load-balanced) or Ulysses")
     parser.add_argument("--text", metavar="FILE", help="train on this UTF-8 file (unset: README.md + tutorials/*.py)")
     parser.add_argument("--steps", type=int, default=500, help="training steps")
     parser.add_argument("--batch", type=int, default=16, help="global batch (split over dp)")
@@ -360,7 +373,7 @@ def parse(argv=None):
 def validate(args):
     """Every value checked before any work: ``ValueError`` naming the option. The same on every rank,
     which all parse the same command line."""
-    positive = ["tp", "steps", "batch", "seq", "hidden", "heads", "layers", "log_every"]
+    positive = ["tp", "cp", "steps", "batch", "seq", "hidden", "heads", "layers", "log_every"]
     for name in positive + (["dp"] if args.dp is not None else []):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(args, name)}")
@@ -397,9 +410,10 @@ def main(argv=None):
     try:
         # errors of configuration are raised by every rank alike, before any training: rank 0 says why
         validate(args)
-        mesh = dist.init(tp=args.tp, dp=args.dp, checked=args.check or None)  # dp × tp ≠ ranks: ValueError
+        mesh = dist.init(tp=args.tp, dp=args.dp, cp=args.cp, checked=args.check or None)  # sizes ≠ ranks: ValueError
         if args.check:
-            proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text)
+            proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text,
+                               cp=args.cp, cp_kind=args.cp_kind)
             return 0 if run_check(proof, mesh, overridden_by_check(argv)) else 1
         prepared = setup(args, mesh)
     except (ValueError, OSError) as error:

@@ -12,6 +12,7 @@ to call them:
     mesh.py         which ranks work together? ``init``, ``Mesh``, ``Group``, ``divide``
     collectives.py  what does each collective compute and cost? ``all_reduce``, ``all_gather``,
                     ``reduce_scatter``, ``broadcast``, ``split``
+    exchange.py     context parallelism's exchanges: ``sendrecv`` to ring neighbours, ``all_to_all``
     log.py          which collectives ran, moving how many bytes? ``log_collectives``, ``CollectiveLog``
     checks.py       do the ranks agree? checked mode, token-id agreement (``set_checked``, ``agree``)
     failures.py     how does a job end when a rank raises or leaves? one message, within seconds
@@ -31,6 +32,7 @@ except (ImportError, RuntimeError) as error:
 
 from minitp.dist.checks import agree, agree_on_ids, checked, set_checked
 from minitp.dist.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
+from minitp.dist.exchange import all_to_all, sendrecv
 from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
 from minitp.dist.mesh import Group, Mesh, divide, init
 from minitp.dist.failures import install_abort_handler
@@ -38,7 +40,7 @@ from minitp.dist.runtime import set_cuda_aware, transport
 
 __all__ = [
     "init", "Mesh", "Group", "divide",
-    "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split",
+    "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split", "sendrecv", "all_to_all",
     "log_collectives", "CollectiveLog", "CollectiveRecord",
     "install_abort_handler", "set_cuda_aware", "transport", "agree", "agree_on_ids", "checked", "set_checked",
 ]

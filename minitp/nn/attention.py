@@ -91,6 +91,7 @@ class MultiHeadAttention(Module):
                                         std=init_std, tag="attention qkv")
         self.attention_dropout = layers.attention_dropout(attention_dropout,
                                                           init.derive_seed(seed, "attention_dropout"))
+        self.core = layers.attention_core  # plain, or under context parallelism ring attention or Ulysses
         self.proj = layers.row_linear(hidden, hidden, dtype=dtype, seed=init.derive_seed(seed, "proj"),
                                       std=output_std, tag="attention proj")
         self.dropout = layers.dropout(dropout, init.derive_seed(seed, "dropout"))
@@ -110,7 +111,7 @@ class MultiHeadAttention(Module):
                    for part in F.split(qkv, 3, axis=3))
 
         def core(q, k, v):
-            return attention_core(q, k, v, self.causal, self.attention_dropout)
+            return self.core(q, k, v, self.causal, self.attention_dropout)
         if self.recompute == "selective":
             # keep q, k, v (3sbh); the 5as^2b bytes of scores, probabilities and mask are re-made in backward
             context = recompute(core, q, k, v, modules=[self.attention_dropout])

@@ -9,6 +9,8 @@ object for them, by the role the layer plays in the papers --
     norm            LayerNorm
     dropout         the dropout on (s, b, h) activations (embedding and residual dropouts)
     attention_dropout   the dropout on attention's (b, a, s, s) probabilities
+    attention_core  softmax(q kᵀ/√d) v on (b, a, s, d): plain here; ring or Ulysses under context parallelism
+    tokens          which tokens of the (s, b) ids and targets this rank computes: all of them here
     local           how many of n heads (or ffn features) this rank computes
     vocab_embedding, positions, tied_logits, cross_entropy    the GPT's ends
 
@@ -43,6 +45,15 @@ class SerialLayers:
     def attention_dropout(self, p, seed):
         """Dropout of (b, a, s, s) attention probabilities."""
         return Dropout(p, seed)
+
+    def attention_core(self, q, k, v, causal, dropout):
+        """softmax(q kᵀ/√d) v for q, k, v (b, a, s, d): every key of every query is on this rank."""
+        from minitp.nn.attention import attention_core  # here: nn.attention builds its layers from this module
+        return attention_core(q, k, v, causal, dropout)
+
+    def tokens(self, ids):
+        """This rank's tokens of the (s, b) ids or targets: all s of them."""
+        return ids
 
     def local(self, total, what):
         """How many of ``total`` (heads, ffn features) this rank computes: all of them."""

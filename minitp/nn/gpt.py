@@ -113,8 +113,9 @@ class GPT(Module):
         if seq > self.seq_len:
             raise ValueError(f"a sequence of {seq} tokens is longer than the model's seq_len {self.seq_len}")
         # (s, b, h) + (s, 1, h): every sequence in the batch gets the same position vectors (under
-        # sequence parallelism, (s/t, b, h) + (s/t, 1, h): this rank's tokens and their positions)
-        x = self.wte(ids) + self.builders.positions(self.wpe, seq)
+        # sequence parallelism, (s/t, b, h) + (s/t, 1, h): this rank's tokens and their positions; under
+        # context parallelism the rank's s/cp tokens of the ids, at their positions)
+        x = self.wte(self.builders.tokens(ids)) + self.builders.positions(self.wpe, seq)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
@@ -125,7 +126,7 @@ class GPT(Module):
 
     def loss(self, ids, targets):
         """Mean cross-entropy of the next-token predictions: ``targets`` (s, b) are the ids to predict."""
-        return self.builders.cross_entropy(self(ids), targets)
+        return self.builders.cross_entropy(self(ids), self.builders.tokens(targets))  # this rank's tokens' loss
 
     def generate(self, ids, steps, temperature=1.0, rng=None):
         """Extend ``ids`` (s, b) by ``steps`` tokens -> (s + steps, b), on ``ids``'s own host/device.

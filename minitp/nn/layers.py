@@ -9,7 +9,7 @@ import numpy
 
 from minitp import functional as F
 from minitp import rng
-from minitp.nn import init
+from minitp.nn import init, placement
 from minitp.nn.module import Module, Parameter
 
 
@@ -117,8 +117,9 @@ class Dropout(Module):
     the mask at its block's global indices. ``splits`` lists how the input is cut, as
     ``(axis, index, parts)``: "along ``axis`` this is block ``index`` of ``parts`` equal blocks". For
     example sequence parallelism is ``(0, tp_rank, tp)`` on (s, b, h), head parallelism ``(1, tp_rank, tp)``
-    on attention's (b, a, s, s) probabilities, data parallelism ``(1, dp_rank, dp)`` on (s, b, h). Empty
-    serially: the input is the whole tensor.
+    on attention's (b, a, s, s) probabilities, data parallelism ``(1, dp_rank, dp)`` on (s, b, h), context
+    parallelism's zigzag ``(0, cp_rank, cp, "zigzag")``; entries on one axis nest, outermost first
+    (``minitp.nn.placement``). Empty serially: the input is the whole tensor.
     """
 
     def __init__(self, p=0.0, seed=0, splits=()):
@@ -130,9 +131,7 @@ class Dropout(Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x  # the identity: no mask drawn, the counter does not move
-        global_shape, offset = list(x.shape), [0] * x.ndim
-        for axis, index, parts in self.splits:
-            global_shape[axis], offset[axis] = x.shape[axis] * parts, x.shape[axis] * index
+        global_shape, offset = placement.locate(self.splits, x.shape)
         y = F.dropout(x, self.p, self.seed, self.counter, global_shape=global_shape, offset=offset)
         self.counter += 1
         return y

@@ -10,7 +10,10 @@
     embedding    VocabParallelEmbedding (vocabulary rows split)
     cross_entropy vocab_parallel_cross_entropy (three all-reduces of s×b numbers, never the logits)
     shard        load_serial_state, gather_serial_state, gather_serial_grads
-    gpt          ParallelGPT (vocab-parallel embedding and loss, TP(+SP) blocks)
+    ring_attention  ring attention over the cp ranks: K, V travel, outputs merge by log-sum-exp (contiguous or zigzag)
+    ulysses      Ulysses attention: all-to-all from sequence-split to head-split q, k, v and back
+    context      ContextParallelLayers: every activation split along the sequence over cp
+    gpt          ParallelGPT (vocab-parallel embedding and loss, TP(+SP) blocks, optionally CP)
     data_parallel  the dp axis of the mesh: batch split, one bucketed gradient all-reduce, global-norm clipping
 """
 from minitp.parallel.mappings import (
@@ -35,6 +38,9 @@ from minitp.parallel.transformer import ParallelTransformerBlock
 from minitp.parallel.shard import gather_serial_grads, gather_serial_state, load_serial_state
 from minitp.parallel.embedding import VocabParallelEmbedding
 from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
+from minitp.parallel.ring_attention import attended_pairs, ring_attention, ring_schedule
+from minitp.parallel.ulysses import ulysses_attention
+from minitp.parallel.context import ContextParallelLayers
 from minitp.parallel.gpt import ParallelGPT
 from minitp.parallel.data_parallel import (
     all_reduce_gradients,

@@ -23,6 +23,7 @@ elements the serial model drops on the whole batch.
 """
 from minitp import backend, dist
 from minitp import functional as F
+from minitp.nn import placement
 from minitp.nn.builders import SerialLayers
 from minitp.nn.layers import Dropout
 from minitp.parallel import mappings
@@ -58,10 +59,20 @@ class TensorParallelLayers(SerialLayers):
         dp = self.data_parallel
         return ((axis, dp.rank, dp.size),) if dp is not None and dp.size > 1 else ()
 
+    def sequence_splits(self):
+        """Where this rank's tokens sit along the sequence (``minitp.nn.placement``): under SP block
+        tp_rank of tp, else the whole sequence."""
+        return ((SEQUENCE_AXIS, self.group.rank, self.group.size),) if self.sequence_parallel else ()
+
+    def tokens_here(self, seq):
+        """How many of the ``seq`` tokens this rank's activations hold: s/t under SP, else s."""
+        if not self.sequence_parallel:
+            return seq
+        return dist.divide(seq, self.group.size, "the sequence length (split over tp by sequence parallelism)")
+
     def dropout(self, p, seed):
         """(s, b, h): this rank's tokens under SP (else all of them), this replica's batch columns."""
-        sequence = ((SEQUENCE_AXIS, self.group.rank, self.group.size),) if self.sequence_parallel else ()
-        return Dropout(p, seed, splits=sequence + self._batch_split(BATCH_AXIS))
+        return Dropout(p, seed, splits=self.sequence_splits() + self._batch_split(BATCH_AXIS))
 
     def attention_dropout(self, p, seed):
         """(b, a, s, s): this replica's batch rows, this rank's block of the heads."""
@@ -78,18 +89,27 @@ class TensorParallelLayers(SerialLayers):
 
     def positions(self, wpe, seq):
         """The position vectors of this rank's tokens: (s, 1, h), or under SP (s/t, 1, h) for positions
-        [r·s/t, (r+1)·s/t).
+        [r·s/t, (r+1)·s/t) -- wherever ``sequence_splits`` places them.
 
         Under SP the table is still replicated but each rank reads only its rows, so its gradient is a
         partial sum over s/t tokens: like the sequence-parallel LayerNorm's weight, wpe enters through f
         (identity forward, all-reduce backward), and every rank steps it with the full gradient."""
-        if not self.sequence_parallel:
+        splits = self.sequence_splits()
+        if not splits:
             return super().positions(wpe, seq)
-        tokens = dist.divide(seq, self.group.size, "the sequence length (split over tp by sequence parallelism)")
-        start = self.group.rank * tokens
-        table = mappings.copy_to_tensor_parallel_region(wpe.weight, self.group, "wpe")
-        xp = backend.array_module(wpe.weight.data)
-        return F.embedding(xp.arange(start, start + tokens)[:, None], table)
+        _, where = placement.positions([split[1:] for split in splits], self.tokens_here(seq))
+        table = wpe.weight
+        if self.sequence_parallel:
+            table = mappings.copy_to_tensor_parallel_region(table, self.group, "wpe")
+        return F.embedding(backend.array_module(wpe.weight.data).asarray(where)[:, None], table)
+
+    def sequence_multiple(self):
+        """What every sequence length must be a multiple of (``generate`` pads to it): t under SP."""
+        return self.group.size if self.sequence_parallel else 1
+
+    def logits_at(self, logits, position):
+        """The logits of global ``position``, (b, V/t), from this rank's (s, b, V/t) logits."""
+        return logits[position]
 
     def tied_logits(self, x, table):
         """(s, b, h) replicated or (s/t, b, h) under SP -> (s, b, V/t): x @ (rank r's rows of wte)ᵀ.

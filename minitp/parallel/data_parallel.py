@@ -19,6 +19,13 @@ shards: a split parameter's squares are summed over the tp ranks (each holds a d
 replicated parameter's are counted once (every rank holds the same copy). Over dp nothing is added: after
 ``all_reduce_gradients`` every replica holds the same, already averaged, gradient.
 
+**Context parallelism** splits each replica's sequence over the cp ranks, and every parameter is
+replicated over them as over dp: rank (dp, cp) computes the mean loss over its own s/cp tokens of its
+B/dp columns -- equal shares, so the global mean loss is the mean of the dp·cp ranks' losses, and its
+gradient the mean of their gradients. The same all-reduce and division serve, over ``mesh.dp_cp``
+(dp × cp) instead of ``mesh.dp``: every parameter's gradient is then summed over all the tokens -- wpe's
+included, whose rows each cp rank read only for its own positions.
+
 Every function takes ``mesh=None`` for a serial model on one process (nothing to split or reduce), so a
 training loop is the same code for ``nn.GPT`` and ``ParallelGPT``.
 """
@@ -45,10 +52,19 @@ def split_batch(array, mesh=None, axis=1):
     return dist.split(array, mesh.dp, axis)
 
 
+def replicas(mesh):
+    """The group over which the parameters are replicated and the tokens split: ``mesh.dp``, or with
+    context parallelism ``mesh.dp_cp`` (dp × cp). None for a serial model."""
+    if mesh is None:
+        return None
+    return mesh.dp if mesh.cp_size == 1 else mesh.dp_cp
+
+
 def all_reduce_gradients(module, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
-    """Average the parameter gradients of ``module`` over ``mesh.dp``: ``.grad`` becomes the mean of the
-    replicas' gradients, the gradient of the loss over the global batch. Returns the number of
-    all-reduces (buckets); 0 when there is nothing to reduce (dp = 1, or no gradients).
+    """Average the parameter gradients of ``module`` over ``mesh.dp`` (over dp × cp with context
+    parallelism: ``replicas``): ``.grad`` becomes the mean of the replicas' gradients, the gradient of the
+    loss over the global batch. Returns the number of all-reduces (buckets); 0 when there is nothing to
+    reduce (dp = cp = 1, or no gradients).
 
     Gradients are packed in parameter order into flat buffers of at most ``bucket_bytes`` (a parameter
     larger than that gets a bucket of its own) and each buffer is all-reduced once, tagged
@@ -56,12 +72,13 @@ def all_reduce_gradients(module, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
     so every replica skips the same ones and the buckets agree. The new ``.grad`` arrays are views of
     the reduced buffers; the old ones are never written (they may be shared or read-only).
     """
-    if mesh is None or mesh.dp_size == 1:
+    group = replicas(mesh)
+    if group is None or group.size == 1:
         return 0
     with_grads = [p for p in module.parameters() if p.grad is not None]
     buckets = _buckets(with_grads, bucket_bytes)
     for index, bucket in enumerate(buckets):
-        _all_reduce_bucket(bucket, mesh.dp, f"gradients (bucket {index + 1}/{len(buckets)})")
+        _all_reduce_bucket(bucket, group, f"gradients (bucket {index + 1}/{len(buckets)})")
     return len(buckets)
 
 
@@ -137,18 +154,20 @@ def clip_grad_norm(module, max_norm, mesh=None, eps=1e-6):
 
 
 def average_over_data_parallel(value, mesh=None):
-    """The mean over the dp replicas of a number (e.g. each replica's loss): the global batch's loss,
-    since the replicas' slices are equal. One all-reduce of one number (tagged "loss")."""
-    if mesh is None or mesh.dp_size == 1:
+    """The mean over the dp replicas (and cp ranks: ``replicas``) of a number (e.g. each rank's loss): the
+    global batch's loss, since their shares of the tokens are equal. One all-reduce of one number
+    (tagged "loss")."""
+    group = replicas(mesh)
+    if group is None or group.size == 1:
         return float(value)
-    return float(dist.all_reduce(numpy.array([float(value)]), mesh.dp, tag="loss")[0]) / mesh.dp_size
+    return float(dist.all_reduce(numpy.array([float(value)]), group, tag="loss")[0]) / group.size
 
 
 def train_step(model, optimizer, ids, targets, mesh=None, max_norm=None):
     """One step of data- (and tensor-) parallel training on the global batch ``ids``, ``targets`` (s, B):
 
-        this replica's slice -> forward, loss -> backward -> average the gradients over dp (one
-        all-reduce per bucket) -> clip by the global norm -> optimizer step
+        this replica's slice -> forward, loss (of this rank's tokens) -> backward -> average the
+        gradients over dp (× cp; one all-reduce per bucket) -> clip by the global norm -> optimizer step
 
     Works for ``nn.GPT`` with ``mesh=None`` (the serial step) and for ``ParallelGPT``. Returns
     (loss over the global batch, gradient norm before clipping), the same on every rank.

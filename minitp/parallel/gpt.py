@@ -30,13 +30,16 @@ import numpy
 from minitp import backend, dist
 from minitp.nn.gpt import GPT, generate_tokens
 from minitp.nn.layers import Dropout
-from minitp.parallel.builders import TensorParallelLayers
+from minitp.parallel.context import context_layers
 from minitp.parallel.shard import load_serial_state
 
 
 class ParallelGPT(GPT):
     """``nn.GPT`` over ``mesh``: tensor-parallel over ``mesh.tp`` (with ``sequence_parallel`` or not), the
-    batch split over ``mesh.dp``.
+    batch split over ``mesh.dp``, and with ``context_parallel`` ("ring", "zigzag" or "ulysses",
+    ``minitp.parallel.context``) the sequence split over ``mesh.cp``: ``forward`` takes the whole (s, b)
+    ids and returns the logits of this rank's s/cp tokens, ``loss`` their mean loss (the mean over the dp ×
+    cp ranks, ``data_parallel.average_over_data_parallel``, is the global batch's).
 
     Sublayers (the serial names): ``wte`` a ``VocabParallelEmbedding`` (rows split, ``split_axis=0``),
     ``wpe`` the (seq_len, h) position table, replicated (it is small), ``drop``, ``blocks`` (built from
@@ -49,17 +52,18 @@ class ParallelGPT(GPT):
     heads or ffn_hidden; under SP, the sequence length (at ``forward``).
     """
 
-    def __init__(self, config, mesh, sequence_parallel=False):
+    def __init__(self, config, mesh, sequence_parallel=False, context_parallel=None):
         # the mesh's shape is checked here, before any layer is built: every rank raises the same error
         dist.divide(config.vocab, mesh.tp.size, "the vocabulary size (rows split over tp)")
-        super().__init__(config, layers=TensorParallelLayers(mesh.tp, sequence_parallel, mesh.dp))
+        super().__init__(config, layers=context_layers(mesh, context_parallel, sequence_parallel, config.heads))
         self.mesh, self.group, self.sequence_parallel = mesh, mesh.tp, sequence_parallel
+        self.context_parallel = context_parallel
 
     @classmethod
-    def from_serial(cls, gpt, mesh, sequence_parallel=False):
+    def from_serial(cls, gpt, mesh, sequence_parallel=False, context_parallel=None):
         """The sharded copy of the serial ``gpt`` -- its current weights (e.g. trained) and its dropouts'
         counters -- on ``mesh``."""
-        model = cls(gpt.config, mesh, sequence_parallel=sequence_parallel)
+        model = cls(gpt.config, mesh, sequence_parallel=sequence_parallel, context_parallel=context_parallel)
         model.load_serial(gpt)
         return model
 
@@ -78,27 +82,29 @@ class ParallelGPT(GPT):
         all-gathers the last position's (b, V/t) logits into (b, V); every rank then draws the same
         token, from the same logits with the same ``rng`` state).
 
-        Under SP the context must split over t: it is padded on the right to a multiple of t. The causal
-        mask keeps the padding invisible to the real tokens, so the last real position's logits are
-        unchanged. The context is the last ``seq_len`` tokens (under SP, the last multiple of t of them).
+        Under SP the context must split over t (under context parallelism over cp, 2·cp for zigzag): it is
+        padded on the right to a multiple of that. The causal mask keeps the padding invisible to the real
+        tokens, so the last real position's logits are unchanged. The context is the last ``seq_len``
+        tokens (under SP, the last multiple of t of them).
         """
         return generate_tokens(self, ids, steps, temperature, rng)
 
     def _next_logits(self, tokens):
         """The logits of the token after ``tokens`` (s, b), host ids: (b, V) gathered from every rank's
         V/t columns, float64 on the host."""
-        t = self.group.size if self.sequence_parallel else 1
+        t = self.builders.sequence_multiple()  # t under SP (and cp, 2·cp for zigzag, under context parallelism)
         context = tokens[-(self.seq_len // t * t):]  # the last seq_len tokens; under SP, a multiple of t of them
         real = len(context)
         # under SP, padded on the right to a multiple of t: the causal mask hides the padding from the real tokens
         padding = numpy.zeros((math.ceil(real / t) * t - real,) + context.shape[1:], dtype=context.dtype)
         context = numpy.concatenate([context, padding])
-        shard = self(backend.from_host(context)).data[real - 1]  # (b, V/t), the last real position
+        shard = self.builders.logits_at(self(backend.from_host(context)).data, real - 1)  # (b, V/t), the last real one
         logits = dist.all_gather(shard, self.group, axis=-1, tag="generate: logits")  # (b, V)
         return backend.to_host(logits).astype(numpy.float64)
 
     def extra_repr(self):
-        return (f"{super().extra_repr()}, tp={self.group.size}, dp={self.mesh.dp.size}, "
+        context = f", cp={self.mesh.cp_size} ({self.context_parallel})" if self.context_parallel else ""
+        return (f"{super().extra_repr()}, tp={self.group.size}, dp={self.mesh.dp.size}{context}, "
                 f"sequence_parallel={self.sequence_parallel}")
 
 

@@ -1,0 +1,77 @@
+"""What do context parallelism's exchanges compute and cost? ``sendrecv`` to ring neighbours (ring
+attention) and ``all_to_all`` (Ulysses).
+
+Both take an array (numpy or CuPy) and a ``Group`` and return a new array, never writing into their
+input, like the collectives of ``collectives.py``; on a group of one rank nothing is sent and the
+input itself comes back (a ``sendrecv`` to oneself, an all-to-all of one block). Each is recorded in
+the collective log (``log.py``) with the bytes THIS rank sends, in ``ring_bytes`` (for these two ops
+the bytes are exact, not a ring algorithm's estimate):
+
+    sendrecv      the whole array, once: S
+    all_to_all    every block but its own: (n-1)/n · S
+
+Kept apart from the pipeline's point-to-point ``send``/``recv``: a ring step is one simultaneous
+send-and-receive (MPI ``Sendrecv``), which cannot deadlock however many ranks pass their blocks on at
+once -- every rank sends to ``rank + 1`` and receives from ``rank - 1`` in the same call.
+"""
+from minitp import backend
+from minitp.dist import log
+from minitp.dist.collectives import _axis, _buffer
+from minitp.dist.mesh import divide
+from minitp.dist.runtime import _for_mpi, _like
+
+
+def sendrecv(x, group, send_to, receive_from, tag=""):
+    """Send ``x`` to group rank ``send_to`` and return the array of ``x``'s shape and dtype received from
+    group rank ``receive_from``, in one step (MPI ``Sendrecv``).
+
+    A ring step is ``sendrecv(x, group, (rank + 1) % n, (rank - 1) % n)``: every rank passes its block
+    to the next one and takes the previous one's. Shapes and dtypes must agree between each pair.
+    Bytes sent by this rank: ``x.nbytes`` (logged as op ``"sendrecv"``).
+    """
+    n = group.size
+    for name, peer in (("send_to", send_to), ("receive_from", receive_from)):
+        if not 0 <= peer < n:
+            raise ValueError(f"sendrecv: {name}={peer} is not a rank of the group {group.name} of {n}")
+    if log._active_logs:
+        log._record("sendrecv", group, x.shape, x.dtype, x.nbytes, x.nbytes, tag)
+    if send_to == group.rank and receive_from == group.rank:
+        return x
+    send = _for_mpi(x)
+    received = backend.array_module(send).empty_like(send)
+    group.comm.Sendrecv(_buffer(send), dest=send_to, recvbuf=_buffer(received), source=receive_from)
+    return _like(received, x)
+
+
+def all_to_all(x, group, split_axis, concat_axis, tag=""):
+    """Cut ``x`` into n blocks along ``split_axis`` and send block j to rank j; return the n blocks
+    received, concatenated along ``concat_axis`` in rank order.
+
+    Ulysses (Jacobs et al. 2023) uses it to turn q, k, v split by sequence into q, k, v split by heads:
+    ``split_axis`` = heads, ``concat_axis`` = sequence -- and back, with the two axes swapped. The output
+    has ``x.shape[split_axis] / n`` along ``split_axis`` and ``n ·`` ``x.shape[concat_axis]`` along
+    ``concat_axis``. ``ValueError`` (before any communication) when n does not divide
+    ``x.shape[split_axis]``. Bytes sent by this rank: (n-1)/n · S, S = ``x.nbytes`` (its own block stays).
+
+    MPI's ``Alltoall`` wants block j as the j-th contiguous chunk of the send buffer: the blocks are
+    moved to the front first (one copy), and the received (n, ...) buffer is moved to ``concat_axis``
+    (one more).
+    """
+    n = group.size
+    split_axis, concat_axis = _axis(x, split_axis), _axis(x, concat_axis)
+    block = divide(x.shape[split_axis], n, f"all_to_all: the length of axis {split_axis} of an array of shape {x.shape}")
+    if log._active_logs:
+        log._record("all_to_all", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
+    if n == 1:
+        return x
+    xp = backend.array_module(x)
+    # (..., n*k, ...) -> (n, ..., k, ...): block j contiguous, for rank j
+    blocks = xp.moveaxis(x.reshape(x.shape[:split_axis] + (n, block) + x.shape[split_axis + 1:]), split_axis, 0)
+    send = _for_mpi(blocks)
+    received = backend.array_module(send).empty_like(send)
+    group.comm.Alltoall(_buffer(send), _buffer(received))
+    received = _like(received, x)
+    # (n, ..., k, ...) from ranks 0..n-1 -> rank i's block at [i·m, (i+1)·m) along concat_axis
+    shape = list(received.shape[1:])
+    shape[concat_axis] *= n
+    return xp.ascontiguousarray(xp.moveaxis(received, 0, concat_axis)).reshape(shape)

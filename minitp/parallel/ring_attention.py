@@ -1,0 +1,229 @@
+"""Ring attention (Liu, Zaharia and Abbeel 2023): causal self-attention over a sequence split across the
+cp ranks of a context-parallel group, each rank keeping its queries while the keys and values travel.
+
+Shapes: q, k, v are (b, a, L, d) on every rank, L = s/cp of the s tokens -- a contiguous block, or two
+zigzag chunks (``minitp.nn.placement``). The output is the rank's (b, a, L, d) rows of the serial
+softmax(q kᵀ/√d) v.
+
+**Forward.** Softmax needs every key of a query's row, but it need not see them at once. Attention over
+a block B of keys gives a normalised partial output O_B and the row's log-sum-exp over that block,
+lse_B = log Σ_{j∈B} exp(s_ij). Two blocks merge exactly, since exp(lse) is the softmax's denominator:
+
+    lse = log(exp(lse_1) + exp(lse_2))        O = exp(lse_1 - lse) O_1 + exp(lse_2 - lse) O_2
+
+(``merge``: computed with the larger lse subtracted first, so nothing overflows). So cp steps: at step t
+rank r attends its queries to the block of rank (r - t) mod cp, merges, and passes the block on to
+rank r + 1 while receiving the next from rank r - 1 (one ``sendrecv`` of K and V stacked): cp - 1
+exchanges of 2·L·b·a·d numbers -- 2(cp - 1)·(s/cp)·b·h·e bytes sent per rank per layer, h = a·d the
+hidden size of the rank's heads. Under the causal mask a (query run, key run) pair wholly in the future
+is skipped, a pair that straddles the diagonal is masked, a pair in the past needs no mask.
+
+**Backward, by hand.** Only q, k, v, the output O and the lse (b·a·L numbers) are kept: no (s, s)
+score or probability block ever is. Each block's probabilities are recomputed as P = exp(q kᵀ/√d - lse)
+-- exact, since lse is the whole row's -- and with dP = dO vᵀ and Δ_i = Σ_j P_ij dP_ij = dO_i·O_i:
+
+    dS = P ∘ (dP - Δ)        dQ += dS K/√d        dK_block += dSᵀ Q/√d        dV_block += Pᵀ dO
+
+dQ stays here. dK and dV of a block belong to its owner: they travel the ring with the block and go
+home after the last step. K and V again make cp - 1 hops, the block's gradient accumulator cp - 1
+(starting from the owner's successor; the owner adds its own share at the end): 4(cp - 1)·(s/cp)·b·h·e
+bytes per rank per layer backward, twice the forward.
+
+**Attention dropout** drops exactly the serial (b, a, s, s) mask's elements: the mask is a function of
+the element's global index, and a block's (query, key) positions are known, so each block draws its
+piece (``rng.keep_mask`` at those positions), in forward and again in backward. Dropout applies to the
+normalised probabilities; the lse stays the undropped one, as in FlashAttention.
+"""
+from collections import namedtuple
+
+import numpy
+
+from minitp import backend, dist, rng
+from minitp.autograd import Function
+from minitp.nn import placement
+from minitp.parallel import mappings
+
+Block = namedtuple("Block", "q k q_run k_run masked")
+"""One (query run, key run) pair of a ring step: ``q``, ``k`` the local slices of the rank's queries and
+of the travelling block's keys, ``q_run``, ``k_run`` their global positions [start, stop), ``masked``
+whether the causal mask cuts through it (else every pair in it is attended)."""
+
+
+def ring_schedule(rank, cp, seq, layout=placement.CONTIGUOUS, causal=True):
+    """What rank ``rank`` computes: for each ring step, (the rank whose keys it holds, [Block, ...]).
+
+    The forward and backward follow it, and the work measure counts it (``attended_pairs``).
+    ``ValueError`` when ``seq`` does not split into the layout's cp blocks (2·cp chunks for zigzag)."""
+    mine = placement.runs(rank, cp, seq, layout)
+    steps = []
+    for step in range(cp):
+        source = (rank - step) % cp
+        steps.append((source, _blocks(mine, placement.runs(source, cp, seq, layout), causal)))
+    return steps
+
+
+def _blocks(q_runs, k_runs, causal):
+    blocks, q_local = [], 0
+    for q0, q1 in q_runs:
+        k_local = 0
+        for k0, k1 in k_runs:
+            # runs are equal aligned chunks: either the same run (the diagonal) or disjoint, wholly
+            # before or wholly after -- so no query of a computed pair is left without a key
+            if not causal or k0 < q1:  # else every key comes after every query: skipped
+                blocks.append(Block(slice(q_local, q_local + q1 - q0), slice(k_local, k_local + k1 - k0),
+                                    (q0, q1), (k0, k1), causal and k1 - 1 > q0))
+            k_local += k1 - k0
+        q_local += q1 - q0
+    return blocks
+
+
+def attended_pairs(rank, cp, seq, layout=placement.CONTIGUOUS, causal=True):
+    """The (query, key) pairs rank ``rank`` attends, per (batch entry, head): its work."""
+    total = 0
+    for _, blocks in ring_schedule(rank, cp, seq, layout, causal):
+        for block in blocks:
+            queries, keys = numpy.arange(*block.q_run)[:, None], numpy.arange(*block.k_run)[None, :]
+            total += int((keys <= queries).sum()) if block.masked else queries.size * keys.size
+    return total
+
+
+def merge(out, lse, block_out, block_lse, xp):
+    """Fold a block's (normalised output, log-sum-exp) into the running ones, in place.
+
+    lse_new = log(e^lse + e^lse_B), computed as m + log(e^(lse-m) + e^(lse_B-m)) with m the larger;
+    each output is weighted by its share of the new denominator, e^(lse - lse_new). lse = -inf (no keys
+    yet) weighs 0."""
+    new = xp.maximum(lse, block_lse)
+    new += xp.log(xp.exp(lse - new) + xp.exp(block_lse - new))
+    out *= xp.exp(lse - new)[..., None]
+    out += xp.exp(block_lse - new)[..., None] * block_out
+    lse[...] = new
+
+
+class RingAttention(Function):
+    """softmax(q kᵀ/√d) v for this rank's queries against every rank's keys, k and v travelling the ring
+    of ``group`` (``mesh.cp``); see the module docstring. q, k, v and the output are (b, a, L, d), this
+    rank's L tokens in ``layout``. Saves q, k, v, the output and the lse: (4·L·d + L)·b·a numbers."""
+
+    def forward(self, q, k, v, group, layout, causal, dropout, tag):
+        xp = backend.array_module(q)
+        batch, heads, length, head_dim = q.shape
+        self.group, self.tag, self.scale = group, tag, head_dim ** -0.5
+        self.steps = ring_schedule(group.rank, group.size, length * group.size, layout, causal)
+        self.keep = _mask_drawer(dropout, q.shape, group.size, xp)
+        scaled = q * self.scale  # scale q (L·d numbers), not every block's scores
+        out = xp.zeros_like(q)
+        lse = xp.full(q.shape[:-1], -numpy.inf, dtype=q.dtype)
+        kv = xp.stack([k, v])  # (2, b, a, L, d): one buffer crosses the wire per step
+        for step, (_, blocks) in enumerate(self.steps):
+            for block in blocks:
+                block_out, block_lse = self._attend(scaled[..., block.q, :], kv[:, ..., block.k, :], block, xp)
+                merge(out[..., block.q, :], lse[..., block.q], block_out, block_lse, xp)
+            if step < group.size - 1:
+                kv = self._pass_on(kv, f"ring K,V forward (step {step + 1})")
+        self.save_for_backward(q, k, v, out, lse)
+        return out
+
+    def _attend(self, scaled_q, kv, block, xp):
+        """(normalised output, lse) of a block of queries against a block of keys."""
+        scores = scaled_q @ xp.swapaxes(kv[0], -1, -2)  # (b, a, lq, lk)
+        if block.masked:
+            scores = xp.where(_future(block, xp), -numpy.inf, scores)
+        top = scores.max(axis=-1, keepdims=True)
+        probs = xp.exp(scores - top)
+        total = probs.sum(axis=-1, keepdims=True)
+        probs /= total
+        if self.keep is not None:
+            probs *= self.keep(block)
+        return probs @ kv[1], (top + xp.log(total))[..., 0]
+
+    def backward(self, grad):
+        q, k, v, out, lse = self.saved
+        xp = backend.array_module(q)
+        cp = self.group.size
+        scaled = q * self.scale
+        delta = (grad * out).sum(axis=-1)  # Δ_i = dO_i·O_i = Σ_j P_ij dP_ij (dropout included)
+        grad_q = xp.zeros_like(q)
+        kv, own, travelling = xp.stack([k, v]), None, None
+        for step, (_, blocks) in enumerate(self.steps):
+            grad_kv = xp.zeros_like(kv)  # this rank's share of the held block's dK, dV
+            for block in blocks:
+                dq, dk, dv = self._attend_backward(scaled[..., block.q, :], kv[:, ..., block.k, :], grad[..., block.q, :],
+                                                   lse[..., block.q], delta[..., block.q], block, xp)
+                grad_q[..., block.q, :] += dq
+                grad_kv[0][..., block.k, :] += dk
+                grad_kv[1][..., block.k, :] += dv
+            if step == 0:
+                own = grad_kv  # the owner's share stays home
+            else:
+                travelling = grad_kv if travelling is None else travelling + grad_kv
+            if step < cp - 1:
+                # K, V move on; from step 1 on, the accumulated dK, dV of the block travel with them
+                payload = kv if travelling is None else xp.concatenate([kv, travelling])
+                what = "K,V" if travelling is None else "K,V + dK,dV"
+                payload = self._pass_on(payload, f"ring {what} backward (step {step + 1})")
+                kv, travelling = payload[:2], (payload[2:] if step > 0 else None)
+            elif cp > 1:
+                # after the last step this rank holds block rank+1's accumulator: send it home
+                travelling = self._pass_on(travelling, "ring dK,dV home")
+        grad_kv = own if travelling is None else own + travelling
+        return grad_q, grad_kv[0], grad_kv[1]
+
+    def _attend_backward(self, scaled_q, kv, grad_out, lse, delta, block, xp):
+        scores = scaled_q @ xp.swapaxes(kv[0], -1, -2)
+        if block.masked:
+            scores = xp.where(_future(block, xp), -numpy.inf, scores)
+        probs = xp.exp(scores - lse[..., None])  # the probabilities, from the whole row's lse
+        grad_probs = grad_out @ xp.swapaxes(kv[1], -1, -2)  # dP = dO Vᵀ
+        if self.keep is not None:
+            keep = self.keep(block)
+            grad_v = xp.swapaxes(probs * keep, -1, -2) @ grad_out
+            grad_probs *= keep
+        else:
+            grad_v = xp.swapaxes(probs, -1, -2) @ grad_out
+        grad_scores = probs * (grad_probs - delta[..., None])  # dS = P ∘ (dP - Δ)
+        return grad_scores @ kv[0] * self.scale, xp.swapaxes(grad_scores, -1, -2) @ scaled_q, grad_v
+
+    def _pass_on(self, payload, what):
+        """One ring step: send to rank + 1, receive from rank - 1."""
+        rank, cp = self.group.rank, self.group.size
+        return dist.sendrecv(payload, self.group, (rank + 1) % cp, (rank - 1) % cp, tag=mappings.tag(self.tag, what))
+
+
+def _future(block, xp):
+    """(lq, lk) bool: True where the key comes after the query, from their global positions."""
+    return xp.arange(*block.k_run)[None, :] > xp.arange(*block.q_run)[:, None]
+
+
+def _mask_drawer(dropout, shape, cp, xp):
+    """None without attention dropout; else block -> keep mask / (1 - p), the serial (b, a, s, s) mask's
+    piece at the block's (query, key) positions. Moves the module's counter on, as its forward does."""
+    if dropout is None or not dropout.training or dropout.p == 0:
+        return None
+    if any(split[0] % 4 in (2, 3) for split in dropout.splits):
+        raise ValueError("ring attention places the query and key axes itself: the dropout splits only (b, a)")
+    batch, heads, length, _ = shape
+    global_shape, offset = placement.locate(dropout.splits, (batch, heads, length * cp, length * cp))
+    p, seed, counter, scale = dropout.p, dropout.seed, dropout.counter, 1 / (1 - dropout.p)
+    dropout.counter += 1
+
+    def keep(block):
+        size = (batch, heads, block.q_run[1] - block.q_run[0], block.k_run[1] - block.k_run[0])
+        where = offset[:2] + [block.q_run[0], block.k_run[0]]
+        return rng.keep_mask(size, p, seed, counter, global_shape, where, xp) * scale
+    return keep
+
+
+def ring_attention(q, k, v, group, layout=placement.CONTIGUOUS, causal=True, dropout=None, tag="attention"):
+    """Causal self-attention of this rank's (b, a, L, d) queries against the keys and values of every rank
+    of ``group``, which travel the ring; returns this rank's (b, a, L, d) rows of the serial output.
+
+    ``layout``: which tokens the rank holds (``"contiguous"`` or ``"zigzag"``). ``dropout``: the
+    attention ``Dropout`` module (its ``splits`` place the batch and heads). ``ValueError`` on every
+    rank, before any communication, when the s = L·cp tokens do not split into the layout's blocks or
+    q, k and v differ in shape. See ``RingAttention``.
+    """
+    if not q.shape == k.shape == v.shape or q.ndim != 4:
+        raise ValueError(f"ring attention takes q, k, v of one shape (b, a, L, d): {q.shape}, {k.shape}, {v.shape}")
+    placement.runs(group.rank, group.size, q.shape[2] * group.size, layout)  # the sequence must split
+    return RingAttention.apply(q, k, v, group=group, layout=layout, causal=causal, dropout=dropout, tag=tag)

@@ -1,0 +1,75 @@
+"""minitp.dist's exchanges for context parallelism: sendrecv to ring neighbours and all_to_all, against
+numpy on every rank's data, and their records in the collective log (the bytes this rank sends)."""
+import numpy
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+from minitp import dist
+
+WORLD = MPI.COMM_WORLD
+
+
+def rank_array(rank, shape, dtype="float64"):
+    """Rank ``rank``'s data: any rank can rebuild any other rank's array."""
+    return numpy.random.default_rng(200 + rank).standard_normal(shape).astype(dtype)
+
+
+def world():
+    return dist.Group(WORLD, "world")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sendrecv_passes_blocks_around_the_ring(dtype):
+    group, n, rank = world(), WORLD.size, WORLD.rank
+    mine = rank_array(rank, (3, 2, 5), dtype)
+    with dist.log_collectives() as log:
+        received = dist.sendrecv(mine, group, (rank + 1) % n, (rank - 1) % n, tag="ring step")
+    parallel_assert(numpy.array_equal(received, rank_array((rank - 1) % n, (3, 2, 5), dtype)),
+                    "the previous rank's block")
+    (record,) = log.records
+    parallel_assert((record.op, record.group, record.shape, record.tag) == ("sendrecv", "world", (3, 2, 5), "ring step"))
+    parallel_assert(record.payload_bytes == record.ring_bytes == mine.nbytes, f"sends its whole block: {record}")
+    parallel_assert(n > 1 or received is mine, "alone: itself, no copy")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+@pytest.mark.parametrize("split_axis, concat_axis", [(1, 2), (2, 1), (0, 0), (-1, 0)])
+def test_all_to_all_sends_block_j_to_rank_j(split_axis, concat_axis):
+    group, n, rank = world(), WORLD.size, WORLD.rank
+    shape = [2, 3, 4]
+    shape[split_axis] *= n  # n blocks along split_axis
+    mine = rank_array(rank, shape)
+    with dist.log_collectives() as log:
+        result = dist.all_to_all(mine, group, split_axis, concat_axis, tag="ulysses")
+    # from rank i: its block `rank` along split_axis; concatenated along concat_axis in rank order
+    expected = numpy.concatenate([numpy.split(rank_array(i, shape), n, axis=split_axis)[rank] for i in range(n)],
+                                 axis=concat_axis)
+    parallel_assert(result.shape == expected.shape and numpy.array_equal(result, expected),
+                    f"{result.shape} vs {expected.shape}")
+    (record,) = log.records
+    parallel_assert(record.op == "all_to_all" and record.payload_bytes == mine.nbytes)
+    parallel_assert(record.ring_bytes == (n - 1) * mine.nbytes / n, f"keeps its own block: {record}")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+def test_all_to_all_and_back_is_the_identity():
+    group, n = world(), WORLD.size
+    x = rank_array(WORLD.rank, (2, 4 * n, 3, 5))  # (b, heads, s/n, d): split heads, gather the sequence
+    there = dist.all_to_all(x, group, split_axis=1, concat_axis=2)
+    parallel_assert(there.shape == (2, 4, 3 * n, 5), f"{there.shape}")
+    back = dist.all_to_all(there, group, split_axis=2, concat_axis=1)
+    parallel_assert(numpy.array_equal(back, x), "the inverse all-to-all swaps the axes back")
+
+
+@pytest.mark.parallel(nprocs=[2, 3])
+def test_all_to_all_refuses_an_axis_it_cannot_split_before_communicating():
+    x = numpy.zeros((2, WORLD.size + 1, 3))
+    with dist.log_collectives() as log:
+        try:
+            dist.all_to_all(x, world(), 1, 2)
+            error = None
+        except ValueError as raised:
+            error = str(raised)
+    parallel_assert(error is not None and "not divisible" in error and len(log) == 0, f"{error}")
