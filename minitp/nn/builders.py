@@ -38,11 +38,11 @@ class SerialLayers:
 
     def dropout(self, p, seed):
         """Dropout of (s, b, h) activations."""
-        return Dropout(p, seed)
+        return Dropout(p, seed, batch_axis=1)
 
     def attention_dropout(self, p, seed):
         """Dropout of (b, a, s, s) attention probabilities."""
-        return Dropout(p, seed)
+        return Dropout(p, seed, batch_axis=0)
 
     def local(self, total, what):
         """How many of ``total`` (heads, ffn features) this rank computes: all of them."""
