@@ -12,6 +12,7 @@ to call them:
     mesh.py         which ranks work together? ``init``, ``Mesh``, ``Group``, ``divide``
     collectives.py  what does each collective compute and cost? ``all_reduce``, ``all_gather``,
                     ``reduce_scatter``, ``broadcast``, ``split``
+    p2p.py          how does one rank hand an array to another? ``send`` (non-blocking), ``recv``
     log.py          which collectives ran, moving how many bytes? ``log_collectives``, ``CollectiveLog``
     runtime.py      how does each rank run under MPI? the abort handler, BLAS threads, and how CuPy
                     arrays reach MPI (``set_cuda_aware``, ``transport``)
@@ -22,11 +23,13 @@ CUDA-aware setting in ``runtime``; read or patch it there (``dist.log._active_lo
 from minitp.dist.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
 from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
 from minitp.dist.mesh import Group, Mesh, divide, init
+from minitp.dist.p2p import PendingSend, recv, send, wait_all
 from minitp.dist.runtime import install_abort_handler, set_cuda_aware, transport
 
 __all__ = [
     "init", "Mesh", "Group", "divide",
     "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split",
+    "send", "recv", "wait_all", "PendingSend",
     "log_collectives", "CollectiveLog", "CollectiveRecord",
     "install_abort_handler", "set_cuda_aware", "transport",
 ]

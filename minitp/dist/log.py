@@ -18,7 +18,8 @@ import numpy
 class CollectiveRecord:
     """One collective call, as seen by this rank."""
     op: str
-    """``"all_reduce"``, ``"all_gather"``, ``"reduce_scatter"`` or ``"broadcast"``"""
+    """``"all_reduce"``, ``"all_gather"``, ``"reduce_scatter"``, ``"broadcast"``, or point-to-point
+    ``"send"`` / ``"recv"`` (``p2p.py``)"""
     group: str
     """the group's name: ``"world"``, ``"tp"``, ``"dp"``"""
     group_size: int
@@ -29,7 +30,8 @@ class CollectiveRecord:
     payload_bytes: int
     """S in bytes"""
     ring_bytes: float
-    """bytes this rank sends in a ring algorithm: 2(n-1)/n·S for all-reduce, (n-1)/n·S for the others"""
+    """bytes this rank sends in a ring algorithm: 2(n-1)/n·S for all-reduce, (n-1)/n·S for the others;
+    S for a send, 0 for a receive"""
     tag: str
     """which operator called it, e.g. ``"f backward"``"""
 
