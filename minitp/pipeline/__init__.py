@@ -1,0 +1,1 @@
+"""Pipeline parallelism (filled in below)."""
