@@ -89,7 +89,7 @@ def test_the_plans_print_as_the_papers_draw_them():
     ("1f1b", 2, 0, 1, "microbatches must be a positive integer"),
     ("afab", 0, 2, 1, r"pp \(stages\) must be a positive integer"),
     ("1f1b", 2, 2, 2, "need the interleaved schedule"),
-    ("interleaved", 4, 6, 2, "microbatches"),
+    ("interleaved", 4, 6, 2, "6 microbatches is not a multiple of 4"),
     ("interleaved", 1, 4, 2, "at least 2 pipeline stages"),
 ])
 def test_schedules_that_cannot_run_are_refused(schedule, p, m, v, words):

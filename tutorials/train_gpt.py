@@ -7,12 +7,16 @@ serial model's training, step for step.
     mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2 --check      # losses == serial, float64
     mpirun -n 4 python tutorials/train_gpt.py --tp 4 --steps 100 --save gpt.npz
     mpirun -n 2 python tutorials/train_gpt.py --tp 2 --load gpt.npz      # resume on another mesh
+    mpirun -n 4 python tutorials/train_gpt.py --pp 2 --tp 2 --microbatches 4 --schedule 1f1b --check
 
 The ranks form a (dp × tp) grid (``dist.init``; tp ranks contiguous). Each group of tp ranks holds one
 copy of the model cut into shards -- the embedding and the LM head by vocabulary, attention by heads,
 the MLP by columns then rows, and with ``--sequence-parallel`` the LayerNorms and dropouts by sequence.
 The dp copies each take their slice of the batch, and after backward average their gradients with one
-all-reduce. The text is this repository's own README and tutorials: nothing is downloaded.
+all-reduce. With ``--pp P`` each copy is cut into P pipeline stages of consecutive layers, and the
+batch into ``--microbatches`` that flow through them by ``--schedule`` (minitp.pipeline;
+tutorials/pipeline.py shows it step by step). The text is this repository's own README and tutorials:
+nothing is downloaded.
 
 Read top to bottom: the data (1), the model and the mesh (2), one training step (3), the loop (4), the
 check that the parallel run IS the serial run (5), and the command line (6).
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy
 from mpi4py import MPI
 
-from minitp import checkpoint, dist
+from minitp import checkpoint, dist, pipeline
 from minitp.nn import GPT, AdamW, GPTConfig
 from minitp.parallel.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
@@ -103,6 +107,8 @@ def build(args, vocab, mesh, dtype):
                        dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype)
     if mesh is None:
         model = GPT(config)
+    elif pipelined(args):  # this rank's stage: only its layers (refused if pp × chunks does not divide them)
+        model = pipeline.PipelineGPT(config, mesh, args.sequence_parallel, args.virtual_stages)
     else:
         model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel)
     optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -124,6 +130,11 @@ def build(args, vocab, mesh, dtype):
 # ---------------------------------------------------------------------------------------------------
 
 
+def pipelined(args):
+    """Stages or microbatches asked for: the model is a ``pipeline.PipelineGPT`` run by a schedule."""
+    return args.pp > 1 or args.microbatches > 1
+
+
 def train(model, optimizer, data, args, mesh, first_step=0, report=None):
     """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses.
     ``report(step, loss, norm, seconds)`` is called after each step (on every rank)."""
@@ -131,7 +142,11 @@ def train(model, optimizer, data, args, mesh, first_step=0, report=None):
     for step in range(first_step, args.steps):
         ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
         started = time.perf_counter()
-        loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm)
+        if mesh is not None and pipelined(args):  # the schedule's forwards and backwards, then as below
+            loss, norm = pipeline.train_step(model, optimizer, ids, targets, mesh, args.schedule, args.microbatches,
+                                             max_norm=args.max_norm)
+        else:
+            loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm)
         losses.append(loss)
         if report is not None:
             report(step, loss, norm, time.perf_counter() - started)
@@ -159,6 +174,8 @@ def setup(args, mesh):
     work (a batch that dp does not divide, heads or vocabulary that tp does not divide, a checkpoint of
     another model) raises the same ValueError on every rank, before any training."""
     dist.divide(args.batch, mesh.dp_size, "--batch (the global batch, split over the --dp replicas)")
+    if pipelined(args):
+        pipeline.check_step(mesh, args.batch, args.schedule, args.microbatches, args.virtual_stages)
     text = read_corpus(mesh.world.comm, args.text)
     if len(text) <= args.seq + 1:
         raise ValueError(f"the text has {len(text)} characters: too few for windows of --seq {args.seq} + 1")
@@ -177,7 +194,8 @@ def run(args, training):
         f"(padded to {characters.vocab}); {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
         f"seq {args.seq}, global batch {args.batch} ({args.batch // mesh.dp_size} per replica), "
         f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}; "
-        f"{parameters:,} parameters per rank")
+        f"{parameters:,} parameters per rank"
+        + (f"; {args.schedule} schedule, {args.microbatches} microbatches" if pipelined(args) else ""))
     if args.load:
         say(f"resumed from {args.load} at step {first_step}")
 
@@ -209,7 +227,9 @@ def run(args, training):
     if args.save:
         checkpoint.save(args.save, model, optimizer, mesh, step=args.steps)
         say(f"saved {args.save} (one file, serial parameter names: load it on any mesh)")
-    if args.sample:
+    if args.sample and mesh.pp_size > 1:
+        say("(no sample: generating is written for the whole model on one stage; run --pp 1 to sample)")
+    elif args.sample:
         # every rank of a tp group takes part (each step all-gathers the last position's logits); the
         # same seed on every rank draws the same characters
         prompt = characters.encode("The ")[:, None]  # (s, b=1)
@@ -243,11 +263,15 @@ class CheckResult:
         return max(abs(p - s) for p, s in zip(self.parallel, self.serial))
 
 
-def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, steps=10, text=None):
-    """The tiny float64 configuration of the check: divisible by tp <= 4 and dp <= 2."""
+def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, steps=10, text=None, pp=1, microbatches=1,
+               schedule="1f1b", virtual_stages=1):
+    """The tiny float64 configuration of the check: divisible by tp <= 4 and dp <= 2; with pipeline
+    stages, a block per chunk (at least 2) and a batch that dp × microbatches divides."""
     return argparse.Namespace(tp=tp, dp=dp, sequence_parallel=sequence_parallel, tie_embeddings=tie_embeddings,
-                              steps=steps, text=text, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1,
-                              lr=3e-3, weight_decay=0.01, max_norm=0.5, seed=0)
+                              steps=steps, text=text, seq=8, batch=math.lcm(4, dp * microbatches), hidden=16, heads=4,
+                              layers=max(2, pp * virtual_stages), dropout=0.1, lr=3e-3, weight_decay=0.01, max_norm=0.5,
+                              seed=0, pp=pp, microbatches=microbatches, schedule=schedule,
+                              virtual_stages=virtual_stages)
 
 
 def check(args, mesh):
@@ -262,7 +286,9 @@ def check(args, mesh):
 
 def run_check(args, mesh):
     result = check(args, mesh)  # the same on every rank: rank 0 says it
-    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}, float64, dropout {args.dropout}")
+    stages = (f", {args.schedule} schedule, {args.microbatches} microbatches, {args.virtual_stages} chunk(s) per "
+              f"rank" if pipelined(args) else "")
+    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}{stages}, float64, dropout {args.dropout}")
     say(" step   parallel loss        serial loss      |difference|")
     for step, (p, s) in enumerate(zip(result.parallel, result.serial), 1):
         say(f"{step:5d}  {p:.15f}  {s:.15f}  {abs(p - s):.1e}")
@@ -283,6 +309,10 @@ def parse(argv=None):
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model replica")
     parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: ranks / tp)")
     parser.add_argument("--sequence-parallel", action="store_true", help="split LayerNorm and dropout by sequence")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages per model replica")
+    parser.add_argument("--microbatches", type=int, default=1, help="microbatches per step (through the stages)")
+    parser.add_argument("--schedule", choices=pipeline.SCHEDULES, default="1f1b", help="the pipeline schedule")
+    parser.add_argument("--virtual-stages", type=int, default=1, help="model chunks per rank (--schedule interleaved)")
     parser.add_argument("--text", metavar="FILE", help="train on this file (default: README.md + tutorials/*.py)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch", type=int, default=16, help="global batch (split over dp)")
@@ -312,9 +342,13 @@ def main(argv=None):
     args = parse(argv)
     try:
         # errors of configuration are raised by every rank alike, before any training: rank 0 says why
-        mesh = dist.init(tp=args.tp, dp=args.dp)  # dp × tp ≠ ranks: ValueError
+        mesh = dist.init(tp=args.tp, dp=args.dp, pp=args.pp)  # dp × pp × tp ≠ ranks: ValueError
         if args.check:
-            proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text)
+            proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text,
+                               pp=args.pp, microbatches=args.microbatches, schedule=args.schedule,
+                               virtual_stages=args.virtual_stages)
+            if pipelined(proof):
+                pipeline.check_step(mesh, proof.batch, args.schedule, args.microbatches, args.virtual_stages)
             return 0 if run_check(proof, mesh) else 1
         prepared = setup(args, mesh)
     except (ValueError, FileNotFoundError) as error:

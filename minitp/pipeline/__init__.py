@@ -12,4 +12,4 @@ from minitp.pipeline.schedules import SCHEDULES, Action, check, describe, expect
 from minitp.pipeline.clock import Timeline, bubble_formula, replay
 from minitp.pipeline.stages import PipelineGPT, chunk_blocks
 from minitp.pipeline.engine import StageRun, activation_shape
-from minitp.pipeline.training import forward_backward, synchronize_gradients, train_step
+from minitp.pipeline.training import check_step, forward_backward, synchronize_gradients, train_step

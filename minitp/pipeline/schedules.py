@@ -23,8 +23,6 @@ interleaved: ``clock.py`` replays the plans and measures it.
 """
 from collections import namedtuple
 
-from minitp import dist
-
 
 class Action(namedtuple("Action", "kind microbatch chunk")):
     """One unit of work: ``kind`` "F" (forward) or "B" (backward) of ``microbatch`` through the rank's
@@ -50,8 +48,10 @@ def check(schedule, p, m, v=1):
     if schedule == "interleaved":
         if p < 2:
             raise ValueError("the interleaved schedule needs at least 2 pipeline stages (pp >= 2)")
-        dist.divide(m, p, f"the number of microbatches (the interleaved schedule runs groups of pp = {p}; "
-                          "Megatron-LM asks the same)")
+        if m % p:
+            raise ValueError(f"the interleaved schedule runs the microbatches in groups of pp = {p}: "
+                             f"{m} microbatches is not a multiple of {p} (Megatron-LM asks the same); "
+                             f"choose {p}, {2 * p}, {3 * p}, ...")
 
 
 def afab(p, m, rank):

@@ -101,5 +101,12 @@ class PipelineGPT(Module):
             parts.append(" + ".join(words) + (f" (chunk {c})" if self.virtual_stages > 1 else ""))
         return "; ".join(parts)
 
+    def generate(self, ids, steps, temperature=1.0, rng=None):
+        """``ParallelGPT.generate`` when this stage holds the whole model (pp = 1, one chunk); sampling
+        through the stages is not written, so ``ValueError`` otherwise."""
+        if len(self.chunks) != 1 or not (self.chunks[0].first and self.chunks[0].last):
+            raise ValueError("generate needs the whole model on one stage (pp = 1, one chunk)")
+        return self.chunks[0].generate(ids, steps, temperature, rng)
+
     def extra_repr(self):
         return f"stage {self.mesh.pp_rank} of {self.mesh.pp_size}: {self.holds()}"

@@ -22,16 +22,28 @@ per rank); every bad choice is refused on every rank before anything is sent.
 import numpy
 
 from minitp import dist
+from minitp.nn.microbatch import microbatch_size
 from minitp.parallel.data_parallel import all_reduce_gradients, average_over_data_parallel, clip_grad_norm, split_batch
 from minitp.pipeline import engine
-from minitp.pipeline.schedules import plan
+from minitp.pipeline.schedules import check, plan
+
+
+def check_step(mesh, batch, schedule, microbatches, virtual_stages=1):
+    """``ValueError``, the same on every rank, unless a global batch of ``batch`` sequences can run on
+    ``mesh`` by ``schedule`` in ``microbatches`` with ``virtual_stages`` chunks per rank: a schedule
+    that cannot run (``schedules.check``), or a batch that dp × m does not divide."""
+    check(schedule, mesh.pp_size, microbatches, virtual_stages)
+    replica = dist.divide(batch, mesh.dp_size, "the batch size (split over the dp replicas)")
+    microbatch_size(replica, microbatches, "the batch of a data-parallel replica")
 
 
 def forward_backward(model, ids, targets, mesh, schedule="1f1b", microbatches=1, deallocate=True):
     """Run ``schedule`` on this rank's stage ``model`` (a ``PipelineGPT``) for the global batch ``ids``,
     ``targets`` (s, B), every rank passing the same arrays: this replica's columns, m microbatches.
     Returns the ``engine.StageRun``, its ``loss`` (this replica's mean) set on every stage. Gradients
-    accumulate into ``.grad``; nothing is reduced over dp yet."""
+    accumulate into ``.grad``; nothing is reduced over dp yet. ``deallocate=False`` keeps each sent
+    output's values until its backward (to see what freeing saves)."""
+    check_step(mesh, ids.shape[1], schedule, microbatches, model.virtual_stages)
     actions = plan(schedule, mesh.pp_size, microbatches, model.virtual_stages, mesh.pp_rank)
     run = engine.run(model, actions, split_batch(ids, mesh), split_batch(targets, mesh), microbatches, deallocate)
     loss = numpy.array([run.loss if run.loss is not None else 0.0])
