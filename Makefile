@@ -1,6 +1,6 @@
 # minitp: two commands.
 #   make test       create .venv (numpy, mpi4py, MPICH from PyPI, pytest + mpi-pytest + pytest-timeout),
-#                   then run every test: serial, then 2, 3 and 4 ranks, each rank count in one mpiexec
+#                   then run every test: serial, then 2, 3, 4 and 8 ranks, each rank count in one mpiexec
 #   make tutorial   mpirun -n 4 python tutorials/mlp.py
 # and, not part of the tests:
 #   make bench      activation memory, communication and speed against the papers and PyTorch (benchmarks/)
@@ -40,7 +40,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 test: venv
 	$(BIN)/python -m pytest -q -m "parallel[1]"
-	MPIEXEC=$(MPIEXEC) tests/run-mpi 2 3 4
+	MPIEXEC=$(MPIEXEC) tests/run-mpi 2 3 4 8
 
 tutorial: venv
 	$(MPIEXEC) -n $(NP) $(BIN)/python tutorials/mlp.py
