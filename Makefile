@@ -58,6 +58,7 @@ bench: venv
 	  || echo "torch 2.13.0 unavailable: speed.py will skip the PyTorch rows"
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/memory.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/comm.py
+	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/pipeline.py
 	MPIEXEC=$(MPIEXEC) $(MALLOC_KEEP) $(BIN)/python benchmarks/speed.py
 
 gpu-check: venv
