@@ -117,8 +117,7 @@ def render(data_by_p, directory):
     if plt is not None:
         from minitp.pipeline.picture import draw
         data = data_by_p[largest]
-        m_shown = max(entry["m"] for entry in data["results"] if entry["schedule"] == "interleaved") \
-            if any(e["schedule"] == "interleaved" for e in data["results"]) else 2
+        m_shown = 2 * largest if any(e["m"] == 2 * largest for e in data["results"]) else data["results"][-1]["m"]
         shown = {f"{e['schedule']}, p={largest}, m={e['m']}" + (f", v={e['v']}" if e["v"] > 1 else "") + " (measured)":
                  pipeline.Timeline([[(s, t, pipeline.Action(*a)) for s, t, a in row] for row in e["rows"]], e["v"])
                  for e in data["results"] if e["m"] == m_shown}

@@ -151,6 +151,20 @@ def test_each_stage_sends_and_receives_one_activation_and_one_gradient_per_micro
                     "the sends, the receives and the loss's broadcast:\n" + log.table())
 
 
+@pytest.mark.parallel(nprocs=[4])
+def test_data_parallel_reduces_once_per_stage_after_its_last_backward():
+    mesh = dist.init(dp=2, pp=2)
+    ids, targets = batch(4)
+    with dist.log_collectives() as log:
+        pipelined(mesh, "1f1b", 4, 1, False, True, ids, targets)
+    kinds = [(x.op, x.group) for x in log if x.group != "tp"]
+    reduces = [i for i, kind in enumerate(kinds) if kind == ("all_reduce", "dp")]
+    last_message = max(i for i, (op, _) in enumerate(kinds) if op in ("send", "recv"))
+    parallel_assert(len(reduces) == 1 and reduces[0] > last_message, f"one dp all-reduce, after the pipeline: {kinds}")
+    tied = [i for i, kind in enumerate(kinds) if kind == ("all_reduce", "embedding")]
+    parallel_assert(len(tied) == 1 and last_message < tied[0] < reduces[0], "the tied table summed first")
+
+
 @pytest.mark.parallel(nprocs=[2, 4])
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_directional_gradcheck_through_the_stage_boundaries(tie_embeddings):

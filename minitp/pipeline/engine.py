@@ -82,54 +82,78 @@ def run(model, actions, ids, targets, microbatches, deallocate=True):
     ``targets`` of this data-parallel replica, cut into ``microbatches``; returns a ``StageRun``.
     Gradients accumulate into the parameters' ``.grad`` (zero them before). Every rank passes the same
     shapes: a batch that ``microbatches`` does not divide is refused on every rank before any send."""
-    m = microbatches
-    columns = microbatch_size(ids.shape[1], m, "the batch of a data-parallel replica")
-    shape, dtype = activation_shape(model, columns), numpy.dtype(model.config.dtype)
-    pp, v = model.mesh.pp, len(model.chunks)
-    p, rank, last = pp.size, pp.rank, pp.size * v - 1
-    result, held, pending, losses, in_bytes = StageRun(), {}, [], [], 0
-
-    for action in actions:
-        i, k = action.microbatch, action.chunk
-        chunk, c = model.chunks[k], model.model_chunks[k]
+    stage = _Stage(model, ids, targets, microbatches, deallocate)
+    for action in actions:  # each returns when its compute started: the rows time the compute, not the wait
         if action.kind == "F":
-            if c == 0:
-                x = microbatch_of(ids, i, m)
-            else:
-                x = Tensor(dist.recv(shape, dtype, pp, (rank - 1) % p, _match("F", c - 1, i, m),
-                                     tag=f"pipeline: activation {i}, chunk {c - 1}->{c}"), requires_grad=True)
-            started = time.perf_counter()
-            with track_saved() as saved, microbatch(chunk, i, m):
-                y = chunk.loss(x, microbatch_of(targets, i, m)) if c == last else chunk(x)
-            result.rows.append((started, time.perf_counter(), action))
-            if c == last:
-                losses.append(y.item())
-            else:
-                pending.append(dist.send(y.data, pp, (rank + 1) % p, _match("F", c, i, m),
-                                         tag=f"pipeline: activation {i}, chunk {c}->{c + 1}"))
-                if deallocate:
-                    result.freed_bytes += y.data.nbytes
-                    _free(y)
-            held[(i, k)] = (x, y, saved.total)
-            result.saved_bytes.append(saved.total)
-            in_bytes += saved.total
-            result.peak_bytes, result.peak_held = max(result.peak_bytes, in_bytes), max(result.peak_held, len(held))
+            started = stage.forward(action.microbatch, action.chunk)
         else:
-            x, y, nbytes = held.pop((i, k))
-            if c == last:
-                grad = backend.array_module(y.data).full(y.shape, 1.0 / m, dtype=y.dtype)
-            else:
-                grad = dist.recv(shape, dtype, pp, (rank + 1) % p, _match("B", c + 1, i, m),
-                                 tag=f"pipeline: gradient {i}, chunk {c + 1}->{c}")
-            started = time.perf_counter()
-            y.backward(grad)
-            result.rows.append((started, time.perf_counter(), action))
-            in_bytes -= nbytes
-            if c > 0:
-                pending.append(dist.send(x.grad, pp, (rank - 1) % p, _match("B", c, i, m),
-                                         tag=f"pipeline: gradient {i}, chunk {c}->{c - 1}"))
-        pending = [send for send in pending if not send.done()]  # release buffers already delivered
-    dist.wait_all(pending)
-    if losses:
-        result.loss = sum(losses) / m
-    return result
+            started = stage.backward(action.microbatch, action.chunk)
+        stage.result.rows.append((started, time.perf_counter(), action))
+        stage.forget_delivered()
+    dist.wait_all(stage.pending)
+    if stage.losses:
+        stage.result.loss = sum(stage.losses) / microbatches
+    return stage.result
+
+
+class _Stage:
+    """One rank's state during a step: what it holds for backward, its sends in flight, its losses."""
+
+    def __init__(self, model, ids, targets, microbatches, deallocate):
+        self.model, self.ids, self.targets, self.m, self.deallocate = model, ids, targets, microbatches, deallocate
+        columns = microbatch_size(ids.shape[1], microbatches, "the batch of a data-parallel replica")
+        self.shape, self.dtype = activation_shape(model, columns), numpy.dtype(model.config.dtype)
+        self.pp = model.mesh.pp
+        self.last = self.pp.size * len(model.chunks) - 1  # the model's last chunk
+        self.result, self.held, self.pending, self.losses, self.held_bytes = StageRun(), {}, [], [], 0
+
+    def neighbour(self, step):
+        """The stage ``step`` away along the pipeline (chunk c+1 of the model lives on stage r+1 mod p)."""
+        return (self.pp.rank + step) % self.pp.size
+
+    def forward(self, i, k):
+        """F of microbatch ``i`` through the rank's chunk ``k``; returns when its compute started."""
+        chunk, c, m = self.model.chunks[k], self.model.model_chunks[k], self.m
+        if c == 0:
+            x = microbatch_of(self.ids, i, m)
+        else:
+            x = Tensor(dist.recv(self.shape, self.dtype, self.pp, self.neighbour(-1), _match("F", c - 1, i, m),
+                                 tag=f"pipeline: activation {i}, chunk {c - 1}->{c}"), requires_grad=True)
+        started = time.perf_counter()
+        with track_saved() as saved, microbatch(chunk, i, m):
+            y = chunk.loss(x, microbatch_of(self.targets, i, m)) if c == self.last else chunk(x)
+        if c == self.last:
+            self.losses.append(y.item())
+        else:
+            self.pending.append(dist.send(y.data, self.pp, self.neighbour(+1), _match("F", c, i, m),
+                                          tag=f"pipeline: activation {i}, chunk {c}->{c + 1}"))
+            if self.deallocate:
+                self.result.freed_bytes += y.data.nbytes
+                _free(y)
+        self.held[i, k] = (x, y, saved.total)
+        self.held_bytes += saved.total
+        self.result.saved_bytes.append(saved.total)
+        self.result.peak_bytes = max(self.result.peak_bytes, self.held_bytes)
+        self.result.peak_held = max(self.result.peak_held, len(self.held))
+        return started
+
+    def backward(self, i, k):
+        """B of microbatch ``i`` through the rank's chunk ``k``; returns when its compute started."""
+        c, m = self.model.model_chunks[k], self.m
+        x, y, nbytes = self.held.pop((i, k))
+        if c == self.last:  # d(step loss)/d(loss_i): the step's loss is the mean of the m microbatch means
+            grad = backend.array_module(y.data).full(y.shape, 1.0 / m, dtype=y.dtype)
+        else:
+            grad = dist.recv(self.shape, self.dtype, self.pp, self.neighbour(+1), _match("B", c + 1, i, m),
+                             tag=f"pipeline: gradient {i}, chunk {c + 1}->{c}")
+        started = time.perf_counter()
+        y.backward(grad)
+        self.held_bytes -= nbytes
+        if c > 0:
+            self.pending.append(dist.send(x.grad, self.pp, self.neighbour(-1), _match("B", c, i, m),
+                                          tag=f"pipeline: gradient {i}, chunk {c}->{c - 1}"))
+        return started
+
+    def forget_delivered(self):
+        """Forget the sends already delivered (their buffers are released); the others stay pending."""
+        self.pending = [send for send in self.pending if not send.done()]
