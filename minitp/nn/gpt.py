@@ -144,7 +144,8 @@ class GPT(Module):
         return self.drop(x)
 
     def loss(self, ids, targets):
-        """Mean cross-entropy of the next-token predictions: ``targets`` (s, b) are the ids to predict."""
+        """Mean cross-entropy of the next-token predictions: ``targets`` (s, b) are the ids to predict (a
+        last part that is not the first takes the hidden states instead of ``ids``)."""
         return self.builders.cross_entropy(self(ids), targets)
 
     def generate(self, ids, steps, temperature=1.0, rng=None):
