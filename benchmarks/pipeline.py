@@ -121,7 +121,7 @@ def render(data_by_p, directory):
         shown = {f"{e['schedule']}, p={largest}, m={e['m']}" + (f", v={e['v']}" if e["v"] > 1 else "") + " (measured)":
                  pipeline.Timeline([[(s, t, pipeline.Action(*a)) for s, t, a in row] for row in e["rows"]], e["v"])
                  for e in data["results"] if e["m"] == m_shown}
-        draw(shown, Path(directory) / "pipeline.png")
+        draw(shown, Path(directory) / "pipeline.png", unit="seconds (each action's compute; the gaps are waits)")
         lines += [f"![measured timelines at p={largest}](pipeline.png)", ""]
     return "\n".join(lines)
 

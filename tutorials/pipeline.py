@@ -106,7 +106,7 @@ for name, chunks in schedules.items():
     idle = {timeline.idle_fraction(r) for r in range(p)}
     say(f"   idle on every stage: {' '.join(map(str, idle))} of the step; the formula (p-1)/"
         f"({'v·' if chunks > 1 else ''}m+p-1) = {formula}")
-picture = draw(timelines, arguments.picture) if mesh.rank == 0 else None
+picture = draw(timelines, arguments.picture, unit="time (a stage's F or B = 1)") if mesh.rank == 0 else None
 say(f"\n   the timelines drawn: {picture}" if picture else "")
 
 # ---------------------------------------------------------------------------------------------------

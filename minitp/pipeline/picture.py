@@ -7,9 +7,10 @@ FORWARD = ("#9ecae1", "#4292c6", "#08519c", "#08306b")  # one shade per chunk: a
 BACKWARD = ("#a1d99b", "#41ab5d", "#006d2c", "#00441b")
 
 
-def draw(timelines, path):
-    """Draw ``timelines`` ({title: ``clock.Timeline``}) one above the other into the image ``path``;
-    returns ``path``, or None (with the reason printed) when matplotlib is missing."""
+def draw(timelines, path, unit="time"):
+    """Draw ``timelines`` ({title: ``clock.Timeline``}) one above the other, on one time axis labelled
+    ``unit``, into the image ``path``; returns ``path``, or None (with the reason printed) when
+    matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -38,6 +39,7 @@ def draw(timelines, path):
         idle = sum(float(timeline.idle_fraction(rank)) for rank in range(len(timeline.rows))) / len(timeline.rows)
         axis.set_title(f"{title}: idle {idle:.0%} of the step (mean over the stages)", fontsize=9, loc="left")
         axis.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel(unit, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
