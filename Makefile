@@ -1,7 +1,7 @@
 # minitp: two commands.
 #   make test       create .venv (numpy, mpi4py, MPICH from PyPI, pytest + mpi-pytest + pytest-timeout),
 #                   then run every test: serial, then 2, 3, 4 and 8 ranks, each rank count in one mpiexec
-#                   (8: context parallelism with tp = 2, oversubscribed on a small machine: tiny sizes)
+#                   (8: context parallelism and pipelines with tp = 2, oversubscribed on a small machine: tiny sizes)
 #   make tutorial   mpirun -n 4 python tutorials/mlp.py
 # and, not part of the tests:
 #   make bench      activation memory, communication and speed against the papers and PyTorch, and context
@@ -57,6 +57,7 @@ bench: venv
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/comm.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/collectives.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/context.py
+	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/pipeline.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/speed.py
 
 gpu-check: venv

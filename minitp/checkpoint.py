@@ -17,6 +17,10 @@ of ``.npy`` files, readable with nothing but ``numpy.load`` -- keyed by the seri
 ``load`` cuts the file for any mesh: a checkpoint saved at tp=4 resumes at tp=2, or serially, and takes
 exactly the steps the uninterrupted run takes.
 
+**Pipeline stages** each hold other layers: at save the first stage collects the other stages' arrays
+(an mpi4py ``gather`` over pp, pickled in memory; the first stage's copy of a tied table is the one
+kept), and at load rank 0 checks the file against every stage's names before anything is cut.
+
 **A checkpoint is data, not code.** It is read with ``allow_pickle=False``: a file holding pickled
 objects is refused instead of executed.
 
@@ -54,8 +58,9 @@ def save(path, model, optimizer=None, mesh=None, step=0, metadata=None):
     """
     arrays = None
     if mesh is None or mesh.dp_rank == 0:
-        arrays = _gather_everything(model, optimizer, mesh, step)
-        arrays.update({f"metadata/{key}": numpy.array(str(value)) for key, value in (metadata or {}).items()})
+        arrays = _over_stages(_gather_everything(model, optimizer, mesh, step), mesh, _merge_arrays)
+        if arrays is not None:  # the first stage, which holds the merged arrays
+            arrays.update({f"metadata/{key}": numpy.array(str(value)) for key, value in (metadata or {}).items()})
     verdict = None
     if _world(mesh).Get_rank() == 0:
         verdict = _write_atomically(path, arrays)
@@ -153,8 +158,9 @@ def load(path, model, optimizer=None, mesh=None, metadata=None):
     rank 0 broadcasts its verdict before anything else. Nothing is loaded unless everything checks.
     """
     world = _world(mesh)
-    expected = _expected(model, optimizer, mesh)
-    expected["metadata"] = {key: str(value) for key, value in (metadata or {}).items()}
+    expected = _over_stages(_expected(model, optimizer, mesh), mesh, _merge_expected)
+    if expected is not None:  # the first stage, which checks for every stage
+        expected["metadata"] = {key: str(value) for key, value in (metadata or {}).items()}
     arrays, message = None, None
     if world.Get_rank() == 0:
         arrays, message = _read_and_check(path, expected, optimizer is not None)
@@ -177,6 +183,30 @@ def load(path, model, optimizer=None, mesh=None, metadata=None):
 
 def _world(mesh):
     return mesh.world.comm if mesh is not None else MPI.COMM_WORLD
+
+
+def _over_stages(mine, mesh, merge):
+    """Every pipeline stage's ``mine`` merged on the first stage (``merge(list in stage order)``); None on
+    the others. Without stages, ``mine`` itself."""
+    if mesh is None or mesh.pp_size == 1:
+        return mine
+    stages = mesh.pp.comm.gather(mine, root=0)
+    return merge(stages) if stages is not None else None
+
+
+def _merge_arrays(stages):
+    merged = {}
+    for arrays in stages:  # stage order: the first stage's tied table and shared counters win
+        for key, array in arrays.items():
+            merged.setdefault(key, array)
+    return merged
+
+
+def _merge_expected(stages):
+    return {"shapes": {name: shape for stage in stages for name, shape in stage["shapes"].items()},
+            "optimized": set().union(*(stage["optimized"] for stage in stages)),
+            "dropouts": list(dict.fromkeys(name for stage in stages for name in stage["dropouts"])),
+            "config": stages[0]["config"], "buffers": stages[0]["buffers"]}
 
 
 def _expected(model, optimizer, mesh):

@@ -8,6 +8,7 @@ serial model's training, step for step.
     mpirun -n 4 python tutorials/train_gpt.py --cp 2 --tp 2 --check      # the sequence split over 2 ranks too
     mpirun -n 4 python tutorials/train_gpt.py --tp 4 --steps 100 --save gpt.npz
     mpirun -n 2 python tutorials/train_gpt.py --tp 2 --load gpt.npz      # resume on another mesh
+    mpirun -n 4 python tutorials/train_gpt.py --pp 2 --tp 2 --microbatches 4 --schedule 1f1b --check
 
 The ranks form a (dp × tp) grid (``dist.init``; tp ranks contiguous). Each group of tp ranks holds one
 copy of the model cut into shards -- the embedding and the LM head by vocabulary, attention by heads,
@@ -16,7 +17,10 @@ With ``--cp C`` every activation is split along the sequence over C ranks as wel
 them by ring attention (``--cp-kind ring``, or ``zigzag``: its causal work balanced) or Ulysses
 (``minitp.parallel.context``); the mesh is then (dp × cp × tp).
 The dp copies each take their slice of the batch, and after backward average their gradients with one
-all-reduce. The text is this repository's own README and tutorials: nothing is downloaded.
+all-reduce. With ``--pp P`` each copy is cut into P pipeline stages of consecutive layers, and the
+batch into ``--microbatches`` that flow through them by ``--schedule`` (minitp.pipeline;
+tutorials/pipeline.py shows it step by step). The text is this repository's own README and tutorials:
+nothing is downloaded.
 
 Read top to bottom: the data (1), the model and the mesh (2), one training step (3), the loop (4), the
 check that the parallel run IS the serial run (5), and the command line (6).
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy
 from mpi4py import MPI
 
-from minitp import checkpoint, dist
+from minitp import checkpoint, dist, pipeline
 from minitp.nn import GPT, AdamW, GPTConfig
 from minitp.parallel.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
@@ -121,6 +125,8 @@ def build(args, vocab, mesh, dtype):
                        dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype)
     if mesh is None:
         model = GPT(config)
+    elif pipelined(args):  # this rank's stage: only its layers (refused if pp × chunks does not divide them)
+        model = pipeline.PipelineGPT(config, mesh, args.sequence_parallel, args.virtual_stages)
     else:
         model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel,
                             context_parallel=args.cp_kind if mesh.cp_size > 1 else None)
@@ -143,6 +149,11 @@ def build(args, vocab, mesh, dtype):
 # ---------------------------------------------------------------------------------------------------
 
 
+def pipelined(args):
+    """Stages or microbatches asked for: the model is a ``pipeline.PipelineGPT`` run by a schedule."""
+    return args.pp > 1 or args.microbatches > 1
+
+
 def train(model, optimizer, data, args, mesh, first_step=0, report=None):
     """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses and their
     gradient norms (before clipping). ``report(step, loss, norm, seconds)`` is called after each step
@@ -151,7 +162,11 @@ def train(model, optimizer, data, args, mesh, first_step=0, report=None):
     for step in range(first_step, args.steps):
         ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
         started = time.perf_counter()
-        loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm)
+        if mesh is not None and pipelined(args):  # the schedule's forwards and backwards, then as below
+            loss, norm = pipeline.train_step(model, optimizer, ids, targets, mesh, args.schedule, args.microbatches,
+                                             max_norm=args.max_norm)
+        else:
+            loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm)
         losses.append(loss)
         norms.append(norm)
         if report is not None:
@@ -183,6 +198,8 @@ def setup(args, mesh):
     dist.divide(args.batch, mesh.dp_size, "--batch (the global batch, split over the --dp replicas)")
     if args.sequence_parallel:
         dist.divide(args.seq, mesh.tp_size, "--seq (split over the --tp ranks by --sequence-parallel)")
+    if pipelined(args):
+        pipeline.check_step(mesh, args.batch, args.schedule, args.microbatches, args.virtual_stages)
     if args.save:
         checkpoint.check_writable(args.save, mesh)  # now, not after the training
     text = read_corpus(mesh.world.comm, args.text)
@@ -216,7 +233,8 @@ def run(args, training):
         f"seq {args.seq}, global batch {args.batch} ({args.batch // mesh.dp_size} per replica), "
         f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}"
         f"{f', context parallel: {args.cp_kind}' if mesh.cp_size > 1 else ''}; "
-        f"{parameters:,} parameters per rank")
+        f"{parameters:,} parameters per rank"
+        + (f"; {args.schedule} schedule, {args.microbatches} microbatches" if pipelined(args) else ""))
     if args.load:
         say(f"resumed from {args.load} at step {first_step}")
 
@@ -249,7 +267,9 @@ def run(args, training):
     if args.save:
         checkpoint.save(args.save, model, optimizer, mesh, step=args.steps, metadata=metadata(characters, training.text))
         say(f"saved {args.save} (one file, serial parameter names: load it on any mesh)")
-    if args.sample:
+    if args.sample and mesh.pp_size > 1:
+        say("(no sample: generating is written for the whole model on one stage; run --pp 1 to sample)")
+    elif args.sample:
         # every rank of a tp group takes part (each step all-gathers the last position's logits); the
         # same seed on every rank draws the same characters
         prompt = characters.encode("The ")[:, None]  # (s, b=1)
@@ -294,14 +314,19 @@ CHECK_OVERRIDES = dict(steps=10, seq=8, batch=4, hidden=16, heads=4, layers=2, d
                        weight_decay=0.01, max_norm=0.5, seed=0, dtype="float64")
 """What ``--check`` sets, whatever the command line says: a tiny float64 model with dropout on, divisible
 by tp <= 4 and dp <= 2; its 8 tokens by 2·cp zigzag chunks for cp <= 4 (s/cp by tp under SP), its 4
-heads by cp·tp under Ulysses."""
+heads by cp·tp under Ulysses; with pipeline stages, a block per chunk (at least 2) and a batch that
+dp × microbatches divides."""
 
 
 def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, cp=1, cp_kind="zigzag",
-               **overrides):
-    """The configuration of the check (``CHECK_OVERRIDES``, then ``overrides``)."""
+               pp=1, microbatches=1, schedule="1f1b", virtual_stages=1, **overrides):
+    """The configuration of the check (``CHECK_OVERRIDES``, the pipeline's needs, then ``overrides``)."""
+    pipeline_needs = dict(batch=math.lcm(CHECK_OVERRIDES["batch"], dp * microbatches),
+                          layers=max(CHECK_OVERRIDES["layers"], pp * virtual_stages))
     return argparse.Namespace(tp=tp, dp=dp, cp=cp, cp_kind=cp_kind, sequence_parallel=sequence_parallel,
-                              tie_embeddings=tie_embeddings, text=text, **{**CHECK_OVERRIDES, **overrides})
+                              tie_embeddings=tie_embeddings, text=text, pp=pp, microbatches=microbatches,
+                              schedule=schedule, virtual_stages=virtual_stages,
+                              **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
 
 
 def check(args, mesh):
@@ -320,7 +345,9 @@ def run_check(args, mesh, overridden=()):
         say(f"--check sets {', '.join(overridden)} itself (a tiny float64 model with dropout): those options are ignored")
     result = check(args, mesh)  # the same on every rank: rank 0 says it
     context = f", context parallel: {args.cp_kind}" if mesh.cp_size > 1 else ""
-    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}{context}, float64, dropout {args.dropout}")
+    stages = (f", {args.schedule} schedule, {args.microbatches} microbatches, {args.virtual_stages} chunk(s) per "
+              f"rank" if pipelined(args) else "")
+    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}{context}{stages}, float64, dropout {args.dropout}")
     say(" step   parallel loss        serial loss      |difference|   grad norm (parallel, serial)")
     for step, (p, s, pn, sn) in enumerate(zip(result.parallel, result.serial, result.parallel_norms,
                                               result.serial_norms), 1):
@@ -345,6 +372,10 @@ def parse(argv=None):
     parser.add_argument("--cp", type=int, default=1, help="context-parallel ranks: every activation split by sequence")
     parser.add_argument("--cp-kind", choices=["ring", "zigzag", "ulysses"], default="zigzag",
                         help="how attention crosses the cp ranks: ring attention (zigzag: load-balanced) or Ulysses")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages per model replica")
+    parser.add_argument("--microbatches", type=int, default=1, help="microbatches per step (through the stages)")
+    parser.add_argument("--schedule", choices=pipeline.SCHEDULES, default="1f1b", help="the pipeline schedule")
+    parser.add_argument("--virtual-stages", type=int, default=1, help="model chunks per rank (--schedule interleaved)")
     parser.add_argument("--text", metavar="FILE", help="train on this UTF-8 file (unset: README.md + tutorials/*.py)")
     parser.add_argument("--steps", type=int, default=500, help="training steps")
     parser.add_argument("--batch", type=int, default=16, help="global batch (split over dp)")
@@ -373,7 +404,8 @@ def parse(argv=None):
 def validate(args):
     """Every value checked before any work: ``ValueError`` naming the option. The same on every rank,
     which all parse the same command line."""
-    positive = ["tp", "cp", "steps", "batch", "seq", "hidden", "heads", "layers", "log_every"]
+    positive = ["tp", "cp", "pp", "microbatches", "virtual_stages", "steps", "batch", "seq", "hidden", "heads",
+                "layers", "log_every"]
     for name in positive + (["dp"] if args.dp is not None else []):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(args, name)}")
@@ -391,6 +423,9 @@ def validate(args):
                          f"not {args.max_norm}: a negative one would ascend the gradient, 0 would zero it")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), not {args.temperature}")
+    if args.pp > 1 and args.cp > 1:
+        raise ValueError("--pp and --cp together are not built yet: choose one of pipeline stages and context "
+                         "parallelism (each composes with --tp, --dp and --sequence-parallel)")
     if args.hidden % args.heads:
         raise ValueError(f"--heads {args.heads} must divide --hidden {args.hidden}")
     if args.text is not None and not Path(args.text).is_file():
@@ -410,10 +445,14 @@ def main(argv=None):
     try:
         # errors of configuration are raised by every rank alike, before any training: rank 0 says why
         validate(args)
-        mesh = dist.init(tp=args.tp, dp=args.dp, cp=args.cp, checked=args.check or None)  # sizes ≠ ranks: ValueError
+        mesh = dist.init(tp=args.tp, dp=args.dp, cp=args.cp, pp=args.pp,
+                         checked=args.check or None)  # sizes ≠ ranks: ValueError
         if args.check:
             proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text,
-                               cp=args.cp, cp_kind=args.cp_kind)
+                               cp=args.cp, cp_kind=args.cp_kind, pp=args.pp, microbatches=args.microbatches,
+                               schedule=args.schedule, virtual_stages=args.virtual_stages)
+            if pipelined(proof):
+                pipeline.check_step(mesh, proof.batch, args.schedule, args.microbatches, args.virtual_stages)
             return 0 if run_check(proof, mesh, overridden_by_check(argv)) else 1
         prepared = setup(args, mesh)
     except (ValueError, OSError) as error:

@@ -13,6 +13,7 @@ to call them:
     collectives.py  what does each collective compute and cost? ``all_reduce``, ``all_gather``,
                     ``reduce_scatter``, ``broadcast``, ``split``
     exchange.py     context parallelism's exchanges: ``sendrecv`` to ring neighbours, ``all_to_all``
+    p2p.py          how does one rank hand an array to another? ``send`` (non-blocking), ``recv``
     log.py          which collectives ran, moving how many bytes? ``log_collectives``, ``CollectiveLog``
     checks.py       do the ranks agree? checked mode, token-id agreement (``set_checked``, ``agree``)
     failures.py     how does a job end when a rank raises or leaves? one message, within seconds
@@ -36,11 +37,13 @@ from minitp.dist.exchange import all_to_all, sendrecv
 from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
 from minitp.dist.mesh import Group, Mesh, divide, init
 from minitp.dist.failures import install_abort_handler
+from minitp.dist.p2p import PendingSend, recv, send, wait_all
 from minitp.dist.runtime import set_cuda_aware, transport
 
 __all__ = [
     "init", "Mesh", "Group", "divide",
     "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split", "sendrecv", "all_to_all",
+    "send", "recv", "wait_all", "PendingSend",
     "log_collectives", "CollectiveLog", "CollectiveRecord",
     "install_abort_handler", "set_cuda_aware", "transport", "agree", "agree_on_ids", "checked", "set_checked",
 ]

@@ -19,7 +19,8 @@ class CollectiveRecord:
     """One collective call, as seen by this rank."""
     op: str
     """``"all_reduce"``, ``"all_gather"``, ``"reduce_scatter"``, ``"broadcast"``; ``"sendrecv"`` or
-    ``"all_to_all"`` (context parallelism, ``exchange.py``)"""
+    ``"all_to_all"`` (context parallelism, ``exchange.py``); point-to-point ``"send"`` / ``"recv"``
+    (pipelines, ``p2p.py``)"""
     group: str
     """the group's name: ``"world"``, ``"tp"``, ``"dp"``"""
     group_size: int
@@ -31,7 +32,7 @@ class CollectiveRecord:
     """S in bytes"""
     ring_bytes: float
     """bytes this rank sends in a ring algorithm: 2(n-1)/n·S for all-reduce, (n-1)/n·S for the others;
-    exactly S for a sendrecv and (n-1)/n·S for an all-to-all"""
+    exactly S for a sendrecv, (n-1)/n·S for an all-to-all, S for a send, 0 for a receive"""
     tag: str
     """which operator called it, e.g. ``"f backward"``"""
 

@@ -40,11 +40,11 @@ class SerialLayers:
 
     def dropout(self, p, seed):
         """Dropout of (s, b, h) activations."""
-        return Dropout(p, seed)
+        return Dropout(p, seed, batch_axis=1)
 
     def attention_dropout(self, p, seed):
         """Dropout of (b, a, s, s) attention probabilities."""
-        return Dropout(p, seed)
+        return Dropout(p, seed, batch_axis=0)
 
     def attention_core(self, q, k, v, causal, dropout):
         """softmax(q kᵀ/√d) v for q, k, v (b, a, s, d): every key of every query is on this rank."""

@@ -80,34 +80,60 @@ class GPT(Module):
 
     ``layers``: where the layers come from (``minitp.nn.builders``); ``ParallelGPT`` passes the
     tensor-parallel ones.
+
+    ``blocks``: the range of blocks this model holds (default: all of them) -- a pipeline stage's part
+    (``minitp.pipeline``). The part holding block 0 also holds the embeddings (``first``), the part
+    holding the last block the final LayerNorm and the head (``last``); with ``tie_embeddings`` a last
+    part that is not the first holds its own copy of ``wte``. Nothing else is built: each part draws
+    only its own layers, with the serial names and values.
     """
 
-    def __init__(self, config, layers=SERIAL):
+    def __init__(self, config, layers=SERIAL, blocks=None):
         super().__init__()
         self.config = config
         seed, dtype, h = config.seed, numpy.dtype(config.dtype), config.hidden
         self.vocab, self.seq_len, self.hidden, self.heads = config.vocab, config.seq_len, h, config.heads
         self.layers, self.tie_embeddings = config.layers, config.tie_embeddings
         self.builders = layers
+        self.block_range = range(config.layers) if blocks is None else blocks
+        self.first, self.last = 0 in self.block_range, config.layers - 1 in self.block_range
         residual_std = INIT_STD / math.sqrt(2 * config.layers)
-        self.wte = layers.vocab_embedding(config.vocab, h, dtype=dtype, seed=init.derive_seed(seed, "wte"),
-                                          std=INIT_STD, tag="wte")
-        # replicated on every rank: seq_len×h is small next to vocab×h
-        self.wpe = Embedding(config.seq_len, h, dtype=dtype, seed=init.derive_seed(seed, "wpe"), std=INIT_STD)
-        self.drop = layers.dropout(config.dropout, init.derive_seed(seed, "drop"))
+        self.wte = self.wpe = self.drop = self.ln_f = self.lm_head = None  # the ends this part may not hold
+        if self.first or (self.last and config.tie_embeddings):
+            self.wte = layers.vocab_embedding(config.vocab, h, dtype=dtype, seed=init.derive_seed(seed, "wte"),
+                                              std=INIT_STD, tag="wte")
+            # the last part's copy of the tied table: norms and checkpoints count the first part's
+            self.wte.weight.tied_copy = not self.first
+        if self.first:
+            # replicated on every rank: seq_len×h is small next to vocab×h
+            self.wpe = Embedding(config.seq_len, h, dtype=dtype, seed=init.derive_seed(seed, "wpe"), std=INIT_STD)
+            self.drop = layers.dropout(config.dropout, init.derive_seed(seed, "drop"))
         self.blocks = ModuleList(
-            TransformerBlock(h, config.heads, config.ffn_hidden, causal=True, dropout=config.dropout,
-                             attention_dropout=config.attention_dropout, seed=init.derive_seed(seed, f"blocks.{i}"),
-                             dtype=dtype, init_std=INIT_STD, output_std=residual_std, layers=layers)
-            for i in range(config.layers))
-        self.ln_f = layers.norm(h, dtype=dtype, tag="ln_f")
-        self.lm_head = None if config.tie_embeddings else layers.column_linear(
-            h, config.vocab, bias=False, dtype=dtype, seed=init.derive_seed(seed, "lm_head"), std=INIT_STD,
-            tag="lm_head")
+            (TransformerBlock(h, config.heads, config.ffn_hidden, causal=True, dropout=config.dropout,
+                              attention_dropout=config.attention_dropout, seed=init.derive_seed(seed, f"blocks.{i}"),
+                              dtype=dtype, init_std=INIT_STD, output_std=residual_std, layers=layers)
+             for i in self.block_range), start=self.block_range.start)
+        if self.last:
+            self.ln_f = layers.norm(h, dtype=dtype, tag="ln_f")
+            self.lm_head = None if config.tie_embeddings else layers.column_linear(
+                h, config.vocab, bias=False, dtype=dtype, seed=init.derive_seed(seed, "lm_head"), std=INIT_STD,
+                tag="lm_head")
 
     def forward(self, ids):
         """ids (s, b) integers -> logits (s, b, vocab); on a tensor-parallel rank (s, b, vocab/t), the
-        columns of its vocabulary range."""
+        columns of its vocabulary range. A part that is not ``first`` takes the hidden states (s, b, h)
+        instead of ids, and one that is not ``last`` returns them."""
+        x = self._embed(ids) if self.first else ids
+        for block in self.blocks:
+            x = block(x)
+        if not self.last:
+            return x
+        x = self.ln_f(x)
+        if self.lm_head is not None:
+            return self.lm_head(x)  # (s, b, h) @ (h, v) = (s, b, v)
+        return self.builders.tied_logits(x, self.wte.weight)  # (s, b, h) @ (h, v), the tied table
+
+    def _embed(self, ids):
         ids = ids.data if isinstance(ids, Tensor) else ids
         seq = ids.shape[0]
         if seq > self.seq_len:
@@ -116,16 +142,11 @@ class GPT(Module):
         # sequence parallelism, (s/t, b, h) + (s/t, 1, h): this rank's tokens and their positions; under
         # context parallelism the rank's s/cp tokens of the ids, at their positions)
         x = self.wte(self.builders.tokens(ids)) + self.builders.positions(self.wpe, seq)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
-        x = self.ln_f(x)
-        if self.lm_head is not None:
-            return self.lm_head(x)  # (s, b, h) @ (h, v) = (s, b, v)
-        return self.builders.tied_logits(x, self.wte.weight)  # (s, b, h) @ (h, v), the tied table
+        return self.drop(x)
 
     def loss(self, ids, targets):
-        """Mean cross-entropy of the next-token predictions: ``targets`` (s, b) are the ids to predict."""
+        """Mean cross-entropy of the next-token predictions: ``targets`` (s, b) are the ids to predict (a
+        last part that is not the first takes the hidden states instead of ``ids``)."""
         return self.builders.cross_entropy(self(ids), self.builders.tokens(targets))  # this rank's tokens' loss
 
     def generate(self, ids, steps, temperature=1.0, rng=None):

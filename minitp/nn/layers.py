@@ -118,22 +118,42 @@ class Dropout(Module):
     ``(axis, index, parts)``: "along ``axis`` this is block ``index`` of ``parts`` equal blocks". For
     example sequence parallelism is ``(0, tp_rank, tp)`` on (s, b, h), head parallelism ``(1, tp_rank, tp)``
     on attention's (b, a, s, s) probabilities, data parallelism ``(1, dp_rank, dp)`` on (s, b, h), context
-    parallelism's zigzag ``(0, cp_rank, cp, "zigzag")``; entries on one axis nest, outermost first
-    (``minitp.nn.placement``). Empty serially: the input is the whole tensor.
+    parallelism's zigzag ``(0, cp_rank, cp, "zigzag")``; entries on one axis nest, outermost first: block
+    ``index`` of the block the entries before it describe (``minitp.nn.placement``). Empty serially: the
+    input is the whole tensor.
+
+    **Microbatches** (gradient accumulation, pipeline schedules). The serial model calls each dropout
+    once per step on the whole batch. Run as m microbatches -- m calls on m blocks of the batch axis --
+    the step must still draw that one call's mask, block by block. So ``microbatch = (index, m)`` (set
+    by ``minitp.nn.microbatch.microbatch``, default ``(0, 1)``) adds the innermost split
+    ``(batch_axis, index, m)``, and the counter advances on the call of the LAST microbatch only: every
+    microbatch of a step draws with the step's counter, and the next step draws with the next one.
+    (The alternative, rewinding counters after every microbatch, needs a caller that knows every
+    dropout; here each call says which block it is, which recompute can save and replay.) The rule
+    asks that microbatch m-1 runs last, as it does in every schedule of ``minitp.pipeline``.
+    ``batch_axis``: where the batch lies in this dropout's input (1 for (s, b, h), 0 for attention's
+    (b, a, s, s)); ``None`` refuses microbatches.
     """
 
-    def __init__(self, p=0.0, seed=0, splits=()):
+    def __init__(self, p=0.0, seed=0, splits=(), batch_axis=None):
         super().__init__()
         rng.check_probability(p)
         self.p, self.seed, self.counter = p, seed, 0
-        self.splits = tuple(splits)
+        self.splits, self.batch_axis, self.microbatch = tuple(splits), batch_axis, (0, 1)
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x  # the identity: no mask drawn, the counter does not move
-        global_shape, offset = placement.locate(self.splits, x.shape)
+        index, count = self.microbatch
+        splits = self.splits
+        if count > 1:
+            if self.batch_axis is None:
+                raise ValueError("this Dropout was built without a batch_axis: it cannot draw a microbatch's block")
+            splits += ((self.batch_axis, index, count),)  # innermost: a block of this rank's batch columns
+        global_shape, offset = placement.locate(splits, x.shape)
         y = F.dropout(x, self.p, self.seed, self.counter, global_shape=global_shape, offset=offset)
-        self.counter += 1
+        if index == count - 1:
+            self.counter += 1
         return y
 
     def extra_repr(self):

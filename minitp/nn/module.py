@@ -144,17 +144,21 @@ class Module:
 
 
 class ModuleList(Module):
-    """A list of modules registered as ``0``, ``1``, ... (so their parameters are ``blocks.0.*``...)."""
+    """A list of modules registered as ``0``, ``1``, ... (so their parameters are ``blocks.0.*``...).
 
-    def __init__(self, modules=()):
+    ``start``: the name of the first, for a part of a longer list (a pipeline stage holding blocks 4..7
+    names them ``blocks.4`` ... ``blocks.7``, as the whole model does)."""
+
+    def __init__(self, modules=(), start=0):
         super().__init__()
+        object.__setattr__(self, "start", start)
         for module in modules:
             self.append(module)
 
     def append(self, module):
         if not isinstance(module, Module):
             raise TypeError(f"ModuleList holds Modules, got {type(module).__name__}")
-        setattr(self, str(len(self._modules)), module)
+        setattr(self, str(self.start + len(self._modules)), module)
         return self
 
     def __getitem__(self, index):

@@ -29,7 +29,8 @@ index), and each ``nn.Dropout`` advances its ``counter`` once per call. So ``rec
 counters of the Dropout modules in the region before the forward, rewinds them to those values for the
 re-run (which then draws the same masks and advances them to where the forward left them), and finally
 puts back the counters they held when backward began -- the module may have run again since, e.g. for
-a second micro-batch. No random state needs saving: a counter is the whole state.
+a second micro-batch. No random state needs saving: a counter and the microbatch a call drew
+(``Dropout.microbatch``, which block of the step's mask) are the whole state, and both are replayed.
 """
 from minitp.autograd import Function, Tensor, enable_grad, no_grad
 from minitp.nn.layers import Dropout
@@ -58,7 +59,7 @@ class RecomputeFunction(Function):
 
     def forward(self, *arrays, region, inputs_count, dropouts):
         self.region, self.dropouts = region, dropouts
-        self.counters = [dropout.counter for dropout in dropouts]  # where the masks of this run start
+        self.states = _states(dropouts)  # where the masks of this run start, and which microbatch they are
         inputs = arrays[:inputs_count]
         with no_grad():
             output = region(*(Tensor(array) for array in inputs))
@@ -68,22 +69,26 @@ class RecomputeFunction(Function):
     def backward(self, grad):
         # fresh leaves over the saved arrays: the re-run graph stops at them, not in the graph before
         inputs = [Tensor(array, requires_grad=needed) for array, needed in zip(self.saved, self.needs_input_grad)]
-        current = [dropout.counter for dropout in self.dropouts]
-        _set_counters(self.dropouts, self.counters)
+        current = _states(self.dropouts)
+        _set_states(self.dropouts, self.states)
         try:
             with enable_grad():
                 output = self.region(*inputs)
         finally:
-            _set_counters(self.dropouts, current)
+            _set_states(self.dropouts, current)
         if output.requires_grad:
             output.backward(grad)  # parameters inside accumulate into .grad here; inputs into theirs
         parameters_count = len(self.needs_input_grad) - len(inputs)
         return tuple(tensor.grad for tensor in inputs) + (None,) * parameters_count
 
 
-def _set_counters(dropouts, counters):
-    for dropout, counter in zip(dropouts, counters):
-        dropout.counter = counter
+def _states(dropouts):
+    return [(dropout.counter, dropout.microbatch) for dropout in dropouts]
+
+
+def _set_states(dropouts, states):
+    for dropout, (counter, microbatch) in zip(dropouts, states):
+        dropout.counter, dropout.microbatch = counter, microbatch
 
 
 def recompute(region, *inputs, modules=()):

@@ -72,12 +72,12 @@ class TensorParallelLayers(SerialLayers):
 
     def dropout(self, p, seed):
         """(s, b, h): this rank's tokens under SP (else all of them), this replica's batch columns."""
-        return Dropout(p, seed, splits=self.sequence_splits() + self._batch_split(BATCH_AXIS))
+        return Dropout(p, seed, splits=self.sequence_splits() + self._batch_split(BATCH_AXIS), batch_axis=BATCH_AXIS)
 
     def attention_dropout(self, p, seed):
         """(b, a, s, s): this replica's batch rows, this rank's block of the heads."""
         heads = ((1, self.group.rank, self.group.size),) if self.group.size > 1 else ()
-        return Dropout(p, seed, splits=self._batch_split(0) + heads)
+        return Dropout(p, seed, splits=self._batch_split(0) + heads, batch_axis=0)
 
     def local(self, total, what):
         """``total`` / t: the heads or ffn features of this rank (``ValueError`` naming ``what`` otherwise)."""

@@ -16,7 +16,9 @@ views as gradients, and the collectives never write into their input.
 
 **Clipping.** ``clip_grad_norm`` computes the norm of the gradient of the whole serial model from the
 shards: a split parameter's squares are summed over the tp ranks (each holds a different block), a
-replicated parameter's are counted once (every rank holds the same copy). Over dp nothing is added: after
+replicated parameter's are counted once (every rank holds the same copy), and each pipeline stage's
+total is summed over pp (each stage holds other layers; the last stage's copy of a tied table, marked
+``tied_copy``, is counted on the first stage only). Over dp nothing is added: after
 ``all_reduce_gradients`` every replica holds the same, already averaged, gradient.
 
 **Context parallelism** splits each replica's sequence over the cp ranks, and every parameter is
@@ -113,14 +115,15 @@ def _all_reduce_bucket(bucket, group, tag):
 
 def grad_norm(module, mesh=None):
     """The 2-norm of the gradient of the whole (serial) model, from this rank's shards; the same number
-    on every rank. One all-reduce of one number over ``mesh.tp`` (tagged "grad norm").
+    on every rank. One all-reduce of one number over ``mesh.tp`` (tagged "grad norm"), and with
+    pipeline stages one over ``mesh.pp`` ("grad norm (stages)").
 
     Squares are summed in float64: split parameters' over the tp ranks, replicated parameters' once
-    (every tp rank holds the same copy; adding them t times would count them t times).
+    (every tp rank holds the same copy; adding them t times would count them t times), stages' over pp.
     """
     split_squares, replicated_squares = 0.0, 0.0
     for p in module.parameters():
-        if p.grad is None:
+        if p.grad is None or getattr(p, "tied_copy", False):
             continue
         grad = p.grad.astype(numpy.float64, copy=False)
         squares = float(backend.array_module(grad).vdot(grad.ravel(), grad.ravel()))
@@ -130,7 +133,10 @@ def grad_norm(module, mesh=None):
             split_squares += squares
     if mesh is not None and mesh.tp_size > 1:
         split_squares = float(dist.all_reduce(numpy.array([split_squares]), mesh.tp, tag="grad norm")[0])
-    return math.sqrt(split_squares + replicated_squares)
+    squares = split_squares + replicated_squares
+    if mesh is not None and mesh.pp_size > 1:
+        squares = float(dist.all_reduce(numpy.array([squares]), mesh.pp, tag="grad norm (stages)")[0])
+    return math.sqrt(squares)
 
 
 def clip_grad_norm(module, max_norm, mesh=None, eps=1e-6):

@@ -50,12 +50,15 @@ class ParallelGPT(GPT):
 
     ``ValueError`` on every rank, before any communication, when tp does not divide the vocabulary, the
     heads or ffn_hidden; under SP, the sequence length (at ``forward``).
+
+    ``blocks``: a pipeline stage's part of the model (``nn.GPT``), built alone; default the whole.
     """
 
-    def __init__(self, config, mesh, sequence_parallel=False, context_parallel=None):
+    def __init__(self, config, mesh, sequence_parallel=False, context_parallel=None, blocks=None):
         # the mesh's shape is checked here, before any layer is built: every rank raises the same error
         dist.divide(config.vocab, mesh.tp.size, "the vocabulary size (rows split over tp)")
-        super().__init__(config, layers=context_layers(mesh, context_parallel, sequence_parallel, config.heads))
+        super().__init__(config, layers=context_layers(mesh, context_parallel, sequence_parallel, config.heads),
+                         blocks=blocks)
         self.mesh, self.group, self.sequence_parallel = mesh, mesh.tp, sequence_parallel
         self.context_parallel = context_parallel
 

@@ -1,0 +1,69 @@
+"""One training step of a (dp, pp, tp) mesh: the schedule, then the gradients made whole, then the step.
+
+    forward_backward    this replica's slice of the batch, cut into m microbatches, run through the
+                        stages by the schedule; gradients accumulate in .grad; the loss (on the last
+                        stage) broadcast to every stage
+    synchronize_gradients   the tied table's gradient summed by the first and last stage; then the
+                        gradients averaged over dp -- ONE bucketed all-reduce per stage
+    clip_grad_norm      the global norm: every stage's squares summed over pp (and tp)
+    optimizer.step()
+
+**Why the dp all-reduce waits for the last microbatch.** A parameter's gradient is the sum of its m
+microbatches' gradients, and it is complete only after the stage's last backward. Reducing earlier
+would either average a partial sum (wrong: the later microbatches' parts would stay unreduced) or, done
+once per microbatch, send the same bytes m times. So each stage reduces once, right after its own last
+backward -- which need not wait for the other stages: in 1F1B the last stage finishes first, and its
+reduce can run while stage 0 still drains its backwards (the dp groups of different stages share no
+rank). Megatron and torch's DDP do the same (``no_sync`` for all but the last microbatch).
+
+``schedule`` is "afab", "1f1b" or "interleaved" (with the model built with ``virtual_stages`` chunks
+per rank); every bad choice is refused on every rank before anything is sent.
+"""
+import numpy
+
+from minitp import dist
+from minitp.nn.microbatch import microbatch_size
+from minitp.parallel.data_parallel import all_reduce_gradients, average_over_data_parallel, clip_grad_norm, split_batch
+from minitp.pipeline import engine
+from minitp.pipeline.schedules import check, plan
+
+
+def check_step(mesh, batch, schedule, microbatches, virtual_stages=1):
+    """``ValueError``, the same on every rank, unless a global batch of ``batch`` sequences can run on
+    ``mesh`` by ``schedule`` in ``microbatches`` with ``virtual_stages`` chunks per rank: a schedule
+    that cannot run (``schedules.check``), or a batch that dp × m does not divide."""
+    check(schedule, mesh.pp_size, microbatches, virtual_stages)
+    replica = dist.divide(batch, mesh.dp_size, "the batch size (split over the dp replicas)")
+    microbatch_size(replica, microbatches, "the batch of a data-parallel replica")
+
+
+def forward_backward(model, ids, targets, mesh, schedule="1f1b", microbatches=1, deallocate=True):
+    """Run ``schedule`` on this rank's stage ``model`` (a ``PipelineGPT``) for the global batch ``ids``,
+    ``targets`` (s, B), every rank passing the same arrays: this replica's columns, m microbatches.
+    Returns the ``engine.StageRun``, its ``loss`` (this replica's mean) set on every stage. Gradients
+    accumulate into ``.grad``; nothing is reduced over dp yet. ``deallocate=False`` keeps each sent
+    output's values until its backward (to see what freeing saves)."""
+    check_step(mesh, ids.shape[1], schedule, microbatches, model.virtual_stages)
+    actions = plan(schedule, mesh.pp_size, microbatches, model.virtual_stages, mesh.pp_rank)
+    run = engine.run(model, actions, split_batch(ids, mesh), split_batch(targets, mesh), microbatches, deallocate)
+    loss = numpy.array([run.loss if run.loss is not None else 0.0])
+    run.loss = float(dist.broadcast(loss, mesh.pp, root=mesh.pp_size - 1, tag="loss (from the last stage)")[0])
+    return run
+
+
+def synchronize_gradients(model, mesh):
+    """After the stage's last backward: the tied table's gradient summed over the first and last stage,
+    then every gradient averaged over ``mesh.dp`` (``all_reduce_gradients``)."""
+    model.all_reduce_tied_embedding()
+    all_reduce_gradients(model, mesh)
+
+
+def train_step(model, optimizer, ids, targets, mesh, schedule="1f1b", microbatches=1, max_norm=None):
+    """One step on the global batch ``ids``, ``targets`` (s, B); returns (the global batch's loss, the
+    gradient norm before clipping), the same on every rank -- as ``data_parallel.train_step``."""
+    optimizer.zero_grad()
+    run = forward_backward(model, ids, targets, mesh, schedule, microbatches)
+    synchronize_gradients(model, mesh)
+    norm = clip_grad_norm(model, max_norm, mesh)
+    optimizer.step()
+    return average_over_data_parallel(run.loss, mesh), norm
