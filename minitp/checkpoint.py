@@ -13,7 +13,9 @@ of ``.npy`` files, readable with nothing but ``numpy.load`` -- keyed by the seri
     checkpoint/config                                   the model's GPTConfig as JSON (models that have one)
 
 ``load`` cuts the file for any mesh: a checkpoint saved at tp=4 resumes at tp=2, or serially, and takes
-exactly the steps the uninterrupted run takes.
+exactly the steps the uninterrupted run takes. A ZeRO-1 optimizer (``minitp.parallel.zero``) is saved
+full, gathered over dp first, and loaded by keeping each dp rank's slices: the file does not say
+whether the run was sharded.
 
 **A checkpoint is data, not code.** It is read with ``allow_pickle=False``: a file holding pickled
 objects is refused instead of executed.
@@ -49,6 +51,8 @@ def save(path, model, optimizer=None, mesh=None, step=0):
     the previous checkpoint, untouched.
     """
     arrays = None
+    if optimizer is not None and hasattr(optimizer, "gathered"):
+        optimizer = optimizer.gathered()  # ZeRO: each dp rank holds 1/d of the state; every rank gathers
     if mesh is None or mesh.dp_rank == 0:
         arrays = _gather_everything(model, optimizer, mesh, step)
     verdict = None

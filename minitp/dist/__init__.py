@@ -12,7 +12,10 @@ to call them:
     mesh.py         which ranks work together? ``init``, ``Mesh``, ``Group``, ``divide``
     collectives.py  what does each collective compute and cost? ``all_reduce``, ``all_gather``,
                     ``reduce_scatter``, ``broadcast``, ``split``
+    nonblocking.py  which collectives run while the rank computes, and what makes them progress?
+                    ``iall_reduce``, ``ireduce_scatter``, ``iall_gather``, ``set_progress``
     log.py          which collectives ran, moving how many bytes? ``log_collectives``, ``CollectiveLog``
+    timeline.py     what did every rank do, and when? ``record_timeline`` (a Chrome trace), ``check_writable``
     runtime.py      how does each rank run under MPI? the abort handler, BLAS threads, and how CuPy
                     arrays reach MPI (``set_cuda_aware``, ``transport``)
 
@@ -22,11 +25,15 @@ CUDA-aware setting in ``runtime``; read or patch it there (``dist.log._active_lo
 from minitp.dist.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
 from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
 from minitp.dist.mesh import Group, Mesh, divide, init
+from minitp.dist.nonblocking import Pending, iall_gather, iall_reduce, ireduce_scatter, set_progress
 from minitp.dist.runtime import install_abort_handler, set_cuda_aware, transport
+from minitp.dist.timeline import check_writable, record_timeline
 
 __all__ = [
     "init", "Mesh", "Group", "divide",
     "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split",
+    "iall_reduce", "ireduce_scatter", "iall_gather", "Pending", "set_progress",
+    "record_timeline", "check_writable",
     "log_collectives", "CollectiveLog", "CollectiveRecord",
     "install_abort_handler", "set_cuda_aware", "transport",
 ]

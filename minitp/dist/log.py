@@ -32,6 +32,8 @@ class CollectiveRecord:
     """bytes this rank sends in a ring algorithm: 2(n-1)/n·S for all-reduce, (n-1)/n·S for the others"""
     tag: str
     """which operator called it, e.g. ``"f backward"``"""
+    blocking: bool = True
+    """False for a non-blocking collective (``dist.iall_reduce``...), logged when it starts"""
 
 
 class CollectiveLog:
@@ -106,8 +108,8 @@ def log_collectives():
         _active_logs.remove(log)
 
 
-def _record(op, group, shape, dtype, payload_bytes, ring_bytes, tag):
+def _record(op, group, shape, dtype, payload_bytes, ring_bytes, tag, blocking=True):
     record = CollectiveRecord(op, group.name, group.size, tuple(shape), str(numpy.dtype(dtype)),
-                              int(payload_bytes), ring_bytes, tag)
+                              int(payload_bytes), ring_bytes, tag, blocking)
     for log in _active_logs:
         log.records.append(record)
