@@ -7,6 +7,7 @@ serial model's training, step for step.
     mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2 --check      # losses == serial, float64
     mpirun -n 4 python tutorials/train_gpt.py --tp 4 --steps 100 --save gpt.npz
     mpirun -n 2 python tutorials/train_gpt.py --tp 2 --load gpt.npz      # resume on another mesh
+    mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2 --zero 1 --overlap --trace trace.json
 
 The ranks form a (dp × tp) grid (``dist.init``; tp ranks contiguous). Each group of tp ranks holds one
 copy of the model cut into shards -- the embedding and the LM head by vocabulary, attention by heads,
@@ -27,10 +28,12 @@ from pathlib import Path
 import numpy
 from mpi4py import MPI
 
-from minitp import checkpoint, dist
+from minitp import checkpoint, dist, trace_report
 from minitp.nn import GPT, AdamW, GPTConfig
+from minitp.parallel.buckets import GradientBuckets
 from minitp.parallel.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
+from minitp.parallel.zero import ZeroOptimizer
 from minitp.report import say
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -94,19 +97,28 @@ def batch_at(data, step, batch, seq, seed=0):
 # whole model.
 # AdamW is built from named_parameters(): its state is keyed by the serial names, which is what lets a
 # checkpoint hold it in serial shapes.
+# --zero 1 shards that state over the dp replicas (ZeroOptimizer: each keeps 1/dp of it); --overlap
+# reduces gradients during backward, bucket by bucket (GradientBuckets, or ZeRO's own buckets), and
+# reduces each column-parallel layer's dX during its dA GEMM.
 # ---------------------------------------------------------------------------------------------------
 
 
 def build(args, vocab, mesh, dtype):
-    """(model, optimizer): a ParallelGPT on ``mesh``, or with ``mesh=None`` the serial nn.GPT."""
+    """(model, optimizer, gradients): a ParallelGPT on ``mesh``, or with ``mesh=None`` the serial nn.GPT;
+    ``gradients`` the buckets of plain data parallelism (None serially, and under ZeRO, which has its own)."""
     config = GPTConfig(vocab=vocab, seq_len=args.seq, hidden=args.hidden, heads=args.heads, layers=args.layers,
                        dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype)
     if mesh is None:
         model = GPT(config)
     else:
-        model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel)
+        model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel, overlap=args.overlap)
     optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return model, optimizer
+    gradients, bucket_bytes = None, args.bucket_mb * 2 ** 20
+    if mesh is not None and args.zero:
+        optimizer = ZeroOptimizer(optimizer, mesh, bucket_bytes, overlap=args.overlap)
+    elif mesh is not None:
+        gradients = GradientBuckets(model.parameters(), mesh.dp, bucket_bytes, overlap=args.overlap)
+    return model, optimizer, gradients
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,22 +132,38 @@ def build(args, vocab, mesh, dtype):
 #     clip by the global norm: split parameters' squares summed over tp, replicated ones counted once
 #     AdamW
 #
+# --zero 1: reduce-scatter instead, clip from the slices, AdamW on this replica's slice, all-gather the
+# parameters (tutorials/zero.py). --overlap: the buckets' reductions start inside backward.
 # The same function runs the serial nn.GPT (mesh=None): nothing to split, nothing to reduce.
 # ---------------------------------------------------------------------------------------------------
 
 
-def train(model, optimizer, data, args, mesh, first_step=0, report=None):
+def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=None):
     """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses.
-    ``report(step, loss, norm, seconds)`` is called after each step (on every rank)."""
-    losses = []
-    for step in range(first_step, args.steps):
-        ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
-        started = time.perf_counter()
-        loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm)
-        losses.append(loss)
-        if report is not None:
-            report(step, loss, norm, time.perf_counter() - started)
-    return losses
+    ``report(step, loss, norm, seconds)`` is called after each step (on every rank). With ``--trace``,
+    ``--trace-steps`` steps after the first are recorded into one timeline of every rank."""
+    def steps(first, last):
+        losses = []
+        for step in range(first, last):
+            ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
+            started = time.perf_counter()
+            loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm, gradients=gradients)
+            losses.append(loss)
+            if report is not None:
+                report(step, loss, norm, time.perf_counter() - started)
+        return losses
+
+    if not args.trace:
+        return steps(first_step, args.steps)
+    begin = min(first_step + 1, args.steps - 1)  # the first step warms up: leave it out when there are more
+    end = min(begin + args.trace_steps, args.steps)
+    losses = steps(first_step, begin)
+    with dist.record_timeline(mesh, args.trace) as timeline:
+        losses += steps(begin, end)
+    if timeline.trace is not None:  # world rank 0
+        say(f"traced steps {begin + 1}..{end} into {args.trace} (open it in https://ui.perfetto.dev):\n"
+            + trace_report.table(trace_report.breakdown(timeline.trace)))
+    return losses + steps(end, args.steps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,21 +179,27 @@ class Training:
     data: numpy.ndarray
     model: object
     optimizer: object
+    gradients: object
     first_step: int
 
 
 def setup(args, mesh):
     """Read the text, build the model on ``mesh``, resume from ``--load``. A configuration that cannot
     work (a batch that dp does not divide, heads or vocabulary that tp does not divide, a checkpoint of
-    another model) raises the same ValueError on every rank, before any training."""
+    another model, a bucket size <= 0, a trace path that cannot be written) raises the same ValueError on
+    every rank, before any training."""
     dist.divide(args.batch, mesh.dp_size, "--batch (the global batch, split over the --dp replicas)")
+    if not args.bucket_mb > 0:
+        raise ValueError(f"--bucket-mb must be a positive size, not {args.bucket_mb}")
+    if args.trace:
+        dist.check_writable(args.trace, mesh.world.comm)
     text = read_corpus(mesh.world.comm, args.text)
     if len(text) <= args.seq + 1:
         raise ValueError(f"the text has {len(text)} characters: too few for windows of --seq {args.seq} + 1")
     characters = Characters(text)
-    model, optimizer = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
+    model, optimizer, gradients = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
     first_step = checkpoint.load(args.load, model, optimizer, mesh) if args.load else 0
-    return Training(mesh, characters, characters.encode(text), model, optimizer, first_step)
+    return Training(mesh, characters, characters.encode(text), model, optimizer, gradients, first_step)
 
 
 def run(args, training):
@@ -176,7 +210,8 @@ def run(args, training):
     say(f"{mesh}\n{len(data):,} characters of {source}, vocabulary {len(characters.chars)} "
         f"(padded to {characters.vocab}); {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
         f"seq {args.seq}, global batch {args.batch} ({args.batch // mesh.dp_size} per replica), "
-        f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}; "
+        f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}, zero={args.zero}, "
+        f"overlap={args.overlap}; "
         f"{parameters:,} parameters per rank")
     if args.load:
         say(f"resumed from {args.load} at step {first_step}")
@@ -199,7 +234,7 @@ def run(args, training):
             checkpoint.save(args.save, model, optimizer, mesh, step=step + 1)
 
     started = time.perf_counter()
-    losses = train(model, optimizer, data, args, mesh, first_step, report)
+    losses = train(model, optimizer, training.gradients, data, args, mesh, first_step, report)
     elapsed = time.perf_counter() - started
     if losses:
         last = losses[-args.log_every:]
@@ -243,11 +278,14 @@ class CheckResult:
         return max(abs(p - s) for p, s in zip(self.parallel, self.serial))
 
 
-def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, steps=10, text=None):
-    """The tiny float64 configuration of the check: divisible by tp <= 4 and dp <= 2."""
+def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, steps=10, text=None, zero=0,
+               overlap=False):
+    """The tiny float64 configuration of the check: divisible by tp <= 4 and dp <= 2. The buckets are
+    small (2 KiB), so that a step has several and ZeRO pads some."""
     return argparse.Namespace(tp=tp, dp=dp, sequence_parallel=sequence_parallel, tie_embeddings=tie_embeddings,
                               steps=steps, text=text, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1,
-                              lr=3e-3, weight_decay=0.01, max_norm=0.5, seed=0)
+                              lr=3e-3, weight_decay=0.01, max_norm=0.5, seed=0, zero=zero, overlap=overlap,
+                              bucket_mb=2 / 1024, trace=None)
 
 
 def check(args, mesh):
@@ -262,7 +300,8 @@ def check(args, mesh):
 
 def run_check(args, mesh):
     result = check(args, mesh)  # the same on every rank: rank 0 says it
-    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}, float64, dropout {args.dropout}")
+    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}, zero={args.zero}, overlap={args.overlap}, "
+        f"float64, dropout {args.dropout}")
     say(" step   parallel loss        serial loss      |difference|")
     for step, (p, s) in enumerate(zip(result.parallel, result.serial), 1):
         say(f"{step:5d}  {p:.15f}  {s:.15f}  {abs(p - s):.1e}")
@@ -303,6 +342,13 @@ def parse(argv=None):
     parser.add_argument("--save", metavar="PATH", help="write a checkpoint here at the end")
     parser.add_argument("--save-every", type=int, default=0, help="... and every this many steps")
     parser.add_argument("--load", metavar="PATH", help="resume from this checkpoint (saved on any mesh)")
+    parser.add_argument("--zero", type=int, choices=[0, 1], default=0,
+                        help="1: ZeRO-1, each dp replica keeps the optimizer state of 1/dp of the parameters")
+    parser.add_argument("--overlap", action="store_true",
+                        help="reduce gradients during backward, and each column-parallel dX during its dA GEMM")
+    parser.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size, MiB")
+    parser.add_argument("--trace", metavar="FILE", help="write a timeline of every rank (Chrome trace JSON)")
+    parser.add_argument("--trace-steps", type=int, default=3, help="... of this many steps (after the first)")
     parser.add_argument("--check", action="store_true",
                         help="prove it: 10 steps in float64 with dropout, the losses against the serial run's")
     return parser.parse_args(argv)
@@ -314,7 +360,8 @@ def main(argv=None):
         # errors of configuration are raised by every rank alike, before any training: rank 0 says why
         mesh = dist.init(tp=args.tp, dp=args.dp)  # dp × tp ≠ ranks: ValueError
         if args.check:
-            proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text)
+            proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text,
+                               zero=args.zero, overlap=args.overlap)
             return 0 if run_check(proof, mesh) else 1
         prepared = setup(args, mesh)
     except (ValueError, FileNotFoundError) as error:

@@ -47,12 +47,15 @@ class ParallelGPT(GPT):
 
     ``ValueError`` on every rank, before any communication, when tp does not divide the vocabulary, the
     heads or ffn_hidden; under SP, the sequence length (at ``forward``).
+
+    ``overlap=True``: every column-parallel GEMM's backward reduces dX while it computes dA (Megatron's
+    asynchronous linear backward, ``minitp.parallel.async_linear``); the same numbers.
     """
 
-    def __init__(self, config, mesh, sequence_parallel=False):
+    def __init__(self, config, mesh, sequence_parallel=False, overlap=False):
         # the mesh's shape is checked here, before any layer is built: every rank raises the same error
         dist.divide(config.vocab, mesh.tp.size, "the vocabulary size (rows split over tp)")
-        super().__init__(config, layers=TensorParallelLayers(mesh.tp, sequence_parallel, mesh.dp))
+        super().__init__(config, layers=TensorParallelLayers(mesh.tp, sequence_parallel, mesh.dp, overlap))
         self.mesh, self.group, self.sequence_parallel = mesh, mesh.tp, sequence_parallel
 
     @classmethod
