@@ -109,10 +109,13 @@ class Pending:
 
 
 def _start(op, group, x, result_shape, payload_bytes, ring_bytes, tag, call):
-    """Log, then start ``call(send, receive)`` under the lock; a ``Pending`` for it."""
+    """Log, then start ``call(send, receive)`` under the lock; a ``Pending`` for it. Over one rank
+    there is nothing to start: ``x`` itself is the result, as with the blocking twins."""
     if log._active_logs:
         log._record(op, group, result_shape if op == "all_gather" else x.shape, x.dtype, payload_bytes,
                     ring_bytes, tag, blocking=False)
+    if group.size == 1:
+        return _Done(x)
     send = _for_mpi(x)
     receive = backend.array_module(send).empty(result_shape, dtype=send.dtype)
     with _lock:
@@ -141,8 +144,6 @@ class _Done:
 def iall_reduce(x, group, tag=""):
     """Start the sum of ``x`` over ``group`` (``all_reduce``'s non-blocking twin); ring cost 2(n-1)/n · S."""
     n = group.size
-    if n == 1:
-        return _Done(x)
     return _start("all_reduce", group, x, x.shape, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag,
                   lambda send, receive: group.comm.Iallreduce(send, receive, op=MPI.SUM))
 
@@ -152,8 +153,6 @@ def ireduce_scatter(x, group, tag=""):
     a sequence block): ``reduce_scatter``'s non-blocking twin; ring cost (n-1)/n · S."""
     n = group.size
     block = divide(x.shape[0], n, f"ireduce_scatter: the length of axis 0 of an array of shape {x.shape}")
-    if n == 1:
-        return _Done(x)
     return _start("reduce_scatter", group, x, (block,) + x.shape[1:], x.nbytes, (n - 1) * x.nbytes / n, tag,
                   lambda send, receive: group.comm.Ireduce_scatter_block(send, receive, op=MPI.SUM))
 
@@ -162,8 +161,6 @@ def iall_gather(x, group, tag=""):
     """Start the concatenation of the ranks' ``x`` along axis 0 (``all_gather``'s non-blocking twin);
     ring cost (n-1)/n · S, S the gathered array."""
     n = group.size
-    if n == 1:
-        return _Done(x)
     shape = (n * x.shape[0],) + x.shape[1:]
     return _start("all_gather", group, x, shape, n * x.nbytes, (n - 1) * x.nbytes, tag,
                   lambda send, receive: group.comm.Iallgather(send, receive))

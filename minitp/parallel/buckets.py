@@ -30,7 +30,7 @@ Without overlap, ``wait()`` packs and reduces every bucket with the blocking col
 """
 import math
 
-from minitp import backend, dist
+from minitp import backend, dist, trace
 
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
 """torch DDP's default bucket size: large enough that the reductions are bandwidth-bound."""
@@ -122,7 +122,8 @@ class GradientBuckets:
     def _packed(self, index):
         bucket = self.buckets[index]
         self.received[index] = [p.grad is not None for p in bucket.parameters]
-        return bucket.pack([p.grad for p in bucket.parameters])
+        with trace.span("pack bucket", "compute"):
+            return bucket.pack([p.grad for p in bucket.parameters])
 
     def _start(self, index):
         flat = self._packed(index)

@@ -100,7 +100,7 @@ class TensorParallelLayers(SerialLayers):
 
         The same entrance as a column-parallel layer -- f, or g gathering all s tokens -- since each
         rank's dx is only its vocabulary block's part of the sum over the vocabulary."""
-        if self.overlap:
+        if self.overlap:  # under SP it keeps x's sequence block and gathers it again for d(table)
             return LinearWithAsyncGradReduce.apply(x, F.transpose(table), group=self.group, tag="lm_head (tied)",
                                                    sequence_parallel=self.sequence_parallel)
         if self.sequence_parallel:

@@ -131,12 +131,15 @@ def train_step(model, optimizer, ids, targets, mesh=None, max_norm=None, gradien
         with trace.span("optimizer", "phase"):
             if isinstance(optimizer, ZeroOptimizer):
                 optimizer.gradients.wait()  # this rank's slices of the mean gradient
-                norm = optimizer.clip_grad_norm(max_norm)
+                with trace.span("clip_grad_norm", "compute"):
+                    norm = optimizer.clip_grad_norm(max_norm)
             else:
                 if gradients is None:
                     all_reduce_gradients(model, mesh)
                 else:
                     gradients.wait()
-                norm = clip_grad_norm(model, max_norm, mesh)
-            optimizer.step()
+                with trace.span("clip_grad_norm", "compute"):
+                    norm = clip_grad_norm(model, max_norm, mesh)
+            with trace.span("optimizer.step", "compute"):
+                optimizer.step()
     return average_over_data_parallel(loss.item(), mesh), norm
