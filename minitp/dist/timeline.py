@@ -15,10 +15,13 @@ format: a "complete" event per span,
 and "M" (metadata) events naming each process row by its mesh coordinates ("rank 3: dp 1, tp 1") and
 each lane ("phases", "compute", "communication", "in flight 1", ...).
 
-**One clock.** Each rank's ``perf_counter`` has its own zero. The recording starts after a barrier, and
-each rank takes the moment it leaves the barrier as its time zero: ranks leave a barrier within a few
-microseconds of one another on one node (MPICH's shared-memory barrier), which is the alignment of the
-timeline -- fine for spans of tens of microseconds and more, not for finer ones.
+**One clock.** ``perf_counter`` is the machine's monotonic clock (``CLOCK_MONOTONIC`` on Linux): the
+ranks of one node read the same clock, and rank 0's time zero, taken after a barrier and broadcast, is
+everyone's. A rank on another node reads another clock; it estimates its offset from rank 0's the way
+NTP does: it sends its time t0, rank 0 answers with its time u, the answer arrives at t1, and the
+offset is (t0 + t1)/2 - u, from the fastest of ``CLOCK_ROUNDS`` round trips (a slow one was delayed on
+one leg, and says less); the error is at most half that round trip. (Each rank taking its own zero
+as it leaves a barrier is not enough: on a busy machine a rank can leave it milliseconds after another.)
 
 **Errors.** ``check_writable(path, comm)`` tries the path on rank 0 and raises the same ``ValueError``
 on every rank when it cannot be written: call it before training, not after. A write that fails at the
@@ -27,6 +30,8 @@ end raises ``OSError`` on every rank.
 import contextlib
 import json
 import os
+
+from mpi4py import MPI
 
 from minitp import trace
 from minitp.dist.mesh import AXES
@@ -72,8 +77,7 @@ def record_timeline(mesh, path=None):
     gather to world rank 0 and, with ``path``, write the Chrome trace there."""
     world = mesh.world.comm
     timeline = Timeline(path)
-    world.Barrier()
-    recording = trace.start()  # time zero: the moment this rank leaves the barrier
+    recording = trace.start(origin=_rank0_zero(world))
     try:
         yield timeline
     finally:
@@ -92,6 +96,40 @@ def record_timeline(mesh, path=None):
     problem = world.bcast(problem, root=0)
     if problem is not None:
         raise OSError(problem)
+
+
+CLOCK_ROUNDS = 8
+
+
+def _node():
+    """The name of this rank's machine (ranks of one machine read one monotonic clock)."""
+    return MPI.Get_processor_name()
+
+
+def _rank0_zero(comm):
+    """Rank 0's time zero (after a barrier), in this rank's clock: the same number on rank 0's node; on
+    another node, plus this clock's offset from rank 0's, estimated from the fastest round trip."""
+    comm.Barrier()
+    rank = comm.Get_rank()
+    nodes = comm.allgather(_node())
+    elsewhere = [r for r, node in enumerate(nodes) if node != nodes[0]]
+    zero = comm.bcast(trace.now() if rank == 0 else None, root=0)
+    if rank == 0:
+        for other in elsewhere:
+            for _ in range(CLOCK_ROUNDS):
+                comm.recv(source=other, tag=77)
+                comm.send(trace.now(), dest=other, tag=77)
+    elif rank in elsewhere:
+        best = None
+        for _ in range(CLOCK_ROUNDS):
+            sent = trace.now()
+            comm.send(None, dest=0, tag=77)
+            theirs = comm.recv(source=0, tag=77)
+            received = trace.now()
+            if best is None or received - sent < best[0]:
+                best = (received - sent, (sent + received) / 2 - theirs)
+        zero += best[1]
+    return zero
 
 
 def chrome_trace(ranks, mesh):
