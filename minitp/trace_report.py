@@ -206,40 +206,42 @@ def text_timeline(trace, width=72, step=None, tag=None):
 
 
 def plot(trace, path, step=None, title=None, tag=None):
-    """Draw the timeline of one step (``step``; default all) as a PNG at ``path``: per rank, a row of
-    compute, one of blocking communication and one of collectives in flight; phases shaded. Needs
-    matplotlib (the [bench] extra); returns ``path``."""
+    """Draw the timeline of one step (``step``; default all) as a PNG at ``path``: per rank, a thin row
+    of phases (forward, backward, optimizer), then rows of compute, of blocking communication and of
+    collectives in flight (those whose tag contains ``tag``). Needs matplotlib (the [bench] extra);
+    returns ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     first, last = _span_of(trace, step)
     ranks = spans_by_rank(trace)
-    figure, axes = plt.subplots(figsize=(11, 0.9 + 0.75 * len(ranks)))
-    colours = {"compute": "#4878d0", "blocking": "#d65f5f", "inflight": "#ee854a"}
+    figure, axes = plt.subplots(figsize=(11, 1.3 + 0.8 * len(ranks)))
+    rows = (("compute", "#4878d0", 2.0), ("blocked in a collective", "#d65f5f", 1.0),
+            ("collective in flight", "#ee854a", 0.0))
+    phase_colours = {"forward": "#b5d99c", "backward": "#f3d37a", "optimizer": "#c9b3e6"}
     labels, positions = [], []
     for row, (_, (name, spans)) in enumerate(reversed(list(ranks.items()))):
-        base = 3.2 * row
-        _, compute, communication, _ = sets(spans, tag)
+        base = 3.8 * row
+        _, compute, _, _ = sets(spans, tag)
         blocked = union([(s, e) for c, s, e, _, _ in spans if c in BLOCKING])
         inflight = union([(s, e) for c, s, e, _, args in spans if c == "inflight"
                           and (tag is None or tag in str(args.get("tag", "")))])
-        for intervals, colour, y, label in ((compute, "compute", 2.0, "compute"),
-                                            (blocked, "blocking", 1.0, "blocked in a collective"),
-                                            (inflight, "inflight", 0.0, "collective in flight")):
+        for intervals, (label, colour, y) in zip((compute, blocked, inflight), rows):
             bars = [((s - first) / 1e3, (e - s) / 1e3) for s, e in intervals if e > first and s < last]
-            axes.broken_barh(bars, (base + y, 0.8), color=colours[colour], label=label if row == 0 else None)
-        for c, s, e, n, _ in spans:
-            if c == "phase" and n in PHASE_LETTERS and e > first and s < last:
-                axes.axvspan((s - first) / 1e3, (e - first) / 1e3, ymin=0, ymax=1, alpha=0.04, color="black")
+            axes.broken_barh(bars, (base + y, 0.8), color=colour, label=label if row == 0 else None)
+        for phase, colour in phase_colours.items():
+            bars = [((s - first) / 1e3, (e - s) / 1e3) for c, s, e, n, _ in spans
+                    if c == "phase" and n == phase and e > first and s < last]
+            axes.broken_barh(bars, (base + 2.9, 0.35), color=colour, label=phase if row == 0 else None)
         labels.append(name)
-        positions.append(base + 1.4)
+        positions.append(base + 1.5)
     axes.set_yticks(positions)
     axes.set_yticklabels(labels)
     axes.set_xlim(0, (last - first) / 1e3)
     axes.set_xlabel("ms")
     axes.set_title(title or "timeline")
-    axes.legend(loc="upper right", fontsize=8, ncol=3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.1 / len(ranks)), fontsize=8, ncol=6, frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

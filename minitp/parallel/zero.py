@@ -88,9 +88,11 @@ class ZeroOptimizer:
         return norm
 
     def step(self):
-        """Update this rank's slice of every bucket, then all-gather the parameters over dp."""
+        """Update this rank's slice of every bucket, then all-gather the parameters over dp (with
+        ``overlap``, each bucket's all-gather starts as soon as its slice is updated)."""
         self.step_count += 1
         d, r = self.mesh.dp.size, self.mesh.dp.rank
+        gathering = []  # per bucket: a function returning its gathered parameters
         for index, (bucket, pieces) in enumerate(zip(self.gradients.buckets, self.pieces)):
             received, shard_grad = self.gradients.received[index], self.gradients.grad_shards[index]
             lo, hi = bucket.shard_range(r, d)
@@ -108,9 +110,13 @@ class ZeroOptimizer:
             for i, received_gradient in enumerate(received):
                 if received_gradient:
                     self.steps[self.key_of[id(bucket.parameters[i])]] += 1
-            full = dist.all_gather(shard, self.mesh.dp, axis=0,
-                                   tag=f"parameters (bucket {index + 1}/{len(self.gradients.buckets)})")
-            for p, value in zip(bucket.parameters, bucket.views(full)):
+            tag = f"parameters (bucket {index + 1}/{len(self.gradients.buckets)})"
+            if self.gradients.overlap:  # gather this bucket while the next one is updated
+                gathering.append(dist.iall_gather(shard, self.mesh.dp, tag=tag).wait)
+            else:
+                gathering.append(lambda full=dist.all_gather(shard, self.mesh.dp, axis=0, tag=tag): full)
+        for bucket, gathered in zip(self.gradients.buckets, gathering):
+            for p, value in zip(bucket.parameters, bucket.views(gathered())):
                 p.data[...] = value
 
     # -- memory -----------------------------------------------------------------------------------
