@@ -3,7 +3,8 @@
 #                   then run every test: serial, then 2, 3 and 4 ranks, each rank count in one mpiexec
 #   make tutorial   mpirun -n 4 python tutorials/mlp.py
 # and, not part of the tests:
-#   make bench      activation memory, communication and speed against the papers and PyTorch (benchmarks/)
+#   make bench      activation memory, communication and speed against the papers and PyTorch, and
+#                   communication overlapped with computation (benchmarks/)
 #   make gpu-check  on a machine with a GPU: the suite on CuPy, the block's FLOP/s, staged vs CUDA-aware MPI
 # A system MPI instead of the PyPI one: make test MPI=system (mpi4py then builds against your mpicc).
 
@@ -59,6 +60,7 @@ bench: venv
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/memory.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/comm.py
 	MPIEXEC=$(MPIEXEC) $(MALLOC_KEEP) $(BIN)/python benchmarks/speed.py
+	MPIEXEC=$(MPIEXEC) $(MALLOC_KEEP) $(BIN)/python benchmarks/overlap.py
 
 gpu-check: venv
 	$(BIN)/python -m pip install -q cupy-cuda12x
