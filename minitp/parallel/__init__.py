@@ -11,6 +11,9 @@
     cross_entropy vocab_parallel_cross_entropy (three all-reduces of s×b numbers, never the logits)
     shard        load_serial_state, gather_serial_state, gather_serial_grads
     gpt          ParallelGPT (vocab-parallel embedding and loss, TP(+SP) blocks)
+    async_linear   Megatron's asynchronous linear backward (dX reduced during dA's GEMM)
+    buckets        GradientBuckets: flat buckets all-reduced or reduce-scattered, started during backward
+    zero           ZeroOptimizer: ZeRO-1 over the dp axis
     data_parallel  the dp axis of the mesh: batch split, one bucketed gradient all-reduce, global-norm clipping
 """
 from minitp.parallel.mappings import (
