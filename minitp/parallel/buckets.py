@@ -84,7 +84,9 @@ class GradientBuckets:
 
     ``shard=False``: after ``wait()`` every ``.grad`` is the mean over the replicas. ``shard=True``
     (ZeRO-1): after ``wait()``, ``grad_shards[i]`` is this rank's shard of bucket i's mean, and
-    ``received[i]`` says which of its parameters had a gradient. ``overlap=True``: reductions start
+    ``received[i]`` says which of its parameters had a gradient; the ``.grad`` arrays are dropped as
+    soon as they are packed (the mean exists only as slices, and a whole gradient left in ``.grad``
+    would be this replica's alone). ``overlap=True``: reductions start
     during backward. ``ValueError`` (on every rank: every rank checks the same number) unless
     ``bucket_bytes`` > 0.
     """
@@ -123,7 +125,11 @@ class GradientBuckets:
         bucket = self.buckets[index]
         self.received[index] = [p.grad is not None for p in bucket.parameters]
         with trace.span("pack bucket", "compute"):
-            return bucket.pack([p.grad for p in bucket.parameters])
+            flat = bucket.pack([p.grad for p in bucket.parameters])
+        if self.shard:  # this replica's whole gradients are in the bucket now, and no one needs them after it
+            for p in bucket.parameters:
+                p.grad = None
+        return flat
 
     def _start(self, index):
         flat = self._packed(index)

@@ -164,7 +164,6 @@ class ZeroOptimizer:
                 if name != "step" and tuple(array.shape) != params[key].shape:
                     raise ValueError(f"ZeroOptimizer.load_state_dict: {name} of parameter {key!r} has shape "
                                      f"{tuple(array.shape)}, the parameter {params[key].shape}")
-        d, r = self.mesh.dp.size, self.mesh.dp.rank
         self.steps = {key: int(state_dict["state"].get(key, {}).get("step", 0)) for key in self.keys}
         self.state = {}
         for bucket, pieces in zip(self.gradients.buckets, self.pieces):
