@@ -91,7 +91,7 @@ def worker(args):
             if mode == "overlap" and mesh.tp_size > 1 and mesh.dp_size > 1 and args.out:
                 picture = trace_report.plot(timeline.trace, f"{args.out}/overlap.png",
                                             title=f"one overlapped step, tp {mesh.tp_size} × dp {mesh.dp_size}: "
-                                                  "gradient all-reduces in flight during backward")
+                                                  "the gradient all-reduces and dX reductions in flight during backward")
     if MPI.COMM_WORLD.rank == 0:
         harness.report({"tp": mesh.tp_size, "dp": mesh.dp_size, "times": times, "hidden": hidden,
                         "picture": picture})
