@@ -49,6 +49,8 @@ POLL_SECONDS = 1e-4
 PROGRESS_MODES = ("thread", "calls")
 
 _progress = os.environ.get("MINITP_PROGRESS", "thread")
+if _progress not in PROGRESS_MODES:  # at import, on every rank alike: before anything runs
+    raise ValueError(f"MINITP_PROGRESS must be one of {PROGRESS_MODES}, not {_progress!r}")
 _lock = threading.Condition()  # guards every MPI call on our requests, and _in_flight
 _in_flight = []  # the Pending not yet waited for
 _thread = None
