@@ -4,8 +4,8 @@
 #                   (8: context parallelism and pipelines with tp = 2, oversubscribed on a small machine: tiny sizes)
 #   make tutorial   mpirun -n 4 python tutorials/mlp.py
 # and, not part of the tests:
-#   make bench      activation memory, communication and speed against the papers and PyTorch, and context
-#                   parallelism's bytes, work balance and activations against their formulas (benchmarks/)
+#   make bench      activation memory, communication and speed against the papers and PyTorch, context
+#                   parallelism's bytes and balance, pipeline bubbles, and overlap (benchmarks/)
 #   make gpu-check  on a machine with a GPU: the suite on CuPy, the block's FLOP/s, staged vs CUDA-aware MPI
 # A system MPI instead of the PyPI one: make test MPI=system (mpi4py then builds against your mpicc).
 
@@ -59,6 +59,7 @@ bench: venv
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/context.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/pipeline.py
 	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/speed.py
+	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/overlap.py
 
 gpu-check: venv
 	$(BIN)/python -m pip install -q cupy-cuda12x

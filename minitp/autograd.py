@@ -12,12 +12,19 @@ Two classes hold the whole idea:
 tensor along several paths (the chain rule's sum over paths). Leaves that require grad accumulate into
 ``.grad``; the engine never writes into a gradient array in place, so one array may be shared safely.
 
+A leaf's gradient is put into ``.grad`` as soon as the last op that feeds it a gradient has run, not
+when the walk reaches the leaf (which, in a reversed depth-first order, is at the very end for every
+parameter); hooks registered with ``register_post_accumulate_grad_hook`` run then. Data parallelism
+starts reducing a bucket of gradients from such a hook, while backward goes on below it.
+
 While a ``track_saved`` block is open, ``Function.apply`` hands each op it records to
 ``minitp.saved_bytes``, which counts the bytes kept for backward; ``track_saved`` is re-exported here.
+While a trace is recorded (``minitp.trace``), every op's forward and backward is one "compute" span.
 """
 import contextlib
 
 from minitp import backend
+from minitp import trace as _trace
 from minitp.saved_bytes import open_trackers as _saved_trackers, record as _record_saved
 from minitp.saved_bytes import SavedBytes, track_saved  # noqa: F401 (still importable from here)
 
@@ -61,6 +68,7 @@ class Tensor:
     """
 
     is_parameter = False  # minitp.nn.Parameter says True: weights are not activations (see track_saved)
+    _post_accumulate_grad_hooks = ()  # a leaf's own list once a hook is registered
     __array_priority__ = 1000  # numpy array <op> Tensor defers to Tensor's reflected operator
 
     def __init__(self, data, requires_grad=False, name=None):
@@ -98,12 +106,23 @@ class Tensor:
         """The same array, cut from the graph."""
         return Tensor(self.data)
 
+    def register_post_accumulate_grad_hook(self, hook):
+        """Call ``hook(self)`` whenever a backward has put this leaf's whole gradient of that backward
+        into ``.grad`` (torch's hook of the same name). Returns a handle: ``handle.remove()``."""
+        if self._fn is not None:
+            raise RuntimeError("register_post_accumulate_grad_hook: only a leaf (a parameter) has a .grad")
+        if not self._post_accumulate_grad_hooks:
+            self._post_accumulate_grad_hooks = []
+        self._post_accumulate_grad_hooks.append(hook)
+        return _HookHandle(self._post_accumulate_grad_hooks, hook)
+
     # -- the graph walk ----------------------------------------------------------------------------
     def backward(self, grad=None):
         """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad.
 
         ``grad`` is the gradient arriving from above; it defaults to 1 for a scalar. The saved arrays
-        are released as each op is passed, so a graph can be walked once.
+        are released as each op is passed, so a graph can be walked once. A leaf's ``.grad`` is written
+        as soon as every op that owes it a gradient has run (then its hooks run).
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad")
@@ -117,22 +136,33 @@ class Tensor:
             raise ValueError(f"grad of shape {grad.shape} for a tensor of shape {self.shape}")
 
         grads = {id(self): grad}
-        for tensor in reversed(_topological_order(self)):
+        order, owed = _topological_order(self)
+        for tensor in reversed(order):
             grad = grads.pop(id(tensor), None)
             if grad is None:
-                continue  # no path from self reaches here with a gradient
+                continue  # no path from self reaches here with a gradient (or a leaf already done)
             fn = tensor._fn
             if fn is None:
-                tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+                _accumulate(tensor, grad)
                 continue
-            input_grads = fn.backward(grad)
+            if _trace.recording is None:
+                input_grads = fn.backward(grad)
+            else:
+                started = _trace.now()
+                input_grads = fn.backward(grad)
+                _trace.complete(f"{type(fn).__name__} backward", "compute", started)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             for parent, parent_grad in zip(fn.inputs, input_grads):
-                if parent_grad is None or not parent.requires_grad:
+                if not parent.requires_grad:
                     continue
-                previous = grads.get(id(parent))
-                grads[id(parent)] = parent_grad if previous is None else previous + parent_grad
+                if parent_grad is not None:
+                    previous = grads.get(id(parent))
+                    grads[id(parent)] = parent_grad if previous is None else previous + parent_grad
+                if parent._fn is None:  # a leaf: was this the last op that owed it a gradient?
+                    owed[id(parent)] -= 1
+                    if owed[id(parent)] == 0 and id(parent) in grads:
+                        _accumulate(parent, grads.pop(id(parent)))
             fn.saved = ()
             tensor._fn = None  # the graph above this tensor is spent
 
@@ -173,11 +203,28 @@ class Tensor:
         return self._f().transpose(self)
 
 
+class _HookHandle:
+    def __init__(self, hooks, hook):
+        self.hooks, self.hook = hooks, hook
+
+    def remove(self):
+        if self.hook in self.hooks:
+            self.hooks.remove(self.hook)
+
+
+def _accumulate(leaf, grad):
+    """Add ``grad`` (the leaf's whole gradient from this backward) into ``leaf.grad``; run its hooks."""
+    leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+    for hook in leaf._post_accumulate_grad_hooks:
+        hook(leaf)
+
+
 def _topological_order(root):
-    """Every tensor that ``root`` depends on through recorded ops, each after its inputs.
+    """Every tensor that ``root`` depends on through recorded ops, each after its inputs; and for each
+    leaf that requires grad, how many op inputs it is (how many gradients it is owed).
 
     Iterative (no recursion limit for deep graphs such as a 48-layer model)."""
-    order, visited, stack = [], set(), [(root, False)]
+    order, visited, stack, owed = [], set(), [(root, False)], {}
     while stack:
         tensor, inputs_done = stack.pop()
         if inputs_done:
@@ -188,8 +235,12 @@ def _topological_order(root):
         visited.add(id(tensor))
         stack.append((tensor, True))
         if tensor._fn is not None:
-            stack.extend((parent, False) for parent in tensor._fn.inputs if id(parent) not in visited)
-    return order
+            for parent in tensor._fn.inputs:
+                if parent._fn is None and parent.requires_grad:
+                    owed[id(parent)] = owed.get(id(parent), 0) + 1
+                if id(parent) not in visited:
+                    stack.append((parent, False))
+    return order, owed
 
 
 class Function:
@@ -229,12 +280,15 @@ class Function:
                 if array.dtype is not dtype or type(array) is not array_type:
                     _check_operands(cls, arrays)
                     break
+        started = _trace.now() if _trace.recording is not None else None
         try:
             output = fn.forward(*arrays, **options)
         except OperandError:
             raise  # an op inside this op's forward already named its own inputs
         except ValueError as error:  # numpy's own words ("could not be broadcast") name no op
             raise OperandError(f"{cls.__name__} of {_describe(arrays)}: {str(error).strip()}") from error
+        if started is not None:
+            _trace.complete(cls.__name__, "compute", started)
         result = Tensor(output)
         if _grad_enabled and any(fn.needs_input_grad):
             fn.inputs = inputs

@@ -15,7 +15,9 @@ of ``.npy`` files, readable with nothing but ``numpy.load`` -- keyed by the seri
                                                         vocabulary and a hash of the corpus, checked at load
 
 ``load`` cuts the file for any mesh: a checkpoint saved at tp=4 resumes at tp=2, or serially, and takes
-exactly the steps the uninterrupted run takes.
+exactly the steps the uninterrupted run takes. A ZeRO-1 optimizer (``minitp.parallel.zero``) is saved
+full, gathered over dp first, and loaded by keeping each dp rank's slices: the file does not say
+whether the run was sharded.
 
 **Pipeline stages** each hold other layers: at save the first stage collects the other stages' arrays
 (an mpi4py ``gather`` over pp, pickled in memory; the first stage's copy of a tied table is the one
@@ -57,6 +59,8 @@ def save(path, model, optimizer=None, mesh=None, step=0, metadata=None):
     ``load(..., metadata=)`` requires to match.
     """
     arrays = None
+    if optimizer is not None and hasattr(optimizer, "gathered"):
+        optimizer = optimizer.gathered()  # ZeRO: each dp rank holds 1/d of the state; every rank gathers
     if mesh is None or mesh.dp_rank == 0:
         arrays = _over_stages(_gather_everything(model, optimizer, mesh, step), mesh, _merge_arrays)
         if arrays is not None:  # the first stage, which holds the merged arrays

@@ -52,6 +52,27 @@ def test_leaf_grad_accumulates_across_backward_calls(device):
     assert max_error(x.grad, numpy.full((2, 3), 5.0)) == 0.0
 
 
+def test_a_leaf_is_final_and_hooked_as_soon_as_its_last_op_has_run(device):
+    # y = tanh(tanh(x·w1)·w2)·w3, with w1 used twice: the hooks fire once per weight, in the order backward
+    # finishes with them (w3 first), each seeing its whole gradient, while ops below it remain to be run
+    x, w1, w2, w3 = make((4,), 0), make((4,), 1), make((4,), 2), make((4,), 3)
+    fired = []
+
+    def hook(name):
+        return lambda leaf: fired.append((name, backend.to_host(leaf.grad).copy(), w1.grad is None))
+    handles = [w.register_post_accumulate_grad_hook(hook(name)) for name, w in (("w1", w1), ("w2", w2), ("w3", w3))]
+    y = (F.tanh(F.tanh(x * w1 + x * w1) * w2) * w3).sum()
+    y.backward()
+    assert [name for name, _, _ in fired] == ["w3", "w2", "w1"]
+    assert [w1_not_yet for _, _, w1_not_yet in fired] == [True, True, False], "w3, w2 hooked while w1's ops remain"
+    for (name, grad_then, _), w in zip(sorted(fired), (w1, w2, w3)):
+        assert numpy.array_equal(grad_then, backend.to_host(w.grad)), f"{name}: the whole gradient when hooked"
+    for handle in handles:
+        handle.remove()
+    (x * w1).sum().backward()
+    assert len(fired) == 3, "removed hooks do not run"
+
+
 def test_no_gradient_reaches_inputs_that_do_not_require_it(device):
     x, constant = make((3,), 0), make((3,), 1, requires_grad=False)
     (x * constant).sum().backward()

@@ -74,6 +74,13 @@ def test_speed_bench_runs(tmp_path):
     assert (tmp_path / "speed.png").exists() or not PLOTS
 
 
+def test_overlap_bench_runs(tmp_path):
+    report = run_bench("overlap.py", tmp_path)
+    for mode in ("| blocking |", "| overlap |", "| overlap, calls |", "| ZeRO-1 |", "| ZeRO-1 overlap |"):
+        assert report.count(mode) == 2, report  # two meshes in --quick
+    assert (tmp_path / "overlap.png").exists() and "overlap.png" in report
+
+
 def test_the_pytorch_block_computes_minitps_block():
     torch = pytest.importorskip("torch")
     sys.path.insert(0, str(BENCHMARKS))

@@ -1,6 +1,7 @@
 """tutorials/train_gpt.py: its --check holds on every mesh (in process, fast), and its command line trains,
 saves, resumes on another mesh and refuses a mesh that does not fit the ranks (as a learner runs it)."""
 import importlib.util
+import json
 
 import pytest
 from mpi4py import MPI
@@ -51,6 +52,19 @@ def test_check_catches_gradients_summed_over_dp_instead_of_averaged(monkeypatch)
     result = train_gpt.check(train_gpt.check_args(1, 2), dist.init(tp=1, dp=2))
     norms = [abs(p / s - 1) for p, s in zip(result.parallel_norms, result.serial_norms)]
     parallel_assert(result.max_difference > 0.5 and max(norms) > 0.5, f"{result}")
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+@pytest.mark.parametrize("zero,overlap,sequence_parallel", [(1, False, False), (0, True, True), (1, True, True)])
+def test_check_mode_covers_zero_and_overlap(zero, overlap, sequence_parallel):
+    """--check with --zero 1 and/or --overlap on every (tp, dp) with dp > 1: the losses equal the serial run's."""
+    train_gpt = tutorial()
+    for tp in (1, 2):
+        dp = WORLD.size // tp
+        args = train_gpt.check_args(tp, dp, sequence_parallel, zero=zero, overlap=overlap)
+        result = train_gpt.check(args, dist.init(tp=tp, dp=dp))
+        parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE,
+                        f"tp {tp} dp {dp} zero {zero} overlap {overlap}: {result.parallel} vs {result.serial}")
 
 
 # The command line, run as a learner does (tutorial_runner.launch): a fresh launch outside this test's MPI job.
@@ -143,3 +157,23 @@ def test_resuming_is_refused_past_steps_on_another_corpus_or_to_an_unwritable_pa
                         "--save", str(tmp_path / "missing" / "gpt.npz"), ranks=2, timeout=90)
     assert unwritable.returncode == 2 and "cannot save a checkpoint" in unwritable.stderr, unwritable.stderr
     assert "step" not in unwritable.stdout, "refused before training"
+
+
+@needs_mpiexec
+def test_command_line_traces_zero_with_overlap(tmp_path):
+    trace = tmp_path / "trace.json"
+    run = launch("train_gpt.py", *SMALL, "--dp", "2", "--zero", "1", "--overlap", "--steps", "3", "--trace",
+                 str(trace), ranks=2, timeout=90)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"traced steps 2..3 into {trace}" in run.stdout and "| rank 1: dp 1, tp 0 |" in run.stdout, run.stdout
+    written = json.loads(trace.read_text())
+    assert {e["pid"] for e in written["traceEvents"]} == {0, 1}
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("option,message", [(("--bucket-mb", "0"), "error: --bucket-mb must be a positive size"),
+                                            (("--trace", "/no/such/directory/t.json"), "error: cannot write the trace")])
+def test_a_bad_bucket_size_or_trace_path_is_one_clear_error_before_training(option, message):
+    run = launch("train_gpt.py", *SMALL, "--dp", "2", "--steps", "1", *option, ranks=2, timeout=90)
+    assert run.returncode == 2 and run.stderr.count(message) == 1, run.stderr
+    assert "step " not in run.stdout and "Traceback" not in run.stderr, run.stdout + run.stderr

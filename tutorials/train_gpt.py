@@ -9,6 +9,7 @@ serial model's training, step for step.
     mpirun -n 4 python tutorials/train_gpt.py --tp 4 --steps 100 --save gpt.npz
     mpirun -n 2 python tutorials/train_gpt.py --tp 2 --load gpt.npz      # resume on another mesh
     mpirun -n 4 python tutorials/train_gpt.py --pp 2 --tp 2 --microbatches 4 --schedule 1f1b --check
+    mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2 --zero 1 --overlap --trace trace.json
 
 The ranks form a (dp × tp) grid (``dist.init``; tp ranks contiguous). Each group of tp ranks holds one
 copy of the model cut into shards -- the embedding and the LM head by vocabulary, attention by heads,
@@ -36,10 +37,12 @@ from pathlib import Path
 import numpy
 from mpi4py import MPI
 
-from minitp import checkpoint, dist, pipeline
+from minitp import checkpoint, dist, pipeline, trace_report
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel.data_parallel import train_step
+from minitp.parallel.buckets import GradientBuckets
+from minitp.parallel.data_parallel import replicas, train_step
 from minitp.parallel.gpt import ParallelGPT
+from minitp.parallel.zero import ZeroOptimizer
 from minitp.report import say
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -116,11 +119,15 @@ def batch_at(data, step, batch, seq, seed=0):
 # whole model.
 # AdamW is built from named_parameters(): its state is keyed by the serial names, which is what lets a
 # checkpoint hold it in serial shapes.
+# --zero 1 shards that state over the dp replicas (ZeroOptimizer: each keeps 1/dp of it); --overlap
+# reduces gradients during backward, bucket by bucket (GradientBuckets, or ZeRO's own buckets), and
+# reduces each column-parallel layer's dX during its dA GEMM.
 # ---------------------------------------------------------------------------------------------------
 
 
 def build(args, vocab, mesh, dtype):
-    """(model, optimizer): a ParallelGPT on ``mesh``, or with ``mesh=None`` the serial nn.GPT."""
+    """(model, optimizer, gradients): a ParallelGPT on ``mesh``, or with ``mesh=None`` the serial nn.GPT;
+    ``gradients`` the buckets of plain data parallelism (None serially, and under ZeRO, which has its own)."""
     config = GPTConfig(vocab=vocab, seq_len=args.seq, hidden=args.hidden, heads=args.heads, layers=args.layers,
                        dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype)
     if mesh is None:
@@ -129,9 +136,14 @@ def build(args, vocab, mesh, dtype):
         model = pipeline.PipelineGPT(config, mesh, args.sequence_parallel, args.virtual_stages)
     else:
         model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel,
-                            context_parallel=args.cp_kind if mesh.cp_size > 1 else None)
+                            context_parallel=args.cp_kind if mesh.cp_size > 1 else None, overlap=args.overlap)
     optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return model, optimizer
+    gradients, bucket_bytes = None, args.bucket_mb * 2 ** 20
+    if mesh is not None and args.zero:
+        optimizer = ZeroOptimizer(optimizer, mesh, bucket_bytes, overlap=args.overlap)
+    elif mesh is not None and not pipelined(args):  # a pipeline reduces its stages' gradients itself
+        gradients = GradientBuckets(model.parameters(), replicas(mesh), bucket_bytes, overlap=args.overlap)
+    return model, optimizer, gradients
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,6 +157,8 @@ def build(args, vocab, mesh, dtype):
 #     clip by the global norm: split parameters' squares summed over tp, replicated ones counted once
 #     AdamW
 #
+# --zero 1: reduce-scatter instead, clip from the slices, AdamW on this replica's slice, all-gather the
+# parameters (tutorials/zero.py). --overlap: the buckets' reductions start inside backward.
 # The same function runs the serial nn.GPT (mesh=None): nothing to split, nothing to reduce.
 # ---------------------------------------------------------------------------------------------------
 
@@ -154,24 +168,40 @@ def pipelined(args):
     return args.pp > 1 or args.microbatches > 1
 
 
-def train(model, optimizer, data, args, mesh, first_step=0, report=None):
+def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=None):
     """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses and their
     gradient norms (before clipping). ``report(step, loss, norm, seconds)`` is called after each step
-    (on every rank)."""
-    losses, norms = [], []
-    for step in range(first_step, args.steps):
-        ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
-        started = time.perf_counter()
-        if mesh is not None and pipelined(args):  # the schedule's forwards and backwards, then as below
-            loss, norm = pipeline.train_step(model, optimizer, ids, targets, mesh, args.schedule, args.microbatches,
-                                             max_norm=args.max_norm)
-        else:
-            loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm)
-        losses.append(loss)
-        norms.append(norm)
-        if report is not None:
-            report(step, loss, norm, time.perf_counter() - started)
-    return losses, norms
+    (on every rank). With ``--trace``, ``--trace-steps`` steps after the first are recorded into one
+    timeline of every rank."""
+    def steps(first, last):
+        losses, norms = [], []
+        for step in range(first, last):
+            ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
+            started = time.perf_counter()
+            if mesh is not None and pipelined(args):  # the schedule's forwards and backwards, then as below
+                loss, norm = pipeline.train_step(model, optimizer, ids, targets, mesh, args.schedule,
+                                                 args.microbatches, max_norm=args.max_norm)
+            else:
+                loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm,
+                                        gradients=gradients)
+            losses.append(loss)
+            norms.append(norm)
+            if report is not None:
+                report(step, loss, norm, time.perf_counter() - started)
+        return losses, norms
+
+    if not getattr(args, "trace", None):
+        return steps(first_step, args.steps)
+    begin = min(first_step + 1, args.steps - 1)  # the first step warms up: leave it out when there are more
+    end = min(begin + args.trace_steps, args.steps)
+    losses, norms = steps(first_step, begin)
+    with dist.record_timeline(mesh, args.trace) as timeline:
+        traced = steps(begin, end)
+    if timeline.trace is not None:  # world rank 0
+        say(f"traced steps {begin + 1}..{end} into {args.trace} (open it in https://ui.perfetto.dev):\n"
+            + trace_report.table(trace_report.breakdown(timeline.trace)))
+    rest = steps(end, args.steps)
+    return losses + traced[0] + rest[0], norms + traced[1] + rest[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,6 +217,7 @@ class Training:
     data: numpy.ndarray
     model: object
     optimizer: object
+    gradients: object
     first_step: int
     text: str
 
@@ -194,7 +225,8 @@ class Training:
 def setup(args, mesh):
     """Read the text, build the model on ``mesh``, resume from ``--load``. A configuration that cannot
     work (a batch that dp does not divide, heads or vocabulary that tp does not divide, a checkpoint of
-    another model) raises the same ValueError on every rank, before any training."""
+    another model, a bucket size <= 0, a trace path that cannot be written) raises the same ValueError on
+    every rank, before any training."""
     dist.divide(args.batch, mesh.dp_size, "--batch (the global batch, split over the --dp replicas)")
     if args.sequence_parallel:
         dist.divide(args.seq, mesh.tp_size, "--seq (split over the --tp ranks by --sequence-parallel)")
@@ -202,11 +234,15 @@ def setup(args, mesh):
         pipeline.check_step(mesh, args.batch, args.schedule, args.microbatches, args.virtual_stages)
     if args.save:
         checkpoint.check_writable(args.save, mesh)  # now, not after the training
+    if not args.bucket_mb > 0:
+        raise ValueError(f"--bucket-mb must be a positive size, not {args.bucket_mb}")
+    if args.trace:
+        dist.check_writable(args.trace, mesh.world.comm)
     text = read_corpus(mesh.world.comm, args.text)
     if len(text) <= args.seq + 1:
         raise ValueError(f"the text has {len(text)} characters: too few for windows of --seq {args.seq} + 1")
     characters = Characters(text)
-    model, optimizer = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
+    model, optimizer, gradients = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
     model.builders.tokens_here(args.seq)  # a --seq the mesh cannot split (SP, cp): ValueError now, on every rank
     first_step = 0
     if args.load:
@@ -214,7 +250,7 @@ def setup(args, mesh):
         if first_step > args.steps:
             raise ValueError(f"the checkpoint {args.load} is at step {first_step}, beyond --steps {args.steps}: "
                              f"pass --steps larger than {first_step} to train on from there")
-    return Training(mesh, characters, characters.encode(text), model, optimizer, first_step, text)
+    return Training(mesh, characters, characters.encode(text), model, optimizer, gradients, first_step, text)
 
 
 def metadata(characters, text):
@@ -231,7 +267,8 @@ def run(args, training):
     say(f"{mesh}\n{len(data):,} characters of {source}, vocabulary {len(characters.chars)} "
         f"(padded to {characters.vocab}); {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
         f"seq {args.seq}, global batch {args.batch} ({args.batch // mesh.dp_size} per replica), "
-        f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}"
+        f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}, zero={args.zero}, "
+        f"overlap={args.overlap}"
         f"{f', context parallel: {args.cp_kind}' if mesh.cp_size > 1 else ''}; "
         f"{parameters:,} parameters per rank"
         + (f"; {args.schedule} schedule, {args.microbatches} microbatches" if pipelined(args) else ""))
@@ -257,7 +294,7 @@ def run(args, training):
                             metadata=metadata(characters, training.text))
 
     started = time.perf_counter()
-    losses, _ = train(model, optimizer, data, args, mesh, first_step, report)
+    losses, _ = train(model, optimizer, training.gradients, data, args, mesh, first_step, report)
     elapsed = time.perf_counter() - started
     if losses:
         last = losses[-args.log_every:]
@@ -311,22 +348,22 @@ class CheckResult:
 
 
 CHECK_OVERRIDES = dict(steps=10, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1, lr=3e-3,
-                       weight_decay=0.01, max_norm=0.5, seed=0, dtype="float64")
+                       weight_decay=0.01, max_norm=0.5, seed=0, dtype="float64", bucket_mb=2 / 1024)
 """What ``--check`` sets, whatever the command line says: a tiny float64 model with dropout on, divisible
 by tp <= 4 and dp <= 2; its 8 tokens by 2·cp zigzag chunks for cp <= 4 (s/cp by tp under SP), its 4
 heads by cp·tp under Ulysses; with pipeline stages, a block per chunk (at least 2) and a batch that
-dp × microbatches divides."""
+dp × microbatches divides. The buckets are small (2 KiB), so that a step has several and ZeRO pads some."""
 
 
 def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, cp=1, cp_kind="zigzag",
-               pp=1, microbatches=1, schedule="1f1b", virtual_stages=1, **overrides):
+               pp=1, microbatches=1, schedule="1f1b", virtual_stages=1, zero=0, overlap=False, **overrides):
     """The configuration of the check (``CHECK_OVERRIDES``, the pipeline's needs, then ``overrides``)."""
     pipeline_needs = dict(batch=math.lcm(CHECK_OVERRIDES["batch"], dp * microbatches),
                           layers=max(CHECK_OVERRIDES["layers"], pp * virtual_stages))
     return argparse.Namespace(tp=tp, dp=dp, cp=cp, cp_kind=cp_kind, sequence_parallel=sequence_parallel,
                               tie_embeddings=tie_embeddings, text=text, pp=pp, microbatches=microbatches,
-                              schedule=schedule, virtual_stages=virtual_stages,
-                              **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
+                              schedule=schedule, virtual_stages=virtual_stages, zero=zero, overlap=overlap,
+                              trace=None, **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
 
 
 def check(args, mesh):
@@ -347,7 +384,8 @@ def run_check(args, mesh, overridden=()):
     context = f", context parallel: {args.cp_kind}" if mesh.cp_size > 1 else ""
     stages = (f", {args.schedule} schedule, {args.microbatches} microbatches, {args.virtual_stages} chunk(s) per "
               f"rank" if pipelined(args) else "")
-    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}{context}{stages}, float64, dropout {args.dropout}")
+    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}{context}{stages}, zero={args.zero}, "
+        f"overlap={args.overlap}, float64, dropout {args.dropout}")
     say(" step   parallel loss        serial loss      |difference|   grad norm (parallel, serial)")
     for step, (p, s, pn, sn) in enumerate(zip(result.parallel, result.serial, result.parallel_norms,
                                               result.serial_norms), 1):
@@ -396,6 +434,13 @@ def parse(argv=None):
     parser.add_argument("--save", metavar="PATH", help="write a checkpoint here at the end")
     parser.add_argument("--save-every", type=int, default=0, help="... and every this many steps (0: only at the end)")
     parser.add_argument("--load", metavar="PATH", help="resume from this checkpoint (saved on any mesh)")
+    parser.add_argument("--zero", type=int, choices=[0, 1], default=0,
+                        help="1: ZeRO-1, each dp replica keeps the optimizer state of 1/dp of the parameters")
+    parser.add_argument("--overlap", action="store_true",
+                        help="reduce gradients during backward, and each column-parallel dX during its dA GEMM")
+    parser.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size, MiB")
+    parser.add_argument("--trace", metavar="FILE", help="write a timeline of every rank (Chrome trace JSON)")
+    parser.add_argument("--trace-steps", type=int, default=3, help="... of this many steps (after the first)")
     parser.add_argument("--check", action="store_true",
                         help="prove it: 10 steps in float64 with dropout, losses and gradient norms against serial")
     return parser.parse_args(argv)
@@ -423,6 +468,9 @@ def validate(args):
                          f"not {args.max_norm}: a negative one would ascend the gradient, 0 would zero it")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), not {args.temperature}")
+    if (args.zero or args.overlap) and (args.pp > 1 or args.microbatches > 1 or args.cp > 1):
+        raise ValueError("--zero and --overlap work with --tp, --dp and --sequence-parallel; with --pp, "
+                         "--microbatches or --cp they are not built yet")
     if args.pp > 1 and args.cp > 1:
         raise ValueError("--pp and --cp together are not built yet: choose one of pipeline stages and context "
                          "parallelism (each composes with --tp, --dp and --sequence-parallel)")
@@ -450,7 +498,8 @@ def main(argv=None):
         if args.check:
             proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text,
                                cp=args.cp, cp_kind=args.cp_kind, pp=args.pp, microbatches=args.microbatches,
-                               schedule=args.schedule, virtual_stages=args.virtual_stages)
+                               schedule=args.schedule, virtual_stages=args.virtual_stages, zero=args.zero,
+                               overlap=args.overlap)
             if pipelined(proof):
                 pipeline.check_step(mesh, proof.batch, args.schedule, args.microbatches, args.virtual_stages)
             return 0 if run_check(proof, mesh, overridden_by_check(argv)) else 1

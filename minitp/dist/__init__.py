@@ -14,7 +14,10 @@ to call them:
                     ``reduce_scatter``, ``broadcast``, ``split``
     exchange.py     context parallelism's exchanges: ``sendrecv`` to ring neighbours, ``all_to_all``
     p2p.py          how does one rank hand an array to another? ``send`` (non-blocking), ``recv``
+    nonblocking.py  which collectives run while the rank computes, and what makes them progress?
+                    ``iall_reduce``, ``ireduce_scatter``, ``iall_gather``, ``set_progress``
     log.py          which collectives ran, moving how many bytes? ``log_collectives``, ``CollectiveLog``
+    timeline.py     what did every rank do, and when? ``record_timeline`` (a Chrome trace), ``check_writable``
     checks.py       do the ranks agree? checked mode, token-id agreement (``set_checked``, ``agree``)
     failures.py     how does a job end when a rank raises or leaves? one message, within seconds
     runtime.py      how does each rank run under MPI? the abort handler, BLAS threads, and how CuPy
@@ -37,13 +40,17 @@ from minitp.dist.exchange import all_to_all, sendrecv
 from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
 from minitp.dist.mesh import Group, Mesh, divide, init
 from minitp.dist.failures import install_abort_handler
+from minitp.dist.nonblocking import Pending, iall_gather, iall_reduce, ireduce_scatter, set_progress
 from minitp.dist.p2p import PendingSend, recv, send, wait_all
 from minitp.dist.runtime import set_cuda_aware, transport
+from minitp.dist.timeline import check_writable, record_timeline
 
 __all__ = [
     "init", "Mesh", "Group", "divide",
     "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split", "sendrecv", "all_to_all",
     "send", "recv", "wait_all", "PendingSend",
+    "iall_reduce", "ireduce_scatter", "iall_gather", "Pending", "set_progress",
+    "record_timeline", "check_writable",
     "log_collectives", "CollectiveLog", "CollectiveRecord",
     "install_abort_handler", "set_cuda_aware", "transport", "agree", "agree_on_ids", "checked", "set_checked",
 ]

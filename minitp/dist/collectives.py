@@ -9,12 +9,13 @@ returned (no copy); ``split`` returns a view. So treat results as read-only, as 
 (the autograd engine never writes into an array in place).
 
 Each docstring gives the ring cost that the collective log (``log.py``) records; how a CuPy array
-reaches MPI (host staging or CUDA-aware) is ``runtime.py``'s business.
+reaches MPI (host staging or CUDA-aware) is ``runtime.py``'s business. While a trace is recorded
+(``minitp.trace``), each collective over more than one rank is one "comm" span with its bytes.
 """
 import numpy
 from mpi4py import MPI
 
-from minitp import backend
+from minitp import backend, trace
 from minitp.dist import checks, log
 from minitp.dist.mesh import divide
 from minitp.dist.runtime import _for_mpi, _like
@@ -26,6 +27,17 @@ def _buffer(array):
     fromcode = getattr(MPI.Datatype, "fromcode", None)  # mpi4py >= 4; older versions keep a dict
     datatype = fromcode(code) if fromcode is not None else MPI._typedict[code]
     return [array, datatype]
+
+
+def _traced(op, group, payload_bytes, ring_bytes, tag, started):
+    """Record the collective that began at ``started`` as a "comm" span (when a trace is recorded)."""
+    if started is not None:
+        trace.complete(op, "comm", started, dict(group=group.name, bytes=int(payload_bytes),
+                                                 ring_bytes=ring_bytes, tag=tag))
+
+
+def _start():
+    return trace.now() if trace.recording is not None else None
 
 
 def _axis(array, axis):
@@ -55,9 +67,11 @@ def all_reduce(x, group, tag="", op="sum"):
         log._record("all_reduce", group, x.shape, x.dtype, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag)
     if n == 1:
         return x
+    started = _start()
     send = _for_mpi(x)
     total = backend.array_module(send).empty_like(send)
     group.comm.Allreduce(_buffer(send), _buffer(total), op=_REDUCE_OPS[op])
+    _traced("all_reduce", group, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag, started)
     return _like(total, x)
 
 
@@ -78,10 +92,12 @@ def all_gather(x, group, axis=0, tag=""):
         log._record("all_gather", group, gathered_shape, x.dtype, n * x.nbytes, (n - 1) * x.nbytes, tag)
     if n == 1:
         return x
+    started = _start()
     send = _for_mpi(x)
     xp = backend.array_module(send)
     blocks = xp.empty((n,) + send.shape, dtype=send.dtype)
     group.comm.Allgather(_buffer(send), _buffer(blocks))
+    _traced("all_gather", group, n * x.nbytes, (n - 1) * x.nbytes, tag, started)
     if axis == 0:
         gathered = blocks.reshape(gathered_shape)
     else:
@@ -107,6 +123,7 @@ def reduce_scatter(x, group, axis=0, tag=""):
         log._record("reduce_scatter", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
     if n == 1:
         return x
+    started = _start()
     xp = backend.array_module(x)
     block_shape = x.shape[:axis] + (block,) + x.shape[axis + 1:]
     rank_major = x
@@ -116,6 +133,7 @@ def reduce_scatter(x, group, axis=0, tag=""):
     send = _for_mpi(rank_major)
     mine = backend.array_module(send).empty(block_shape, dtype=send.dtype)
     group.comm.Reduce_scatter_block(_buffer(send), _buffer(mine), op=MPI.SUM)
+    _traced("reduce_scatter", group, x.nbytes, (n - 1) * x.nbytes / n, tag, started)
     return _like(mine, x)
 
 
@@ -134,10 +152,12 @@ def broadcast(x, group, root=0, tag=""):
         log._record("broadcast", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
     if n == 1:
         return x
+    started = _start()
     values = _for_mpi(x)
     if backend.data_ptr(values) == backend.data_ptr(x):
         values = values.copy()  # Bcast writes in place; the caller's x must stay as it was
     group.comm.Bcast(_buffer(values), root=root)
+    _traced("broadcast", group, x.nbytes, (n - 1) * x.nbytes / n, tag, started)
     return _like(values, x)
 
 

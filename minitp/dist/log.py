@@ -35,6 +35,8 @@ class CollectiveRecord:
     exactly S for a sendrecv, (n-1)/n·S for an all-to-all, S for a send, 0 for a receive"""
     tag: str
     """which operator called it, e.g. ``"f backward"``"""
+    blocking: bool = True
+    """False for a non-blocking collective (``dist.iall_reduce``...), logged when it starts"""
 
 
 class CollectiveLog:
@@ -109,8 +111,8 @@ def log_collectives():
         _active_logs.remove(log)
 
 
-def _record(op, group, shape, dtype, payload_bytes, ring_bytes, tag):
+def _record(op, group, shape, dtype, payload_bytes, ring_bytes, tag, blocking=True):
     record = CollectiveRecord(op, group.name, group.size, tuple(shape), str(numpy.dtype(dtype)),
-                              int(payload_bytes), ring_bytes, tag)
+                              int(payload_bytes), ring_bytes, tag, blocking)
     for log in _active_logs:
         log.records.append(record)

@@ -14,6 +14,9 @@
     ulysses      Ulysses attention: all-to-all from sequence-split to head-split q, k, v and back
     context      ContextParallelLayers: every activation split along the sequence over cp
     gpt          ParallelGPT (vocab-parallel embedding and loss, TP(+SP) blocks, optionally CP)
+    async_linear   Megatron's asynchronous linear backward (dX reduced during dA's GEMM)
+    buckets        GradientBuckets: flat buckets all-reduced or reduce-scattered, started during backward
+    zero           ZeroOptimizer: ZeRO-1 over the dp axis
     data_parallel  the dp axis of the mesh: batch split, one bucketed gradient all-reduce, global-norm clipping
 """
 from minitp.parallel.mappings import (

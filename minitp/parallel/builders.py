@@ -27,6 +27,7 @@ from minitp.nn import placement
 from minitp.nn.builders import SerialLayers
 from minitp.nn.layers import Dropout
 from minitp.parallel import mappings
+from minitp.parallel.async_linear import LinearWithAsyncGradReduce
 from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
 from minitp.parallel.embedding import VocabParallelEmbedding
 from minitp.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -37,14 +38,17 @@ SEQUENCE_AXIS, BATCH_AXIS = 0, 1  # activations are (s, b, h)
 
 class TensorParallelLayers(SerialLayers):
     """Layers split over the tensor-parallel ``group`` (``mesh.tp``), optionally sequence-parallel, with
-    the batch optionally split over ``data_parallel`` (``mesh.dp``)."""
+    the batch optionally split over ``data_parallel`` (``mesh.dp``). ``overlap``: the column-parallel
+    layers (and the tied LM head) reduce dX while computing dA (``minitp.parallel.async_linear``)."""
 
-    def __init__(self, group, sequence_parallel=False, data_parallel=None):
+    def __init__(self, group, sequence_parallel=False, data_parallel=None, overlap=False):
         self.group, self.sequence_parallel, self.data_parallel = group, sequence_parallel, data_parallel
+        self.overlap = overlap
 
     def column_linear(self, in_features, out_features, *, dtype, seed, bias=True, std=None, tag=None):
         return ColumnParallelLinear(in_features, out_features, bias=bias, group=self.group,
-                                    sequence_parallel=self.sequence_parallel, dtype=dtype, seed=seed, std=std, tag=tag)
+                                    sequence_parallel=self.sequence_parallel, dtype=dtype, seed=seed, std=std, tag=tag,
+                                    overlap=self.overlap)
 
     def row_linear(self, in_features, out_features, *, dtype, seed, bias=True, std=None, tag=None):
         return RowParallelLinear(in_features, out_features, bias=bias, group=self.group, input_is_parallel=True,
@@ -116,6 +120,9 @@ class TensorParallelLayers(SerialLayers):
 
         The same entrance as a column-parallel layer -- f, or g gathering all s tokens -- since each
         rank's dx is only its vocabulary block's part of the sum over the vocabulary."""
+        if self.overlap:  # under SP it keeps x's sequence block and gathers it again for d(table)
+            return LinearWithAsyncGradReduce.apply(x, F.transpose(table), group=self.group, tag="lm_head (tied)",
+                                                   sequence_parallel=self.sequence_parallel)
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_parallel_region(x, self.group, "lm_head (tied)")
         else:

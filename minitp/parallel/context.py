@@ -41,10 +41,10 @@ class ContextParallelLayers(TensorParallelLayers):
     ``KINDS``), tensor-parallel over ``group`` (``mesh.tp``), optionally sequence-parallel, its batch
     split over ``data_parallel`` (``mesh.dp``)."""
 
-    def __init__(self, group, context, kind, sequence_parallel=False, data_parallel=None):
+    def __init__(self, group, context, kind, sequence_parallel=False, data_parallel=None, overlap=False):
         if kind not in KINDS:
             raise ValueError(f"context parallelism is one of {KINDS}, not {kind!r}")
-        super().__init__(group, sequence_parallel, data_parallel)
+        super().__init__(group, sequence_parallel, data_parallel, overlap)
         self.context, self.kind = context, kind
         self.layout = placement.ZIGZAG if kind == "zigzag" else placement.CONTIGUOUS
 
@@ -104,7 +104,7 @@ class ContextParallelLayers(TensorParallelLayers):
         return dist.broadcast(logits[row], self.context, root=owner, tag="generate: the last token's logits")
 
 
-def context_layers(mesh, context_parallel, sequence_parallel, heads):
+def context_layers(mesh, context_parallel, sequence_parallel, heads, overlap=False):
     """The layers of a ``ParallelGPT`` on ``mesh``: ``TensorParallelLayers`` without context parallelism
     (``context_parallel=None``, which needs cp = 1), else ``ContextParallelLayers`` of that kind.
 
@@ -114,9 +114,9 @@ def context_layers(mesh, context_parallel, sequence_parallel, heads):
         if mesh.cp_size > 1:
             raise ValueError(f"the mesh splits the sequence over cp={mesh.cp_size} ranks: say how attention "
                              f"crosses them, context_parallel= one of {KINDS}")
-        return TensorParallelLayers(mesh.tp, sequence_parallel, mesh.dp)
+        return TensorParallelLayers(mesh.tp, sequence_parallel, mesh.dp, overlap)
     if context_parallel not in KINDS:
         raise ValueError(f"context_parallel must be one of {KINDS} (or None), not {context_parallel!r}")
     if context_parallel == "ulysses":
         dist.divide(heads, mesh.tp_size * mesh.cp_size, "the heads (split over tp × cp by Ulysses)")
-    return ContextParallelLayers(mesh.tp, mesh.cp, context_parallel, sequence_parallel, mesh.dp)
+    return ContextParallelLayers(mesh.tp, mesh.cp, context_parallel, sequence_parallel, mesh.dp, overlap)

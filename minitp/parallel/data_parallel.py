@@ -11,8 +11,8 @@ Every replica then takes the same optimizer step and the replicas stay identical
 **Buckets.** A model has hundreds of parameter tensors; one all-reduce each would pay MPI's latency
 hundreds of times for small messages. The gradients are copied into one flat buffer per ``bucket_bytes``
 (25 MiB by default, as torch's DistributedDataParallel) and each buffer is all-reduced once: for a small
-model, ONE all-reduce per step. The copy is needed anyway: the engine may hand out read-only broadcast
-views as gradients, and the collectives never write into their input.
+model, ONE all-reduce per step (``minitp.parallel.buckets``, which also starts the buckets during
+backward -- ``overlap`` -- and reduce-scatters them for ZeRO-1, ``minitp.parallel.zero``).
 
 **Clipping.** ``clip_grad_norm`` computes the norm of the gradient of the whole serial model from the
 shards: a split parameter's squares are summed over the tp ranks (each holds a different block), a
@@ -35,11 +35,10 @@ import math
 
 import numpy
 
-from minitp import backend, dist
+from minitp import backend, dist, trace
+from minitp.parallel.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
 from minitp.parallel.shard import split_axis
-
-DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
-"""torch DDP's default bucket size: large enough that the all-reduces are bandwidth-bound."""
+from minitp.parallel.zero import ZeroOptimizer
 
 
 def split_batch(array, mesh=None, axis=1):
@@ -78,39 +77,7 @@ def all_reduce_gradients(module, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
     if group is None or group.size == 1:
         return 0
     with_grads = [p for p in module.parameters() if p.grad is not None]
-    buckets = _buckets(with_grads, bucket_bytes)
-    for index, bucket in enumerate(buckets):
-        _all_reduce_bucket(bucket, group, f"gradients (bucket {index + 1}/{len(buckets)})")
-    return len(buckets)
-
-
-def _buckets(parameters, bucket_bytes):
-    """Consecutive runs of ``parameters`` of one gradient dtype, each at most ``bucket_bytes``."""
-    buckets, size = [], 0
-    for p in parameters:
-        nbytes = p.grad.size * p.grad.dtype.itemsize
-        if not buckets or size + nbytes > bucket_bytes or buckets[-1][0].grad.dtype != p.grad.dtype:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p)
-        size += nbytes
-    return buckets
-
-
-def _all_reduce_bucket(bucket, group, tag):
-    xp = backend.array_module(bucket[0].grad)
-    flat = xp.empty(sum(p.grad.size for p in bucket), dtype=bucket[0].grad.dtype)
-    offset = 0
-    for p in bucket:  # copy each gradient into its slot (reading a broadcast view is fine; writing it is not)
-        flat[offset:offset + p.grad.size].reshape(p.grad.shape)[...] = p.grad
-        offset += p.grad.size
-    total = dist.all_reduce(flat, group, tag=tag)  # a new array (dp > 1): ours to scale in place
-    total /= group.size
-    offset = 0
-    for p in bucket:
-        size = math.prod(p.shape)
-        p.grad = total[offset:offset + size].reshape(p.shape)
-        offset += size
+    return GradientBuckets(with_grads, group, bucket_bytes).wait()
 
 
 def grad_norm(module, mesh=None):
@@ -169,19 +136,39 @@ def average_over_data_parallel(value, mesh=None):
     return float(dist.all_reduce(numpy.array([float(value)]), group, tag="loss")[0]) / group.size
 
 
-def train_step(model, optimizer, ids, targets, mesh=None, max_norm=None):
+def train_step(model, optimizer, ids, targets, mesh=None, max_norm=None, gradients=None):
     """One step of data- (and tensor-) parallel training on the global batch ``ids``, ``targets`` (s, B):
 
         this replica's slice -> forward, loss (of this rank's tokens) -> backward -> average the
         gradients over dp (× cp; one all-reduce per bucket) -> clip by the global norm -> optimizer step
 
+    ``gradients``: a ``GradientBuckets`` built once for the model (e.g. ``overlap=True``: its buckets'
+    all-reduces start during backward); without it, ``all_reduce_gradients`` after backward. With a
+    ``ZeroOptimizer`` the reduction is its own: reduce-scatter, clip over the slices, update this
+    rank's slice, all-gather the parameters.
+
     Works for ``nn.GPT`` with ``mesh=None`` (the serial step) and for ``ParallelGPT``. Returns
-    (loss over the global batch, gradient norm before clipping), the same on every rank.
+    (loss over the global batch, gradient norm before clipping), the same on every rank. While a
+    trace is recorded, the step and its phases are "phase" spans.
     """
-    loss = model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
-    optimizer.zero_grad()
-    loss.backward()
-    all_reduce_gradients(model, mesh)
-    norm = clip_grad_norm(model, max_norm, mesh)
-    optimizer.step()
+    with trace.span("step", "phase"):
+        with trace.span("forward", "phase"):
+            loss = model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
+        optimizer.zero_grad()
+        with trace.span("backward", "phase"):
+            loss.backward()  # overlapped buckets start their reductions in here
+        with trace.span("optimizer", "phase"):
+            if isinstance(optimizer, ZeroOptimizer):
+                optimizer.gradients.wait()  # this rank's slices of the mean gradient
+                with trace.span("clip_grad_norm", "compute"):
+                    norm = optimizer.clip_grad_norm(max_norm)
+            else:
+                if gradients is None:
+                    all_reduce_gradients(model, mesh)
+                else:
+                    gradients.wait()
+                with trace.span("clip_grad_norm", "compute"):
+                    norm = clip_grad_norm(model, max_norm, mesh)
+            with trace.span("optimizer.step", "compute"):
+                optimizer.step()
     return average_over_data_parallel(loss.item(), mesh), norm

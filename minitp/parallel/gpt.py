@@ -52,13 +52,15 @@ class ParallelGPT(GPT):
     heads or ffn_hidden; under SP, the sequence length (at ``forward``).
 
     ``blocks``: a pipeline stage's part of the model (``nn.GPT``), built alone; default the whole.
+    ``overlap=True``: every column-parallel GEMM's backward reduces dX while it computes dA (Megatron's
+    asynchronous linear backward, ``minitp.parallel.async_linear``); the same numbers.
     """
 
-    def __init__(self, config, mesh, sequence_parallel=False, context_parallel=None, blocks=None):
+    def __init__(self, config, mesh, sequence_parallel=False, context_parallel=None, blocks=None, overlap=False):
         # the mesh's shape is checked here, before any layer is built: every rank raises the same error
         dist.divide(config.vocab, mesh.tp.size, "the vocabulary size (rows split over tp)")
-        super().__init__(config, layers=context_layers(mesh, context_parallel, sequence_parallel, config.heads),
-                         blocks=blocks)
+        super().__init__(config, layers=context_layers(mesh, context_parallel, sequence_parallel, config.heads,
+                                                       overlap), blocks=blocks)
         self.mesh, self.group, self.sequence_parallel = mesh, mesh.tp, sequence_parallel
         self.context_parallel = context_parallel
 

@@ -28,6 +28,7 @@ from minitp import functional as F
 from minitp.autograd import Function
 from minitp.nn.layers import Linear
 from minitp.parallel import mappings
+from minitp.parallel.async_linear import LinearWithAsyncGradReduce
 
 
 class LinearWithSequenceGather(Function):
@@ -74,22 +75,28 @@ class ColumnParallelLinear(Linear):
     or with ``sequence_parallel`` this rank's tokens (s/t, b, in), all-gathered along the sequence (g).
     Output: this rank's columns (s, b, out/t); ``gather_output=True`` all-gathers them into the full
     (s, b, out) on every rank (backward: each rank keeps its columns of the gradient).
+    ``overlap=True``: backward starts the reduction of dX before the dA GEMM and waits for it after
+    (``minitp.parallel.async_linear``); the same numbers.
     """
 
     weight_split_axis, bias_split_axis = 1, 0
 
     def __init__(self, in_features, out_features, bias=True, *, group, gather_output=False,
-                 sequence_parallel=False, dtype=numpy.float32, seed=0, std=None, tag=None):
+                 sequence_parallel=False, dtype=numpy.float32, seed=0, std=None, tag=None, overlap=False):
         out_per_rank = dist.divide(out_features, group.size, _what(tag, "out_features (columns split over tp)"))
         super().__init__(in_features, out_features, bias=bias, dtype=dtype, seed=seed, std=std,
                          shard=(group.rank, group.size))
         self.group, self.out_per_rank = group, out_per_rank
         self.gather_output, self.sequence_parallel, self.tag = gather_output, sequence_parallel, tag
+        self.overlap = overlap
 
     def forward(self, x):
         check_input(self, x, self.in_features, "this rank's s/t tokens, (s/t, b, in)" if self.sequence_parallel
                     else "the whole input, replicated on every rank of the group")
-        if self.sequence_parallel:
+        if self.overlap:
+            y = LinearWithAsyncGradReduce.apply(x, self.weight, group=self.group, tag=self.tag,
+                                                sequence_parallel=self.sequence_parallel)
+        elif self.sequence_parallel:
             y = LinearWithSequenceGather.apply(x, self.weight, group=self.group, tag=self.tag)
         else:
             y = F.matmul(mappings.copy_to_tensor_parallel_region(x, self.group, self.tag), self.weight)

@@ -1,0 +1,182 @@
+"""How do a model's gradients cross the data-parallel axis? In flat buckets, each reduced once -- and, with
+``overlap``, while backward is still running.
+
+**Layout.** The parameters are taken in model order and cut into consecutive runs of one dtype and at
+most ``bucket_bytes`` (a parameter larger than that gets a bucket of its own). A bucket is one flat
+buffer: parameter i occupies [offset_i, offset_i + size_i). The layout is a function of the parameters'
+shapes alone, so every replica builds the same one. One collective per bucket instead of one per tensor:
+a model has hundreds of tensors, and each collective pays MPI's latency once.
+
+**Plain data parallelism** (``shard=False``): each bucket is all-reduced (a sum), divided by d, and every
+``.grad`` becomes a view of the mean -- the gradient of the loss over the global batch.
+
+**ZeRO-1** (``shard=True``): each bucket is reduce-scattered instead, and dp rank r receives only its
+shard of the mean, the contiguous range [r·n/d, (r+1)·n/d) of the flat buffer; ``minitp.parallel.zero``
+updates that range and all-gathers the parameters. So that d divides n, a sharded bucket is padded at
+its end with zeros up to a multiple of d: fewer than d elements per bucket, which add nothing to a sum
+or a norm, have no parameter, and so no optimizer state.
+
+**Overlap** (``overlap=True``): a hook on every parameter (``register_post_accumulate_grad_hook``; the
+engine calls it as soon as that gradient is final) counts the bucket's gradients, and when the last one
+arrives, packs the bucket and *starts* its reduction (``dist.iall_reduce`` / ``dist.ireduce_scatter``)
+while backward goes on into the layers below. ``wait()``, called before the optimizer, starts whatever
+has not started -- a bucket holding a parameter that received no gradient: zeros in its slot, and its
+``.grad`` stays None (every replica ran the same graph, so every replica agrees) -- and waits for all.
+Buckets start in the order their gradients complete, the same on every replica (the same graph), which
+is what MPI needs of collectives on one communicator. One backward per step: a second one (gradient
+accumulation) would complete a bucket twice, and raises.
+
+Without overlap, ``wait()`` packs and reduces every bucket with the blocking collectives.
+"""
+import math
+
+from minitp import backend, dist, trace
+
+DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
+"""torch DDP's default bucket size: large enough that the reductions are bandwidth-bound."""
+
+
+class Bucket:
+    """Consecutive parameters of one dtype in one flat buffer of ``size`` elements (``padded`` with the
+    zeros that make it divide over the shards)."""
+
+    def __init__(self, parameters, shards):
+        self.parameters = parameters
+        self.offsets = [0]
+        for p in parameters:
+            self.offsets.append(self.offsets[-1] + p.size)
+        self.size = self.offsets.pop()
+        self.padded = math.ceil(self.size / shards) * shards
+        self.dtype = parameters[0].dtype
+
+    def shard_range(self, rank, shards):
+        """[lo, hi): the flat elements of dp rank ``rank``'s shard."""
+        length = self.padded // shards
+        return rank * length, (rank + 1) * length
+
+    def pieces(self, rank, shards):
+        """(parameter index, [a, b) of its flat elements, [lo, hi) in the shard) for each parameter that
+        overlaps the shard of ``rank``."""
+        first, last = self.shard_range(rank, shards)
+        found = []
+        for index, (p, offset) in enumerate(zip(self.parameters, self.offsets)):
+            lo, hi = max(first, offset), min(last, offset + p.size)
+            if lo < hi:
+                found.append((index, lo - offset, hi - offset, lo - first, hi - first))
+        return found
+
+    def pack(self, arrays):
+        """One flat buffer of ``arrays`` (one per parameter, or None: zeros there), padding zeroed."""
+        xp = backend.array_module(next((a for a in arrays if a is not None), backend.xp.zeros(0)))
+        flat = xp.zeros(self.padded, dtype=self.dtype)
+        for array, p, offset in zip(arrays, self.parameters, self.offsets):
+            if array is not None:  # a copy into its slot: a gradient may be a read-only broadcast view
+                flat[offset:offset + p.size].reshape(p.shape)[...] = array
+        return flat
+
+    def views(self, flat):
+        """Each parameter's slot of the flat buffer ``flat``, in the parameter's shape."""
+        return [flat[offset:offset + p.size].reshape(p.shape) for p, offset in zip(self.parameters, self.offsets)]
+
+
+class GradientBuckets:
+    """The reduction of ``parameters``' gradients over ``group`` (``mesh.dp``), bucket by bucket.
+
+    ``shard=False``: after ``wait()`` every ``.grad`` is the mean over the replicas. ``shard=True``
+    (ZeRO-1): after ``wait()``, ``grad_shards[i]`` is this rank's shard of bucket i's mean, and
+    ``received[i]`` says which of its parameters had a gradient; the ``.grad`` arrays are dropped as
+    soon as they are packed (the mean exists only as slices, and a whole gradient left in ``.grad``
+    would be this replica's alone). ``overlap=True``: reductions start
+    during backward. ``ValueError`` (on every rank: every rank checks the same number) unless
+    ``bucket_bytes`` > 0.
+    """
+
+    def __init__(self, parameters, group, bucket_bytes=DEFAULT_BUCKET_BYTES, shard=False, overlap=False):
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, float)) or not bucket_bytes > 0:
+            raise ValueError(f"the bucket size must be a positive number of bytes, not {bucket_bytes!r}")
+        self.group, self.shard, self.overlap = group, shard, overlap
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.buckets = _layout(self.parameters, bucket_bytes, group.size if shard else 1)
+        self.where = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket.parameters}
+        self.grad_shards, self.received = [None] * len(self.buckets), [None] * len(self.buckets)
+        self._arrived = [0] * len(self.buckets)
+        self._pending = [None] * len(self.buckets)
+        self._hooks = []
+        if overlap and group.size > 1:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in self.parameters]
+
+    def __len__(self):
+        return len(self.buckets)
+
+    def _tag(self, index):
+        return f"gradients (bucket {index + 1}/{len(self.buckets)})"
+
+    def _gradient_ready(self, parameter):
+        index = self.where[id(parameter)]
+        self._arrived[index] += 1
+        bucket = self.buckets[index]
+        if self._arrived[index] > len(bucket.parameters):
+            raise RuntimeError("a gradient completed twice in one step: overlapped buckets take one backward "
+                               "per step (no gradient accumulation); call wait() between backwards")
+        if self._arrived[index] == len(bucket.parameters):
+            self._start(index)
+
+    def _packed(self, index):
+        bucket = self.buckets[index]
+        self.received[index] = [p.grad is not None for p in bucket.parameters]
+        with trace.span("pack bucket", "compute"):
+            flat = bucket.pack([p.grad for p in bucket.parameters])
+        if self.shard:  # this replica's whole gradients are in the bucket now, and no one needs them after it
+            for p in bucket.parameters:
+                p.grad = None
+        return flat
+
+    def _start(self, index):
+        flat = self._packed(index)
+        if self.shard:
+            self._pending[index] = dist.ireduce_scatter(flat, self.group, tag=self._tag(index))
+        else:
+            self._pending[index] = dist.iall_reduce(flat, self.group, tag=self._tag(index))
+
+    def wait(self):
+        """Finish every bucket's reduction (starting those not started); see the class docstring for
+        what then holds the mean. Returns the number of buckets."""
+        if not self.shard and self.group.size == 1:
+            return len(self.buckets)  # one replica: its gradient is the mean already
+        for index, bucket in enumerate(self.buckets):
+            pending, self._pending[index] = self._pending[index], None
+            if pending is not None:
+                reduced = pending.wait()
+            elif self.shard:
+                reduced = dist.reduce_scatter(self._packed(index), self.group, tag=self._tag(index))
+            else:
+                reduced = dist.all_reduce(self._packed(index), self.group, tag=self._tag(index))
+            # a new array (or, over one rank, our own packed copy): ours to scale in place
+            reduced /= self.group.size
+            if self.shard:
+                self.grad_shards[index] = reduced
+            else:
+                for p, mean, had in zip(bucket.parameters, bucket.views(reduced), self.received[index]):
+                    if had:
+                        p.grad = mean
+            self._arrived[index] = 0
+        return len(self.buckets)
+
+    def remove_hooks(self):
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def _layout(parameters, bucket_bytes, shards):
+    """Consecutive runs of ``parameters`` of one dtype, each at most ``bucket_bytes`` (unless one
+    parameter alone is larger), as ``Bucket``s padded to a multiple of ``shards`` elements."""
+    runs, size = [], 0
+    for p in parameters:
+        nbytes = p.size * p.dtype.itemsize
+        if not runs or size + nbytes > bucket_bytes or runs[-1][0].dtype != p.dtype:
+            runs.append([])
+            size = 0
+        runs[-1].append(p)
+        size += nbytes
+    return [Bucket(run, shards) for run in runs]

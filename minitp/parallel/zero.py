@@ -1,0 +1,187 @@
+"""ZeRO stage 1: each data-parallel replica keeps the optimizer state of 1/d of the parameters only
+(Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models", P_os;
+Megatron's distributed optimizer; nanotron's ``optim/zero.py``).
+
+Plain data parallelism keeps d copies of everything: every replica holds AdamW's two moments for every
+parameter, 2·Ψ numbers, although every replica computes exactly the same update. ZeRO-1 cuts that work
+and that state into d slices, using the flat buckets of ``minitp.parallel.buckets``:
+
+    reduce-scatter the gradients     dp rank r receives its slice [r·n/d, (r+1)·n/d) of each bucket's mean
+    clip by the global norm          squares of the slices, summed over dp (and the split ones over tp)
+    update its slice only            AdamW on those n/d elements, with their n/d moments
+    all-gather the parameters        every replica holds every updated parameter again
+
+**Bytes.** A ring reduce-scatter sends (d-1)/d·S per rank and a ring all-gather (d-1)/d·S more: together
+2(d-1)/d·S, exactly one all-reduce's (which *is* a reduce-scatter followed by an all-gather). ZeRO-1 moves
+the all-gather half from the gradients to the parameters, and the optimizer works in between, on 1/d of
+the numbers. **Memory.** The moments of rank r are 1/d of plain data parallelism's: over the d ranks they
+add up to exactly the plain figure (the padding that makes d divide a bucket has no state).
+
+**Exactness.** AdamW is elementwise, so updating a slice of a flat buffer is the plain update of those
+elements: each slice of a parameter keeps the parameter's own step count, and a parameter that got no
+gradient is skipped, as ``nn.AdamW`` does. The only difference from plain data parallelism is the order
+in which MPI adds the replicas' gradients (rounding, ~1e-16).
+
+``ZeroOptimizer`` wraps an optimizer built as usual (``AdamW(model.named_parameters(), lr=...)``): it
+takes its parameters, keys (the serial names) and its elementwise update, and keeps the state itself.
+Checkpoints hold the full state under the serial names (``gathered()``: an all-gather over dp), and
+``load_state_dict`` takes full arrays and keeps this rank's slices: a run resumes on any dp and tp.
+"""
+import math
+import types
+
+import numpy
+
+from minitp import backend, dist
+from minitp.parallel.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
+from minitp.parallel.shard import split_axis
+
+
+class ZeroOptimizer:
+    """``optimizer``'s update, sharded over ``mesh.dp`` (ZeRO-1). ``overlap=True``: the gradients'
+    reduce-scatters start during backward, bucket by bucket (``GradientBuckets``).
+
+    Per step, after backward: ``gradients.wait()`` (this rank's slices of the mean gradient),
+    ``clip_grad_norm(max_norm)``, ``step()`` (update the slices, all-gather the parameters);
+    ``data_parallel.train_step`` does exactly that.
+    """
+
+    def __init__(self, optimizer, mesh, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False):
+        self.optimizer, self.mesh = optimizer, mesh
+        self.keys, self.params = optimizer.keys, optimizer.params
+        self.gradients = GradientBuckets(self.params, mesh.dp, bucket_bytes, shard=True, overlap=overlap)
+        self.key_of = {id(p): key for key, p in zip(self.keys, self.params)}
+        d, r = mesh.dp.size, mesh.dp.rank
+        self.pieces = [bucket.pieces(r, d) for bucket in self.gradients.buckets]
+        self.step_count = 0
+        self.steps = {key: 0 for key in self.keys}  # every parameter's update count, on every rank
+        self.state = {}  # key -> {buffer: this rank's slice of it, flat}, made at the first update
+        self.buffers = _buffer_names(optimizer)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def clip_grad_norm(self, max_norm, eps=1e-6):
+        """The 2-norm of the whole (serial) model's mean gradient, from this rank's slices; scale the
+        slices by max_norm / (norm + eps) when it exceeds ``max_norm``. Squares in float64: a split
+        parameter's are summed over dp and tp, a replicated one's over dp only (each tp rank holds the
+        same slices of it). One all-reduce of two numbers over dp, one of one number over tp."""
+        squares = numpy.zeros(2)  # [split, replicated]
+        for bucket, pieces, shard, received in zip(self.gradients.buckets, self.pieces,
+                                                   self.gradients.grad_shards, self.gradients.received):
+            for index, _, _, lo, hi in pieces:
+                if received[index]:
+                    g = shard[lo:hi].astype(numpy.float64, copy=False)
+                    replicated = split_axis(bucket.parameters[index]) is None
+                    squares[1 if replicated else 0] += float(backend.array_module(g).vdot(g, g))
+        squares = dist.all_reduce(squares, self.mesh.dp, tag="grad norm (ZeRO slices)")
+        split, replicated = float(squares[0]), float(squares[1])
+        if self.mesh.tp.size > 1:
+            split = float(dist.all_reduce(numpy.array([split]), self.mesh.tp, tag="grad norm")[0])
+        norm = math.sqrt(split + replicated)
+        if max_norm is not None and norm > max_norm:
+            scale = max_norm / (norm + eps)
+            self.gradients.grad_shards = [shard * scale for shard in self.gradients.grad_shards]
+        return norm
+
+    def step(self):
+        """Update this rank's slice of every bucket, then all-gather the parameters over dp (with
+        ``overlap``, each bucket's all-gather starts as soon as its slice is updated)."""
+        self.step_count += 1
+        d, r = self.mesh.dp.size, self.mesh.dp.rank
+        gathering = []  # per bucket: a function returning its gathered parameters
+        for index, (bucket, pieces) in enumerate(zip(self.gradients.buckets, self.pieces)):
+            received, shard_grad = self.gradients.received[index], self.gradients.grad_shards[index]
+            lo, hi = bucket.shard_range(r, d)
+            xp = backend.array_module(bucket.parameters[0].data)
+            shard = xp.zeros(hi - lo, dtype=bucket.dtype)
+            for i, a, b, s, e in pieces:
+                shard[s:e] = bucket.parameters[i].data.reshape(-1)[a:b]
+            for i, a, b, s, e in pieces:
+                if not received[i]:
+                    continue  # no gradient reached this parameter: nn.AdamW skips it too
+                key = self.key_of[id(bucket.parameters[i])]
+                state = self.state.setdefault(key, {})
+                state["step"] = self.steps[key] + 1  # the update count, this update included
+                self.optimizer._update(shard[s:e], shard_grad[s:e], state)
+            for i, received_gradient in enumerate(received):
+                if received_gradient:
+                    self.steps[self.key_of[id(bucket.parameters[i])]] += 1
+            tag = f"parameters (bucket {index + 1}/{len(self.gradients.buckets)})"
+            if self.gradients.overlap:  # gather this bucket while the next one is updated
+                gathering.append(dist.iall_gather(shard, self.mesh.dp, tag=tag).wait)
+            else:
+                gathering.append(lambda full=dist.all_gather(shard, self.mesh.dp, axis=0, tag=tag): full)
+        for bucket, gathered in zip(self.gradients.buckets, gathering):
+            for p, value in zip(bucket.parameters, bucket.views(gathered())):
+                p.data[...] = value
+
+    # -- memory -----------------------------------------------------------------------------------
+
+    def state_bytes(self):
+        """The bytes of optimizer state this rank holds (its slices of every buffer)."""
+        return sum(array.nbytes for entry in self.state.values() for name, array in entry.items() if name != "step")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def gathered(self):
+        """The full state, as a plain optimizer holds it: an object with ``keys``, ``params``,
+        ``step_count`` and ``state`` {key: {"step": int, buffer: array of the parameter's shape}}.
+        Collective over dp: one all-gather per bucket and buffer."""
+        d, r = self.mesh.dp.size, self.mesh.dp.rank
+        state = {key: {"step": self.steps[key]} for key in self.keys if self.steps[key]}
+        for index, (bucket, pieces) in enumerate(zip(self.gradients.buckets, self.pieces)):
+            lo, hi = bucket.shard_range(r, d)
+            for name in self.buffers:
+                shard = backend.array_module(bucket.parameters[0].data).zeros(hi - lo, dtype=bucket.dtype)
+                for i, a, b, s, e in pieces:
+                    entry = self.state.get(self.key_of[id(bucket.parameters[i])], {})
+                    if name in entry:
+                        shard[s:e] = entry[name]
+                full = dist.all_gather(shard, self.mesh.dp, axis=0, tag=f"optimizer state: {name} (bucket {index + 1})")
+                for p, value in zip(bucket.parameters, bucket.views(full)):
+                    key = self.key_of[id(p)]
+                    if key in state:
+                        state[key][name] = value.copy()
+        return types.SimpleNamespace(keys=self.keys, params=self.params, step_count=self.step_count, state=state)
+
+    def state_dict(self):
+        """The full state (``gathered()``), as ``Optimizer.state_dict`` returns it. Collective over dp."""
+        full = self.gathered()
+        return {"step": full.step_count, "state": full.state}
+
+    def load_state_dict(self, state_dict):
+        """Take this rank's slices of the full state ``state_dict`` ({"step", "state": {key: {"step",
+        buffer: array of the parameter's (tp-local) shape}}}). No communication."""
+        params = dict(zip(self.keys, self.params))
+        for key, entry in state_dict["state"].items():
+            if key not in params:
+                raise ValueError(f"ZeroOptimizer.load_state_dict: unknown parameter {key!r}")
+            for name, array in entry.items():
+                if name != "step" and tuple(array.shape) != params[key].shape:
+                    raise ValueError(f"ZeroOptimizer.load_state_dict: {name} of parameter {key!r} has shape "
+                                     f"{tuple(array.shape)}, the parameter {params[key].shape}")
+        self.steps = {key: int(state_dict["state"].get(key, {}).get("step", 0)) for key in self.keys}
+        self.state = {}
+        for bucket, pieces in zip(self.gradients.buckets, self.pieces):
+            for i, a, b, _, _ in pieces:
+                key = self.key_of[id(bucket.parameters[i])]
+                entry = state_dict["state"].get(key)
+                if not entry or not self.steps[key]:
+                    continue
+                xp = backend.array_module(bucket.parameters[i].data)
+                self.state[key] = {name: xp.array(backend.to_host(array) if xp is numpy else array,
+                                                  dtype=bucket.dtype).reshape(-1)[a:b].copy()
+                                   for name, array in entry.items() if name != "step"}
+        self.step_count = int(state_dict["step"])
+
+
+def _buffer_names(optimizer):
+    """The names of the per-parameter buffers ``optimizer`` keeps (AdamW: exp_avg, exp_avg_sq), found by
+    letting it update a one-element parameter once: the optimizers make them at the first update."""
+    probe = {"step": 1}
+    optimizer._update(numpy.zeros(1), numpy.zeros(1), probe)
+    return [name for name in probe if name != "step"]

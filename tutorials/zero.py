@@ -1,0 +1,189 @@
+"""ZeRO-1: the optimizer state cut into d slices, the bytes of one all-reduce, and the gradient reductions
+hidden behind backward.
+
+    mpirun -n 4 python tutorials/zero.py                  (any number of ranks; 4 shows it best)
+    mpirun -n 4 python tutorials/zero.py --png zero.png   (also draw the timeline as a picture)
+
+After tutorials/train_gpt.py. Every rank below is a data-parallel replica of one small GPT (tp = 1,
+dp = the ranks), each on its slice of the batch, and the story is what the replicas keep and send:
+
+    1. plain data parallelism keeps d copies of AdamW's two moments; ZeRO-1 keeps one, cut into d slices
+    2. reduce-scatter + all-gather moves exactly the bytes of the one all-reduce it replaces
+    3. the timeline: each bucket's reduction starts inside backward, behind the layers still to come
+and ends with the check: after several AdamW steps in float64, ZeRO-1's parameters are plain data
+parallelism's (the same numbers, summed in another order), with 1/d of the state and the same bytes.
+"""
+import argparse
+
+import numpy
+from mpi4py import MPI
+
+from minitp import dist, trace_report
+from minitp.nn import AdamW, GPTConfig
+from minitp.parallel.buckets import GradientBuckets
+from minitp.parallel.data_parallel import train_step
+from minitp.parallel.gpt import ParallelGPT
+from minitp.parallel.shard import gather_serial_state
+from minitp.parallel.zero import ZeroOptimizer
+from minitp.report import banner, each_rank, indent, ranks, say, verdict
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--png", metavar="FILE", help="draw the timeline of part 3 into this PNG (needs matplotlib)")
+options = parser.parse_args()
+
+# A GPT small enough to train in seconds and big enough that backward takes some milliseconds per layer.
+# float64, so that "the same numbers" can be checked to the last digits. Its ~0.2 M parameters make
+# 1.6 MB of float64 gradients: 64 KiB buckets give a few dozen of them, several per layer.
+CONFIG = GPTConfig(vocab=64, seq_len=32, hidden=64, heads=4, layers=4, dropout=0.1, seed=3, dtype="float64")
+BUCKET_BYTES = 64 * 1024
+STEPS = 3
+world = MPI.COMM_WORLD.Get_size()
+mesh = dist.init(tp=1, dp=world)
+d = mesh.dp_size
+BATCH = 4 * d  # the global batch: 4 sequences per replica
+
+
+def batch_at(step):
+    """The global batch of step ``step`` (s, B): the same on every rank; each replica takes its columns."""
+    windows = numpy.random.default_rng([11, step]).integers(0, CONFIG.vocab, (CONFIG.seq_len + 1, BATCH))
+    return windows[:-1], windows[1:]
+
+
+def plain():
+    """A model and a plain AdamW; its gradients all-reduced in buckets, started during backward."""
+    model = ParallelGPT(CONFIG, mesh)
+    optimizer = AdamW(model.named_parameters(), lr=1e-3)
+    return model, optimizer, GradientBuckets(model.parameters(), mesh.dp, BUCKET_BYTES, overlap=True)
+
+
+def zero():
+    """The same model; AdamW sharded by ZeRO-1, whose reduce-scatters also start during backward."""
+    model = ParallelGPT(CONFIG, mesh)
+    optimizer = ZeroOptimizer(AdamW(model.named_parameters(), lr=1e-3), mesh, BUCKET_BYTES, overlap=True)
+    return model, optimizer, None
+
+
+def train(model, optimizer, gradients, steps, first=0):
+    return [train_step(model, optimizer, *batch_at(step), mesh, max_norm=1.0, gradients=gradients)[0]
+            for step in range(first, first + steps)]
+
+
+banner(f"ZeRO-1 over {ranks(d)} (dp = {d}, tp = 1)")
+plain_model, plain_optimizer, plain_buckets = plain()
+zero_model, zero_optimizer, _ = zero()
+parameters = sum(p.size for p in plain_model.parameters())
+
+# ---------------------------------------------------------------------------------------------------
+# 1. What each replica keeps.
+#
+# AdamW keeps two numbers per parameter, the moments m and v: 2Ψ numbers for Ψ parameters, twice the
+# model itself. Every replica of plain data parallelism holds all of them, and every replica computes
+# the very same update with them: d copies of one computation. ZeRO-1 (Rajbhandari et al. 2020) cuts
+# the flat gradient buckets into d contiguous slices; replica r keeps the moments of slice r only and
+# updates only those parameters, then the replicas exchange the updated slices. The state per rank
+# falls by d; the parameters and gradients stay whole (that is ZeRO-2 and -3).
+# ---------------------------------------------------------------------------------------------------
+say(f"\n1. Optimizer state per rank: {parameters:,} parameters, float64, AdamW's exp_avg and exp_avg_sq")
+train(plain_model, plain_optimizer, plain_buckets, 1)
+train(zero_model, zero_optimizer, None, 1)
+plain_bytes = sum(a.nbytes for entry in plain_optimizer.state.values() for k, a in entry.items() if k != "step")
+zero_bytes = zero_optimizer.state_bytes()
+padding = sum(b.padded - b.size for b in zero_optimizer.gradients.buckets)
+each_rank(f"plain {plain_bytes:>10,} B   ZeRO-1 {zero_bytes:>9,} B   = 1/{plain_bytes / zero_bytes:.2f} of plain")
+total = mesh.dp.comm.allreduce(zero_bytes)
+say(f"   over the {d} replicas ZeRO-1 holds {total:,} B: plain's {plain_bytes:,} B once, not {d} times. "
+    f"Each bucket is padded to a multiple of d = {d} ({padding} padding elements in "
+    f"{len(zero_optimizer.gradients)} buckets); padding has no parameter, so no state.")
+memory_as_claimed = total == plain_bytes and (padding > 0 or zero_bytes * d == plain_bytes)
+
+# ---------------------------------------------------------------------------------------------------
+# 2. What crosses the wire.
+#
+# Plain data parallelism all-reduces each bucket of S bytes: a ring all-reduce sends 2(d-1)/d·S per
+# rank -- it IS a reduce-scatter, (d-1)/d·S, followed by an all-gather, (d-1)/d·S (tutorials/
+# collectives.py, part 4). ZeRO-1 splits those two halves apart and puts the optimizer between them:
+#     reduce-scatter the gradients   rank r receives the finished sum of its slice, all it needs to update
+#     update the slice
+#     all-gather the parameters      every rank receives every updated slice
+# The same two halves, so the same bytes: the memory comes for free. The log of one step shows it.
+# ---------------------------------------------------------------------------------------------------
+say("\n2. The bytes of one step over dp, from the collective log")
+with dist.log_collectives() as plain_log:
+    train(plain_model, plain_optimizer, plain_buckets, 1, first=1)
+with dist.log_collectives() as zero_log:
+    train(zero_model, zero_optimizer, None, 1, first=1)
+
+
+def reductions(log, op):
+    return [r for r in log if r.op == op and ("gradients" in r.tag or "parameters" in r.tag)]
+
+
+all_reduce = sum(r.ring_bytes for r in reductions(plain_log, "all_reduce"))
+scatter = sum(r.ring_bytes for r in reductions(zero_log, "reduce_scatter"))
+gather = sum(r.ring_bytes for r in reductions(zero_log, "all_gather"))
+say(f"   plain: {len(reductions(plain_log, 'all_reduce'))} all-reduces of gradient buckets; "
+    f"ZeRO-1: {len(reductions(zero_log, 'reduce_scatter'))} reduce-scatters of gradients and "
+    f"{len(reductions(zero_log, 'all_gather'))} all-gathers of parameters. The last bucket (the first "
+    "reduced: backward starts at the top) of each:")
+last = f"(bucket {len(zero_optimizer.gradients)}/{len(zero_optimizer.gradients)})"
+one_bucket = dist.CollectiveLog()
+one_bucket.records = [r for op in ("all_reduce", "reduce_scatter", "all_gather")
+                      for r in reductions(plain_log if op == "all_reduce" else zero_log, op) if last in r.tag]
+say(indent(one_bucket.table()))
+padded_extra = 2 * (d - 1) / d * padding * 8
+say(f"   ring bytes per rank: all-reduce {all_reduce:,.0f} B;  reduce-scatter {scatter:,.0f} B + all-gather "
+    f"{gather:,.0f} B = {scatter + gather:,.0f} B" + (f" (the padding's share: {padded_extra:,.0f} B)" if padding else ""))
+bytes_as_claimed = scatter == gather and scatter + gather == all_reduce + padded_extra
+
+# ---------------------------------------------------------------------------------------------------
+# 3. The timeline: reductions hidden behind backward.
+#
+# Backward produces the gradients last layer first. The engine calls a hook the moment a parameter's
+# gradient is final; when every gradient of a bucket is in, the bucket's reduce-scatter STARTS
+# (non-blocking) and backward goes on into the layers below while the bytes travel. Only before the
+# optimizer does the rank wait. An MPI library moves a non-blocking collective's bytes only inside MPI
+# calls, so a progress thread keeps testing the requests in flight (minitp/dist/nonblocking.py: without
+# it, this MPICH leaves nearly all the work to the final wait).
+#
+# dist.record_timeline records every rank's ops, collectives and requests in flight; trace_report reads
+# it. Below, one step per rank: F forward, B backward, O optimizer; █ an op computing; ─ a reduction in
+# flight while the rank computes; ▓ the rank blocked, waiting for one.
+# ---------------------------------------------------------------------------------------------------
+say("\n3. One ZeRO-1 step, traced on every rank (text below; --png draws it)")
+with dist.record_timeline(mesh) as timeline:
+    train(zero_model, zero_optimizer, None, 2, first=2)
+if timeline.trace is not None:  # rank 0 holds every rank's timeline
+    say(indent(trace_report.text_timeline(timeline.trace, step=1, tag="gradients")))
+    say("   both traced steps, per rank (exposed comm: communication with no op running behind it):")
+    say(indent(trace_report.table(trace_report.breakdown(timeline.trace))))
+    rows = trace_report.breakdown(timeline.trace, tag="gradients")
+    hidden = sum(r.hidden for r in rows) / max(sum(r.hidden + r.communication for r in rows), 1e-9)
+    say(f"   the gradient reduce-scatters alone: {100 * hidden:.0f}% of the time one was in flight, its rank "
+        "was computing. A bucket completes only when the slowest replica has started it too, so what is "
+        "left is mostly waiting for that replica. (Timings on a busy machine move from run to run; with "
+        "more ranks than cores they mostly measure waiting for descheduled neighbours.)")
+    if options.png:
+        trace_report.plot(timeline.trace, options.png, step=1, tag="gradients",
+                          title=f"ZeRO-1 over {d} ranks: gradient reduce-scatters during backward")
+        say(f"   drew {options.png}")
+
+# ---------------------------------------------------------------------------------------------------
+# The check. Train a fresh pair for several steps, plain and ZeRO-1, and compare every parameter. AdamW
+# is elementwise, so updating a slice is updating those elements; what differs is only the order in
+# which MPI adds the replicas' gradients (reduce-scatter vs all-reduce): rounding, ~1e-16.
+# ---------------------------------------------------------------------------------------------------
+say(f"\nThe check: {STEPS} more steps of each, plain and ZeRO-1, every parameter compared")
+train(plain_model, plain_optimizer, plain_buckets, 2, first=2)  # the steps ZeRO-1 took in part 3
+train(plain_model, plain_optimizer, plain_buckets, STEPS, first=4)
+train(zero_model, zero_optimizer, None, STEPS, first=4)
+expected, actual = gather_serial_state(plain_model, mesh.tp), gather_serial_state(zero_model, mesh.tp)
+error = max(float(numpy.abs(actual[name] - expected[name]).max()) for name in expected)
+each_rank(f"max |ZeRO-1 - plain| over every parameter: {error:.1e}")
+worst = mesh.world.comm.allreduce(error, op=MPI.MAX)
+claims = {"state per rank 1/d, all ranks together = plain": memory_as_claimed,
+          "reduce-scatter + all-gather bytes = all-reduce bytes": bytes_as_claimed}
+failed = [claim for claim, holds in claims.items() if not mesh.world.comm.allreduce(holds, op=MPI.LAND)]
+verdict(worst <= 1e-12 and not failed,
+        f"ZeRO-1 == plain data parallelism (max error {worst:.1e} after {STEPS + 4} steps; state 1/{d} per rank, "
+        f"the bytes of one all-reduce) on {ranks(d)}",
+        failure=f"max error {worst:.1e} (must be <= 1e-12); claims that do not hold: {failed}")
