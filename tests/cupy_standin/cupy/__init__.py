@@ -213,8 +213,8 @@ class ndarray:
         if dl_device is not None and dl_device[0] == 1:  # asked for on the host (numpy.from_dlpack): a copy
             return self.get().__dlpack__(max_version=max_version)
         if not _standin.cuda_aware_mpi:
-            raise TypeError("a device buffer was handed over through DLPack, but MPI here cannot read device memory "
-                            "(CUPY_STANDIN_CUDA_AWARE_MPI is not 1): stage it through the host")
+            raise TypeError("a device buffer was handed over through DLPack, but MPI here cannot read "
+                            "device memory (CUPY_STANDIN_CUDA_AWARE_MPI is not 1): stage it through the host")
         if _standin.queued:
             raise RuntimeError("a device buffer was handed to another library while ops were still queued "
                                "on the stream: it may read the memory before they have written it; "
@@ -225,8 +225,9 @@ class ndarray:
     @property
     def __cuda_array_interface__(self):
         """Where the memory is (inspection only: MPI takes it through ``__dlpack__``)."""
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.data.ptr if self.size else 0, False),
-                "version": 3, "strides": None if self._a.flags.c_contiguous else self.strides, "stream": 1}
+        return {"shape": self.shape, "typestr": self.dtype.str, "version": 3, "stream": 1,
+                "data": (self.data.ptr if self.size else 0, False),
+                "strides": None if self._a.flags.c_contiguous else self.strides}
 
     # -- numpy's functions and ufuncs on device arrays run the stand-in's, as CuPy's do
 
