@@ -21,6 +21,8 @@ saying so. CuPy aliases numpy's dtypes, and so does the stand-in. ``tests/confte
 directory on ``sys.path`` (and ``PYTHONPATH``, for the tutorials the tests launch) when real CuPy with a
 GPU is not available.
 """
+import builtins  # the module defines cupy.all, cupy.any, cupy.sum...: Python's are builtins.all etc. here
+
 import numpy
 from numpy import (bool_, dtype, e, float16, float32, float64, inf, int8, int16, int32, int64,  # noqa: F401
                    integer, intp, nan, newaxis, pi, uint8, uint16, uint32, uint64)
@@ -82,7 +84,7 @@ def _run(function, args, kwargs, operand=_unwrap, this=None):
     result = function(*raw, **{k: _unwrap(v) for k, v in kwargs.items()})
     inputs = [a for a in raw + [this] if isinstance(a, numpy.ndarray)]
     if isinstance(result, (numpy.ndarray, numpy.generic)) or out is not None:
-        view = out is None and isinstance(result, numpy.ndarray) and any(
+        view = out is None and isinstance(result, numpy.ndarray) and builtins.any(
             numpy.may_share_memory(result, a) for a in inputs)
         _standin.queued = _standin.queued or not view
     if out is not None and result is out._a:
@@ -241,7 +243,7 @@ class ndarray:
 
     def __array_function__(self, func, types, args, kwargs):
         mine = _ARRAY_FUNCTIONS.get(func.__name__) if func.__module__ == "numpy" else None
-        if mine is None or not all(issubclass(t, (ndarray, numpy.ndarray)) for t in types):
+        if mine is None or not builtins.all(issubclass(t, (ndarray, numpy.ndarray)) for t in types):
             return NotImplemented
         return mine(*args, **kwargs)
 
