@@ -4,7 +4,7 @@ Each ``cupy.ndarray`` holds a numpy array (``_a``, the "device memory") and ever
 but under CuPy's rules, which are what the GPU path must get right:
 
 - an array never becomes a numpy array implicitly: ``numpy.asarray(x)`` raises CuPy's TypeError, and so
-  does anything that would need one (``numpy.random.choice(p=x)``, ``bytes(x)``, the buffer protocol);
+  does anything that would need one (``numpy.random.choice(p=x)``, the buffer protocol);
   ``x.get()`` / ``cupy.asnumpy(x)`` copy to the host, ``cupy.asarray(host)`` copies to the device;
 - a numpy array where CuPy wants a device array is refused (``x + host``, ``cupy.concatenate([x,
   host])``); numpy scalars and Python numbers are fine, as in CuPy;
@@ -21,11 +21,11 @@ saying so. CuPy aliases numpy's dtypes, and so does the stand-in. ``tests/confte
 directory on ``sys.path`` (and ``PYTHONPATH``, for the tutorials the tests launch) when real CuPy with a
 GPU is not available.
 """
-import builtins  # the module defines cupy.all, cupy.any, cupy.sum...: Python's are builtins.all etc. here
+import builtins  # Python's any and all: the module's own names (cupy.sum, ...) may shadow builtins
 
 import numpy
-from numpy import (bool_, dtype, e, float16, float32, float64, inf, int8, int16, int32, int64,  # noqa: F401
-                   integer, intp, nan, newaxis, pi, uint8, uint16, uint32, uint64)
+from numpy import (bool_, dtype, float16, float32, float64, inf, int8, int16, int32, int64,  # noqa: F401
+                   nan, newaxis, uint8, uint16, uint32, uint64)
 
 from cupy import _standin, cuda
 
@@ -128,7 +128,6 @@ class ndarray:
     size = property(lambda self: self._a.size)
     nbytes = property(lambda self: self._a.nbytes)
     itemsize = property(lambda self: self._a.itemsize)
-    strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
     T = property(lambda self: ndarray._on_device(self._a.T))
     device = property(lambda self: cuda.Device(self._device))
@@ -145,21 +144,10 @@ class ndarray:
             return out
         return numpy.array(self._a, order=order)
 
-    def set(self, arr, stream=None):
-        if not isinstance(arr, numpy.ndarray):
-            raise TypeError(f"Only numpy.ndarray can be set to cupy.ndarray, not {type(arr)}")
-        if arr.shape != self.shape:
-            raise ValueError(f"Shape mismatch: {arr.shape} != {self.shape}")
-        self._a[...] = arr
-        _standin.queued = True
-
     def item(self):
         if self.size != 1:
             raise ValueError("can only convert an array of size 1 to a Python scalar")
         return self.get().item()
-
-    def tolist(self):
-        return self.get().tolist()
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError(_IMPLICIT)
@@ -169,9 +157,6 @@ class ndarray:
 
     def __float__(self):
         return float(self.get())
-
-    def __complex__(self):
-        return complex(self.get())
 
     def __bool__(self):
         if self.size > 1:
@@ -184,19 +169,6 @@ class ndarray:
 
     def __str__(self):
         return str(self.get())
-
-    def __format__(self, spec):
-        return format(self.get(), spec)
-
-    def __len__(self):
-        if self.ndim == 0:
-            raise TypeError("len() of unsized object")
-        return len(self._a)
-
-    def __iter__(self):
-        if self.ndim == 0:
-            raise TypeError("iteration over a 0-d array")
-        return (self[i] for i in range(len(self)))
 
     def __getitem__(self, index):
         return _run(self._a.__getitem__, (_index(index),), {}, operand=lambda i: i, this=self._a)
@@ -229,7 +201,7 @@ class ndarray:
         """Where the memory is (inspection only: MPI takes it through ``__dlpack__``)."""
         return {"shape": self.shape, "typestr": self.dtype.str, "version": 3, "stream": 1,
                 "data": (self.data.ptr if self.size else 0, False),
-                "strides": None if self._a.flags.c_contiguous else self.strides}
+                "strides": None if self._a.flags.c_contiguous else self._a.strides}
 
     # -- numpy's functions and ufuncs on device arrays run the stand-in's, as CuPy's do
 
@@ -248,20 +220,15 @@ class ndarray:
         return mine(*args, **kwargs)
 
 
-def _method(name, writes=False):
+def _method(name):
     def method(self, *args, **kwargs):
-        result = _run(getattr(self._a, name), args, kwargs, this=self._a)
-        _standin.queued = _standin.queued or writes
-        return result
+        return _run(getattr(self._a, name), args, kwargs, this=self._a)
     method.__name__ = name
     return method
 
 
-for _name in ("reshape", "transpose", "swapaxes", "ravel", "squeeze", "view", "astype", "copy", "sum",
-              "prod", "max", "min", "mean", "var", "std", "argmax", "any", "all", "take", "repeat", "dot",
-              "clip", "cumsum"):
+for _name in ("reshape", "transpose", "ravel", "astype", "copy", "sum", "max", "min", "mean", "all"):
     setattr(ndarray, _name, _method(_name))
-ndarray.fill = _method("fill", writes=True)
 
 
 # -- ufuncs: elementwise, operands device arrays or numbers -----------------------------------------
@@ -286,11 +253,9 @@ class ufunc:
 
 
 _UFUNCS = {}
-for _name in ("add subtract multiply divide true_divide floor_divide remainder power negative positive "
-              "absolute abs sign maximum minimum exp log log1p expm1 sqrt square tanh sin cos equal "
-              "not_equal less less_equal greater greater_equal logical_and logical_or logical_not "
-              "bitwise_and bitwise_or bitwise_xor invert left_shift right_shift isfinite isnan isinf "
-              "matmul").split():
+for _name in ("add subtract multiply divide floor_divide remainder power matmul bitwise_and bitwise_or "
+              "bitwise_xor left_shift right_shift less less_equal equal not_equal greater greater_equal "
+              "negative positive absolute invert exp log sqrt tanh").split():  # the operators' and minitp's
     globals()[_name] = _UFUNCS[getattr(numpy, _name).__name__] = ufunc(getattr(numpy, _name))
 
 
@@ -306,7 +271,7 @@ def _binary(name, reflected=False, inplace=False):
     return operator
 
 
-for _op, _name in dict(add="add", sub="subtract", mul="multiply", truediv="true_divide",
+for _op, _name in dict(add="add", sub="subtract", mul="multiply", truediv="divide",
                        floordiv="floor_divide", mod="remainder", pow="power", matmul="matmul",
                        and_="bitwise_and", or_="bitwise_or", xor="bitwise_xor", lshift="left_shift",
                        rshift="right_shift").items():
@@ -361,11 +326,8 @@ def _function(numpy_function):
     return function
 
 
-for _name in ("zeros ones full zeros_like ones_like full_like arange eye tril triu ascontiguousarray "
-              "concatenate stack split reshape transpose swapaxes moveaxis expand_dims squeeze "
-              "broadcast_to where take take_along_axis sum prod max min amax amin mean var std argmax "
-              "any all count_nonzero clip cumsum dot vdot einsum outer allclose isclose array_equal "
-              "shares_memory may_share_memory").split():
+for _name in ("zeros ones zeros_like ones_like arange ascontiguousarray concatenate stack swapaxes moveaxis "
+              "broadcast_to where take take_along_axis sum vdot shares_memory").split():
     globals()[_name] = _function(getattr(numpy, _name))
 
 _ARRAY_FUNCTIONS = {name: value for name, value in globals().items()
