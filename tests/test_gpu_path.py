@@ -3,9 +3,10 @@
 What every GPU run relies on: CuPy arrays reach the host only when asked (``get``, ``to_host``, a
 Python number from one element); rank r computes on GPU r % count; collectives stage device arrays
 through the host by default, and hand them to a CUDA-aware MPI directly, once the stream has finished
-writing them, when told to; ``MINITP_DEVICE=gpu`` selects CuPy in a launched job, and says in one line
-when there is no GPU. What only the stand-in can show (how many buffers crossed, that a missing
-synchronisation is caught, a machine without a GPU) is checked only on it.
+writing them, when told to; train_gpt's check holds on CuPy with every parallelism; and
+``MINITP_DEVICE=gpu`` selects CuPy in a launched job, or says in one line that there is no GPU. What
+only the stand-in can show (how many buffers crossed, that a missing synchronisation is caught, a
+machine without a GPU) is checked only on it.
 """
 import os
 
@@ -17,6 +18,7 @@ from pytest_mpi import parallel_assert
 from minitp import backend, dist
 from minitp.testing import max_error
 from test_dist import all_ranks, rank_array, world
+from test_train_gpt import tutorial
 from tutorial_runner import assert_verdict, launch, needs_mpiexec
 
 WORLD = MPI.COMM_WORLD
@@ -141,6 +143,17 @@ def test_the_standin_refuses_what_a_gpu_would_get_wrong(device):
             WORLD.Allreduce([x, MPI.DOUBLE], [total, MPI.DOUBLE])
     finally:
         record.cuda_aware_mpi = previous
+
+
+@pytest.mark.parallel(nprocs=[4])
+@on_gpu
+def test_train_gpt_check_holds_on_cupy_with_every_parallelism(device, cuda_aware):
+    """All of minitp at once on the GPU path: tp 2 × dp 2 with sequence parallelism, tied embeddings and
+    dropout, 10 AdamW steps with gradient clipping, each loss and gradient norm equal to the serial run's."""
+    train_gpt = tutorial()
+    result = train_gpt.check(train_gpt.check_args(2, 2, True, True), dist.init(tp=2, dp=2))
+    parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE, f"{result}")
+    parallel_assert(len(set(result.serial)) == 10, "the losses move: the check compares something")
 
 
 # -- MINITP_DEVICE=gpu in a launched job ----------------------------------------------------------

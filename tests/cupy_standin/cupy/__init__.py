@@ -170,6 +170,19 @@ class ndarray:
     def __str__(self):
         return str(self.get())
 
+    def __format__(self, spec):
+        return format(self.get(), spec)
+
+    def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of unsized object")
+        return len(self._a)
+
+    def __iter__(self):
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d array")
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, index):
         return _run(self._a.__getitem__, (_index(index),), {}, operand=lambda i: i, this=self._a)
 
