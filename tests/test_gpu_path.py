@@ -95,32 +95,40 @@ def cuda_aware(request):
 @pytest.mark.parallel(nprocs=[2, 3])
 @on_gpu
 def test_collectives_stage_through_the_host_or_hand_over_synchronised_device_buffers(device, cuda_aware):
-    """Each input is computed just before the collective (``x * 1``: work still queued on the stream), so
-    a device buffer handed to MPI before the stream has run fails on the stand-in, as it would race on
-    a GPU; by default no device buffer reaches MPI at all."""
-    xp, n, group, record = backend.xp, WORLD.size, world(), standin()
-    x = xp.asarray(rank_array(WORLD.rank, (2 * n, 3 * n)))
+    """Every collective, exchange and point-to-point op. Each input is computed just before the call
+    (``x * 1``: work still queued on the stream), so a device buffer handed to MPI before the stream has
+    run fails on the stand-in, as it would race on a GPU; by default no device buffer reaches MPI at all."""
+    xp, n, r, group, record = backend.xp, WORLD.size, WORLD.rank, world(), standin()
+    shape = (2 * n, 3 * n)
+    x = xp.asarray(rank_array(r, shape))
     if record is not None:
         before = (record.buffers_to_mpi, record.copies_to_host)
+    pending = dist.send(x * 1, group, dest=(r + 1) % n, match=5)  # the pipeline's, around the ring
+    received = dist.recv(shape, "float64", group, source=(r - 1) % n, match=5)
+    pending.wait()
     results = {
         "all_reduce": dist.all_reduce(x * 1, group),
         "all_gather": dist.all_gather(x * 1, group, axis=1),
         "reduce_scatter": dist.reduce_scatter(x * 1, group, axis=1),
         "broadcast": dist.broadcast(x * 1, group),
+        "sendrecv": dist.sendrecv(x * 1, group, (r + 1) % n, (r - 1) % n),
+        "all_to_all": dist.all_to_all(x * 1, group, split_axis=0, concat_axis=1),
+        "recv": received,
     }
     if record is not None:
         handed, copied = record.buffers_to_mpi - before[0], record.copies_to_host - before[1]
-        parallel_assert((handed > 0 and copied == 0) if cuda_aware else (handed == 0 and copied >= 4),
+        parallel_assert((handed > 0 and copied == 0) if cuda_aware else (handed == 0 and copied >= 7),
                         f"{handed} device buffers handed to MPI, {copied} copies to the host")
-    total = numpy.sum(all_ranks((2 * n, 3 * n)), axis=0)
-    expected = {"all_reduce": total, "all_gather": numpy.concatenate(all_ranks((2 * n, 3 * n)), axis=1),
-                "reduce_scatter": numpy.split(total, n, axis=1)[WORLD.rank],
-                "broadcast": rank_array(0, (2 * n, 3 * n))}
+    everyone = all_ranks(shape)
+    total = numpy.sum(everyone, axis=0)
+    expected = {"all_reduce": total, "all_gather": numpy.concatenate(everyone, axis=1),
+                "reduce_scatter": numpy.split(total, n, axis=1)[r], "broadcast": everyone[0],
+                "sendrecv": everyone[(r - 1) % n], "recv": everyone[(r - 1) % n],
+                "all_to_all": numpy.concatenate([block[2 * r:2 * r + 2] for block in everyone], axis=1)}
     for op, result in results.items():
         parallel_assert(backend.array_module(result) is xp, f"{op} returned {type(result)}")
         parallel_assert(max_error(result, expected[op]) <= 1e-15, op)
-    parallel_assert(backend.to_host(x).tolist() == rank_array(WORLD.rank, (2 * n, 3 * n)).tolist(),
-                    "a collective wrote into its input")
+    parallel_assert(backend.to_host(x).tolist() == rank_array(r, shape).tolist(), "something wrote into x")
     parallel_assert(dist.transport() == ("CuPy device buffers (CUDA-aware MPI)" if cuda_aware
                                          else "CuPy via host staging"), dist.transport())
 
@@ -145,14 +153,27 @@ def test_the_standin_refuses_what_a_gpu_would_get_wrong(device):
         record.cuda_aware_mpi = previous
 
 
+MESHES = {  # 4 ranks each: every parallelism minitp has, on device arrays
+    "tp2-dp2-sp-tied": dict(tp=2, dp=2, sequence_parallel=True, tie_embeddings=True),
+    "tp2-cp2-sp-zigzag": dict(tp=2, cp=2, sequence_parallel=True, cp_kind="zigzag"),  # ring attention
+    "tp2-pp2-sp-1f1b": dict(tp=2, pp=2, sequence_parallel=True, microbatches=2, schedule="1f1b"),  # p2p
+}
+
+
 @pytest.mark.parallel(nprocs=[4])
+@pytest.mark.parametrize("mesh, cuda_aware", [("tp2-dp2-sp-tied", False), ("tp2-dp2-sp-tied", True),
+                                              ("tp2-cp2-sp-zigzag", True), ("tp2-pp2-sp-1f1b", True)],
+                         indirect=["cuda_aware"])
 @on_gpu
-def test_train_gpt_check_holds_on_cupy_with_every_parallelism(device, cuda_aware):
-    """All of minitp at once on the GPU path: tp 2 × dp 2 with sequence parallelism, tied embeddings and
-    dropout, 10 AdamW steps with gradient clipping, each loss and gradient norm equal to the serial run's."""
-    train_gpt = tutorial()
-    result = train_gpt.check(train_gpt.check_args(2, 2, True, True), dist.init(tp=2, dp=2))
-    parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE, f"{result}")
+def test_train_gpt_check_holds_on_cupy_with_every_parallelism(device, mesh, cuda_aware):
+    """All of minitp at once on the GPU path: tensor, sequence, data, context and pipeline parallelism,
+    tied embeddings, dropout, 10 AdamW steps with gradient clipping -- each step's loss and gradient norm
+    equal to the serial run's. The exchanges of ring attention and the pipeline's sends, which only
+    these reach on CuPy, hand device buffers to the (stand-in's) CUDA-aware MPI."""
+    train_gpt, options = tutorial(), MESHES[mesh]
+    result = train_gpt.check(train_gpt.check_args(**options),
+                             dist.init(**{axis: options.get(axis, 1) for axis in ("tp", "dp", "cp", "pp")}))
+    parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE, f"{mesh}: {result}")
     parallel_assert(len(set(result.serial)) == 10, "the losses move: the check compares something")
 
 

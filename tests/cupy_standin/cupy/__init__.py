@@ -268,7 +268,7 @@ class ufunc:
 _UFUNCS = {}
 for _name in ("add subtract multiply divide floor_divide remainder power matmul bitwise_and bitwise_or "
               "bitwise_xor left_shift right_shift less less_equal equal not_equal greater greater_equal "
-              "negative positive absolute invert exp log sqrt tanh").split():  # the operators' and minitp's
+              "negative positive absolute invert exp log sqrt tanh maximum").split():  # the operators', minitp's
     globals()[_name] = _UFUNCS[getattr(numpy, _name).__name__] = ufunc(getattr(numpy, _name))
 
 
@@ -339,7 +339,7 @@ def _function(numpy_function):
     return function
 
 
-for _name in ("zeros ones zeros_like ones_like arange ascontiguousarray concatenate stack swapaxes moveaxis "
+for _name in ("zeros ones full zeros_like ones_like arange ascontiguousarray concatenate stack swapaxes moveaxis "
               "broadcast_to where take take_along_axis sum vdot shares_memory").split():
     globals()[_name] = _function(getattr(numpy, _name))
 
