@@ -16,7 +16,31 @@ from pathlib import Path
 import pytest
 from mpi4py import MPI
 
-from minitp import backend, dist
+STANDIN = Path(__file__).resolve().parent / "cupy_standin"
+
+
+def _cupy_or_the_standin():
+    """The GPU half of the suite runs everywhere: on real CuPy where it has a GPU, else on the strict
+    stand-in in tests/cupy_standin (numpy behind CuPy's rules), put first on ``sys.path`` here and on
+    ``PYTHONPATH`` for the tutorials and ranks the tests launch. ``MINITP_NO_CUPY_STANDIN=1``: skip the
+    GPU half instead, as without a GPU before."""
+    if os.environ.get("MINITP_NO_CUPY_STANDIN") == "1":
+        return
+    try:
+        import cupy
+        if Path(cupy.__file__).resolve().is_relative_to(STANDIN) or cupy.cuda.runtime.getDeviceCount() > 0:
+            return  # the stand-in already (a launched process), or a GPU
+    except Exception:  # no CuPy, or CuPy without a driver or a device
+        pass
+    for name in [name for name in sys.modules if name.split(".")[0] in ("cupy", "cupyx")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(STANDIN))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STANDIN), os.environ.get("PYTHONPATH")]))
+
+
+_cupy_or_the_standin()  # before minitp: MINITP_DEVICE=gpu makes it import CuPy at once
+
+from minitp import backend, dist  # noqa: E402
 
 CHILD = "_PYTEST_MPI_CHILD_PROCESS"  # set by mpi-pytest in the processes it launches
 
@@ -73,7 +97,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(params=["cpu", "gpu"])
 def device(request):
-    """Run the test once per backend: numpy, then CuPy (skipped, with the reason, without a GPU)."""
+    """Run the test once per backend: numpy, then CuPy -- on a GPU, or else on the CuPy stand-in
+    (skipped, with the reason, when neither is there)."""
     if request.param == "gpu":
         reason = backend.gpu_unavailable_reason()
         if reason:

@@ -1,8 +1,8 @@
 """Every op in minitp.functional: its gradient against finite differences (float64), its forward
 against a plain numpy formula, and the same op in float32. Dropout's mask is checked to shard exactly.
 
-Serial tests, run once per backend through the ``device`` fixture (the GPU run is skipped, with the
-reason, where there is no GPU).
+Serial tests, run once per backend through the ``device`` fixture (the GPU run uses the CuPy stand-in
+where there is no GPU).
 """
 import math
 

@@ -2,7 +2,8 @@
 against plain numpy references, Module bookkeeping (names, state_dict, train/eval), and dropout's
 counter. These layers are the serial twins every tensor-parallel layer is proven equal to.
 
-Serial tests, once per backend through the ``device`` fixture (the GPU run skips without a GPU).
+Serial tests, once per backend through the ``device`` fixture (without a GPU, the GPU run uses the CuPy
+stand-in).
 """
 import math
 

@@ -26,12 +26,14 @@ needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: neither 
 MPI_JOB_VARIABLES = ("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA_", "_PYTEST_MPI")
 
 
-def launch(tutorial, *args, ranks=None, device="cpu", timeout=60):
+def launch(tutorial, *args, ranks=None, device="cpu", timeout=60, env=None):
     """The completed process of ``tutorials/<tutorial> args...``: under ``mpiexec -n ranks``, or with
     ``ranks=None`` as a plain script (MPI then starts a singleton, one rank). ``timeout`` seconds at most:
-    a hang fails the test instead of blocking it. One BLAS thread per rank, on ``device``."""
+    a hang fails the test instead of blocking it. One BLAS thread per rank, on ``device`` (``"gpu"``
+    without a GPU: the CuPy stand-in, which conftest.py put on PYTHONPATH); ``env``: more variables."""
+    extra = env or {}
     env = {name: value for name, value in os.environ.items() if not name.startswith(MPI_JOB_VARIABLES)}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MINITP_DEVICE=device)
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MINITP_DEVICE=device, **extra)
     command = [sys.executable, str(TUTORIALS / tutorial), *args]
     if ranks is not None:
         command = [MPIEXEC, "-n", str(ranks)] + command

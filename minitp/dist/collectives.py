@@ -155,7 +155,9 @@ def broadcast(x, group, root=0, tag=""):
     started = _start()
     values = _for_mpi(x)
     if backend.data_ptr(values) == backend.data_ptr(x):
-        values = values.copy()  # Bcast writes in place; the caller's x must stay as it was
+        # Bcast writes in place; the caller's x must stay as it was. The copy is GPU work: _for_mpi
+        # again, so that a CUDA-aware MPI reads it only once the stream has written it
+        values = _for_mpi(values.copy())
     group.comm.Bcast(_buffer(values), root=root)
     _traced("broadcast", group, x.nbytes, (n - 1) * x.nbytes / n, tag, started)
     return _like(values, x)
