@@ -3,7 +3,6 @@
 Every rank r holds ``rank_array(r, ...)``, which every rank can also compute, so each rank builds the
 expected result of a collective with plain numpy from all the ranks' data.
 """
-import os
 import subprocess
 import sys
 import time
@@ -14,8 +13,9 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import backend, dist
+from minitp import backend, dist, launcher
 from minitp.testing import max_error
+from tutorial_runner import needs_mpiexec
 
 WORLD = MPI.COMM_WORLD
 REPO = Path(__file__).resolve().parent.parent
@@ -257,21 +257,16 @@ def test_logs_nest_and_record_nothing_once_closed():
 # -- processes: abort on exception, BLAS threads ----------------------------------------------------
 
 def _launch(nprocs, script, timeout, environment=None):
-    """Run ``mpiexec -n nprocs python script`` in a clean MPI environment; (exit code, seconds, stderr, stdout)."""
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_", "_PYTEST_MPI"))}
-    for name, value in (environment or {}).items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
+    """Run ``mpiexec -n nprocs python script`` outside any MPI job this test runs in, with ``environment``
+    changed (None removes a variable); (exit code, seconds, stderr, stdout)."""
     start = time.monotonic()
-    done = subprocess.run([str(mpiexec), "-n", str(nprocs), sys.executable, str(REPO / "tests" / "scripts" / script)],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    done = subprocess.run(launcher.command(nprocs) + [sys.executable, str(REPO / "tests" / "scripts" / script)],
+                          capture_output=True, text=True, timeout=timeout, env=launcher.environment(environment),
+                          cwd=REPO)
     return done.returncode, time.monotonic() - start, done.stderr, done.stdout
 
 
+@needs_mpiexec
 def test_an_exception_on_one_rank_aborts_the_whole_job():
     """Rank 2 of 4 raises while the others wait in an all-reduce: the job must end quickly, non-zero,
     with rank 2's traceback (without the abort handler it would hang until the 60 s timeout)."""
@@ -282,6 +277,7 @@ def test_an_exception_on_one_rank_aborts_the_whole_job():
     assert "unreachable" not in stdout
 
 
+@needs_mpiexec
 def test_init_shares_the_cores_between_the_ranks_blas_threads():
     # no thread limit in the environment: numpy's BLAS would start one thread per core in each rank
     unlimited = {name: None for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
