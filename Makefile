@@ -8,6 +8,10 @@
 #                   parallelism's bytes and balance, pipeline bubbles, and overlap (benchmarks/)
 #   make gpu-check  on a machine with a GPU: the suite on CuPy, the block's FLOP/s, staged vs CUDA-aware MPI
 # A system MPI instead of the PyPI one: make test MPI=system (mpi4py then builds against your mpicc).
+#   make test-debian-mpi MPI_PACKAGES=openmpi|mpich  (root, Debian/Ubuntu): install that MPI if missing,
+#                   run make test MPI=system in a fresh clone, remove what it installed.
+# Every launch (tests, tutorial, benchmarks) asks minitp.launcher for mpiexec: $MPIEXEC, else the venv's,
+# else PATH's; with Open MPI, --oversubscribe and (as root) --allow-run-as-root; then $MPIEXEC_FLAGS.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -17,53 +21,74 @@ NP     ?= 4
 
 ifeq ($(MPI),system)
 EXTRAS  := test,bench
-MPIEXEC ?= mpiexec
-PIP_MPI := --no-binary mpi4py
-else
+else ifeq ($(MPI),pypi)
 EXTRAS  := test,bench,mpi
-MPIEXEC ?= $(BIN)/mpiexec
-PIP_MPI :=
+else
+$(error MPI=$(MPI): say MPI=pypi (the default: MPICH from PyPI) or MPI=system (the mpicc and mpiexec on PATH))
 endif
+OTHER_MPI := $(if $(filter system,$(MPI)),pypi,system)
 
 # One BLAS thread per rank: ranks share this machine's cores, and threads on top of ranks only fight.
 export OMP_NUM_THREADS = 1
 export OPENBLAS_NUM_THREADS = 1
 export MKL_NUM_THREADS = 1
 
-.PHONY: venv test tutorial bench gpu-check clean
+.PHONY: venv test tutorial bench gpu-check test-debian-mpi clean
 
-venv: $(BIN)/.installed
+venv: $(BIN)/.installed-$(MPI)
 
-$(BIN)/.installed: setup.cfg pyproject.toml
+# One venv per MPI: switching MPI= starts a fresh one. Under MPI=system, mpi4py is compiled against the
+# mpicc on PATH, bypassing pip's cache: a wheel cached from another MPI would load that MPI's library, and
+# every rank would then run alone (a 1-rank job each).
+$(BIN)/.installed-$(MPI): setup.cfg pyproject.toml
+	@for stamp in $(BIN)/.installed-$(OTHER_MPI) $(BIN)/.installed; do \
+	  if [ -e $$stamp ]; then echo "$(VENV) was made for another MPI (or by an older Makefile): making it afresh"; rm -rf $(VENV); break; fi; done
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(PIP_MPI) -e '.[$(EXTRAS)]'
+ifeq ($(MPI),system)
+	@command -v mpicc > /dev/null || { echo "MPI=system needs mpicc (and mpiexec) on PATH, e.g. apt-get install openmpi-bin libopenmpi-dev, or mpich libmpich-dev"; exit 1; }
+	$(BIN)/python -m pip install -q --no-cache-dir --no-binary mpi4py mpi4py
+endif
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 test: venv
 	$(BIN)/python -m pytest -q -m "parallel[1]"
-	MPIEXEC=$(MPIEXEC) tests/run-mpi 2 3 4 8
+	tests/run-mpi 2 3 4 8
 
 tutorial: venv
-	$(MPIEXEC) -n $(NP) $(BIN)/python tutorials/mlp.py
+	$$($(BIN)/python -m minitp.launcher $(NP)) $(BIN)/python tutorials/mlp.py
 
 # PyTorch only for the speed comparison, the CPU build (the default wheel brings gigabytes of CUDA);
-# speed.py skips the PyTorch rows, saying so, where it cannot be had.
+# speed.py skips the PyTorch rows, saying so, where it cannot be had. Not installed again when present;
+# an index that cannot be reached fails at once (no retries, 10 s without an answer) instead of pip's
+# default five retries with back-off, each waiting up to its timeout.
+TORCH_VERSION := 2.13.0
+TORCH         := torch==$(TORCH_VERSION)
+PIP_QUICK     := --retries 0 --timeout 10
+HAVE_TORCH    := $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')"
 bench: venv
-	$(BIN)/python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-	  || $(BIN)/python -m pip install -q torch==2.13.0 \
-	  || echo "torch 2.13.0 unavailable: speed.py will skip the PyTorch rows"
-	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/memory.py
-	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/comm.py
-	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/collectives.py
-	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/context.py
-	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/pipeline.py
-	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/speed.py
-	MPIEXEC=$(MPIEXEC) $(BIN)/python benchmarks/overlap.py
+	@$(HAVE_TORCH) 2> /dev/null \
+	  || $(BIN)/python -m pip install -q $(PIP_QUICK) $(TORCH) --index-url https://download.pytorch.org/whl/cpu \
+	  || $(BIN)/python -m pip install -q $(PIP_QUICK) $(TORCH) \
+	  || echo "$(TORCH) unavailable: speed.py will skip the PyTorch rows"
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/comm.py
+	$(BIN)/python benchmarks/collectives.py
+	$(BIN)/python benchmarks/context.py
+	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/overlap.py
 
 gpu-check: venv
 	$(BIN)/python -m pip install -q cupy-cuda12x
-	MPIEXEC=$(MPIEXEC) PYTHON=$(BIN)/python benchmarks/gpu_check.sh
+	PYTHON=$(BIN)/python benchmarks/gpu_check.sh
+
+# The suite against a Debian MPI, the way a new user meets it: .ci/debian-mpi installs the packages if
+# missing (root), runs make test MPI=system in a fresh clone of HEAD and removes what it installed.
+MPI_PACKAGES ?= openmpi
+test-debian-mpi:
+	.ci/debian-mpi $(MPI_PACKAGES)
 
 clean:
 	rm -rf $(VENV) .pytest-logs *.egg-info

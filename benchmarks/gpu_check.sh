@@ -11,13 +11,13 @@
 # Needs CuPy (pip install cupy-cuda12x, or the [gpu] extra). Writes benchmarks/results/gpu/*.md and a
 # log of everything to benchmarks/results/gpu/gpu_check.log. Exits non-zero if a required step fails.
 #
-# Usage: benchmarks/gpu_check.sh        (PYTHON, MPIEXEC and OUT may be set; defaults: the venv's)
+# Usage: benchmarks/gpu_check.sh        (PYTHON and OUT may be set; defaults: the venv's. The launcher is
+# minitp.launcher's, as everywhere: $MPIEXEC, else the venv's, else PATH's; then $MPIEXEC_FLAGS)
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PYTHON=${PYTHON:-.venv/bin/python}
-MPIEXEC=${MPIEXEC:-.venv/bin/mpiexec}
 OUT=${OUT:-benchmarks/results/gpu}
-export MPIEXEC OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
+export PYTHON OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
@@ -42,7 +42,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 
 # 1. the tests on the GPU (the device fixture runs its GPU half; MINITP_DEVICE makes CuPy the default)
 step "tests, serial, CuPy" yes env MINITP_DEVICE=gpu "$PYTHON" -m pytest -q -m "parallel[1]"
-step "tests, 2 and 4 ranks sharing the GPU" yes env MINITP_DEVICE=gpu MPIEXEC="$MPIEXEC" PYTHON="$PYTHON" tests/run-mpi 2 4
+step "tests, 2 and 4 ranks sharing the GPU" yes env MINITP_DEVICE=gpu tests/run-mpi 2 4
 
 # 2. the block: the CPU bench's size, then one large enough to fill a GPU; scaling with ranks sharing it
 step "block at the CPU size, scaling t=1,2,4, staged all-reduce" yes \

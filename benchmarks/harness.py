@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -19,28 +18,25 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # minitp from this checkout where it is not installed (the workers get PYTHONPATH)
+from minitp import launcher  # noqa: E402  the one way the tests and the benchmarks find and call mpiexec
 RESULT_PREFIX = "BENCH-RESULT "
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 # -- launching workers ------------------------------------------------------------------------------
 
-def mpiexec():
-    """The launcher: $MPIEXEC, else the one beside this Python (the venv's MPICH), else PATH's."""
-    if os.environ.get("MPIEXEC"):
-        return os.environ["MPIEXEC"]
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else (shutil.which("mpiexec") or "mpiexec")
-
-
 def launch(script, ranks, args=(), env=None, timeout=1200):
     """Run ``script --worker *args`` on ``ranks`` MPI ranks; return what rank 0 ``report``-ed (a dict).
 
-    ``env`` adds to this process's environment (e.g. ``ONE_THREAD``). A failed worker raises with its
-    output, so a broken benchmark cannot pass for a slow one.
+    The launcher is ``minitp.launcher``'s, as for the tests: $MPIEXEC, else the venv's mpiexec, else
+    PATH's, with Open MPI's flags for root and for more ranks than cores, then $MPIEXEC_FLAGS.
+    ``env`` adds to this process's environment (e.g. ``ONE_THREAD``), less any parent MPI job's identity.
+    A failed worker raises with its output, so a broken benchmark cannot pass for a slow one.
     """
-    command = [mpiexec(), "-n", str(ranks), sys.executable, str(script), "--worker", *map(str, args)]
-    environment = dict(os.environ, **(env or {}))
+    command = launcher.command(ranks) + [sys.executable, str(script), "--worker", *map(str, args)]
+    environment = launcher.environment(env)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
     done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
     lines = [line[len(RESULT_PREFIX):] for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]

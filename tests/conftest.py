@@ -8,8 +8,14 @@ Three ways to run the suite, all supported:
   does for N = 2, 3, 4).
 - ``mpirun -n N python -m pytest`` with no marker: mpi-pytest alone would stop with a UsageError at the
   first test written for another rank count, so we skip those here, with the reason.
+
+Every launch the tests make (mpi-pytest's, the tutorials', test_dist's, the benchmarks') uses the launcher
+that ``minitp.launcher`` finds. Two ways a system MPI can fail are caught here and named, instead of
+failing every parallel test obscurely: Open MPI before 5.0.7 under plain ``pytest`` (a singleton cannot
+start ``mpiexec``), and an mpi4py built against another MPI than the launcher's (every rank alone).
 """
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -40,7 +46,7 @@ def _cupy_or_the_standin():
 
 _cupy_or_the_standin()  # before minitp: MINITP_DEVICE=gpu makes it import CuPy at once
 
-from minitp import backend, dist  # noqa: E402
+from minitp import backend, dist, launcher  # noqa: E402
 
 CHILD = "_PYTEST_MPI_CHILD_PROCESS"  # set by mpi-pytest in the processes it launches
 
@@ -50,9 +56,67 @@ CHILD = "_PYTEST_MPI_CHILD_PROCESS"  # set by mpi-pytest in the processes it lau
 os.environ["MINITP_CHECKED"] = "1"
 dist.set_checked(True)
 
-# mpi-pytest launches `mpiexec` from PATH: make it the one beside this Python (the venv's MPICH), so that
-# plain `.venv/bin/python -m pytest` works without activating the venv.
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# mpi-pytest launches `mpiexec` from PATH: make it minitp.launcher's ($MPIEXEC, else the venv's MPICH beside
+# this Python, else PATH's), so that plain `.venv/bin/python -m pytest` works without activating the venv.
+_MPIEXEC = launcher.mpiexec()
+os.environ["PATH"] = os.pathsep.join(filter(None, [str(Path(_MPIEXEC).parent) if _MPIEXEC else None,
+                                                   str(Path(sys.executable).parent), os.environ.get("PATH")]))
+
+
+
+def _library():
+    """The MPI library mpi4py loaded, in one line (Open MPI's ends in a NUL)."""
+    return MPI.Get_library_version().replace("\0", "").splitlines()[0].strip()
+
+
+def _run_instead():
+    command = shlex.join(launcher.command()) if _MPIEXEC else "mpiexec"
+    return (f"run `tests/run-mpi 2 3 4` (what `make test` does), or for each N "
+            f"`{command} -n N {sys.executable} -m pytest -m 'parallel[N]'`")
+
+
+def _singleton_cannot_launch():
+    """Why plain `pytest` cannot start the parallel tests here, or None.
+
+    mpi-pytest runs each N-rank test under a nested `mpiexec`, started from this process, which MPI
+    initialised as a singleton. Open MPI before 5.0.7 cannot do that: the singleton leaves its own job's
+    variables in the environment, and the nested mpiexec exits 1 without a word
+    (github.com/open-mpi/ompi/issues/7164, python/cpython#132377, fixed in Open MPI 5.0.7)."""
+    if MPI.COMM_WORLD.size != 1 or CHILD in os.environ:
+        return None
+    name, version = MPI.get_vendor()
+    if name == "Open MPI" and tuple(version) < (5, 0, 7):
+        return (f"Open MPI {'.'.join(map(str, version))} cannot start `mpiexec` from a process that is already "
+                f"an MPI singleton (plain `pytest`); fixed in Open MPI 5.0.7: {_run_instead()}")
+    return None
+
+
+def pytest_configure(config):
+    # The launcher started n ranks but MPI sees one: mpi4py speaks another MPI than the launcher (e.g. a
+    # cached mpi4py wheel built against Open MPI, run by MPICH's mpiexec), and every rank runs alone.
+    launched = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
+    if launched and int(launched) > 1 and MPI.COMM_WORLD.size == 1:
+        raise pytest.UsageError(
+            f"the launcher started {launched} ranks, but MPI sees 1: mpi4py is built against "
+            f"{_library()!r}, not the MPI of {_MPIEXEC}. Rebuild it "
+            f"against your mpicc without pip's cache: {sys.executable} -m pip install --force-reinstall "
+            f"--no-cache-dir --no-binary mpi4py mpi4py (or: make clean test MPI=system)")
+
+
+def pytest_report_header(config):
+    lines = [f"MPI: {_library()}; launcher: "
+             f"{' '.join(launcher.command()) if _MPIEXEC else 'none found'}"]
+    reason = _singleton_cannot_launch()
+    return lines + ([f"the tests for 2 or more ranks skip: {reason}"] if reason else [])
+
+
+_cannot_launch = []  # the tests skipped for _singleton_cannot_launch()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _cannot_launch:
+        terminalreporter.write_line(f"{len(_cannot_launch)} tests for 2 or more ranks skipped: "
+                                    f"{_singleton_cannot_launch()}", yellow=True)
 
 
 def _nprocs(item):
@@ -68,6 +132,12 @@ def _nprocs(item):
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     size = MPI.COMM_WORLD.size
+    reason = _singleton_cannot_launch()
+    if reason:
+        for item in items:
+            if _nprocs(item) > 1:
+                item.add_marker(pytest.mark.skip(reason=reason))
+                _cannot_launch.append(item.nodeid)
     if size == 1 or CHILD in os.environ:
         return
     counts = set()

@@ -6,7 +6,6 @@ accounting still matches the papers' formulas (no unexplained byte).
 Also: the PyTorch block the speed benchmark compares against computes what minitp's block computes
 (skipped without PyTorch).
 """
-import os
 import re
 import subprocess
 import sys
@@ -20,13 +19,15 @@ try:
     PLOTS = True
 except ImportError:
     PLOTS = False
+from minitp import launcher
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
 
 
 def run_bench(script, tmp_path, *args):
-    environment = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # the driver is a plain process outside any MPI job this test runs in; its workers use minitp.launcher too
+    environment = launcher.environment(dict(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(tmp_path), *args],
                           capture_output=True, text=True, env=environment, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

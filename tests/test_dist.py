@@ -3,7 +3,6 @@
 Every rank r holds ``rank_array(r, ...)``, which every rank can also compute, so each rank builds the
 expected result of a collective with plain numpy from all the ranks' data.
 """
-import os
 import subprocess
 import sys
 import time
@@ -14,8 +13,9 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import backend, dist
+from minitp import backend, dist, launcher
 from minitp.testing import max_error
+from tutorial_runner import needs_mpiexec
 
 WORLD = MPI.COMM_WORLD
 REPO = Path(__file__).resolve().parent.parent
@@ -285,22 +285,16 @@ def test_logs_nest_and_record_nothing_once_closed():
 # -- processes: abort on exception, BLAS threads ----------------------------------------------------
 
 def _launch(nprocs, script, timeout, environment=None, args=()):
-    """Run ``mpiexec -n nprocs python script`` in a clean MPI environment; (exit code, seconds, stderr, stdout)."""
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_", "_PYTEST_MPI"))}
-    for name, value in (environment or {}).items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
+    """Run ``mpiexec -n nprocs python script *args`` outside any MPI job this test runs in, with
+    ``environment`` changed (None removes a variable); (exit code, seconds, stderr, stdout)."""
     start = time.monotonic()
-    done = subprocess.run([str(mpiexec), "-n", str(nprocs), sys.executable, str(REPO / "tests" / "scripts" / script),
-                           *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    done = subprocess.run(launcher.command(nprocs) + [sys.executable, str(REPO / "tests" / "scripts" / script), *args],
+                          capture_output=True, text=True, timeout=timeout, env=launcher.environment(environment),
+                          cwd=REPO)
     return done.returncode, time.monotonic() - start, done.stderr, done.stdout
 
 
+@needs_mpiexec
 def test_an_exception_on_one_rank_aborts_the_whole_job():
     """Rank 2 of 4 raises while the others wait in an all-reduce: the job must end quickly, non-zero,
     with rank 2's traceback (without the abort handler it would hang until the 60 s timeout)."""
@@ -311,6 +305,7 @@ def test_an_exception_on_one_rank_aborts_the_whole_job():
     assert "unreachable" not in stdout
 
 
+@needs_mpiexec
 @pytest.mark.parametrize("status", [0, 3])
 def test_a_rank_that_leaves_with_sys_exit_ends_the_job_naming_itself(status):
     """Before: rank 1 left, rank 0 waited in its all-reduce forever. Now rank 1 waits briefly for the
@@ -322,12 +317,14 @@ def test_a_rank_that_leaves_with_sys_exit_ends_the_job_naming_itself(status):
     assert "unreachable" not in stdout
 
 
+@needs_mpiexec
 def test_a_rank_that_raises_before_init_ends_the_job():
     code, seconds, stderr, stdout = _launch(2, "raise_before_init.py", timeout=60)
     assert code != 0 and seconds < 20, f"{code} after {seconds:.1f} s: {stderr}"
     assert "[rank 1] RuntimeError: rank 1 fails before dist.init" in stderr and "unreachable" not in stdout, stderr
 
 
+@needs_mpiexec
 def test_the_same_error_on_every_rank_is_printed_once():
     """A configuration error raised alike on every rank: one traceback (rank 0's), not one per rank."""
     code, seconds, stderr, _ = _launch(3, "same_error_on_every_rank.py", timeout=60)
@@ -336,17 +333,16 @@ def test_the_same_error_on_every_rank_is_printed_once():
     assert "(the same on all 3 ranks)" in stderr and "[rank" not in stderr, stderr
 
 
+@needs_mpiexec
 def test_pytest_under_mpiexec_for_a_rank_count_no_test_asks_for_fails_saying_so():
     """Before: `mpiexec -n 5 python -m pytest` reported every test skipped and exited 0."""
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_", "_PYTEST_MPI"))}
-    done = subprocess.run([str(mpiexec), "-n", "5", sys.executable, "-m", "pytest", "-q", "tests/test_init.py"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    done = subprocess.run(launcher.command(5) + [sys.executable, "-m", "pytest", "-q", "tests/test_init.py"],
+                          capture_output=True, text=True, timeout=120, env=launcher.environment(), cwd=REPO)
     assert done.returncode == 5, done.stdout + done.stderr
     assert "no test is written for 5 ranks, so none ran" in done.stderr, done.stderr
 
 
+@needs_mpiexec
 def test_init_shares_the_cores_between_the_ranks_blas_threads():
     # no thread limit in the environment: numpy's BLAS would start one thread per core in each rank
     unlimited = {name: None for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}

@@ -3,27 +3,23 @@ read what it printed (test_tutorials_tp.py, test_tutorials_sp.py, test_tutorial_
 test_tutorial_autograd.py, test_train_gpt.py).
 
 Each launch is a fresh process outside any MPI job the test itself may be running in (``mpiexec -n N
-python -m pytest``): the job's variables are dropped from the environment, so that an inner mpiexec
-starts a job of its own, and a plain python starts as a singleton, instead of joining ours.
+python -m pytest``): the job's identity is dropped from the environment (``minitp.launcher.environment``),
+so that an inner mpiexec starts a job of its own, and a plain python starts as a singleton, instead of
+joining ours. The launcher and its flags are ``minitp.launcher.command``'s, as for every launch the tests make.
 """
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from minitp import launcher
+
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIALS = ROOT / "tutorials"
-VENV_MPIEXEC = Path(sys.executable).parent / "mpiexec"  # the PyPI MPI's launcher, beside the venv's python
-MPIEXEC = str(VENV_MPIEXEC) if VENV_MPIEXEC.exists() else shutil.which("mpiexec")  # or a system MPI's
-
-needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: neither the venv's (make venv) nor one on PATH")
-
-# the variables of an MPI job (MPICH's PMI, PMIx, Open MPI's, Hydra's) and of mpi-pytest's child processes
-MPI_JOB_VARIABLES = ("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA_", "_PYTEST_MPI")
+needs_mpiexec = pytest.mark.skipif(launcher.mpiexec() is None,
+                                   reason="no mpiexec: neither $MPIEXEC, nor the venv's (make venv), nor one on PATH")
 
 
 def launch(tutorial, *args, ranks=None, device="cpu", timeout=60, env=None):
@@ -31,12 +27,10 @@ def launch(tutorial, *args, ranks=None, device="cpu", timeout=60, env=None):
     ``ranks=None`` as a plain script (MPI then starts a singleton, one rank). ``timeout`` seconds at most:
     a hang fails the test instead of blocking it. One BLAS thread per rank, on ``device`` (``"gpu"``
     without a GPU: the CuPy stand-in, which conftest.py put on PYTHONPATH); ``env``: more variables."""
-    extra = env or {}
-    env = {name: value for name, value in os.environ.items() if not name.startswith(MPI_JOB_VARIABLES)}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MINITP_DEVICE=device, **extra)
+    env = launcher.environment(dict(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MINITP_DEVICE=device, **(env or {})))
     command = [sys.executable, str(TUTORIALS / tutorial), *args]
     if ranks is not None:
-        command = [MPIEXEC, "-n", str(ranks)] + command
+        command = launcher.command(ranks) + command
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
