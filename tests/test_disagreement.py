@@ -18,19 +18,10 @@ from minitp import dist
 from minitp.autograd import Tensor
 from minitp.parallel import (ColumnParallelLinear, ParallelTransformerBlock, RowParallelLinear,
                              VocabParallelEmbedding, vocab_parallel_cross_entropy)
+from parallel_helpers import value_error as raised  # (message or None, collectives logged before it)
 
 WORLD = MPI.COMM_WORLD
 F64 = numpy.float64
-
-
-def raised(call, kind=ValueError):
-    """(message or None, collectives the algorithm logged before the error)."""
-    with dist.log_collectives() as log:
-        try:
-            call()
-        except kind as error:
-            return str(error), len(log)
-    return None, len(log)
 
 
 def random(shape, seed):
