@@ -29,15 +29,22 @@ def _buffer(array):
     return [array, datatype]
 
 
-def _traced(op, group, payload_bytes, ring_bytes, tag, started):
-    """Record the collective that began at ``started`` as a "comm" span (when a trace is recorded)."""
-    if started is not None:
-        trace.complete(op, "comm", started, dict(group=group.name, bytes=int(payload_bytes),
-                                                 ring_bytes=ring_bytes, tag=tag))
+def _begin(op, group, x, tag, shape, payload_bytes, ring_bytes):
+    """What every collective does before MPI runs it: checked mode's test that the ranks pass the same
+    shape and dtype (``checks.py``), its record in the open collective logs (``shape``: the logged, full
+    array), and the start of its "comm" span when a trace is recorded. Returns the function that ends
+    the span, to call once MPI has returned."""
+    if group.size > 1 and checks.checked():
+        checks.agree_on_array(group, op, tag, x)
+    if log._active_logs:
+        log._record(op, group, shape, x.dtype, payload_bytes, ring_bytes, tag)
+    started = trace.now() if trace.recording is not None else None
 
-
-def _start():
-    return trace.now() if trace.recording is not None else None
+    def end():
+        if started is not None:
+            trace.complete(op, "comm", started, dict(group=group.name, bytes=int(payload_bytes),
+                                                     ring_bytes=ring_bytes, tag=tag))
+    return end
 
 
 def _axis(array, axis):
@@ -61,17 +68,13 @@ def all_reduce(x, group, tag="", op="sum"):
     if op not in _REDUCE_OPS:
         raise ValueError(f"all_reduce op must be one of {sorted(_REDUCE_OPS)}, not {op!r}")
     n = group.size
-    if n > 1 and checks.checked():
-        checks.agree_on_array(group, f"all_reduce {op}", tag, x)
-    if log._active_logs:
-        log._record("all_reduce", group, x.shape, x.dtype, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag)
+    end = _begin("all_reduce", group, x, tag, x.shape, x.nbytes, 2 * (n - 1) * x.nbytes / n)
     if n == 1:
         return x
-    started = _start()
     send = _for_mpi(x)
     total = backend.array_module(send).empty_like(send)
     group.comm.Allreduce(_buffer(send), _buffer(total), op=_REDUCE_OPS[op])
-    _traced("all_reduce", group, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag, started)
+    end()
     return _like(total, x)
 
 
@@ -85,19 +88,15 @@ def all_gather(x, group, axis=0, tag=""):
     """
     n = group.size
     axis = _axis(x, axis)
-    if n > 1 and checks.checked():
-        checks.agree_on_array(group, "all_gather", tag, x)
     gathered_shape = x.shape[:axis] + (x.shape[axis] * n,) + x.shape[axis + 1:]
-    if log._active_logs:
-        log._record("all_gather", group, gathered_shape, x.dtype, n * x.nbytes, (n - 1) * x.nbytes, tag)
+    end = _begin("all_gather", group, x, tag, gathered_shape, n * x.nbytes, (n - 1) * x.nbytes)
     if n == 1:
         return x
-    started = _start()
     send = _for_mpi(x)
     xp = backend.array_module(send)
     blocks = xp.empty((n,) + send.shape, dtype=send.dtype)
     group.comm.Allgather(_buffer(send), _buffer(blocks))
-    _traced("all_gather", group, n * x.nbytes, (n - 1) * x.nbytes, tag, started)
+    end()
     if axis == 0:
         gathered = blocks.reshape(gathered_shape)
     else:
@@ -117,13 +116,9 @@ def reduce_scatter(x, group, axis=0, tag=""):
     n = group.size
     axis = _axis(x, axis)
     block = divide(x.shape[axis], n, f"reduce_scatter: the length of axis {axis} of an array of shape {x.shape}")
-    if n > 1 and checks.checked():
-        checks.agree_on_array(group, "reduce_scatter", tag, x)
-    if log._active_logs:
-        log._record("reduce_scatter", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
+    end = _begin("reduce_scatter", group, x, tag, x.shape, x.nbytes, (n - 1) * x.nbytes / n)
     if n == 1:
         return x
-    started = _start()
     xp = backend.array_module(x)
     block_shape = x.shape[:axis] + (block,) + x.shape[axis + 1:]
     rank_major = x
@@ -133,7 +128,7 @@ def reduce_scatter(x, group, axis=0, tag=""):
     send = _for_mpi(rank_major)
     mine = backend.array_module(send).empty(block_shape, dtype=send.dtype)
     group.comm.Reduce_scatter_block(_buffer(send), _buffer(mine), op=MPI.SUM)
-    _traced("reduce_scatter", group, x.nbytes, (n - 1) * x.nbytes / n, tag, started)
+    end()
     return _like(mine, x)
 
 
@@ -146,20 +141,16 @@ def broadcast(x, group, root=0, tag=""):
     (n-1)/n · S in the scatter phase, not counted). Small buffers go down a tree instead.
     """
     n = group.size
-    if n > 1 and checks.checked():
-        checks.agree_on_array(group, "broadcast", tag, x)
-    if log._active_logs:
-        log._record("broadcast", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
+    end = _begin("broadcast", group, x, tag, x.shape, x.nbytes, (n - 1) * x.nbytes / n)
     if n == 1:
         return x
-    started = _start()
     values = _for_mpi(x)
     if backend.data_ptr(values) == backend.data_ptr(x):
         # Bcast writes in place; the caller's x must stay as it was. The copy is GPU work: _for_mpi
         # again, so that a CUDA-aware MPI reads it only once the stream has written it
         values = _for_mpi(values.copy())
     group.comm.Bcast(_buffer(values), root=root)
-    _traced("broadcast", group, x.nbytes, (n - 1) * x.nbytes / n, tag, started)
+    end()
     return _like(values, x)
 
 
