@@ -29,7 +29,7 @@ import traceback
 
 from mpi4py import MPI
 
-_ERROR_TAG, _EXIT_TAG = 0x6D74E0, 0x6D74E1  # tags of minitp's own messages: no algorithm uses them
+_ERROR_TAG, _EXIT_TAG, _PRINTED_TAG = 0x6D74E0, 0x6D74E1, 0x6D74E2  # minitp's own tags: no algorithm uses them
 _state = {"installed": False, "status": None, "handled": False}
 
 
@@ -42,13 +42,15 @@ def _seconds(variable, default):
 
 def _handshake(tag, payload, wait):
     """Send ``payload`` to every other rank with ``tag`` and collect theirs for up to ``wait`` seconds
-    (forever when ``wait`` is 0). Returns {rank: payload} of the ranks heard from, this one included."""
+    (forever when ``wait`` is 0, not at all when it is negative). Returns {rank: payload} of the ranks heard from, this one included."""
     world = MPI.COMM_WORLD
     me, size = world.Get_rank(), world.Get_size()
     for other in range(size):
         if other != me:
             world.isend(payload, dest=other, tag=tag)  # buffered by MPI; never waited for: we may abort
     heard = {me: payload}
+    if wait < 0:
+        return heard
     deadline = time.monotonic() + wait if wait > 0 else float("inf")
     while len(heard) < size and time.monotonic() < deadline:
         status = MPI.Status()
@@ -57,6 +59,17 @@ def _handshake(tag, payload, wait):
         else:
             time.sleep(0.001)
     return heard
+
+
+def _hear_from(source, tag, wait):
+    """Wait up to ``wait`` seconds for one message from ``source`` with ``tag``; whether it came."""
+    world, deadline = MPI.COMM_WORLD, time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if world.iprobe(source=source, tag=tag):
+            world.recv(source=source, tag=tag)
+            return True
+        time.sleep(0.001)
+    return False
 
 
 def _say(text):
@@ -81,6 +94,11 @@ def _on_exception(previous):
                 same = all(other == message for other in heard.values())
                 _say(text + (f"\n(the same on all {size} ranks)" if same else "\n" + "\n".join(
                     f"[rank {rank}] {other}" for rank, other in sorted(heard.items()) if other != message)))
+                _handshake(_PRINTED_TAG, True, wait=-1)  # tell the others it is printed; wait for nobody
+            else:
+                # Wait for rank 0's word that the traceback is written: a rank exiting with status 1 first
+                # makes the launcher kill the job, and rank 0 could die with its message unwritten.
+                _hear_from(0, _PRINTED_TAG, _seconds("MINITP_EXIT_WAIT", 10) or 10)
             os._exit(1)
         prefix = f"[rank {me}] "  # every line prefixed: the ranks' outputs may interleave on a terminal
         _say("".join(prefix + line + "\n" for line in text.split("\n")) + f"{prefix}aborting all {size} ranks")
