@@ -7,25 +7,27 @@ mapped afresh, and the kernel zeroes every page of it on first touch: measured h
 ``dist.all_reduce`` 2-3x slower than a raw ``Allreduce`` into a preallocated buffer at 1-16 MiB, and
 the block's step 10-30% slower.
 
-``keep_freed_memory()`` (called when minitp is imported) tells glibc to serve blocks of up to 32 MiB from
-its heap and to keep freed memory there (``mallopt``: ``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD``
-1 GiB): the next step's temporaries reuse the same, already mapped pages. The price is that the process
-keeps the memory it has used at its peak instead of returning it between steps -- what a training loop
-wants. Nothing happens outside glibc (macOS, musl), when the user has set ``MALLOC_MMAP_THRESHOLD_``
-themselves, or with ``MINITP_MALLOC=default``.
+``keep_freed_memory()`` (called when minitp is imported) tells glibc to serve every block from its heap
+and to keep freed memory there (``mallopt``: ``M_MMAP_MAX`` 0, no block gets a mapping of its own;
+``M_TRIM_THRESHOLD`` 1 GiB, the heap's free top is kept up to that much): the next step's temporaries reuse
+the same, already mapped pages. (Raising ``M_MMAP_THRESHOLD`` instead, as ``MALLOC_MMAP_THRESHOLD_`` does,
+stops at glibc's ceiling of 32 MiB: a 64 MiB all-gather's result was still faulted in afresh on every
+call, 1.4x the raw call's time.) The price is that the process keeps the memory it has used at its peak
+instead of returning it between steps -- what a training loop wants. If the heap cannot grow, glibc
+still falls back to a mapping. Nothing happens outside glibc (macOS, musl), when the user has set any
+``MALLOC_MMAP_*`` variable themselves, or with ``MINITP_MALLOC=default``.
 """
 import ctypes
 import ctypes.util
 import os
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 * 2 ** 20
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 TRIM_THRESHOLD = 2 ** 30
 
 
 def keep_freed_memory():
-    """Set glibc's thresholds as above; returns True when they were set."""
-    if os.environ.get("MINITP_MALLOC", "") == "default" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    """Set glibc's parameters as above; returns True when they were set."""
+    if os.environ.get("MINITP_MALLOC", "") == "default" or any(name.startswith("MALLOC_MMAP_") for name in os.environ):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -33,7 +35,7 @@ def keep_freed_memory():
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 KEPT = keep_freed_memory()

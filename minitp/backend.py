@@ -71,6 +71,8 @@ def local_rank():
 
 def array_module(array):
     """numpy or cupy: the module that owns ``array``."""
+    if type(array) is numpy.ndarray:  # the common case first: every op asks, on every call
+        return numpy
     if type(array).__module__.startswith("cupy"):
         import cupy
         return cupy

@@ -71,6 +71,8 @@ def transport():
 def _for_mpi(array):
     """``array`` (C-contiguous) in memory MPI can read: numpy as is; CuPy on the device when MPI is
     CUDA-aware, else copied to the host. Contiguity first, so a CuPy copy runs on the GPU."""
+    if type(array) is numpy.ndarray and array.flags.c_contiguous:
+        return array  # the common case, tested first: this runs before every collective
     xp = backend.array_module(array)
     array = xp.ascontiguousarray(array).reshape(array.shape)  # ascontiguousarray makes a 0-d array 1-d
     if xp is numpy:
