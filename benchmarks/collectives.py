@@ -1,5 +1,6 @@
-"""Do minitp's collectives cost what raw MPI costs? ``dist.all_reduce``, ``all_gather`` and
-``reduce_scatter`` against the bare mpi4py call into a buffer allocated once, side by side in one run.
+"""Do minitp's collectives cost what raw MPI costs? ``dist.all_reduce``, ``all_gather``,
+``reduce_scatter`` and the pipeline's point-to-point ``send``/``recv`` against the bare mpi4py calls into
+a buffer allocated once, side by side in one run.
 
 A minitp collective does more than MPI's: it returns a new array (a receive buffer allocated per call),
 checks its arguments, and records itself when a collective log is open. The raw call is the floor: the
@@ -7,6 +8,13 @@ same MPI operation on the same message, writing into a preallocated buffer. The 
 what that convenience costs; the target is at most 1.1 at every size, in the default environment (no
 variables set: ``minitp.allocator`` keeps freed memory in the heap, so the per-call receive buffer reuses
 mapped pages instead of being faulted in and zeroed).
+
+The point-to-point row is a ping-pong: ranks 2i and 2i+1 pass S bytes there and back (``send`` then
+``recv``, and the reverse), against mpi4py's ``Isend``/``Wait`` and ``Recv``; its time is a round trip.
+
+At small sizes MPI itself takes a few microseconds, so even a few microseconds of Python (a function
+call, the argument checks, allocating the result) show as a large ratio: the table gives the
+microseconds too, and the summary the fixed cost per call.
 
 The two are timed turn about (raw, minitp, raw, minitp, ...) and each keeps its best of several rounds,
 so a burst of load from elsewhere on the machine hits both alike.
@@ -23,7 +31,7 @@ import numpy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter")
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 TARGET = 1.1
 
 
@@ -33,7 +41,7 @@ def worker(args):
 
     from minitp import dist
 
-    mesh = dist.init(tp=MPI.COMM_WORLD.size)
+    mesh = dist.init(tp=MPI.COMM_WORLD.size)  # an even number of ranks: the ping-pong pairs them
     group, comm, n = mesh.tp, mesh.tp.comm, mesh.tp.size
     sizes = [2 ** k for k in (range(10, 15, 4) if args.quick else range(10, 27, 2))]  # 1 KiB .. 64 MiB
     results = []
@@ -43,18 +51,36 @@ def worker(args):
         out, gathered, mine = numpy.empty_like(x), numpy.empty(n * block.size), numpy.empty(x.size // n)
         raw = {"all_reduce": lambda: comm.Allreduce(x, out),
                "all_gather": lambda: comm.Allgather(block, gathered),
-               "reduce_scatter": lambda: comm.Reduce_scatter_block(x, mine)}
+               "reduce_scatter": lambda: comm.Reduce_scatter_block(x, mine),
+               "send_recv": _ping_pong(lambda peer: comm.Isend(x, dest=peer).Wait(),
+                                       lambda peer: comm.Recv(out, source=peer), mesh.rank)}
         ours = {"all_reduce": lambda: dist.all_reduce(x, group),
                 "all_gather": lambda: dist.all_gather(block, group),
-                "reduce_scatter": lambda: dist.reduce_scatter(x, group)}
+                "reduce_scatter": lambda: dist.reduce_scatter(x, group),
+                "send_recv": _ping_pong(lambda peer: dist.send(x, group, peer, match=0).wait(),
+                                        lambda peer: dist.recv(x.shape, x.dtype, group, peer, match=0), mesh.rank)}
         count = 2 if args.quick else max(3, min(200, 2 ** 25 // size))
         for op in OPS:
             steps = {"raw": raw[op], "minitp": ours[op]}
             best = harness.interleaved_best({name: _repeat(step, count) for name, step in steps.items()},
-                                            repeats=2 if args.quick else 7, synchronize=comm.Barrier)
+                                            repeats=2 if args.quick else 11, synchronize=comm.Barrier)
             results.append({"op": op, "bytes": size, "raw": best["raw"] / count, "minitp": best["minitp"] / count})
     if mesh.rank == 0:
         harness.report({"n": n, "results": results})
+
+
+def _ping_pong(send, receive, rank):
+    """One round trip between ranks 2i and 2i+1: the even one sends first, the odd one answers."""
+    peer = rank ^ 1
+
+    def run():
+        if rank % 2 == 0:
+            send(peer)
+            receive(peer)
+        else:
+            receive(peer)
+            send(peer)
+    return run
 
 
 def _repeat(step, count):
@@ -69,10 +95,10 @@ def render(runs, out):
     lines = ["# minitp's collectives against raw MPI", "", f"Measured {harness.machine()}.", "",
              "Seconds per call, best of several rounds timed turn about; raw = the mpi4py buffer call into a "
              "buffer allocated once; minitp = `dist.<op>(x, group)`, which allocates its result. The message "
-             "size S is the all-reduce's input, the all-gather's output and the reduce-scatter's input "
-             f"(float64). Default environment: freed memory kept = {allocator.KEPT}. Target: minitp / raw ≤ "
+             "size S is the all-reduce's input, the all-gather's output, the reduce-scatter's input and what "
+             f"each send carries (float64); send_recv is a round trip. Default environment: freed memory kept = {allocator.KEPT}. Target: minitp / raw ≤ "
              f"{TARGET} at every size.", ""]
-    worst = 0.0
+    worst, fixed = 0.0, {}
     for run in runs:
         rows = []
         for size in sorted({r["bytes"] for r in run["results"]}):
@@ -81,16 +107,20 @@ def render(runs, out):
                 r = next(r for r in run["results"] if r["op"] == op and r["bytes"] == size)
                 ratio = r["minitp"] / r["raw"]
                 worst = max(worst, ratio)
+                if size == min(x["bytes"] for x in run["results"]):
+                    fixed[(run["n"], op)] = 1e6 * (r["minitp"] - r["raw"])
                 cells.append(f"{1e6 * r['raw']:,.1f} / {1e6 * r['minitp']:,.1f} µs = **{ratio:.2f}**")
             rows.append(cells)
         lines += [f"## {run['n']} ranks", "", harness.table(["S"] + [f"{op}: raw / minitp" for op in OPS], rows,
                                                             "l" + "r" * len(OPS)), ""]
-    lines += [f"Largest ratio: {worst:.2f} ({'within' if worst <= TARGET else 'above'} the target {TARGET}).", ""]
+    lines += [f"Largest ratio: {worst:.2f} ({'within' if worst <= TARGET else 'above'} the target {TARGET}).", "",
+              "Fixed cost per call, minitp − raw at the smallest size: " + ", ".join(
+                  f"{op} {cost:+.1f} µs (n={n})" for (n, op), cost in sorted(fixed.items())) + ".", ""]
     plt = harness.pyplot()
     if plt is not None:
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for index, run in enumerate(runs):
-            for style, op in zip(("o-", "s--", "^:"), OPS):
+            for style, op in zip(("o-", "s--", "^:", "d-."), OPS):
                 points = sorted((r["bytes"], r["minitp"] / r["raw"]) for r in run["results"] if r["op"] == op)
                 axis.plot(*zip(*points), style, color=f"C{index}", label=f"{op}, n={run['n']}")
         axis.axhline(TARGET, color="gray", lw=1, ls="--")

@@ -45,6 +45,8 @@ def _begin(op, group, x, tag, shape, payload_bytes, ring_bytes):
     array), and the start of its "comm" span when a trace is recorded. Returns the function that ends
     the span, to call once MPI has returned. With none of the three on -- the default -- this is three
     tests of a flag: a collective's fixed cost is a few microseconds of Python over MPI's own."""
+    if not (checks.checked() or log._active_logs or trace.recording is not None):
+        return _end_nothing  # the default: nothing watches
     if group.size > 1 and checks.checked():
         checks.agree_on_array(group, op, tag, x)
     if log._active_logs:
@@ -60,6 +62,8 @@ def _begin(op, group, x, tag, shape, payload_bytes, ring_bytes):
 
 
 def _axis(array, axis):
+    if axis == 0 and array.ndim:
+        return 0
     if not -array.ndim <= axis < array.ndim:
         raise ValueError(f"axis {axis} out of range for an array of shape {array.shape}")
     return axis % array.ndim
@@ -127,7 +131,9 @@ def reduce_scatter(x, group, axis=0, tag=""):
     """
     n = group.size
     axis = _axis(x, axis)
-    block = divide(x.shape[axis], n, f"reduce_scatter: the length of axis {axis} of an array of shape {x.shape}")
+    block = x.shape[axis] // n
+    if x.shape[axis] % n:  # the message is built only for the error: formatting a shape costs a microsecond
+        divide(x.shape[axis], n, f"reduce_scatter: the length of axis {axis} of an array of shape {x.shape}")
     end = _begin("reduce_scatter", group, x, tag, x.shape, x.nbytes, (n - 1) * x.nbytes / n)
     if n == 1:
         return x

@@ -49,8 +49,13 @@ class PendingSend:
         self.buffer = None
 
 
+_TAG_UB = []  # MPI's largest message tag, asked once (the query costs more than the check)
+
+
 def _check_match(match):
-    upper = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+    if not _TAG_UB:
+        _TAG_UB.append(MPI.COMM_WORLD.Get_attr(MPI.TAG_UB))
+    upper = _TAG_UB[0]
     if not 0 <= match <= upper:
         raise ValueError(f"message tag {match} outside MPI's range 0..{upper}: fewer microbatches or chunks")
 
