@@ -34,6 +34,23 @@ def test_sendrecv_passes_blocks_around_the_ring(dtype):
     parallel_assert(n > 1 or received is mine, "alone: itself, no copy")
 
 
+@pytest.mark.parallel(nprocs=[2])
+def test_a_ring_step_takes_only_a_ring_block_not_another_message_already_waiting():
+    """Before: the receive matched ANY_TAG, so a message of another kind already waiting on the same
+    communicator (here a same-sized one with tag 5) was taken for the neighbour's ring block."""
+    comm = WORLD.Dup()
+    group, rank = dist.Group(comm, "cp"), comm.rank
+    stray = numpy.full(4, -1.0)
+    comm.Isend(stray, dest=1 - rank, tag=5).Wait()  # small: sent eagerly, it waits at the receiver
+    comm.Barrier()
+    received = dist.sendrecv(numpy.full(4, float(rank)), group, 1 - rank, 1 - rank)
+    left_over = numpy.empty(4)
+    comm.Recv(left_over, source=1 - rank, tag=5)
+    comm.Free()
+    parallel_assert(numpy.array_equal(received, numpy.full(4, float(1 - rank))), f"took {received}")
+    parallel_assert(numpy.array_equal(left_over, stray))
+
+
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 @pytest.mark.parametrize("split_axis, concat_axis", [(1, 2), (2, 1), (0, 0), (-1, 0)])
 def test_all_to_all_sends_block_j_to_rank_j(split_axis, concat_axis):

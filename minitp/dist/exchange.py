@@ -20,6 +20,8 @@ from minitp.dist.collectives import _axis, _buffer
 from minitp.dist.mesh import divide
 from minitp.dist.runtime import _for_mpi, _like
 
+_RING_TAG = 0  # MPI's message tag of every ring step: the pipeline's sends use their own communicator (pp)
+
 
 def sendrecv(x, group, send_to, receive_from, tag=""):
     """Send ``x`` to group rank ``send_to`` and return the array of ``x``'s shape and dtype received from
@@ -39,7 +41,10 @@ def sendrecv(x, group, send_to, receive_from, tag=""):
         return x
     send = _for_mpi(x)
     received = backend.array_module(send).empty_like(send)
-    group.comm.Sendrecv(_buffer(send), dest=send_to, recvbuf=_buffer(received), source=receive_from)
+    # An explicit receive tag (mpi4py's default is ANY_TAG): only a ring block can match a ring block,
+    # whatever else ever travels on this communicator
+    group.comm.Sendrecv(_buffer(send), dest=send_to, sendtag=_RING_TAG, recvbuf=_buffer(received),
+                        source=receive_from, recvtag=_RING_TAG)
     return _like(received, x)
 
 
