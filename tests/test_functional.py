@@ -48,6 +48,7 @@ CASES = {
     "pow-sqrt": (lambda x: F.pow(x, 0.5), ["+(3, 5)"]),
     "matmul-weight": (F.matmul, [(3, 2, 5), (5, 3)]),
     "matmul-batched": (F.matmul, [(2, 3, 4), (1, 4, 3)]),
+    "linear": (F.linear, [(3, 2, 5), (5, 4), (4,)]),
     "sum-all": (F.sum, [(3, 1, 5)]),
     "sum-axes": (lambda x: F.sum(x, axis=(0, -1)), [(3, 1, 5)]),
     "sum-keepdims": (lambda x: F.sum(x, axis=1, keepdims=True), [(3, 4, 1)]),
