@@ -70,7 +70,8 @@ class CausalMask(Function):
         xp = backend.array_module(scores)
         self.shape = scores.shape
         future = _future_keys(scores.shape[-2], scores.shape[-1], xp)
-        return scores + xp.where(future, xp.asarray(-numpy.inf, dtype=scores.dtype), xp.zeros((), dtype=scores.dtype))
+        zero, minus_infinity = xp.zeros((), dtype=scores.dtype), xp.asarray(-numpy.inf, dtype=scores.dtype)
+        return scores + xp.where(future, minus_infinity, zero)  # (s_q, s_k), broadcast over the leading axes
 
     def backward(self, grad):
         xp = backend.array_module(grad)

@@ -71,4 +71,3 @@ def matmul(a, b):
 def linear(x, weight, bias=None):
     """``x @ weight + bias`` with ``weight`` (in, out) and ``bias`` (out,) or None: one op (``Linear``)."""
     return MatMul.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
-
