@@ -24,9 +24,9 @@ class CrossEntropy(Function):
         xp = backend.array_module(logits)
         self.reduction = reduction
         shifted = logits - logits.max(axis=-1, keepdims=True)
-        exps = xp.exp(shifted)
-        sum_exps = exps.sum(axis=-1, keepdims=True)
         target_logit = xp.take_along_axis(shifted, targets[..., None], axis=-1)
+        exps = xp.exp(shifted, out=shifted)  # in place: the (s, b, v) logits are a GPT step's largest array
+        sum_exps = exps.sum(axis=-1, keepdims=True)
         losses = (xp.log(sum_exps) - target_logit)[..., 0]
         if self.needs_input_grad[0]:
             exps /= sum_exps  # now the softmax
