@@ -2,6 +2,7 @@
 parallel ranks; MPI all-reduce bandwidth. The entry point that runs the parts and writes one report:
 
     speed_block.py          how fast is minitp's block (and a small GPT step) against PyTorch?
+    speed_mlp.py            how fast is minitp's MLP alone against PyTorch, and against its GEMMs?
     speed_blas.py           where does minitp's time go, and what could this machine's GEMMs do?
     speed_scaling.py        how much faster is the block on t = 1, 2, 4 tensor-parallel ranks?
     allreduce_bandwidth.py  how fast is ``dist.all_reduce``, by message size, on 2 and 4 ranks?
@@ -26,13 +27,14 @@ import allreduce_bandwidth  # noqa: E402
 import harness  # noqa: E402
 import speed_blas  # noqa: E402
 import speed_block  # noqa: E402
+import speed_mlp  # noqa: E402
 import speed_scaling  # noqa: E402
 
 WORKERS = {"scaling": speed_scaling.worker, "allreduce": allreduce_bandwidth.worker}
 
 
 def serial(args):
-    """Everything that runs in this process: the block and GPT step, the GEMM replay, the profile."""
+    """Everything that runs in this process: the block, MLP and GPT step, the GEMM replays, the profiles."""
     from threadpoolctl import threadpool_limits
 
     from minitp import backend
@@ -62,6 +64,7 @@ def serial(args):
     if args.device == "gpu":
         result["gpu"] = speed_blas.gpu_description()
         return result
+    result.update(speed_mlp.mlp(args, torch, dtype, repeats))
     result.update(speed_block.gpt(args, torch, dtype, repeats))
     return result
 
@@ -81,13 +84,13 @@ def render(r, scaling, bandwidth, out, command):
              f"part, one per rank under MPI. Best of {r['repeats']} runs after a warm-up (the fastest run: "
              "noise on a shared machine only adds time).", "",
              f"Reproduce: `{command}`", ""]
-    targets = speed_block.target(r) + speed_scaling.target(scaling)  # the issue's two speed targets
+    targets = speed_block.target(r) + speed_mlp.target(r) + speed_scaling.target(scaling)  # the issues' speed targets
     lines += (["## Targets", ""] + targets + [""]) if targets else []
     if r["device"] == "gpu":
         lines += speed_blas.render_gpu(r)
     lines += speed_block.render_heading(r) + speed_blas.render_rate(r) + speed_block.render_table(r)
     lines += speed_blas.render_share(r) + speed_block.render_no_torch(r) + speed_blas.render_faults(r)
-    lines += speed_block.render_gpt(r) + speed_blas.render_profile(r)
+    lines += speed_blas.render_profile(r) + speed_mlp.render(r) + speed_block.render_gpt(r)
     lines += speed_scaling.render(scaling) + allreduce_bandwidth.render(bandwidth)
     plot(scaling, bandwidth, out, lines)
     return "\n".join(lines)

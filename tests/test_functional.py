@@ -48,6 +48,7 @@ CASES = {
     "pow-sqrt": (lambda x: F.pow(x, 0.5), ["+(3, 5)"]),
     "matmul-weight": (F.matmul, [(3, 2, 5), (5, 3)]),
     "matmul-batched": (F.matmul, [(2, 3, 4), (1, 4, 3)]),
+    "linear": (F.linear, [(3, 2, 5), (5, 4), (4,)]),
     "sum-all": (F.sum, [(3, 1, 5)]),
     "sum-axes": (lambda x: F.sum(x, axis=(0, -1)), [(3, 1, 5)]),
     "sum-keepdims": (lambda x: F.sum(x, axis=1, keepdims=True), [(3, 4, 1)]),
@@ -358,3 +359,23 @@ def test_gelu_of_a_0d_tensor(device, approximate):
     y = F.gelu(x, approximate=approximate)
     assert y.shape == ()
     assert gradcheck(lambda t: F.gelu(t, approximate=approximate), [x]).max_error <= 1e-6
+
+
+@pytest.mark.parametrize("case", ["gelu-tanh", "softmax", "softmax-axis0"])
+def test_blocked_ops_compute_what_one_block_does(device, case, monkeypatch):
+    """GeLU and softmax walk their arrays in cache-sized blocks (minitp.functional.blocks):
+    with blocks of a few elements (many blocks, a shorter last one) outputs and gradients are those of
+    one whole-array block, and the gradient still matches finite differences."""
+    from minitp.functional import blocks
+    function, shapes = CASES[case]
+    shapes = [tuple(3 * n + 2 if n > 1 else n for n in shape) for shape in shapes]  # several blocks of rows
+    results = []
+    for block in (10 ** 9, 7):
+        monkeypatch.setattr(blocks, "BLOCK", block)
+        inputs = [make(shape, seed) for seed, shape in enumerate(shapes)]
+        output = function(*inputs)
+        output.backward(backend.xp.asarray(numpy.random.default_rng(9).standard_normal(output.shape)))
+        results.append([host(output)] + [host(t.grad) for t in inputs])
+    for whole, blocked in zip(*results):
+        assert max_error(blocked, whole) <= 1e-15
+    assert gradcheck(function, [make(shape, seed) for seed, shape in enumerate(shapes)]).max_error <= TOLERANCE

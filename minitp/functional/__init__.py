@@ -7,7 +7,7 @@ b batch, h hidden, a heads, d = h/a head size.
 
 One file per family of ops; every name is used from here, ``from minitp import functional as F``:
     elementwise     add, sub, mul, div, neg, pow, exp, log, tanh
-    matrix_product  matmul
+    matrix_product  matmul, linear (x @ W + b in one op)
     reductions      sum, mean, max
     shape           reshape, transpose, getitem, split, cat, stack
     activations     gelu, softmax, log_softmax
@@ -25,7 +25,7 @@ from minitp.functional.elementwise import (Add, Div, Exp, Log, Mul, Neg, Pow, Su
 from minitp.functional.embeddings import Embedding, embedding
 from minitp.functional.loss import CrossEntropy, cross_entropy, reduce_loss, reduce_loss_backward
 from minitp.functional.masks import CausalMask, Dropout, causal_mask, dropout
-from minitp.functional.matrix_product import MatMul, matmul
+from minitp.functional.matrix_product import Linear, MatMul, linear, matmul
 from minitp.functional.normalization import LayerNorm, layer_norm
 from minitp.functional.operands import unbroadcast
 from minitp.functional.reductions import Max, Mean, Sum, max, mean, sum
@@ -34,10 +34,10 @@ from minitp.functional.shape import (Cat, GetItem, Reshape, Stack, Transpose, ca
 
 __all__ = [
     "Add", "Cat", "CausalMask", "CrossEntropy", "Div", "Dropout", "Embedding", "Exp", "GeLU", "GetItem",
-    "LayerNorm", "Log", "LogSoftmax", "MatMul", "Max", "Mean", "Mul", "Neg", "Pow", "Reshape", "Softmax",
+    "LayerNorm", "Linear", "Log", "LogSoftmax", "MatMul", "Max", "Mean", "Mul", "Neg", "Pow", "Reshape", "Softmax",
     "Stack", "Sub", "Sum", "Tanh", "Transpose",
     "add", "cat", "causal_mask", "check_indices", "check_integer", "cross_entropy", "div", "dropout",
-    "embedding", "exp", "gelu", "getitem", "layer_norm", "log", "log_softmax", "matmul", "max", "mean", "mul",
-    "neg", "pow", "reduce_loss", "reduce_loss_backward", "reshape", "softmax", "split", "stack", "sub", "sum",
+    "embedding", "exp", "gelu", "getitem", "layer_norm", "linear", "log", "log_softmax", "matmul", "max", "mean",
+    "mul", "neg", "pow", "reduce_loss", "reduce_loss_backward", "reshape", "softmax", "split", "stack", "sub", "sum",
     "tanh", "transpose", "unbroadcast",
 ]

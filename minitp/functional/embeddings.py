@@ -23,8 +23,21 @@ class Embedding(Function):
         xp = backend.array_module(grad)
         hidden = self.weight_shape[-1]
         grad_weight = xp.zeros(self.weight_shape, dtype=grad.dtype)
-        xp.add.at(grad_weight, ids.reshape(-1), grad.reshape(-1, hidden))
+        add_rows(grad_weight, ids.reshape(-1), grad.reshape(-1, hidden), xp)
         return grad_weight
+
+
+def add_rows(table, rows, values, xp):
+    """``table[rows[i]] += values[i]`` for every i, a repeated row receiving the sum: ``table`` (v, h)
+    contiguous, ``rows`` (n,) integers, ``values`` (n, h). The scatter-add of embedding backwards.
+
+    One ``add.at`` over flat element indices, not over rows: numpy's ``add.at`` is fast for 1-D operands
+    only (512 rows of 256 into a (4096, 256) table: 3.0 ms by rows, 0.6 ms flat). It makes the same
+    additions in the same order, so the same values.
+    """
+    hidden = table.shape[-1]
+    flat = (rows.reshape(-1, 1) * hidden + xp.arange(hidden)).reshape(-1)  # row r, column j: r * h + j
+    xp.add.at(table.reshape(-1), flat, values.reshape(-1))
 
 
 def embedding(ids, weight):

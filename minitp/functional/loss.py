@@ -24,9 +24,9 @@ class CrossEntropy(Function):
         xp = backend.array_module(logits)
         self.reduction = reduction
         shifted = logits - logits.max(axis=-1, keepdims=True)
-        exps = xp.exp(shifted)
-        sum_exps = exps.sum(axis=-1, keepdims=True)
         target_logit = xp.take_along_axis(shifted, targets[..., None], axis=-1)
+        exps = xp.exp(shifted, out=shifted)  # in place: the (s, b, v) logits are a GPT step's largest array
+        sum_exps = exps.sum(axis=-1, keepdims=True)
         losses = (xp.log(sum_exps) - target_logit)[..., 0]
         if self.needs_input_grad[0]:
             exps /= sum_exps  # now the softmax
@@ -54,11 +54,14 @@ def reduce_loss(losses, reduction):
 def reduce_loss_backward(grad_logits, grad, reduction):
     """The backward of ``reduce_loss`` applied to per-token logit gradients (..., v): each token's row
     times its own upstream gradient ("none"), the one upstream gradient ("sum"), or that over the
-    number of tokens ("mean")."""
+    number of tokens ("mean"). Scaled in place: both callers pass the saved softmax they have already
+    turned into ``grad_logits`` (the engine drops it after backward), a logits-sized array fewer."""
     if reduction == "none":
-        return grad_logits * grad[..., None]
-    tokens = grad_logits.size // grad_logits.shape[-1]
-    return grad_logits * (grad / tokens if reduction == "mean" else grad)
+        grad_logits *= grad[..., None]
+    else:
+        tokens = grad_logits.size // grad_logits.shape[-1]
+        grad_logits *= grad / tokens if reduction == "mean" else grad
+    return grad_logits
 
 
 def cross_entropy(logits, targets, reduction="mean"):

@@ -58,6 +58,10 @@ class CausalMask(Function):
     -inf (not a large negative number) makes the softmax weight exactly 0; every row keeps its
     diagonal, so no row is all -inf. Backward: the masked entries are constants, so their gradient is
     0; the rest pass through. Nothing is saved: the mask is rebuilt from the shape.
+
+    Both directions are one broadcast arithmetic pass with an (s_q, s_k) matrix, adding 0 or -inf
+    (x + 0 is x, x + -inf is -inf) and multiplying by 1 or 0: several times faster in numpy than
+    ``where`` with a broadcast mask, the same values (a -0.0 gradient where a 0.0 was aside).
     """
 
     def forward(self, scores):
@@ -66,12 +70,13 @@ class CausalMask(Function):
         xp = backend.array_module(scores)
         self.shape = scores.shape
         future = _future_keys(scores.shape[-2], scores.shape[-1], xp)
-        return xp.where(future, xp.asarray(-numpy.inf, dtype=scores.dtype), scores)
+        zero, minus_infinity = xp.zeros((), dtype=scores.dtype), xp.asarray(-numpy.inf, dtype=scores.dtype)
+        return scores + xp.where(future, minus_infinity, zero)  # (s_q, s_k), broadcast over the leading axes
 
     def backward(self, grad):
         xp = backend.array_module(grad)
         future = _future_keys(self.shape[-2], self.shape[-1], xp)
-        return xp.where(future, xp.zeros((), dtype=grad.dtype), grad)
+        return grad * (~future).astype(grad.dtype)
 
 
 def causal_mask(scores):

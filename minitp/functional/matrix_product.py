@@ -1,4 +1,5 @@
-"""What are the forward and backward of ``a @ b``, and how is a weight product made one large GEMM?"""
+"""What are the forward and backward of ``a @ b``, and how is a weight product made one large GEMM (with
+its bias added in place)?"""
 from minitp import backend
 from minitp.autograd import Function
 from minitp.functional.operands import tensor_pair, unbroadcast
@@ -35,6 +36,27 @@ class MatMul(Function):
         return grad_a, grad_b
 
 
+class Linear(MatMul):
+    """``x @ weight + bias`` as one op: the bias is added in place into the GEMM's fresh output (torch's
+    addmm), where a separate ``Add`` would write a second output-sized array, one more pass over memory.
+
+    Saves what ``MatMul`` saves (x and the weight); the bias needs nothing: its gradient is dy summed
+    over every leading (s, b) position, the backward of its broadcast.
+    """
+
+    def forward(self, x, weight, bias):
+        if bias.ndim != 1 or bias.shape[0] != weight.shape[-1]:
+            raise ValueError(f"linear takes a bias of shape ({weight.shape[-1]},), got {bias.shape}")
+        self.bias_shape = bias.shape
+        y = super().forward(x, weight)
+        y += bias
+        return y
+
+    def backward(self, grad):
+        grad_x, grad_weight = super().backward(grad)
+        return grad_x, grad_weight, unbroadcast(grad, self.bias_shape) if self.needs_input_grad[2] else None
+
+
 def _gemm(a, b):
     """``a @ b``, folding the leading dimensions of ``a`` into one GEMM when ``b`` is a matrix."""
     if b.ndim == 2 and a.ndim > 2:
@@ -45,3 +67,7 @@ def _gemm(a, b):
 def matmul(a, b):
     return MatMul.apply(*tensor_pair(a, b))
 
+
+def linear(x, weight, bias=None):
+    """``x @ weight + bias`` with ``weight`` (in, out) and ``bias`` (out,) or None: one op (``Linear``)."""
+    return MatMul.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)

@@ -14,33 +14,42 @@ class LayerNorm(Function):
         dx = (1/std) * (d - mean(d) - x_hat * mean(d * x_hat))
     (mean(d) comes through the mean, mean(d * x_hat) through the variance), and
         dweight = sum over rows of g * x_hat,    dbias = sum over rows of g.
+    Each direction writes into its fresh outputs in place (one scratch array in backward), with the
+    operations of the formulas in their order.
     Rows are independent (each token normalises alone), which is why sequence parallelism can shard
     LayerNorm along s with no communication in forward; only dweight and dbias need summing over ranks.
     """
 
     def forward(self, x, weight, bias, eps=1e-5):
         xp = backend.array_module(x)
-        mean_ = x.mean(axis=-1, keepdims=True)
-        centred = x - mean_
-        rstd = 1 / xp.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
-        x_hat = centred
-        x_hat *= rstd  # in place: centred is not needed again
+        x_hat = x - x.mean(axis=-1, keepdims=True)  # centred, normalised in place below
+        y = x_hat * x_hat  # the squares, in the array that becomes the output
+        rstd = 1 / xp.sqrt(y.mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+        x_hat *= rstd
+        xp.multiply(x_hat, weight, out=y)
+        y += bias
         self.save_for_backward(x_hat, rstd, weight)
-        return x_hat * weight + bias
+        return y
 
     def backward(self, grad):
         x_hat, rstd, weight = self.saved
+        xp = backend.array_module(x_hat)
         hidden = x_hat.shape[-1]
         grad_x = grad_weight = grad_bias = None
-        if self.needs_input_grad[0]:
-            d = grad * weight
-            grad_x = rstd * (d - d.mean(axis=-1, keepdims=True)
-                             - x_hat * (d * x_hat).mean(axis=-1, keepdims=True))
-        rows = grad.reshape(-1, hidden)
-        if self.needs_input_grad[1]:
-            grad_weight = (rows * x_hat.reshape(-1, hidden)).sum(axis=0)
+        product = grad * x_hat  # scratch for the two products with x_hat below
+        rows, product_rows = grad.reshape(-1, hidden), product.reshape(-1, hidden)
         if self.needs_input_grad[2]:
             grad_bias = rows.sum(axis=0)
+        if self.needs_input_grad[1]:
+            grad_weight = product_rows.sum(axis=0)
+        if self.needs_input_grad[0]:
+            grad_x = grad * weight  # d, the gradient reaching x_hat; grad_x in place from here
+            xp.multiply(grad_x, x_hat, out=product)
+            mean_d_x_hat = product.mean(axis=-1, keepdims=True)
+            grad_x -= grad_x.mean(axis=-1, keepdims=True)
+            xp.multiply(x_hat, mean_d_x_hat, out=product)
+            grad_x -= product
+            grad_x *= rstd
         return grad_x, grad_weight, grad_bias
 
 

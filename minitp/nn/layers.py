@@ -52,9 +52,9 @@ class Linear(Module):
             self.bias = init.parameter(data, self.bias_split_axis)
 
     def forward(self, x):
-        # (..., in) @ (in, out) = (..., out): one GEMM over every leading (s, b) position
-        y = F.matmul(x, self.weight)
-        return F.add(y, self.bias) if self.bias is not None else y
+        # (..., in) @ (in, out) = (..., out): one GEMM over every leading (s, b) position, the bias added
+        # into its output in place
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"

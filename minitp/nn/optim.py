@@ -13,6 +13,7 @@ import math
 import numpy
 
 from minitp import backend
+from minitp.functional.blocks import blocks
 from minitp.nn.module import Parameter
 
 
@@ -143,14 +144,33 @@ class AdamW(Optimizer):
         if "exp_avg" not in state:
             state["exp_avg"], state["exp_avg_sq"] = xp.zeros_like(param), xp.zeros_like(param)
         exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        if self.weight_decay:
-            param *= 1 - self.lr * self.weight_decay
-        exp_avg *= beta1
-        exp_avg += (1 - beta1) * grad
-        exp_avg_sq *= beta2
-        exp_avg_sq += (1 - beta2) * grad * grad
-        # bias correction folded into the step size and the denominator, as torch does:
-        # m_hat / (sqrt(v_hat) + eps) = (m / c1) / (sqrt(v) / sqrt(c2) + eps)
+        # Each step below is one pass, in place or into a scratch block (torch's in-place mul_/addcmul_/
+        # addcdiv_), over a block of the flattened arrays at a time, so that every pass after the first
+        # reads from the L2 cache (minitp.functional.blocks). The operations and their order are the
+        # formulas', so the values are too.
         bias_correction1, bias_correction2 = 1 - beta1 ** t, 1 - beta2 ** t
-        denominator = xp.sqrt(exp_avg_sq) / math.sqrt(bias_correction2) + self.eps
-        param -= (self.lr / bias_correction1) * exp_avg / denominator
+        arrays = param, grad, exp_avg, exp_avg_sq
+        parts = [...]  # the whole arrays as one block, unless they are contiguous: then flat views in blocks
+        if param.flags.c_contiguous and exp_avg.flags.c_contiguous and exp_avg_sq.flags.c_contiguous:
+            arrays, parts = [a.reshape(-1) for a in arrays], blocks(param.size, xp)
+        scratch, denominator = (xp.empty_like(arrays[0][parts[0]]) for _ in range(2))
+        for part in parts:
+            p, g, m, v = (a[part] for a in arrays)
+            buffer, denominator_ = scratch[:p.shape[0]], denominator[:p.shape[0]]
+            if self.weight_decay:
+                p *= 1 - self.lr * self.weight_decay
+            m *= beta1
+            xp.multiply(g, 1 - beta1, out=buffer)
+            m += buffer
+            v *= beta2
+            xp.multiply(g, 1 - beta2, out=buffer)
+            buffer *= g
+            v += buffer
+            # bias correction folded into the step size and the denominator, as torch does:
+            # m_hat / (sqrt(v_hat) + eps) = (m / c1) / (sqrt(v) / sqrt(c2) + eps)
+            xp.sqrt(v, out=denominator_)
+            denominator_ /= math.sqrt(bias_correction2)
+            denominator_ += self.eps
+            xp.multiply(m, self.lr / bias_correction1, out=buffer)
+            buffer /= denominator_
+            p -= buffer

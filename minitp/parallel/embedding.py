@@ -15,6 +15,7 @@ import numpy
 from minitp import backend, dist
 from minitp import functional as F
 from minitp.autograd import Function, Tensor
+from minitp.functional.embeddings import add_rows
 from minitp.nn.layers import Embedding
 from minitp.parallel import mappings
 
@@ -54,7 +55,7 @@ class VocabRangeLookup(Function):
         inside = ~outside.reshape(-1)
         grad_weight = xp.zeros(self.weight_shape, dtype=grad.dtype)
         # only the positions whose id is in this rank's range reach its rows
-        xp.add.at(grad_weight, local.reshape(-1)[inside], grad.reshape(-1, self.weight_shape[-1])[inside])
+        add_rows(grad_weight, local.reshape(-1)[inside], grad.reshape(-1, self.weight_shape[-1])[inside], xp)
         return grad_weight
 
 
