@@ -9,7 +9,11 @@ what that convenience costs; the target is at most 1.1 at every size, in the def
 variables set: ``minitp.allocator`` keeps freed memory in the heap, so the per-call receive buffer reuses
 mapped pages instead of being faulted in and zeroed).
 
-The point-to-point row is a ping-pong: ranks 2i and 2i+1 pass S bytes there and back (``send`` then
+``all_reduce_in_place`` is ``dist.all_reduce(x, group, out=x)`` against ``Allreduce(MPI.IN_PLACE, x)``:
+no result to allocate on either side, so it shows what minitp's wrapper alone costs. (The data-parallel
+gradient buckets reduce their packed copy this way.)
+
+The point-to-point column is a ping-pong: ranks 2i and 2i+1 pass S bytes there and back (``send`` then
 ``recv``, and the reverse), against mpi4py's ``Isend``/``Wait`` and ``Recv``; its time is a round trip.
 
 At small sizes MPI itself takes a few microseconds, so even a few microseconds of Python (a function
@@ -31,7 +35,7 @@ import numpy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+OPS = ("all_reduce", "all_reduce_in_place", "all_gather", "reduce_scatter", "send_recv")
 TARGET = 1.1
 
 
@@ -49,12 +53,15 @@ def worker(args):
         x = numpy.ones(size // 8)  # float64, S bytes: the all-reduce's and reduce-scatter's input, the
         block = numpy.ones(size // 8 // n)  # all-gather's output (each rank sends S/n)
         out, gathered, mine = numpy.empty_like(x), numpy.empty(n * block.size), numpy.empty(x.size // n)
+        zeros = numpy.zeros_like(x)  # reduced in place again and again: its sum stays 0
         raw = {"all_reduce": lambda: comm.Allreduce(x, out),
+               "all_reduce_in_place": lambda: comm.Allreduce(MPI.IN_PLACE, zeros),
                "all_gather": lambda: comm.Allgather(block, gathered),
                "reduce_scatter": lambda: comm.Reduce_scatter_block(x, mine),
                "send_recv": _ping_pong(lambda peer: comm.Isend(x, dest=peer).Wait(),
                                        lambda peer: comm.Recv(out, source=peer), mesh.rank)}
         ours = {"all_reduce": lambda: dist.all_reduce(x, group),
+                "all_reduce_in_place": lambda: dist.all_reduce(zeros, group, out=zeros),
                 "all_gather": lambda: dist.all_gather(block, group),
                 "reduce_scatter": lambda: dist.reduce_scatter(x, group),
                 "send_recv": _ping_pong(lambda peer: dist.send(x, group, peer, match=0).wait(),
@@ -94,10 +101,11 @@ def render(runs, out):
     from minitp import allocator
     lines = ["# minitp's collectives against raw MPI", "", f"Measured {harness.machine()}.", "",
              "Seconds per call, best of several rounds timed turn about; raw = the mpi4py buffer call into a "
-             "buffer allocated once; minitp = `dist.<op>(x, group)`, which allocates its result. The message "
-             "size S is the all-reduce's input, the all-gather's output, the reduce-scatter's input and what "
-             f"each send carries (float64); send_recv is a round trip. Default environment: freed memory kept = {allocator.KEPT}. Target: minitp / raw ≤ "
-             f"{TARGET} at every size.", ""]
+             "buffer allocated once; minitp = `dist.<op>(x, group)`, which allocates its result "
+             "(all_reduce_in_place: `dist.all_reduce(x, group, out=x)` against `Allreduce(MPI.IN_PLACE, x)`). "
+             "The message size S is the all-reduce's input, the all-gather's output, the reduce-scatter's input "
+             "and what each send carries (float64); send_recv is a round trip. Default environment: freed "
+             f"memory kept = {allocator.KEPT}. Target: minitp / raw ≤ {TARGET} at every size.", ""]
     worst, fixed = 0.0, {}
     for run in runs:
         rows = []
@@ -120,7 +128,7 @@ def render(runs, out):
     if plt is not None:
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for index, run in enumerate(runs):
-            for style, op in zip(("o-", "s--", "^:", "d-."), OPS):
+            for style, op in zip(("o-", "x-", "s--", "^:", "d-."), OPS):
                 points = sorted((r["bytes"], r["minitp"] / r["raw"]) for r in run["results"] if r["op"] == op)
                 axis.plot(*zip(*points), style, color=f"C{index}", label=f"{op}, n={run['n']}")
         axis.axhline(TARGET, color="gray", lw=1, ls="--")

@@ -105,6 +105,6 @@ def test_the_pytorch_block_computes_minitps_block():
 
 def test_collectives_bench_compares_every_op_with_raw_mpi(tmp_path):
     report = run_bench("collectives.py", tmp_path)
-    assert report.count("**") >= 2 * 4 * 2  # 2 sizes x 4 ops (send_recv included), each ratio in bold
+    assert report.count("**") >= 2 * 5 * 2  # 2 sizes x 5 ops (in place and send_recv included), each ratio in bold
     assert "Largest ratio" in report and "raw / minitp" in report and "send_recv: raw / minitp" in report
     assert "Fixed cost per call" in report

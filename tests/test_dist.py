@@ -15,6 +15,7 @@ from pytest_mpi import parallel_assert
 
 from minitp import backend, dist, launcher
 from minitp.testing import max_error
+from parallel_helpers import value_error
 from tutorial_runner import needs_mpiexec
 
 WORLD = MPI.COMM_WORLD
@@ -123,6 +124,31 @@ def test_all_reduce_is_the_sum(shape, dtype):
     parallel_assert(total.shape == shape and total.dtype == x.dtype)
     parallel_assert(max_error(total, expected) <= TOLERANCE[dtype], f"{max_error(total, expected)}")
     parallel_assert(numpy.array_equal(x, before), "all_reduce wrote into its input")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3, 4])
+@pytest.mark.parametrize("where", ["in place", "another array", "a non-contiguous view"])
+def test_all_reduce_into_out_writes_the_sum_there(where, device):
+    """``out=x`` reduces in place (MPI_IN_PLACE); any other ``out`` receives the sum and x is untouched;
+    on the GPU half, a CuPy out is filled through the host staging or directly."""
+    xp = backend.xp
+    x = xp.asarray(rank_array(WORLD.rank, (4, 6)))
+    before = backend.to_host(x).copy()
+    backing = xp.zeros((4, 12))
+    out = {"in place": x, "another array": xp.zeros((4, 6)), "a non-contiguous view": backing[:, ::2]}[where]
+    result = dist.all_reduce(x, world(), out=out)
+    expected = numpy.sum(all_ranks((4, 6)), axis=0)
+    parallel_assert(result is out and max_error(out, expected) <= 1e-15, f"{max_error(out, expected)}")
+    parallel_assert(where == "in place" or numpy.array_equal(backend.to_host(x), before), "wrote into x")
+    parallel_assert(where != "a non-contiguous view" or not backend.to_host(backing)[:, 1::2].any(),
+                    "wrote between the view's columns")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 3])
+@pytest.mark.parametrize("out", [numpy.zeros((4, 5)), numpy.zeros((4, 6), dtype="float32")])
+def test_all_reduce_refuses_an_out_of_another_shape_or_dtype_on_every_rank_before_communicating(out):
+    message, collectives = value_error(lambda: dist.all_reduce(rank_array(WORLD.rank, (4, 6)), world(), out=out))
+    parallel_assert(message is not None and "out has shape" in message and collectives == 0, str(message))
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])

@@ -47,7 +47,7 @@ def test_check_catches_gradients_summed_over_dp_instead_of_averaged(monkeypatch)
     from minitp.parallel import data_parallel
     real_all_reduce = minitp_dist.all_reduce
     monkeypatch.setattr(data_parallel.dist, "all_reduce",
-                        lambda x, group, tag="", op="sum": real_all_reduce(x, group, tag, op) *
+                        lambda x, group, tag="", op="sum", out=None: real_all_reduce(x, group, tag, op, out) *
                         (group.size if tag.startswith("gradients") else 1))  # undo the mean: a sum
     result = train_gpt.check(train_gpt.check_args(1, 2), dist.init(tp=1, dp=2))
     norms = [abs(p / s - 1) for p, s in zip(result.parallel_norms, result.serial_norms)]

@@ -149,9 +149,10 @@ class GradientBuckets:
                 reduced = pending.wait()
             elif self.shard:
                 reduced = dist.reduce_scatter(self._packed(index), self.group, tag=self._tag(index))
-            else:
-                reduced = dist.all_reduce(self._packed(index), self.group, tag=self._tag(index))
-            # a new array (or, over one rank, our own packed copy): ours to scale in place
+            else:  # the packed copy is ours: reduced in place, no second bucket-sized array
+                flat = self._packed(index)
+                reduced = dist.all_reduce(flat, self.group, tag=self._tag(index), out=flat)
+            # a new array or our own packed copy: ours to scale in place
             reduced /= self.group.size
             if self.shard:
                 self.grad_shards[index] = reduced
