@@ -171,11 +171,10 @@ def render_faults(r):
         return []
     return ["Page faults per step (pages the kernel maps afresh, zeroing each): " +
             ", ".join(f"{name} {count:,.0f}" for name, count in faults.items()) +
-            ". glibc hands freed blocks above its mmap threshold back to the kernel, so every large "
-            "temporary is faulted in again on its next allocation. "
-            "`minitp.allocator` (on by default when minitp is imported) keeps them in the heap instead "
-            "(about 7× fewer faults for this block on the 2-core machine this bench was written on); "
-            "`MINITP_MALLOC=default` turns it off.", ""]
+            ". By default glibc hands freed blocks above its mmap threshold back to the kernel, so every "
+            "large temporary would be faulted in again on its next allocation; `minitp.allocator` (on when "
+            "minitp is imported) serves every block from the heap and keeps freed memory there, so a step "
+            "reuses the pages of the one before. `MINITP_MALLOC=default` turns it off.", ""]
 
 
 def render_profile(r):
