@@ -98,9 +98,9 @@ class ColumnParallelLinear(Linear):
                                                 sequence_parallel=self.sequence_parallel)
         elif self.sequence_parallel:
             y = LinearWithSequenceGather.apply(x, self.weight, group=self.group, tag=self.tag)
-        else:
-            y = F.matmul(mappings.copy_to_tensor_parallel_region(x, self.group, self.tag), self.weight)
-        if self.bias is not None:
+        else:  # f, then X A_r + b_r as one op (the bias added into the GEMM's output in place)
+            y = F.linear(mappings.copy_to_tensor_parallel_region(x, self.group, self.tag), self.weight, self.bias)
+        if self.bias is not None and (self.overlap or self.sequence_parallel):
             y = F.add(y, self.bias)
         if self.gather_output:
             y = mappings.gather_from_tensor_parallel_region(y, self.group, self.tag)
