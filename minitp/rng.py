@@ -21,6 +21,7 @@ that turn consecutive inputs into statistically independent 64-bit outputs.
 import numpy
 
 from minitp import backend
+from minitp.blocks import blocks
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive indices land far apart before mixing
@@ -46,6 +47,16 @@ def _splitmix64_array(z):
     z = z ^ (z >> numpy.uint64(27))
     z = z * numpy.uint64(_MIX2)
     return z ^ (z >> numpy.uint64(31))
+
+
+def _splitmix64_in_place(z, scratch, xp):
+    """``_splitmix64_array`` computed into ``z`` itself, with ``scratch`` (of z's shape) for the shifts."""
+    for shift, multiplier in ((30, _MIX1), (27, _MIX2)):
+        xp.right_shift(z, numpy.uint64(shift), out=scratch)
+        z ^= scratch
+        z *= numpy.uint64(multiplier)
+    xp.right_shift(z, numpy.uint64(31), out=scratch)
+    z ^= scratch
 
 
 def stream_key(seed, counter):
@@ -125,5 +136,19 @@ def keep_mask(shape, p, seed, counter, global_shape=None, offset=None, xp=None):
     """
     check_probability(p)
     threshold = numpy.uint64(round(p * 2 ** 32))
-    bits = random_bits(shape, seed, counter, global_shape, offset, xp)
-    return (bits >> numpy.uint64(32)) >= threshold
+    index = global_flat_index(shape, global_shape, offset, xp).reshape(-1)  # a 0-d shape: one element
+    xp = backend.array_module(index)
+    key, golden = numpy.uint64(stream_key(seed, counter)), numpy.uint64(_GOLDEN)
+    keep = xp.empty(index.shape, dtype=bool)
+    parts = blocks(index.size, xp)
+    z, scratch = xp.empty_like(index[parts[0]]), xp.empty_like(index[parts[0]])
+    # random_bits, then the threshold, a block at a time: the hash's nine passes over 8-byte integers
+    # stay in the L2 cache (minitp.blocks), in two block-sized buffers -- the same bits, so the same mask
+    for part in parts:
+        z_, scratch_ = z[:part.stop - part.start], scratch[:part.stop - part.start]
+        xp.multiply(index[part], golden, out=z_)
+        z_ += key
+        _splitmix64_in_place(z_, scratch_, xp)
+        z_ >>= numpy.uint64(32)
+        xp.greater_equal(z_, threshold, out=keep[part])
+    return keep.reshape(tuple(shape))

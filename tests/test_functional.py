@@ -352,6 +352,19 @@ def test_keep_mask_matches_a_python_reference_on_every_backend(device):
     assert numpy.array_equal(mask, numpy_mask)  # identical bits on numpy and (on GPU) CuPy
 
 
+@pytest.mark.parametrize("block", [10 ** 9, 7])
+def test_keep_mask_in_blocks_is_the_hash_of_random_bits(device, block, monkeypatch):
+    """keep_mask hashes a cache-sized block at a time (minitp.blocks); over blocks of 7 elements (a
+    shorter last one) and over one block, the mask is random_bits' top 32 bits against the threshold."""
+    from minitp import blocks
+    monkeypatch.setattr(blocks, "BLOCK", block)
+    shape, global_shape, offset, p = (3, 5, 4), (4, 5, 11), (1, 0, 6), 0.3
+    mask = host(rng.keep_mask(shape, p, seed=99, counter=2, global_shape=global_shape, offset=offset, xp=backend.xp))
+    bits = host(rng.random_bits(shape, 99, 2, global_shape, offset, xp=backend.xp))
+    assert mask.shape == shape and numpy.array_equal(mask, (bits >> numpy.uint64(32)) >= numpy.uint64(round(p * 2 ** 32)))
+    assert host(rng.keep_mask((), p, 99, 2, xp=backend.xp)).shape == ()
+
+
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 def test_gelu_of_a_0d_tensor(device, approximate):
     """A scalar input (a 0-d array) goes through GeLU's in-place buffers and back."""
@@ -363,10 +376,10 @@ def test_gelu_of_a_0d_tensor(device, approximate):
 
 @pytest.mark.parametrize("case", ["gelu-tanh", "softmax", "softmax-axis0"])
 def test_blocked_ops_compute_what_one_block_does(device, case, monkeypatch):
-    """GeLU and softmax walk their arrays in cache-sized blocks (minitp.functional.blocks):
+    """GeLU and softmax walk their arrays in cache-sized blocks (minitp.blocks):
     with blocks of a few elements (many blocks, a shorter last one) outputs and gradients are those of
     one whole-array block, and the gradient still matches finite differences."""
-    from minitp.functional import blocks
+    from minitp import blocks
     function, shapes = CASES[case]
     shapes = [tuple(3 * n + 2 if n > 1 else n for n in shape) for shape in shapes]  # several blocks of rows
     results = []

@@ -4,7 +4,7 @@ import math
 
 from minitp import backend
 from minitp.autograd import Function
-from minitp.functional.blocks import blocks, row_blocks
+from minitp.blocks import blocks, row_blocks
 
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
@@ -22,7 +22,7 @@ class GeLU(Function):
     Saves only its input (the paper counts GeLU's input, 8sbh bytes of its 19sbh MLP) and recomputes
     tanh or erf in backward.
 
-    The tanh form runs a block of the flattened array at a time (``minitp.functional.blocks``: every
+    The tanh form runs a block of the flattened array at a time (``minitp.blocks``: every
     pass after the first reads from the L2 cache) in fresh buffers, with ``x ** 3`` (a general power in
     numpy, several times the cost of a multiplication) rewritten as x (c + ck x^2).
     """
@@ -80,7 +80,7 @@ class Softmax(Function):
     Backward: dy_i/dx_j = y_i (delta_ij - y_j), so dx = y * (g - sum(g * y)): only the output is needed,
     and only the output is saved (the paper's 2as^2b bytes for attention's softmax).
 
-    Both directions run a block of whole rows at a time (``minitp.functional.blocks``), each pass
+    Both directions run a block of whole rows at a time (``minitp.blocks``), each pass
     writing into the fresh output: no temporary of the (b, a, s, s) scores' size.
     """
 

@@ -13,7 +13,7 @@ import math
 import numpy
 
 from minitp import backend
-from minitp.functional.blocks import blocks
+from minitp.blocks import blocks
 from minitp.nn.module import Parameter
 
 
@@ -146,7 +146,7 @@ class AdamW(Optimizer):
         exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
         # Each step below is one pass, in place or into a scratch block (torch's in-place mul_/addcmul_/
         # addcdiv_), over a block of the flattened arrays at a time, so that every pass after the first
-        # reads from the L2 cache (minitp.functional.blocks). The operations and their order are the
+        # reads from the L2 cache (minitp.blocks). The operations and their order are the
         # formulas', so the values are too.
         bias_correction1, bias_correction2 = 1 - beta1 ** t, 1 - beta2 ** t
         arrays = param, grad, exp_avg, exp_avg_sq

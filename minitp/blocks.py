@@ -1,10 +1,11 @@
-"""Why do GeLU, softmax and AdamW walk their arrays a block at a time?
+"""Why do GeLU, softmax, AdamW and dropout's mask walk their arrays a block at a time?
 
 Each of them is several elementwise passes (GeLU's forward eight: a square, three scalings, a tanh,
 ...). Over a whole activation -- the MLP's (s, b, ffn) is 8 MiB in float32 at b=4, s=256, ffn=2048 --
 every pass streams the array from and back to memory. Over blocks of 32K elements (128 KiB in float32)
 every pass after the first reads what the one before left in the core's L2 cache, and the scratch
-buffers are block-sized, so no temporary of the activation's size is allocated. The ops compute the
+buffers are block-sized, so no temporary of the activation's size is allocated. (Dropout's mask is a
+dozen passes of 64-bit integer hashing per element: ``rng.keep_mask``.) The ops compute the
 same values either way: a block is a slice of the array, and every formula is elementwise or per row.
 (LayerNorm's (s, b, h), 2 MiB here, stays in the last-level cache whole; blocks of its rows measured no
 faster than in-place passes over the whole, so it has none.)
