@@ -37,20 +37,12 @@ def _splitmix64_int(z):
     return z ^ (z >> 31)
 
 
-def _splitmix64_array(z):
-    """The same finaliser on a uint64 array (numpy or CuPy); the multiplications wrap modulo 2^64.
+def _splitmix64_in_place(z, scratch, xp):
+    """The same finaliser on a uint64 array ``z`` (numpy or CuPy, at least 1-d), computed in place, with
+    ``scratch`` (of z's shape) for the shifts; the multiplications wrap modulo 2^64.
 
     Constants are numpy uint64 scalars so that neither library tries to fit them in an int64.
     """
-    z = z ^ (z >> numpy.uint64(30))
-    z = z * numpy.uint64(_MIX1)
-    z = z ^ (z >> numpy.uint64(27))
-    z = z * numpy.uint64(_MIX2)
-    return z ^ (z >> numpy.uint64(31))
-
-
-def _splitmix64_in_place(z, scratch, xp):
-    """``_splitmix64_array`` computed into ``z`` itself, with ``scratch`` (of z's shape) for the shifts."""
     for shift, multiplier in ((30, _MIX1), (27, _MIX2)):
         xp.right_shift(z, numpy.uint64(shift), out=scratch)
         z ^= scratch
@@ -116,8 +108,10 @@ def _positions(length, offset, total, shape, global_shape):
 def random_bits(shape, seed, counter, global_shape=None, offset=None, xp=None):
     """64 random bits per element (uint64), a pure function of (seed, counter, global flat index)."""
     index = global_flat_index(shape, global_shape, offset, xp)
-    key = numpy.uint64(stream_key(seed, counter))
-    return _splitmix64_array(index * numpy.uint64(_GOLDEN) + key)
+    z = index.reshape(-1) * numpy.uint64(_GOLDEN)  # 1-d, so that a 0-d block is an array to work in
+    z += numpy.uint64(stream_key(seed, counter))
+    _splitmix64_in_place(z, backend.array_module(z).empty_like(z), backend.array_module(z))
+    return z.reshape(index.shape)
 
 
 def check_probability(p):

@@ -42,7 +42,8 @@ def _seconds(variable, default):
 
 def _handshake(tag, payload, wait):
     """Send ``payload`` to every other rank with ``tag`` and collect theirs for up to ``wait`` seconds
-    (forever when ``wait`` is 0, not at all when it is negative). Returns {rank: payload} of the ranks heard from, this one included."""
+    (forever when ``wait`` is 0, not at all when it is negative). Returns {rank: payload} of the ranks
+    heard from, this one included."""
     world = MPI.COMM_WORLD
     me, size = world.Get_rank(), world.Get_size()
     for other in range(size):
