@@ -224,7 +224,7 @@ def render_table(r):
         f"{100 * (r['minitp_full'] / r['minitp'] - 1):+.0f}%: the whole forward runs twice")
     if torch_time:
         row(f"PyTorch {r['torch_version']} CPU, the same ops", r["torch"],
-            f"max |difference| of outputs {r['torch_max_difference']:.1e}")
+            f"largest difference of outputs {r['torch_max_difference']:.1e}")
         row("PyTorch, fused scaled_dot_product_attention", r["torch_sdpa"])
         row(f"PyTorch, dropout {DROPOUT}", r["torch_dropout"])
     return [harness.table(["implementation", "ms / step", "× PyTorch", "FLOP/s", "of GEMM rate", "note"], rows,

@@ -98,7 +98,7 @@ def render(r):
              "what BLAS needs, whatever the engine does"]]
     if torch_time:
         rows.append([f"PyTorch {r['torch_version']} CPU, the same ops", harness.ms(torch_time), "1.00",
-                     f"max |difference| of outputs {r['mlp_max_difference']:.1e}"])
+                     f"largest difference of outputs {r['mlp_max_difference']:.1e}"])
     lines += [harness.table(["implementation", "ms / step", "× PyTorch", "note"], rows, "lrrl"), ""]
     lines += ["minitp's MLP step, cProfile (own time per step):", ""]
     return lines + [harness.table(["function", "calls", "own ms", "share", "cumulative ms"], r["mlp_profile"]), ""]
