@@ -10,7 +10,11 @@ Two classes hold the whole idea:
 
 ``Tensor.backward()`` walks the graph in reverse topological order, summing the gradients that reach a
 tensor along several paths (the chain rule's sum over paths). Leaves that require grad accumulate into
-``.grad``; the engine never writes into a gradient array in place, so one array may be shared safely.
+``.grad``. The engine writes in place only into a sum it made itself, or a gradient an op declares new
+(``fresh_gradients``) -- arrays nothing else holds -- so one gradient array may be shared safely between
+ops. An op that reaches a small part of its input (``getitem``: q, k and v are thirds of one qkv
+product) may add its share into such a sum directly (``backward_into``), instead of building an
+input-sized array of zeros around it.
 
 A leaf's gradient is put into ``.grad`` as soon as the last op that feeds it a gradient has run, not
 when the walk reaches the leaf (which, in a reversed depth-first order, is at the very end for every
@@ -136,6 +140,7 @@ class Tensor:
             raise ValueError(f"grad of shape {grad.shape} for a tensor of shape {self.shape}")
 
         grads = {id(self): grad}
+        owned = set()  # tensors whose pending gradient is an array this walk made and alone holds
         order, owed = _topological_order(self)
         for tensor in reversed(order):
             grad = grads.pop(id(tensor), None)
@@ -145,11 +150,14 @@ class Tensor:
             if fn is None:
                 _accumulate(tensor, grad)
                 continue
-            if _trace.recording is None:
-                input_grads = fn.backward(grad)
+            started = None if _trace.recording is None else _trace.now()
+            total = grads.get(id(fn.inputs[0])) if fn.backward_into is not None and id(fn.inputs[0]) in owned else None
+            if total is not None and total.dtype == grad.dtype:
+                fn.backward_into(grad, total)  # its share added into the input's pending sum
+                input_grads = (None,)
             else:
-                started = _trace.now()
                 input_grads = fn.backward(grad)
+            if started is not None:
                 _trace.complete(f"{type(fn).__name__} backward", "compute", started)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
@@ -157,8 +165,7 @@ class Tensor:
                 if not parent.requires_grad:
                     continue
                 if parent_grad is not None:
-                    previous = grads.get(id(parent))
-                    grads[id(parent)] = parent_grad if previous is None else previous + parent_grad
+                    _add_gradient(grads, owned, id(parent), parent_grad, fn.fresh_gradients)
                 if parent._fn is None:  # a leaf: was this the last op that owed it a gradient?
                     owed[id(parent)] -= 1
                     if owed[id(parent)] == 0 and id(parent) in grads:
@@ -212,6 +219,23 @@ class _HookHandle:
             self.hooks.remove(self.hook)
 
 
+def _add_gradient(grads, owned, key, grad, fresh):
+    """Add ``grad`` to the pending gradient ``grads[key]``: the first one is kept as it is (``owned`` if
+    ``fresh``); a later one is added in place into an owned array, else summed into a new array, which
+    is then owned. Only n-d arrays are owned: numpy returns a 0-d sum as a scalar, not an array."""
+    previous = grads.get(key)
+    if previous is None:
+        grads[key] = grad
+        if fresh and getattr(grad, "ndim", 0):
+            owned.add(key)
+    elif key in owned and previous.shape == grad.shape and previous.dtype == grad.dtype:
+        previous += grad
+    else:
+        grads[key] = total = previous + grad
+        if getattr(total, "ndim", 0):
+            owned.add(key)
+
+
 def _accumulate(leaf, grad):
     """Add ``grad`` (the leaf's whole gradient from this backward) into ``leaf.grad``; run its hooks."""
     leaf.grad = grad if leaf.grad is None else leaf.grad + grad
@@ -256,6 +280,12 @@ class Function:
     """
 
     saved = ()
+    fresh_gradients = False
+    """True when ``backward`` always returns new arrays that no one else holds (the engine may add later
+    gradients into them in place)."""
+    backward_into = None
+    """Optional, for an op of one input: ``backward_into(grad_output, total)`` adds this op's gradient into
+    ``total``, the input's pending gradient (its shape and dtype), an array the engine made and holds alone."""
 
     def forward(self, *arrays, **options):
         raise NotImplementedError

@@ -214,3 +214,40 @@ def test_other_ops_save_what_their_backward_needs(device, op, expected):
     with track_saved() as saved:
         calls[op]()
     assert saved.total == expected(x.data)
+
+
+def test_slices_of_one_tensor_add_their_gradients_into_one_array(monkeypatch):
+    """q, k and v as thirds of one qkv: the first slice's backward makes the (zeros) gradient, the others
+    add their thirds into it (``backward_into``); another consumer of qkv adds in place too. The sum
+    is the chain rule's, and the upstream gradients handed to backward are left as they were."""
+    from minitp.functional.shape import GetItem
+    calls = {"backward": 0, "backward_into": 0}
+    for name in calls:
+        def counted(self, *args, _name=name, _original=getattr(GetItem, name)):
+            calls[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(GetItem, name, counted)
+    qkv = make((2, 3, 9), 0)
+    weights = [numpy.random.default_rng(i).standard_normal((2, 3, 3)) for i in range(3)]
+    scale = numpy.random.default_rng(5).standard_normal((2, 3, 9))
+    pieces = F.split(qkv, 3, axis=2)
+    loss = sum((piece * w).sum() for piece, w in zip(pieces, weights)) + (qkv * scale).sum()
+    loss.backward()
+    assert calls == {"backward": 1, "backward_into": 2}, calls
+    assert max_error(qkv.grad, numpy.concatenate(weights, axis=2) + scale) <= 1e-15
+
+
+def test_a_gradient_shared_by_two_inputs_is_never_added_into():
+    """Add's backward hands one array to both inputs; later gradients reaching either input must go
+    into a new sum, not into that shared array (which the other input still holds)."""
+    x = make((4, 5), 1)
+    y = make((4, 5), 2)
+    z = x + y  # dz reaches x and y as the same array
+    upstream = numpy.random.default_rng(3).standard_normal((4, 5))
+    loss_x, loss_y = (x[1:3] * 2.0).sum(), (y[:, 2:] * 3.0).sum()  # fresh GetItem gradients after
+    total = (z * Tensor(upstream)).sum() + loss_x + loss_y
+    total.backward()
+    expected_x, expected_y = upstream.copy(), upstream.copy()
+    expected_x[1:3] += 2.0
+    expected_y[:, 2:] += 3.0
+    assert max_error(x.grad, expected_x) == 0 and max_error(y.grad, expected_y) == 0

@@ -48,6 +48,8 @@ class GetItem(Function):
     integer arrays may repeat entries, so ``xp.add.at`` (an unbuffered add) is needed there.
     """
 
+    fresh_gradients = True  # backward's zeros are its own
+
     def forward(self, x, index):
         self.shape, self.index, self.basic = x.shape, index, _is_basic_index(index)
         return x[index]
@@ -56,10 +58,18 @@ class GetItem(Function):
         xp = backend.array_module(grad)
         grad_x = xp.zeros(self.shape, dtype=grad.dtype)
         if self.basic:
-            grad_x[self.index] = grad
+            grad_x[self.index] = grad  # into zeros: a write, not an addition
         else:
             xp.add.at(grad_x, self.index, grad)
         return grad_x
+
+    def backward_into(self, grad, total):
+        """Add the gradient into ``total`` (x's shape) at the picked entries only: the engine calls this
+        when x's pending gradient is its own array, e.g. for the second and third of q, k and v."""
+        if self.basic:
+            total[self.index] += grad
+        else:
+            backend.array_module(grad).add.at(total, self.index, grad)
 
 
 def reshape(x, shape):
