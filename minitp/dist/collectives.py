@@ -7,7 +7,7 @@ They use mpi4py's buffer methods (``Allreduce``, ``Allgather``, ...), which hand
 with its MPI datatype -- no pickling. Arrays must have the same shape and dtype on every rank of the
 group (checked mode, ``checks.py``, verifies it first). On a group of one rank there is nothing to
 communicate and the input itself is returned (no copy); ``split`` returns a view. So treat results as
-read-only, as every op in minitp does (the autograd engine never writes into an array in place).
+read-only, as every op in minitp does (the autograd engine writes in place only into arrays it made).
 
 Each docstring gives the ring cost that the collective log (``log.py``) records; how a CuPy array
 reaches MPI (host staging or CUDA-aware) is ``runtime.py``'s business. While a trace is recorded
