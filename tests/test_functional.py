@@ -361,7 +361,8 @@ def test_keep_mask_in_blocks_is_the_hash_of_random_bits(device, block, monkeypat
     shape, global_shape, offset, p = (3, 5, 4), (4, 5, 11), (1, 0, 6), 0.3
     mask = host(rng.keep_mask(shape, p, seed=99, counter=2, global_shape=global_shape, offset=offset, xp=backend.xp))
     bits = host(rng.random_bits(shape, 99, 2, global_shape, offset, xp=backend.xp))
-    assert mask.shape == shape and numpy.array_equal(mask, (bits >> numpy.uint64(32)) >= numpy.uint64(round(p * 2 ** 32)))
+    threshold = numpy.uint64(round(p * 2 ** 32))
+    assert mask.shape == shape and numpy.array_equal(mask, (bits >> numpy.uint64(32)) >= threshold)
     assert host(rng.keep_mask((), p, 99, 2, xp=backend.xp)).shape == ()
 
 
