@@ -155,10 +155,7 @@ def main():
         return
     ranks = args.ranks or ([2] if args.quick else [2, 4])
     runs = [harness.launch(__file__, n, ["--quick"] if args.quick else [], env=harness.ONE_THREAD) for n in ranks]
-    directory = harness.output_dir(args.out)
-    text = render(runs, directory)
-    harness.write(directory, "collectives.md", text)
-    print(text)
+    harness.publish(args.out, "collectives.md", lambda directory: render(runs, directory))
 
 
 if __name__ == "__main__":

@@ -232,10 +232,7 @@ def main():
         return
     extra = ["--quick"] if args.quick else []
     data = harness.launch(__file__, max(args.cp), extra + ["--cp", *args.cp], env=harness.ONE_THREAD)
-    directory = harness.output_dir(args.out)
-    text = render(data, directory)
-    harness.write(directory, "context.md", text)
-    print(text)
+    harness.publish(args.out, "context.md", lambda directory: render(data, directory))
 
 
 if __name__ == "__main__":

@@ -152,6 +152,15 @@ def write(directory, name, text):
     return path
 
 
+def publish(out, name, render):
+    """The end of every driver: ``render(directory)`` (the report's text; plots saved beside it) written
+    to ``directory/name`` -- ``out``, else benchmarks/results -- and printed."""
+    directory = output_dir(out)
+    text = render(directory)
+    write(directory, name, text)
+    print(text)
+
+
 def pyplot():
     """matplotlib's pyplot with a file-only backend, or None (plots skipped, with a note) if missing."""
     try:
@@ -201,7 +210,4 @@ def main_for_exact_counts(script, description, worker, render, report):
         return
     extra = ["--quick"] if args.quick else []
     data = launch(script, args.ranks or max(args.tp), extra + ["--tp", *args.tp], env=ONE_THREAD)
-    directory = output_dir(args.out)
-    text = render(data, directory)
-    write(directory, report, text)
-    print(text)
+    publish(args.out, report, lambda directory: render(data, directory))

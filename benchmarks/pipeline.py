@@ -141,10 +141,7 @@ def main():
         return
     extra = (["--quick"] if args.quick else []) + ["--repeats", args.repeats]
     data = {p: harness.launch(__file__, p, extra, env=harness.ONE_THREAD) for p in (args.pp or ([2] if args.quick else [2, 4]))}
-    directory = harness.output_dir(args.out)
-    text = render(data, directory)
-    harness.write(directory, "pipeline.md", text)
-    print(text)
+    harness.publish(args.out, "pipeline.md", lambda directory: render(data, directory))
 
 
 if __name__ == "__main__":

@@ -148,11 +148,8 @@ def main():
         measured = harness.launch(__file__, ranks, common + ["--task", *tasks], env=harness.ONE_THREAD)
         scaling += [measured["scaling"]] if "scaling" in measured else []
         bandwidth += [measured["allreduce"]] if "allreduce" in measured else []
-    out = harness.output_dir(args.out)
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
-    text = render(result, scaling, bandwidth, out, command.strip())
-    harness.write(out, "speed.md", text)
-    print(text)
+    harness.publish(args.out, "speed.md", lambda out: render(result, scaling, bandwidth, out, command.strip()))
 
 
 if __name__ == "__main__":
