@@ -18,7 +18,7 @@ from minitp.parallel.data_parallel import all_reduce_gradients, average_over_dat
 from minitp.parallel.gpt import ParallelGPT
 from minitp.parallel.shard import gather_serial_grads
 from minitp.testing import max_error
-from parallel_helpers import reset_dropout
+from parallel_helpers import reset_dropout, value_error
 
 WORLD = MPI.COMM_WORLD
 SAME = 1e-12
@@ -109,30 +109,21 @@ def test_generate_matches_serial(kind):
     parallel_assert(numpy.array_equal(sampled, expected_sampled), f"sampled {sampled.T} vs {expected_sampled.T}")
 
 
-def error_and_collectives(run):
-    with dist.log_collectives() as log:
-        try:
-            run()
-        except ValueError as raised:
-            return str(raised), len(log)
-    return None, len(log)
-
-
 @pytest.mark.parallel(nprocs=[2, 4])
 def test_bad_sizes_are_refused_on_every_rank_before_any_communication():
     cp = WORLD.size
     mesh = dist.init(cp=cp)
     zigzag = ParallelGPT(GPTConfig(**CONFIG), mesh, context_parallel="zigzag")
-    error, sent = error_and_collectives(lambda: zigzag(batch((3 * cp, 2))[0]))  # cp blocks, but not 2·cp chunks
+    error, sent = value_error(lambda: zigzag(batch((3 * cp, 2))[0]))  # cp blocks, but not 2·cp chunks
     parallel_assert(error is not None and f"2·{cp}" in error and "zigzag" in error and sent == 0, f"{error}")
     ring = ParallelGPT(GPTConfig(**CONFIG), mesh, context_parallel="ring")
-    error, sent = error_and_collectives(lambda: ring(batch((cp + 1, 2))[0]))
+    error, sent = value_error(lambda: ring(batch((cp + 1, 2))[0]))
     parallel_assert(error is not None and f"cp={cp}" in error and sent == 0, f"{error}")
     heads = {2: 3, 4: 6}[cp]  # cp does not divide them (tp = 1)
-    error, sent = error_and_collectives(lambda: ParallelGPT(GPTConfig(**{**CONFIG, "heads": heads, "hidden": 12}), mesh,
+    error, sent = value_error(lambda: ParallelGPT(GPTConfig(**{**CONFIG, "heads": heads, "hidden": 12}), mesh,
                                                             context_parallel="ulysses"))
     parallel_assert(error is not None and "heads" in error and "Ulysses" in error and sent == 0, f"{error}")
-    error, sent = error_and_collectives(lambda: ParallelGPT(GPTConfig(**CONFIG), mesh))
+    error, sent = value_error(lambda: ParallelGPT(GPTConfig(**CONFIG), mesh))
     parallel_assert(error is not None and "context_parallel" in error and sent == 0, f"{error}")
 
 

@@ -71,14 +71,20 @@ def test_check_mode_covers_zero_and_overlap(zero, overlap, sequence_parallel):
 SMALL = ["--seq", "16", "--hidden", "16", "--layers", "1", "--log-every", "1", "--sample", "20"]
 
 
-@needs_mpiexec
-def test_command_line_trains_saves_and_resumes_on_another_mesh(tmp_path):
-    # a text of our own: the repository's tutorials may change between the two launches
+def _trained_three_steps(tmp_path):
+    """(the text, the checkpoint, the launch) of three steps of train_gpt.py saved to tmp_path."""
+    # a text of our own: the repository's tutorials may change between two launches
     text = tmp_path / "text.txt"
     text.write_text(TUTORIAL.read_text(encoding="utf-8"), encoding="utf-8")
     saved = tmp_path / "gpt.npz"
     first = launch("train_gpt.py", *SMALL, "--text", str(text), "--steps", "3", "--save", str(saved), timeout=90)
     assert first.returncode == 0, first.stdout + first.stderr
+    return text, saved, first
+
+
+@needs_mpiexec
+def test_command_line_trains_saves_and_resumes_on_another_mesh(tmp_path):
+    text, saved, first = _trained_three_steps(tmp_path)
     assert "step    3/3" in first.stdout and "tokens/s" in first.stdout and "sample:" in first.stdout, first.stdout
     resumed = launch("train_gpt.py", *SMALL, "--text", str(text), "--tp", "2", "--sequence-parallel", "--steps", "5",
                      "--load", str(saved), ranks=2, timeout=90)
@@ -142,11 +148,7 @@ def test_a_text_that_is_not_utf8_ends_every_rank_with_the_reason(tmp_path):
 
 @needs_mpiexec
 def test_resuming_is_refused_past_steps_on_another_corpus_or_to_an_unwritable_path(tmp_path):
-    text = tmp_path / "text.txt"
-    text.write_text(TUTORIAL.read_text(encoding="utf-8"), encoding="utf-8")
-    saved = tmp_path / "gpt.npz"
-    first = launch("train_gpt.py", *SMALL, "--text", str(text), "--steps", "3", "--save", str(saved), timeout=90)
-    assert first.returncode == 0, first.stdout + first.stderr
+    text, saved, _ = _trained_three_steps(tmp_path)
     beyond = launch("train_gpt.py", *SMALL, "--text", str(text), "--steps", "2", "--load", str(saved), timeout=90)
     assert beyond.returncode == 2 and "at step 3, beyond --steps 2" in beyond.stderr, beyond.stderr
     other = tmp_path / "other.txt"
