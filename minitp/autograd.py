@@ -151,8 +151,8 @@ class Tensor:
                 _accumulate(tensor, grad)
                 continue
             started = None if _trace.recording is None else _trace.now()
-            total = grads.get(id(fn.inputs[0])) if fn.backward_into is not None and id(fn.inputs[0]) in owned else None
-            if total is not None and total.dtype == grad.dtype:
+            total = _owned_total(fn, grad, grads, owned)
+            if total is not None:
                 fn.backward_into(grad, total)  # its share added into the input's pending sum
                 input_grads = (None,)
             else:
@@ -217,6 +217,15 @@ class _HookHandle:
     def remove(self):
         if self.hook in self.hooks:
             self.hooks.remove(self.hook)
+
+
+def _owned_total(fn, grad, grads, owned):
+    """The pending gradient of ``fn``'s input when ``fn`` can add its share into it (``backward_into``)
+    and the engine alone holds it (``owned``), with ``grad``'s dtype; else None."""
+    if fn.backward_into is None or id(fn.inputs[0]) not in owned:
+        return None
+    total = grads.get(id(fn.inputs[0]))
+    return total if total is not None and total.dtype == grad.dtype else None
 
 
 def _add_gradient(grads, owned, key, grad, fresh):

@@ -63,8 +63,6 @@ def _begin(op, group, x, tag, shape, payload_bytes, ring_bytes):
 
 
 def _axis(array, axis):
-    if axis == 0 and array.ndim:
-        return 0
     if not -array.ndim <= axis < array.ndim:
         raise ValueError(f"axis {axis} out of range for an array of shape {array.shape}")
     return axis % array.ndim
