@@ -22,12 +22,15 @@ import harness
 # -- what a block computes, in GEMMs --------------------------------------------------------------
 
 
-def block_gemms(s, b, h, a, ffn=None):
+def block_gemms(s, b, h, a, ffn=None, t=1):
     """The GEMMs of one block's forward and backward as (name, batch shape, m, k, n): forward C = A B with
-    A (m, k), B (k, n); backward dA = dC Bᵀ and dB = Aᵀ dC, the same FLOPs each."""
+    A (m, k), B (k, n); backward dA = dC Bᵀ and dB = Aᵀ dC, the same FLOPs each.
+
+    ``t``: those of one rank of t tensor-parallel ranks (Megatron's split: the QKV and fc1 weights by
+    columns, n/t; attention by heads, a/t; proj and fc2 by rows, k/t) -- 1/t of the FLOPs, in smaller GEMMs."""
     ffn, d, tokens = ffn or 4 * h, h // a, s * b
-    forward = [("qkv", (), tokens, h, 3 * h), ("q kᵀ", (b, a), s, d, s), ("probs v", (b, a), s, s, d),
-               ("proj", (), tokens, h, h), ("fc1", (), tokens, h, ffn), ("fc2", (), tokens, ffn, h)]
+    forward = [("qkv", (), tokens, h, 3 * h // t), ("q kᵀ", (b, a // t), s, d, s), ("probs v", (b, a // t), s, s, d),
+               ("proj", (), tokens, h // t, h), ("fc1", (), tokens, h, ffn // t), ("fc2", (), tokens, ffn // t, h)]
     gemms = []
     for name, batch, m, k, n in forward:
         gemms += [(name, batch, m, k, n), (f"{name}: dA", batch, m, n, k), (f"{name}: dB", batch, k, m, n)]

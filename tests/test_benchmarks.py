@@ -70,7 +70,8 @@ def test_context_bench_matches_the_formulas(tmp_path):
 
 def test_speed_bench_runs(tmp_path):
     report = run_bench("speed.py", tmp_path, "--no-torch")
-    for section in ("One GPT block", "The MLP", "Strong scaling", "all-reduce bandwidth", "cProfile"):
+    for section in ("One GPT block", "The MLP", "Strong scaling", "GEMMs alone: ms (speedup)", "all-reduce bandwidth",
+                    "cProfile"):
         assert section in report
     assert (tmp_path / "speed.png").exists() or not PLOTS
 
@@ -80,6 +81,22 @@ def test_overlap_bench_runs(tmp_path):
     for mode in ("| blocking |", "| overlap |", "| overlap, calls |", "| ZeRO-1 |", "| ZeRO-1 overlap |"):
         assert report.count(mode) == 2, report  # two meshes in --quick
     assert (tmp_path / "overlap.png").exists() and "overlap.png" in report
+
+
+@pytest.mark.parametrize("t", [1, 2, 4])
+def test_one_tensor_parallel_ranks_gemms_are_a_t_th_of_the_blocks(t):
+    """The scaling ceiling replays one rank's GEMMs: t of them must hold exactly the block's FLOPs, GEMM
+    by GEMM (one of each GEMM's dimensions, or its batch of heads, split t ways)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import speed_blas
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    whole, shard = speed_blas.block_gemms(8, 2, 16, 4), speed_blas.block_gemms(8, 2, 16, 4, t=t)
+    assert t * speed_blas.gemm_flops(shard) == speed_blas.gemm_flops(whole)
+    for (name, batch, *mkn), (shard_name, shard_batch, *shard_mkn) in zip(whole, shard):
+        assert name == shard_name
+        assert numpy.prod(batch) * numpy.prod(mkn) == t * numpy.prod(shard_batch) * numpy.prod(shard_mkn)
 
 
 def test_the_pytorch_block_computes_minitps_block():
