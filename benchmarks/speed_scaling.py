@@ -2,18 +2,22 @@
 
 The block of ``speed_block.py``, at the same size, with tensor parallelism (TP) and with TP + sequence
 parallelism (TP+SP) on t = 1, 2, 4 ranks in one tensor-parallel group, one BLAS thread per rank
-(``mpiexec -n t``): time per step and speedup over the plain serial ``TransformerBlock``, which is timed
-in the t = 1 launch turn about with the t = 1 TP and TP+SP blocks.
+(``mpiexec -n t``): time per step and speedup over the plain serial ``TransformerBlock``.
 
-Beside them each launch times the block's GEMMs alone at one rank's shard sizes (``speed_blas.block_gemms``
-with ``t``), on all t ranks at once: the speedup those reach is the ceiling for the block's, set by the
-machine (cores that share memory bandwidth and cache, a clock that drops when every core is busy) and by
-BLAS on smaller matrices, before any communication or elementwise work. The TP blocks' speedups read
-against it.
+Every ratio is taken inside one launch, turn about (``harness.interleaved_best``): the serial block runs
+on rank 0 while the other ranks wait asleep, then the TP blocks on all t ranks, and so on in turn. (Timed
+in separate launches, the serial and t = 2 steps met different loads on a shared machine, and the
+speedup moved 1.44-2.08x between runs.)
+
+Beside them, the block's GEMMs alone: whole on rank 0 (the others asleep), and at one rank's shard sizes
+(``speed_blas.block_gemms`` with ``t``) on all t ranks at once. Their speedup is the ceiling for the
+block's, set by the machine (cores that share memory bandwidth and cache, a clock that drops when every
+core is busy) and by BLAS on smaller matrices, before any communication or elementwise work.
 
 ``worker`` runs inside the MPI launch that ``speed.py`` makes for each rank count.
 """
 import os
+import time
 
 import numpy
 
@@ -22,11 +26,12 @@ from speed_blas import block_gemms, replay_gemms
 from speed_block import block_shape
 
 LABELS = ("TP", "TP+SP")
-GEMMS = "GEMMs alone"
+GEMMS_WHOLE, GEMMS = "GEMMs, whole, one rank", "GEMMs, one shard per rank"
 
 
 def worker(args):
-    """Time the TP (and TP+SP) block on all the world's ranks, one tensor-parallel group."""
+    """Time, turn about: the serial block and its GEMMs on rank 0 alone, the TP and TP+SP blocks and the
+    sharded GEMMs on all the world's ranks (one tensor-parallel group)."""
     from mpi4py import MPI
 
     from minitp import backend, dist
@@ -57,12 +62,25 @@ def worker(args):
     def shard(array):
         return numpy.ascontiguousarray(dist.split(array, mesh.tp, 0))
 
-    steps = {}
-    if mesh.tp_size == 1:  # the reference: the plain serial block, in the same conditions
-        steps["serial"] = timed(TransformerBlock(h, a, dtype=numpy.float32), whole)
+    def alone(make_step):
+        """Rank 0 runs the step (only it builds it); the others wait asleep, not in a spinning MPI wait
+        that would keep a core busy beside it. (They wake every 0.2 ms: at most that much is added to a
+        step of hundreds of ms.)"""
+        step = make_step() if mesh.tp.rank == 0 else None
+
+        def run():
+            if step is not None:
+                step()
+            done = MPI.COMM_WORLD.Ibarrier()
+            while not done.Test():
+                time.sleep(2e-4)
+        return run
+
+    steps = {"serial": alone(lambda: timed(TransformerBlock(h, a, dtype=numpy.float32), whole))}
     for label, sequence_parallel in (("TP", False), ("TP+SP", True)):
         steps[label] = timed(ParallelTransformerBlock(h, a, dtype=numpy.float32, sequence_parallel=sequence_parallel,
                                                       group=mesh.tp), shard if sequence_parallel else whole)
+    steps[GEMMS_WHOLE] = alone(lambda: replay_gemms(backend.xp, block_gemms(s, b, h, a), numpy.float32))
     steps[GEMMS] = replay_gemms(backend.xp, block_gemms(s, b, h, a, t=mesh.tp_size), numpy.float32)
 
     def barrier():  # a step ends when its slowest rank ends
@@ -74,30 +92,26 @@ def worker(args):
 
 # -- the report -------------------------------------------------------------------------------------
 
-def serial_time(scaling):
-    """The serial block's time, from the t = 1 launch; None if it did not run."""
-    return next((e["times"]["serial"] for e in scaling if "serial" in e["times"]), None)
+def speedup(entry, label):
+    """How much faster ``label`` ran on the entry's t ranks than the serial block on one, same launch."""
+    return entry["times"]["serial"] / entry["times"][label]
 
 
-def gemm_speedup(scaling, entry):
-    """How much faster the GEMMs alone ran on ``entry``'s t ranks than on one: the block's ceiling."""
-    one = next((e for e in scaling if e["t"] == 1), None)
-    return one["times"][GEMMS] / entry["times"][GEMMS] if one else None
+def ceiling(entry):
+    """How much faster the sharded GEMMs ran on t ranks than the whole ones on one: the block's ceiling."""
+    return entry["times"][GEMMS_WHOLE] / entry["times"][GEMMS]
 
 
 def target(scaling):
     """The scaling target (t = 2 at least 1.9× faster than serial), with the figures measured here and
     the ceiling the GEMMs alone reached."""
-    serial = serial_time(scaling)
     two = next((e for e in scaling if e["t"] == 2), None)
-    if not (serial and two):
+    if two is None:
         return []
-    speedups = {label: serial / two["times"][label] for label in LABELS}
-    met = all(value >= 1.9 for value in speedups.values())
-    ceiling = gemm_speedup(scaling, two)
-    return [f"- t = 2 at least 1.9× faster than serial, one thread per rank: TP {speedups['TP']:.2f}×, "
-            f"TP+SP {speedups['TP+SP']:.2f}× ({'met' if met else 'NOT met'}); the block's GEMMs alone, "
-            f"sharded the same way: {ceiling:.2f}× (the ceiling on this machine)."]
+    met = all(speedup(two, label) >= 1.9 for label in LABELS)
+    return [f"- t = 2 at least 1.9× faster than serial, one thread per rank: TP {speedup(two, 'TP'):.2f}×, "
+            f"TP+SP {speedup(two, 'TP+SP'):.2f}× ({'met' if met else 'NOT met'}); the block's GEMMs alone, "
+            f"sharded the same way: {ceiling(two):.2f}× (the ceiling on this machine)."]
 
 
 def render(scaling):
@@ -105,26 +119,20 @@ def render(scaling):
         return []
     lines = ["## Strong scaling: the block with tensor parallelism, one BLAS thread per rank", "",
              "`mpiexec -n t`, the same block and size, t ranks in one tensor-parallel group; a step ends when "
-             "its slowest rank does (a barrier). Speedup against the plain serial `TransformerBlock`, timed "
-             "in the t = 1 launch, turn about with the t = 1 TP and TP+SP blocks. The last column is the "
-             "block's GEMMs alone at one rank's shard sizes, run on all t ranks at once, and their speedup "
-             "over the whole GEMMs on one rank: the ceiling the machine and BLAS set for the block's "
-             "speedup, before any communication or elementwise work.", ""]
-    serial = serial_time(scaling)
+             "its slowest rank does (a barrier). Each launch times, turn about: the plain serial "
+             "`TransformerBlock` on rank 0 while the others wait asleep, the TP and TP+SP blocks on all t "
+             "ranks, and the block's GEMMs alone -- whole on rank 0, then one rank's shard of them on every "
+             "rank at once. Each speedup is a ratio within one launch. The GEMMs' speedup is the ceiling the "
+             "machine and BLAS set for the block's, before any communication or elementwise work.", ""]
     rows = []
     for entry in scaling:
-        cells = [entry["t"]]
-        for label in LABELS:
-            seconds = entry["times"][label]
-            speedup = f" ({serial / seconds:.2f}×)" if serial else ""
-            cells.append(f"{harness.ms(seconds)} ms{speedup}")
-        ceiling = gemm_speedup(scaling, entry)
-        cells.append(f"{harness.ms(entry['times'][GEMMS])} ms" + (f" ({ceiling:.2f}×)" if ceiling else ""))
-        rows.append(cells)
-    if serial:
-        rows.insert(0, ["serial", f"{harness.ms(serial)} ms (1.00×)", "", ""])
-    header = ["t"] + [f"{label}: ms / step (speedup)" for label in LABELS] + [f"{GEMMS}: ms (speedup)"]
-    lines += [harness.table(header, rows, "rrrr"), ""]
+        times = entry["times"]
+        rows.append([entry["t"], f"{harness.ms(times['serial'])} ms"] +
+                    [f"{harness.ms(times[label])} ms ({speedup(entry, label):.2f}×)" for label in LABELS] +
+                    [f"{harness.ms(times[GEMMS_WHOLE])} → {harness.ms(times[GEMMS])} ms ({ceiling(entry):.2f}×)"])
+    header = (["t", "serial, rank 0 alone"] + [f"{label}: ms / step (speedup)" for label in LABELS] +
+              ["GEMMs alone: whole → one shard per rank (speedup)"])
+    lines += [harness.table(header, rows, "rrrrr"), ""]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     oversubscribed = [entry["t"] for entry in scaling if entry["t"] > cores]
     if oversubscribed:
@@ -139,16 +147,13 @@ PANELS = 2  # the plot's panels: time per step, speedup
 def draw(time_axis, speedup_axis, scaling):
     """Time per step and speedup against t, with the ideal lines and the GEMMs' ceiling."""
     ts = [entry["t"] for entry in scaling]
-    reference = serial_time(scaling) or scaling[0]["times"]["TP"]
     for label in LABELS:
-        times = [entry["times"][label] for entry in scaling]
-        time_axis.plot(ts, [1e3 * t for t in times], "o-", label=label)
-        speedup_axis.plot(ts, [reference / t for t in times], "o-", label=label)
-    time_axis.plot(ts, [1e3 * reference / t for t in ts], "k--", lw=1, label="ideal (serial / t)")
+        time_axis.plot(ts, [1e3 * entry["times"][label] for entry in scaling], "o-", label=label)
+        speedup_axis.plot(ts, [speedup(entry, label) for entry in scaling], "o-", label=label)
+    time_axis.plot(ts, [1e3 * entry["times"]["serial"] / entry["t"] for entry in scaling], "k--", lw=1,
+                   label="ideal (serial / t)")
     speedup_axis.plot(ts, ts, "k--", lw=1, label="ideal")
-    if any(entry["t"] == 1 for entry in scaling):
-        speedup_axis.plot(ts, [gemm_speedup(scaling, entry) for entry in scaling], "k:", marker="x",
-                          label="ceiling: the GEMMs alone")
+    speedup_axis.plot(ts, [ceiling(entry) for entry in scaling], "k:", marker="x", label="ceiling: the GEMMs alone")
     time_axis.set(xlabel="tensor-parallel ranks t", ylabel="ms per forward+backward", xticks=ts,
                   title="strong scaling: time per step")
     speedup_axis.set(xlabel="tensor-parallel ranks t", ylabel="speedup over the serial block", xticks=ts,
