@@ -180,6 +180,28 @@ def test_gelu_forward(device):
         F.gelu(x, approximate="sigmoid")
 
 
+@pytest.mark.parametrize("dtype", [numpy.float64, numpy.float32])
+def test_gelu_through_the_sigmoid_is_the_tanh_formula_in_its_tails(device, dtype):
+    """GeLU computes 0.5 x (1 + tanh u) as x / (1 + e^(-2u)): far left e^(-2u) overflows (a RuntimeWarning
+    would be an error here) and y must reach its limit -0, its slope 0; far right y = x, slope 1. Values
+    and slopes against the tanh formula and its derivative, over the whole range."""
+    values = numpy.array([-1e4, -60.0, -30.0, -12.0, -9.5, -3.0, -0.5, 0.0, 0.7, 4.0, 30.0, 1e4]).astype(dtype)
+    x = Tensor(backend.xp.asarray(values), requires_grad=True)
+    y = F.gelu(x)
+    y.backward(backend.xp.ones_like(x.data))
+    v = values.astype(numpy.float64)
+    u = math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)
+    t = numpy.tanh(u)
+    expected = 0.5 * v * (1 + t)
+    slope = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * v ** 2)
+    tolerance = 1e-12 if dtype == numpy.float64 else 1e-5
+    assert numpy.isfinite(host(y)).all() and numpy.isfinite(host(x.grad)).all()
+    assert numpy.abs(host(y) - expected).max() <= tolerance * numpy.abs(v).max()  # y = x on the right: relative
+    assert numpy.abs(host(x.grad) - slope).max() <= tolerance
+    assert host(y)[:3].tolist() == [0.0] * 3 and host(x.grad)[:3].tolist() == [0.0] * 3
+    assert host(y)[-1] == values[-1] and host(x.grad)[-1] == 1.0
+
+
 def test_cross_entropy_forward(device):
     logits = make((3, 2, 5), 0, requires_grad=False)
     targets = numpy.array([[1, 0], [4, 4], [2, 3]])

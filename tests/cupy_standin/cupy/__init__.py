@@ -268,7 +268,7 @@ class ufunc:
 _UFUNCS = {}
 for _name in ("add subtract multiply divide floor_divide remainder power matmul bitwise_and bitwise_or "
               "bitwise_xor left_shift right_shift less less_equal equal not_equal greater greater_equal "
-              "negative positive absolute invert exp log sqrt tanh maximum").split():  # the operators', minitp's
+              "negative positive absolute invert exp log sqrt tanh maximum reciprocal").split():  # the operators', minitp's
     globals()[_name] = _UFUNCS[getattr(numpy, _name).__name__] = ufunc(getattr(numpy, _name))
 
 
