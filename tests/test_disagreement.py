@@ -79,19 +79,24 @@ def test_token_ids_that_differ_across_tp_name_the_cause_on_every_rank(where):
 
 
 @pytest.mark.parallel(nprocs=[2, 3])
-@pytest.mark.parametrize("op", ["all_gather", "reduce_scatter", "all_reduce", "broadcast"])
+@pytest.mark.parametrize("op", ["all_gather", "reduce_scatter", "all_reduce", "broadcast",
+                                "iall_gather", "ireduce_scatter", "iall_reduce"])
 def test_collectives_whose_ranks_disagree_say_what_each_rank_passed(op):
     """Before: an all-gather of uneven arrays read uninitialised memory, a reduce-scatter of mixed dtypes
-    returned NaN. Checked mode (on in this suite) compares shape and dtype first."""
+    returned NaN. Checked mode (on in this suite) compares shape and dtype first -- for the non-blocking
+    twins too, before anything is in flight."""
     group = dist.Group(WORLD, "world")
     n = WORLD.size
-    if op in ("all_gather", "all_reduce", "broadcast"):
+    if op in ("all_gather", "all_reduce", "broadcast", "iall_gather", "iall_reduce"):
         x = numpy.ones((2 + (WORLD.rank == 1), 3))  # rank 1 passes one row more
     else:
         x = numpy.ones((2 * n, 3), dtype=numpy.float32 if WORLD.rank == 1 else numpy.float64)
     call = {"all_gather": lambda: dist.all_gather(x, group), "reduce_scatter": lambda: dist.reduce_scatter(x, group),
-            "all_reduce": lambda: dist.all_reduce(x, group), "broadcast": lambda: dist.broadcast(x, group)}[op]
+            "all_reduce": lambda: dist.all_reduce(x, group), "broadcast": lambda: dist.broadcast(x, group),
+            "iall_gather": lambda: dist.iall_gather(x, group).wait(),
+            "ireduce_scatter": lambda: dist.ireduce_scatter(x, group).wait(),
+            "iall_reduce": lambda: dist.iall_reduce(x, group).wait()}[op]
     message, _ = raised(call)
-    parallel_assert(message is not None and op in message and "rank 0 passed" in message
+    parallel_assert(message is not None and op.lstrip("i") in message and "rank 0 passed" in message
                     and "rank 1 passed" in message, f"{message}")
     parallel_assert(dist.all_reduce(numpy.ones(1), group)[0] == n, "the ranks are still in step")

@@ -39,7 +39,7 @@ import time
 from mpi4py import MPI
 
 from minitp import backend, trace
-from minitp.dist import log
+from minitp.dist import checks, log
 from minitp.dist.collectives import _buffer
 from minitp.dist.mesh import divide
 from minitp.dist.runtime import _for_mpi, _like
@@ -111,8 +111,12 @@ class Pending:
 
 
 def _start(op, group, x, result_shape, payload_bytes, ring_bytes, tag, call):
-    """Log, then start ``call(send, receive)`` under the lock; a ``Pending`` for it. Over one rank
-    there is nothing to start: ``x`` itself is the result, as with the blocking twins."""
+    """Check (in checked mode, as the blocking twins do: the same shape and dtype on every rank, else
+    the same ``ValueError`` on every rank before anything starts), log, then start ``call(send,
+    receive)`` under the lock; a ``Pending`` for it. Over one rank there is nothing to start: ``x``
+    itself is the result, as with the blocking twins."""
+    if group.size > 1 and checks.checked():
+        checks.agree_on_array(group, op, tag, x)
     if log._active_logs:
         log._record(op, group, result_shape if op == "all_gather" else x.shape, x.dtype, payload_bytes,
                     ring_bytes, tag, blocking=False)
