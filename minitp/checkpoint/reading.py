@@ -1,0 +1,96 @@
+"""How is a checkpoint read? Rank 0 reads the whole file and checks it against the model (``fit.py``),
+broadcasts its verdict and then the arrays, and every rank cuts its own blocks out of them."""
+import os
+
+import numpy
+
+from minitp import dist
+from minitp.checkpoint.contents import (dropouts, expected_contents, merge_expected, optimizer_parameters,
+                                       over_stages, world_comm)
+from minitp.checkpoint.fit import PARAMETER_ERRORS_SHOWN, misfits
+from minitp.parallel.shard import split_axis
+
+
+def load(path, model, optimizer=None, mesh=None, metadata=None):
+    """Load the checkpoint at ``path`` into ``model`` (and ``optimizer``), cut for this rank's place in
+    ``mesh``; returns the step stored by ``save``. Call on every rank.
+
+    Rank 0 reads the whole file (``allow_pickle=False``) and checks it against the model: every
+    parameter present with its serial shape, nothing unknown, the optimizer's state if an optimizer is
+    given, every dropout's counter, the model's configuration and ``metadata`` (what ``save`` was
+    given: e.g. the vocabulary). A mismatch or an unreadable (truncated, corrupt) file raises
+    ``ValueError`` naming the culprit, a missing file ``FileNotFoundError`` -- on every rank, since
+    rank 0 broadcasts its verdict before anything else. Nothing is loaded unless everything checks.
+    """
+    world = world_comm(mesh)
+    expected = over_stages(expected_contents(model, optimizer, mesh), mesh, merge_expected)
+    if expected is not None:  # the first stage, which checks for every stage
+        expected["metadata"] = {key: str(value) for key, value in (metadata or {}).items()}
+    arrays, message = None, None
+    if world.Get_rank() == 0:
+        arrays, message = _read_and_check(path, expected, optimizer is not None)
+    message = world.bcast(message, root=0)
+    if message is not None:
+        kind, text = message
+        raise (FileNotFoundError if kind == "missing" else ValueError)(text)
+    # what rank 0 read: the keys (the optimizer's state depends on the run), then each array
+    layout = world.bcast({key: (a.shape, a.dtype.str) for key, a in arrays.items()} if arrays else None, root=0)
+    # no mesh: a serial model run on every rank (a reference run), which must agree all the same
+    world_group = mesh.world if mesh is not None else dist.Group(world, "world")
+    full = {}
+    for key, (shape, dtype) in layout.items():
+        array = arrays[key] if arrays is not None else numpy.empty(shape, dtype=dtype)
+        # reshaped: a 0-d array (a counter, a step) travels as shape (1,)
+        full[key] = dist.broadcast(array, world_group, root=0, tag=f"checkpoint: {key}").reshape(shape)
+    _restore(full, model, optimizer, mesh)
+    return int(full["checkpoint/step"])
+
+
+def _read_and_check(path, expected, with_optimizer):
+    """(arrays, None) if the file at ``path`` fits the model, else (None, (kind, message))."""
+    if not os.path.exists(path):
+        return None, ("missing", f"no checkpoint at {path}")
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}  # read everything now: a bad CRC shows up here
+    except Exception as error:  # noqa: BLE001 -- zipfile, pickle refusal, truncation: all "unreadable"
+        return None, ("invalid", f"cannot read the checkpoint {path}: {type(error).__name__}: {error} "
+                                 "(truncated, corrupt, or not an .npz written by minitp.checkpoint.save?)")
+    problems = misfits(arrays, expected, with_optimizer)
+    if problems:
+        shown = problems[:PARAMETER_ERRORS_SHOWN]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        return None, ("invalid", f"the checkpoint {path} does not fit this model:\n  "
+                                 + "\n  ".join(shown) + more)
+    return arrays, None
+
+
+def _restore(full, model, optimizer, mesh):
+    """Cut the full arrays into this rank's shards and load them."""
+    group = mesh.tp if mesh is not None else None
+    parameters = dict(model.named_parameters())
+    model.load_state_dict({name: _block(full[name], p, group) for name, p in parameters.items()})
+    for name, dropout in dropouts(model):
+        dropout.counter = int(full[f"dropout/{name}"])
+    if optimizer is None:
+        return
+    stored = {}  # parameter name -> {buffer: array}, from the keys optimizer/<buffer>/<name>
+    for key, array in full.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "optimizer":
+            stored.setdefault(parts[2], {})[parts[1]] = array
+    state = {}
+    for key, parameter, name in optimizer_parameters(model, optimizer):
+        if name in stored:
+            state[key] = {buffer: int(array) if buffer == "step" else _block(array, parameter, group)
+                          for buffer, array in stored[name].items()}
+            state[key].setdefault("step", 0)
+    optimizer.load_state_dict({"step": int(full["optimizer/step"]), "state": state})
+
+
+def _block(array, parameter, group):
+    """This rank's block of the serial ``array`` (the whole of it for a replicated parameter)."""
+    axis = split_axis(parameter)
+    if axis is None or group is None:
+        return array
+    return dist.split(array, group, axis)

@@ -1,0 +1,110 @@
+"""How is a checkpoint written? Every shard gathered back to its serial array, pipeline stages merged on
+the first stage, and world rank 0 writing one ``.npz`` through a temporary file and an atomic rename."""
+import glob
+import json
+import os
+
+import numpy
+
+from minitp import backend, dist
+from minitp.checkpoint.contents import (dropouts, merge_arrays, model_config, optimizer_parameters, over_stages,
+                                       world_comm)
+from minitp.parallel.shard import split_axis
+
+
+def save(path, model, optimizer=None, mesh=None, step=0, metadata=None):
+    """Write ``model`` (and ``optimizer``'s state) as one full checkpoint at ``path``; call on every rank.
+
+    ``mesh``: the run's mesh (``None``: a serial model on one process). The shards
+    are all-gathered over tp by the first data-parallel replica (the others hold the same values);
+    world rank 0 writes. ``OSError`` on every rank if the write fails; the file at ``path`` is then
+    the previous checkpoint, untouched. ``metadata``: {key: string} stored beside the model, which
+    ``load(..., metadata=)`` requires to match.
+    """
+    arrays = None
+    if optimizer is not None and hasattr(optimizer, "gathered"):
+        optimizer = optimizer.gathered()  # ZeRO: each dp rank holds 1/d of the state; every rank gathers
+    if mesh is None or mesh.dp_rank == 0:
+        arrays = over_stages(_gather_everything(model, optimizer, mesh, step), mesh, merge_arrays)
+        if arrays is not None:  # the first stage, which holds the merged arrays
+            arrays.update({f"metadata/{key}": numpy.array(str(value)) for key, value in (metadata or {}).items()})
+    verdict = None
+    if world_comm(mesh).Get_rank() == 0:
+        verdict = _write_atomically(path, arrays)
+    verdict = world_comm(mesh).bcast(verdict, root=0)
+    if verdict is not None:
+        raise OSError(f"saving the checkpoint {path} failed on rank 0 ({verdict}); "
+                      "the previous checkpoint there, if any, is untouched")
+
+
+def _gather_everything(model, optimizer, mesh, step):
+    """{checkpoint key: full numpy array}, on every rank of this tp group."""
+    group = mesh.tp if mesh is not None else None
+    arrays = {name: _full(p.data, p, group, name) for name, p in model.named_parameters()}
+    if optimizer is not None:
+        arrays["optimizer/step"] = numpy.int64(optimizer.step_count)
+        for key, parameter, name in optimizer_parameters(model, optimizer):
+            for buffer, value in optimizer.state.get(key, {}).items():
+                if buffer == "step":
+                    arrays[f"optimizer/step/{name}"] = numpy.int64(value)
+                else:
+                    arrays[f"optimizer/{buffer}/{name}"] = _full(value, parameter, group, f"{buffer} of {name}")
+    for name, dropout in dropouts(model):
+        arrays[f"dropout/{name}"] = numpy.int64(dropout.counter)
+    arrays["checkpoint/step"] = numpy.int64(step)
+    config = model_config(model)
+    if config is not None:
+        arrays["checkpoint/config"] = numpy.array(json.dumps(config))  # a unicode array: no pickle needed
+    return arrays
+
+
+def _full(array, parameter, group, name):
+    """The serial array from this rank's block of it (an all-gather over tp when the parameter is split)."""
+    axis = split_axis(parameter)
+    if axis is not None and group is not None:
+        array = dist.all_gather(array, group, axis=axis, tag=f"checkpoint: gather {name}")
+    return numpy.asarray(backend.to_host(array))
+
+
+def _write_atomically(path, arrays):
+    """Write ``arrays`` to ``path`` through a temporary file and a rename; None, or what went wrong.
+
+    A save killed before its rename leaves its temporary behind (``path.tmp-<pid>``): the next save to
+    the same path removes any such leftovers first."""
+    for stale in glob.glob(glob.escape(path) + ".tmp-*"):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as file:  # a file object: savez would add ".npz" to a name
+            numpy.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
+        os.replace(temporary, path)
+    except Exception as error:  # noqa: BLE001 -- every failure becomes the same verdict on every rank
+        try:
+            os.remove(temporary)
+        except OSError:
+            pass
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_writable(path, mesh=None):
+    """``OSError`` on every rank unless world rank 0 can create a file beside ``path`` (where ``save``
+    writes its temporary): call it before training, so that a bad ``--save`` fails in a second, not at
+    the end of the run."""
+    verdict = None
+    if world_comm(mesh).Get_rank() == 0:
+        probe = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as error:
+            verdict = f"{type(error).__name__}: {error}"
+    verdict = world_comm(mesh).bcast(verdict, root=0)
+    if verdict is not None:
+        raise OSError(f"cannot save a checkpoint at {path}: {verdict}")
