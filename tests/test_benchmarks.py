@@ -70,8 +70,8 @@ def test_context_bench_matches_the_formulas(tmp_path):
 
 def test_speed_bench_runs(tmp_path):
     report = run_bench("speed.py", tmp_path, "--no-torch")
-    for section in ("One GPT block", "The MLP", "Strong scaling", "GEMMs alone: whole → one shard per rank", "all-reduce bandwidth",
-                    "cProfile"):
+    for section in ("One GPT block", "The MLP", "Strong scaling", "GEMMs alone: whole → one shard per rank",
+                    "all-reduce bandwidth", "cProfile"):
         assert section in report
     assert (tmp_path / "speed.png").exists() or not PLOTS
 

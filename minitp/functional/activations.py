@@ -27,11 +27,12 @@ class GeLU(Function):
     so y = x / (1 + e^(-2u)) and dy/dx = sigma + x sigma (1 - sigma) 2 du/dx -- the same function, with
     numpy's exp in place of its tanh, which costs more (measured on GeLU's arguments: 3.5 against 2.4 ns
     per float32, 16 against 6 per float64; GeLU's forward+backward took 25% less time in float32 and 48%
-    less in float64). It runs a block of the flattened array at a time
-    (``minitp.blocks``: every pass after the first reads from the L2 cache) in fresh buffers, with
-    ``x ** 3`` (a general power in numpy, several times the cost of a multiplication) rewritten as
-    x (c + ck x^2). For x below about -10 in float32 (-21 in float64) e^(-2u) overflows to inf and y to -0, its limit:
-    numpy's overflow warning is silenced there.
+    less in float64). For x below about -10 in float32 (-21 in float64) e^(-2u) overflows to inf and y
+    to -0, its limit: numpy's overflow warning is silenced there.
+
+    It runs a block of the flattened array at a time (``minitp.blocks``: every pass after the first
+    reads from the L2 cache) in fresh buffers, with ``x ** 3`` (a general power in numpy, several times
+    the cost of a multiplication) rewritten as x (c + ck x^2).
     """
 
     def forward(self, x, approximate="tanh"):
