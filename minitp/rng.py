@@ -105,12 +105,21 @@ def _positions(length, offset, total, shape, global_shape):
     return None, where
 
 
+def _hash_into(index, key, z, scratch, xp):
+    """z = splitmix64(index * golden + key): the bits of the elements at flat ``index`` (1-d uint64), in
+    place in ``z`` (index's shape), ``scratch`` of the same shape for the shifts."""
+    xp.multiply(index, numpy.uint64(_GOLDEN), out=z)
+    z += key
+    _splitmix64_in_place(z, scratch, xp)
+
+
 def random_bits(shape, seed, counter, global_shape=None, offset=None, xp=None):
     """64 random bits per element (uint64), a pure function of (seed, counter, global flat index)."""
     index = global_flat_index(shape, global_shape, offset, xp)
-    z = index.reshape(-1) * numpy.uint64(_GOLDEN)  # 1-d, so that a 0-d block is an array to work in
-    z += numpy.uint64(stream_key(seed, counter))
-    _splitmix64_in_place(z, backend.array_module(z).empty_like(z), backend.array_module(z))
+    flat = index.reshape(-1)  # 1-d, so that a 0-d shape is an array to work in
+    xp = backend.array_module(flat)
+    z = xp.empty_like(flat)
+    _hash_into(flat, numpy.uint64(stream_key(seed, counter)), z, xp.empty_like(flat), xp)
     return z.reshape(index.shape)
 
 
@@ -132,7 +141,7 @@ def keep_mask(shape, p, seed, counter, global_shape=None, offset=None, xp=None):
     threshold = numpy.uint64(round(p * 2 ** 32))
     index = global_flat_index(shape, global_shape, offset, xp).reshape(-1)  # a 0-d shape: one element
     xp = backend.array_module(index)
-    key, golden = numpy.uint64(stream_key(seed, counter)), numpy.uint64(_GOLDEN)
+    key = numpy.uint64(stream_key(seed, counter))
     keep = xp.empty(index.shape, dtype=bool)
     parts = blocks(index.size, xp)
     z, scratch = xp.empty_like(index[parts[0]]), xp.empty_like(index[parts[0]])
@@ -140,9 +149,7 @@ def keep_mask(shape, p, seed, counter, global_shape=None, offset=None, xp=None):
     # stay in the L2 cache (minitp.blocks), in two block-sized buffers -- the same bits, so the same mask
     for part in parts:
         z_, scratch_ = z[:part.stop - part.start], scratch[:part.stop - part.start]
-        xp.multiply(index[part], golden, out=z_)
-        z_ += key
-        _splitmix64_in_place(z_, scratch_, xp)
+        _hash_into(index[part], key, z_, scratch_, xp)
         z_ >>= numpy.uint64(32)
         xp.greater_equal(z_, threshold, out=keep[part])
     return keep.reshape(tuple(shape))

@@ -99,6 +99,7 @@ def _on_exception(previous):
             else:
                 # Wait for rank 0's word that the traceback is written: a rank exiting with status 1 first
                 # makes the launcher kill the job, and rank 0 could die with its message unwritten.
+                # (0, "forever" for the handshakes, is 10 s here: a lost word must not keep a rank alive)
                 _hear_from(0, _PRINTED_TAG, _seconds("MINITP_EXIT_WAIT", 10) or 10)
             os._exit(1)
         prefix = f"[rank {me}] "  # every line prefixed: the ranks' outputs may interleave on a terminal

@@ -93,15 +93,16 @@ class ColumnParallelLinear(Linear):
     def forward(self, x):
         check_input(self, x, self.in_features, "this rank's s/t tokens, (s/t, b, in)" if self.sequence_parallel
                     else "the whole input, replicated on every rank of the group")
-        if self.overlap:
-            y = LinearWithAsyncGradReduce.apply(x, self.weight, group=self.group, tag=self.tag,
-                                                sequence_parallel=self.sequence_parallel)
-        elif self.sequence_parallel:
-            y = LinearWithSequenceGather.apply(x, self.weight, group=self.group, tag=self.tag)
+        if self.overlap or self.sequence_parallel:  # X A_r communicates inside its own op; b_r after it
+            if self.overlap:
+                y = LinearWithAsyncGradReduce.apply(x, self.weight, group=self.group, tag=self.tag,
+                                                    sequence_parallel=self.sequence_parallel)
+            else:
+                y = LinearWithSequenceGather.apply(x, self.weight, group=self.group, tag=self.tag)
+            if self.bias is not None:
+                y = F.add(y, self.bias)
         else:  # f, then X A_r + b_r as one op (the bias added into the GEMM's output in place)
             y = F.linear(mappings.copy_to_tensor_parallel_region(x, self.group, self.tag), self.weight, self.bias)
-        if self.bias is not None and (self.overlap or self.sequence_parallel):
-            y = F.add(y, self.bias)
         if self.gather_output:
             y = mappings.gather_from_tensor_parallel_region(y, self.group, self.tag)
         return y
