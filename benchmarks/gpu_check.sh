@@ -2,13 +2,15 @@
 # minitp on a GPU machine, in one go (make gpu-check):
 #   1. the test suite with the CuPy backend: serially, then 2 and 4 ranks sharing the GPU(s)
 #      (rank r takes GPU r % count, so ranks share one GPU when there is only one);
-#   2. the GPT block benchmark in CuPy float32: forward+backward time and achieved FLOP/s against the
+#   2. every tutorial and train_gpt's --check on three meshes, with MINITP_DEVICE=gpu and 4 ranks sharing it;
+#   3. the GPT block benchmark in CuPy float32: forward+backward time and achieved FLOP/s against the
 #      GPU's FP32 peak and its measured big-GEMM rate, at the CPU bench's size and at a GPU-sized one,
 #      plus strong scaling with t ranks sharing the GPU;
-#   3. all-reduce bandwidth of CuPy buffers staged through the host (the default), then passed straight
+#   4. all-reduce bandwidth of CuPy buffers staged through the host (the default), then passed straight
 #      to MPI (MINITP_CUDA_AWARE_MPI=1) -- which only works if the MPI was built with CUDA support; the
 #      PyPI MPICH is not, so that step is expected to fail there, and says so.
-# Needs CuPy (pip install cupy-cuda12x, or the [gpu] extra). Writes benchmarks/results/gpu/*.md and a
+# Needs CuPy: the one installed, else pip install cupy-cuda12x (the [gpu] extra); make gpu-check WHEELS=DIR
+# on a machine without network (benchmarks/gpu_venv.sh). Writes benchmarks/results/gpu/*.md and a
 # log of everything to benchmarks/results/gpu/gpu_check.log. Exits non-zero if a required step fails.
 #
 # Usage: benchmarks/gpu_check.sh        (PYTHON and OUT may be set; defaults: the venv's. The launcher is
@@ -46,7 +48,22 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 step "tests, serial, CuPy" yes "$PYTHON" -m pytest -q -m "parallel[1]"
 step "tests, 2 and 4 ranks sharing the GPU" yes tests/run-mpi 2 4
 
-# 2. the block: the CPU bench's size, then one large enough to fill a GPU; scaling with ranks sharing it
+# 2. the tutorials as a learner runs them, every array on the GPU (4 ranks sharing it), and train_gpt's
+# proof on three meshes: each ends in its own check against the serial result
+launcher=$("$PYTHON" -m minitp.launcher 4)
+for tutorial in tutorials/*.py; do
+  case $tutorial in
+    */train_gpt.py) continue ;;
+    */pipeline.py) args="--picture $OUT/pipeline_schedules.png" ;;
+    *) args="" ;;
+  esac
+  step "tutorial $tutorial on CuPy, 4 ranks" yes env MINITP_DEVICE=gpu $launcher "$PYTHON" "$tutorial" $args
+done
+for mesh in "--tp 2 --dp 2" "--pp 2 --tp 2 --microbatches 2" "--cp 2 --tp 2"; do
+  step "train_gpt --check $mesh on CuPy" yes env MINITP_DEVICE=gpu $launcher "$PYTHON" tutorials/train_gpt.py $mesh --check
+done
+
+# 3. the block: the CPU bench's size, then one large enough to fill a GPU; scaling with ranks sharing it
 step "block at the CPU size, scaling t=1,2,4, staged all-reduce" yes \
   "$PYTHON" benchmarks/speed.py --device gpu --no-torch --gemm-size 8192 --repeats 10 \
   --tp 1 2 4 --bandwidth-ranks 2 4 --out "$OUT/cpu-size"
@@ -54,7 +71,7 @@ step "block at s=2048, b=8, h=2048, a=16" yes \
   "$PYTHON" benchmarks/speed.py --device gpu --no-torch --gemm-size 8192 --repeats 10 \
   --block 2048 8 2048 16 --tp --bandwidth-ranks --out "$OUT/large"
 
-# 3. CUDA-aware MPI: device buffers straight to MPI (may crash a non-CUDA MPI: not required)
+# 4. CUDA-aware MPI: device buffers straight to MPI (may crash a non-CUDA MPI: not required)
 step "CUDA-aware all-reduce" no env MINITP_CUDA_AWARE_MPI=1 \
   "$PYTHON" benchmarks/speed.py --device gpu --no-torch --gemm-size 1024 --repeats 3 \
   --block 256 4 512 8 --tp --bandwidth-ranks 2 --out "$OUT/cuda-aware"
