@@ -54,7 +54,7 @@ launcher=$("$PYTHON" -m minitp.launcher 4)
 for tutorial in tutorials/*.py; do
   case $tutorial in
     */train_gpt.py) continue ;;
-    */pipeline.py) args="--picture $OUT/pipeline_schedules.png" ;;
+    */pipeline.py) args="--picture ${TMPDIR:-/tmp}/pipeline_schedules.png" ;;
     *) args="" ;;
   esac
   step "tutorial $tutorial on CuPy, 4 ranks" yes env MINITP_DEVICE=gpu $launcher "$PYTHON" "$tutorial" $args
