@@ -137,6 +137,15 @@ CASES = {
         ["'optimizer/exp_avg_sq/wpe.weight'", "(8, 15)"]),
     "missing first moment": (lambda path: rewrite(path, without("optimizer/exp_avg/blocks.0.mlp.fc1.weight")),
                              ["blocks.0.mlp.fc1.weight", "incomplete", "'optimizer/exp_avg/blocks.0.mlp.fc1.weight'"]),
+    # the whole state of one parameter gone (both moments and its step): it would restart from zero moments,
+    # and the losses drift from the saving run's by 1e-3 within a few steps, with no error
+    "missing the whole optimizer state of one parameter": (
+        lambda path: rewrite(path, lambda a: {k: v for k, v in a.items()
+                                              if not (k.startswith("optimizer/") and k.endswith("/wpe.weight"))}),
+        ["'wpe.weight'", "missing", "'optimizer/exp_avg/wpe.weight'"]),
+    "an optimizer buffer AdamW does not keep": (
+        lambda path: rewrite(path, lambda a: {**a, "optimizer/momentum/wpe.weight": a["wpe.weight"]}),
+        ["'optimizer/momentum/wpe.weight'", "unexpected"]),
     "missing dropout counter": (lambda path: rewrite(path, without("dropout/blocks.1.mlp.dropout")),
                                 ["'blocks.1.mlp.dropout'"]),
     "pickled object array": (
@@ -221,12 +230,61 @@ def test_metadata_must_match_and_a_save_cleans_an_interrupted_ones_leftovers(tmp
     parallel_assert(checkpoint.load(path, model, optimizer, mesh, metadata={"vocabulary": "abc"}) == 0)
 
 
+def the_same_everywhere(message):
+    """Every rank's message, checked equal: rank 0 decided, every rank raised its verdict."""
+    messages = WORLD.allgather(message)
+    parallel_assert(all(m == messages[0] for m in messages), f"the ranks disagree: {messages}")
+
+
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_a_path_that_cannot_be_written_is_refused_before_training(tmp_path):
-    missing_directory = rank0_path(tmp_path, "no/such/dir/gpt.npz")
-    message = error_of(OSError, lambda: checkpoint.check_writable(missing_directory))
-    parallel_assert(message is not None and "cannot save a checkpoint" in message and "no/such/dir" in message,
-                    f"{message}")
+    """``check_writable`` checks the path ``save`` will write -- a FILE -- with the same one-line ValueError on
+    every rank: a missing directory, an existing directory (which passed, and the run ended in IsADirectoryError
+    at its save, the training lost), a name ending in '/', a directory that is a file, a pipe."""
+    if WORLD.rank == 0:
+        os.mkdir(tmp_path / "runs")
+        open(tmp_path / "notes.txt", "w").write("a file, not a directory")
+        os.mkfifo(tmp_path / "pipe")
+    WORLD.Barrier()
+    cases = {"no/such/dir/gpt.npz": ["no/such/dir", "does not exist"],
+             "runs": ["is a directory", "runs/gpt.npz"],  # the directory a --save DIR names
+             "runs/": ["names a directory"],
+             "notes.txt/gpt.npz": ["notes.txt is not a directory"],
+             "pipe": ["not a regular file"]}
+    for name, expected in cases.items():
+        path = rank0_path(tmp_path, name.rstrip("/")) + name[len(name.rstrip("/")):]  # pathlib drops a final '/'
+        message = error_of(ValueError, lambda: checkpoint.check_writable(path))
+        parallel_assert(message is not None and "cannot save a checkpoint" in message and "\n" not in message
+                        and all(text in message for text in expected), f"{name}: {expected} in: {message}")
+        the_same_everywhere(message)
     checkpoint.check_writable(rank0_path(tmp_path))  # a writable one passes, and leaves nothing behind
-    left = WORLD.bcast(os.listdir(tmp_path) if WORLD.rank == 0 else None, root=0)
-    parallel_assert(left == [], f"{left}")
+    left = WORLD.bcast(sorted(os.listdir(tmp_path)) if WORLD.rank == 0 else None, root=0)
+    parallel_assert(left == ["notes.txt", "pipe", "runs"], f"{left}")
+
+
+@pytest.mark.parallel(nprocs=[1])
+def test_save_writes_exactly_the_path_it_was_given(tmp_path):
+    """numpy.savez adds '.npz' to a file NAME; save hands it a file object, so the checked path is the written one."""
+    path = str(tmp_path / "checkpoint")
+    checkpoint.check_writable(path)
+    checkpoint.save(path, *serial(), step=0)
+    assert os.listdir(tmp_path) == ["checkpoint"]
+    assert checkpoint.load(path, *serial()) == 0
+
+
+@pytest.mark.parallel(nprocs=[1, 2])
+def test_a_trace_path_that_cannot_be_written_is_refused_before_training(tmp_path):
+    """``dist.check_writable`` (--trace) checks a FILE path too, the same on every rank -- and a pipe nobody reads
+    is refused at once instead of blocking rank 0's open, and every rank with it, forever."""
+    if WORLD.rank == 0:
+        os.mkdir(tmp_path / "runs")
+        os.mkfifo(tmp_path / "pipe")
+    WORLD.Barrier()
+    cases = {"runs": ["is a directory", "runs/trace.json"], "runs/": ["names a directory"],
+             "no/such/dir/trace.json": ["does not exist"], "pipe": ["cannot write the trace"]}
+    for name, expected in cases.items():
+        path = rank0_path(tmp_path, name.rstrip("/")) + name[len(name.rstrip("/")):]  # pathlib drops a final '/'
+        message = error_of(ValueError, lambda: dist.check_writable(path, WORLD))
+        parallel_assert(message is not None and "cannot write the trace" in message and "\n" not in message
+                        and all(text in message for text in expected), f"{name}: {expected} in: {message}")
+        the_same_everywhere(message)

@@ -24,7 +24,9 @@ whether the run was sharded.
 kept), and at load rank 0 checks the file against every stage's names before anything is cut.
 
 **A checkpoint is data, not code.** It is read with ``allow_pickle=False``: a file holding pickled
-objects is refused instead of executed.
+objects is refused instead of executed. And every value in it is checked against what ``save`` writes
+before anything is loaded (``fit.py``): a NaN weight, a negative step or counter, a parameter whose
+optimizer state is gone, a file that is no ``.npz`` at all -- each refused in one line naming the entry.
 
 **One rank writes, one rank reads.** World rank 0 writes the file (to a temporary name in the same
 directory, then ``os.replace``: a rename is atomic, so a save that fails part-way leaves the previous

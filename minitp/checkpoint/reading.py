@@ -15,12 +15,28 @@ def load(path, model, optimizer=None, mesh=None, metadata=None):
     """Load the checkpoint at ``path`` into ``model`` (and ``optimizer``), cut for this rank's place in
     ``mesh``; returns the step stored by ``save``. Call on every rank.
 
-    Rank 0 reads the whole file (``allow_pickle=False``) and checks it against the model: every
-    parameter present with its serial shape, nothing unknown, the optimizer's state if an optimizer is
-    given, every dropout's counter, the model's configuration and ``metadata`` (what ``save`` was
-    given: e.g. the vocabulary). A mismatch or an unreadable (truncated, corrupt) file raises
-    ``ValueError`` naming the culprit, a missing file ``FileNotFoundError`` -- on every rank, since
-    rank 0 broadcasts its verdict before anything else. Nothing is loaded unless everything checks.
+    Rank 0 reads the whole file (``allow_pickle=False``) and checks every entry against the model and
+    against what ``save`` can have written (``fit.py``): every parameter present, floating point, of its
+    serial shape and finite (a NaN weight is a corrupt file, or a diverged run's); nothing unknown; every
+    dropout's counter; the model's configuration and ``metadata`` (what ``save`` was given: e.g. the
+    vocabulary); every stored integer -- the step, the counters, the optimizer's step counts -- one
+    integer and never negative; and, with ``optimizer``, its state:
+
+    * ``optimizer/step`` 0 (saved before the first step): no parameter's state at all;
+    * ``optimizer/step`` n > 0: every optimized parameter's state, whole -- its update count, from 1 to
+      n, and each buffer the optimizer keeps (AdamW: ``exp_avg`` and ``exp_avg_sq``, finite, the second
+      >= 0) -- and no buffer it does not keep.
+
+    That is what ``save`` writes: a parameter has state from its first update on, and every parameter
+    of these models gets a gradient at every step. A parameter whose state is gone would restart from
+    zero moments, and the losses would drift from the run that saved it with no error, so such a file
+    is refused. (A model with a parameter that never receives a gradient saves no state for it: its
+    optimizer cannot resume from the file; load it without ``optimizer``.)
+
+    A mismatch, or a file that is not a readable ``.npz`` (empty, truncated, corrupt, a directory),
+    raises ``ValueError`` naming the file and the entry, a missing file ``FileNotFoundError`` -- on
+    every rank, since rank 0 broadcasts its verdict before anything else. Nothing is loaded unless
+    everything checks.
     """
     world = world_comm(mesh)
     expected = over_stages(expected_contents(model, optimizer, mesh), mesh, merge_expected)
@@ -50,16 +66,29 @@ def _read_and_check(path, expected, with_optimizer):
     """(arrays, None) if the file at ``path`` fits the model, else (None, (kind, message))."""
     if not os.path.exists(path):
         return None, ("missing", f"no checkpoint at {path}")
+    if os.path.isdir(path):
+        return None, ("invalid", f"the checkpoint {path} is a directory, not a checkpoint file")
     try:
+        with open(path, "rb") as file:
+            start = file.read(6)
+        # a zip begins with a local file header (or, holding nothing, with its end record); anything
+        # else would reach numpy.load, which tries it as a .npy or a pickle and says so, misleadingly
+        if not start.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+            what = ("an empty file" if not start else "a single .npy array" if start == b"\x93NUMPY"
+                    else f"a file starting {start!r}")
+            return None, ("invalid", f"the checkpoint {path} is not an .npz archive: it is {what}")
         with numpy.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}  # read everything now: a bad CRC shows up here
     except Exception as error:  # noqa: BLE001 -- zipfile, pickle refusal, truncation: all "unreadable"
-        return None, ("invalid", f"cannot read the checkpoint {path}: {type(error).__name__}: {error} "
+        said = " ".join(str(error).split())  # one line, whatever the library put in its message
+        return None, ("invalid", f"cannot read the checkpoint {path}: {type(error).__name__}: {said} "
                                  "(truncated, corrupt, or not an .npz written by minitp.checkpoint.save?)")
     problems = misfits(arrays, expected, with_optimizer)
     if problems:
         shown = problems[:PARAMETER_ERRORS_SHOWN]
         more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        if len(problems) == 1:  # one line
+            return None, ("invalid", f"the checkpoint {path} does not fit this model: {problems[0]}")
         return None, ("invalid", f"the checkpoint {path} does not fit this model:\n  "
                                  + "\n  ".join(shown) + more)
     return arrays, None
@@ -83,8 +112,7 @@ def _restore(full, model, optimizer, mesh):
     for key, parameter, name in optimizer_parameters(model, optimizer):
         if name in stored:
             state[key] = {buffer: int(array) if buffer == "step" else _block(array, parameter, group)
-                          for buffer, array in stored[name].items()}
-            state[key].setdefault("step", 0)
+                          for buffer, array in stored[name].items()}  # whole: fit.py checked it
     optimizer.load_state_dict({"step": int(full["optimizer/step"]), "state": state})
 
 

@@ -93,18 +93,44 @@ def _write_atomically(path, arrays):
 
 
 def check_writable(path, mesh=None):
-    """``OSError`` on every rank unless world rank 0 can create a file beside ``path`` (where ``save``
-    writes its temporary): call it before training, so that a bad ``--save`` fails in a second, not at
-    the end of the run."""
+    """``ValueError`` on every rank unless world rank 0 can write a checkpoint FILE at ``path``: call it
+    before training, so that a bad ``--save`` fails in a second, not after the run, with the training lost.
+
+    ``save`` writes exactly ``path`` (through a file object: numpy adds no ``.npz``) by writing
+    ``path.tmp-<pid>`` beside it and renaming that over ``path``. So: ``path`` must name a file -- not an
+    existing directory (the rename would fail with ``IsADirectoryError`` after the training), not a
+    name ending in a separator, not a device or a pipe (the rename would replace it); its directory
+    must exist and be a directory; and a file must be creatable there, which a probe tries (and
+    removes). An existing checkpoint at ``path`` is fine: the rename replaces it. Rank 0 decides and
+    broadcasts its verdict, so every rank raises the same one-line error, and none waits in a collective.
+    """
     verdict = None
     if world_comm(mesh).Get_rank() == 0:
-        probe = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(probe, "wb"):
-                pass
-            os.remove(probe)
-        except OSError as error:
-            verdict = f"{type(error).__name__}: {error}"
+        verdict = _cannot_write(path)
     verdict = world_comm(mesh).bcast(verdict, root=0)
     if verdict is not None:
-        raise OSError(f"cannot save a checkpoint at {path}: {verdict}")
+        raise ValueError(f"cannot save a checkpoint at {path}: {verdict}")
+
+
+def _cannot_write(path):
+    """Why ``save`` could not write the file ``path``, in a few words; None if it can."""
+    path = os.fspath(path)
+    if not path or path.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        return "that names a directory, not a file (give the checkpoint's file name, e.g. gpt.npz)"
+    if os.path.isdir(path):
+        return (f"it is a directory; save writes one file: give its name, e.g. {os.path.join(path, 'gpt.npz')}")
+    if os.path.exists(path) and not os.path.isfile(path):
+        return "it exists and is not a regular file (a device, a pipe, a socket?)"
+    directory = os.path.dirname(path) or "."
+    if not os.path.exists(directory):
+        return f"the directory {directory} does not exist"
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    probe = f"{path}.tmp-{os.getpid()}"  # the temporary save writes, beside the file
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        return f"cannot create a file in {directory}: {type(error).__name__}: {error.strerror or error}"
+    return None

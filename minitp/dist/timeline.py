@@ -54,18 +54,41 @@ def rank_name(mesh, rank=None):
 
 
 def check_writable(path, comm):
-    """``ValueError`` on every rank of ``comm`` unless rank 0 can write a file at ``path`` (tried by
-    opening it for appending; a file the test created is removed again)."""
-    problem = None
-    if comm.Get_rank() == 0:
+    """``ValueError`` on every rank of ``comm`` unless rank 0 can write a FILE at ``path``: not an existing
+    directory, not a name ending in a separator, in a directory that exists, and openable for writing
+    (tried by opening it for appending, which changes nothing; a file the test created is removed again).
+
+    Rank 0 decides and broadcasts its verdict: every rank raises the same one-line error before any
+    training, instead of the run ending in ``IsADirectoryError`` when the trace is written.
+    """
+
+    def cannot_write(path):
+        """Why a file could not be written at ``path``, in a few words; None if it can."""
+        if not path or path.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+            return "that names a directory, not a file (give the file's name, e.g. trace.json)"
+        if os.path.isdir(path):
+            return f"it is a directory: give the file's name, e.g. {os.path.join(path, 'trace.json')}"
+        directory = os.path.dirname(path) or "."
+        if not os.path.exists(directory):
+            return f"the directory {directory} does not exist"
+        if not os.path.isdir(directory):
+            return f"{directory} is not a directory"
         existed = os.path.exists(path)
         try:
-            with open(path, "a"):
-                pass
+            # O_NONBLOCK: opening a pipe nobody reads fails at once (ENXIO) instead of blocking rank 0
+            # here, and every other rank in the broadcast, forever; on a regular file it changes nothing
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666))
             if not existed:
                 os.remove(path)
         except OSError as error:
-            problem = f"cannot write the trace to {path}: {error.strerror or error}"
+            return error.strerror or str(error)
+        return None
+
+    problem = None
+    if comm.Get_rank() == 0:
+        problem = cannot_write(os.fspath(path))
+        if problem is not None:
+            problem = f"cannot write the trace to {path}: {problem}"
     problem = comm.bcast(problem, root=0)
     if problem is not None:
         raise ValueError(problem)
