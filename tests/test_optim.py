@@ -203,3 +203,46 @@ def test_clip_grad_norm_scales_as_torch_does_and_refuses_a_max_norm_that_is_not_
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match="max_norm must be positive"):
             clip_grad_norm(layer, bad)
+
+
+@pytest.mark.parametrize("norm, max_norm", [(1.0 - 1e-7, 1.0), (3.0, 1.0), (0.5, 1.0), (1.0 - 1e-5, 1.0)])
+def test_plain_and_zero_clipping_follow_one_rule_torchs(norm, max_norm):
+    """PyTorch's rule written out: coef = max_norm / (norm + 1e-6), applied iff coef < 1. Just below
+    max_norm (norm = max_norm - 1e-7) coef = 1 / (1 + 9e-7) < 1: the gradient IS scaled, by 1 - 9e-7.
+    Both the plain path (``data_parallel.clip_grad_norm`` on ``.grad``) and ZeRO-1's
+    (``ZeroOptimizer.clip_grad_norm`` on this rank's slices; one rank, so its slice is everything) must
+    give exactly that, as must the one shared rule, ``nn.optim.clip_coefficient``."""
+    from minitp import dist
+    from minitp.nn.optim import clip_coefficient
+    from minitp.parallel.data_parallel import clip_grad_norm
+    from minitp.parallel.zero import ZeroOptimizer
+    direction = numpy.array([[0.6], [0.8]])  # |direction| = 1, so |g| = norm
+    coef = max_norm / (norm + 1e-6)
+    expected = direction * norm * (coef if coef < 1 else 1.0)
+    assert clip_coefficient(norm, max_norm) == (coef if coef < 1 else 1.0)
+
+    layer = nn.Linear(2, 1, bias=False, dtype=numpy.float64)
+    layer.weight.grad = direction * norm
+    assert abs(clip_grad_norm(layer, max_norm) - norm) < 1e-15
+    plain = host(layer.weight.grad)
+
+    zero = ZeroOptimizer(nn.AdamW(layer.named_parameters()), dist.init(tp=1, dp=1))
+    layer.weight.grad = direction * norm
+    zero.gradients.wait()
+    assert abs(zero.clip_grad_norm(max_norm) - norm) < 1e-15
+    sliced = host(zero.gradients.grad_shards[0]).reshape(expected.shape)
+    for path, got in (("plain", plain), ("ZeRO-1", sliced)):
+        assert numpy.abs(got - expected).max() <= 1e-16, f"{path}: {got.ravel()} vs torch's {expected.ravel()}"
+
+
+def test_zero_clipping_refuses_a_max_norm_that_is_not_positive():
+    """A negative max_norm would flip the gradient (coef < 0), 0 would zero it: refused on both paths."""
+    from minitp import dist
+    from minitp.parallel.zero import ZeroOptimizer
+    layer = nn.Linear(2, 1, bias=False, dtype=numpy.float64)
+    zero = ZeroOptimizer(nn.AdamW(layer.named_parameters()), dist.init(tp=1, dp=1))
+    for bad in (0.0, -1.0):
+        layer.weight.grad = numpy.array([[0.6], [0.8]]) * 3
+        zero.gradients.wait()
+        with pytest.raises(ValueError, match="max_norm must be positive"):
+            zero.clip_grad_norm(bad)

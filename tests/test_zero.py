@@ -4,7 +4,10 @@ Proven on every mesh with dp > 1 (tp 1 and 2): the parameters after several Adam
 parallelism's within 1e-12, blocking and overlapped; the optimizer state per rank is 1/d of plain's
 (exactly, when d divides every bucket; over the d ranks, always exactly plain's); the dp bytes moved
 equal one all-reduce's (from the collective log); checkpoints hold the full state and resume on another
-dp and tp, and serially, with the same losses.
+dp and tp, and serially, with the same losses. With context parallelism (cp = 2; dp 1 and 2) ZeRO-1
+shards over dp × cp and equals the serial run. And what makes it ZeRO-1 rather than plain data
+parallelism, counted by hand: each rank's moments (the padding rule), one reduce-scatter and one
+all-gather per padded bucket, no gradient all-reduce.
 """
 import numpy
 import pytest
@@ -160,3 +163,95 @@ def test_a_bucket_size_that_is_not_positive_is_refused_on_every_rank(bucket_byte
         except ValueError as raised:
             error = str(raised)
     parallel_assert(error is not None and "bucket size" in error and len(log) == 0, f"ValueError: {error}")
+
+
+# -- context parallelism: ZeRO-1 over dp × cp, against the serial model ------------------------------
+
+# 8 heads and 16 tokens, as test_context_parallel_gpt.py: cp = 2 splits them, Ulysses included
+CP_CONFIG = dict(vocab=24, seq_len=16, hidden=16, heads=8, layers=2, dropout=0.1, seed=5, dtype=numpy.float64)
+CP_STEPS = 3
+
+
+def cp_batch_at(step):
+    windows = numpy.random.default_rng([9, step]).integers(0, CP_CONFIG["vocab"], (CP_CONFIG["seq_len"] + 1, 4))
+    return windows[:-1], windows[1:]
+
+
+def cp_meshes():
+    """(dp, cp) with cp = 2 on this world size: dp = 1, cp = 2 on 2 ranks; dp = 2, cp = 2 on 4."""
+    return [(WORLD.size // 2, 2)] if WORLD.size in (2, 4) else []
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+@pytest.mark.parametrize("kind", ["ring", "zigzag", "ulysses"])
+def test_zero_with_context_parallelism_equals_the_serial_run(kind):
+    """With cp > 1 every parameter is replicated over dp × cp, and rank (dp, cp) holds the gradient of
+    its own tokens' mean loss: the gradient of the global batch is the mean over all dp·cp ranks. ZeRO-1
+    shards over that group (``replicas(mesh)``), so the reduce-scatter sums every token's contribution
+    and the norm adds every slice once. Sharding over dp alone would miss the other cp ranks' tokens:
+    the mean would be of this cp rank's tokens only (step 1's norm was 1.31 here instead of serial's
+    1.06). Compared with the serial run in float64: the losses, the gradient norms before clipping,
+    and every parameter after the steps."""
+    serial = GPT(GPTConfig(**CP_CONFIG))
+    serial_optimizer = AdamW(serial.named_parameters(), lr=1e-2)
+    expected = [train_step(serial, serial_optimizer, *cp_batch_at(step), None, max_norm=0.5)
+                for step in range(CP_STEPS)]
+    expected_state = {name: p.data for name, p in serial.named_parameters()}
+    for dp, cp in cp_meshes():
+        mesh = dist.init(tp=1, dp=dp, cp=cp)
+        model = ParallelGPT(GPTConfig(**CP_CONFIG), mesh, context_parallel=kind)
+        optimizer = ZeroOptimizer(AdamW(model.named_parameters(), lr=1e-2), mesh, BUCKET_BYTES)
+        with dist.log_collectives() as log:
+            got = [train_step(model, optimizer, *cp_batch_at(step), mesh, max_norm=0.5) for step in range(CP_STEPS)]
+        where = f"dp {dp} cp {cp} {kind}"
+        losses = max(abs(a[0] - b[0]) for a, b in zip(got, expected))
+        norms = max(abs(a[1] - b[1]) for a, b in zip(got, expected))
+        parallel_assert(losses <= SAME and norms <= SAME, f"{where}: (loss, norm) {got} vs serial {expected}")
+        error = worst(gather_serial_state(model, mesh.tp), expected_state)
+        parallel_assert(error <= SAME, f"{where}: parameters differ from serial by {error:.1e}")
+        groups = {r.group for r in log.select("reduce_scatter", "gradients") + log.select("all_gather", "parameters")}
+        parallel_assert(groups == {"dp_cp"}, f"{where}: ZeRO-1's collectives ran over {groups}, not dp × cp")
+
+
+# -- ZeRO-1 really shards: the state per rank and the collectives, counted by hand ----------------------
+
+@pytest.mark.parallel(nprocs=[2, 3, 4])
+def test_zero_keeps_one_dth_of_the_moments_and_reduce_scatters_and_all_gathers():
+    """What tells ZeRO-1 from plain data parallelism, counted by hand (a ZeroOptimizer that all-reduced
+    and kept every moment would still equal plain data parallelism's numbers; it fails here).
+
+    The padding rule: a bucket of n elements is padded to d·⌈n/d⌉, and rank r owns the flat range
+    [r·⌈n/d⌉, (r+1)·⌈n/d⌉) of it; the padding (at the end) has no parameter and so no moments. So rank
+    r holds min(⌈n/d⌉, max(0, n - r·⌈n/d⌉)) elements of each of AdamW's two moments per bucket, at
+    most 1/d of the n (rounded up), and over the d ranks exactly n. On the wire per bucket: one
+    reduce-scatter of the padded gradients, d·⌈n/d⌉·8 B, and one all-gather of the parameters, the
+    same bytes; (d-1)/d of them leave each rank. No gradient all-reduce: the only all-reduces are the
+    norm's two numbers and the loss's one."""
+    d, r = WORLD.size, WORLD.rank
+    mesh = dist.init(tp=1, dp=d)
+    model, optimizer, _, log = run(mesh, zero=True, overlap=False, steps=1)
+    sizes = [sum(p.size for p in bucket.parameters) for bucket in optimizer.gradients.buckets]
+    parameters = sum(p.size for p in model.parameters())
+    parallel_assert(sum(sizes) == parameters and len(sizes) > 1, f"buckets {sizes} vs {parameters} parameters")
+
+    per_rank = [-(-n // d) for n in sizes]  # ⌈n/d⌉
+    mine = sum(min(k, max(0, n - r * k)) for n, k in zip(sizes, per_rank))
+    moments = {name: sum(entry[name].size for entry in optimizer.state.values())
+               for name in ("exp_avg", "exp_avg_sq")}
+    parallel_assert(moments == {"exp_avg": mine, "exp_avg_sq": mine},
+                    f"rank {r}: moments {moments}, by hand {mine} elements each of {parameters} parameters")
+    parallel_assert(mine <= sum(per_rank) and d * sum(per_rank) - parameters < d * len(sizes),
+                    f"rank {r}: {mine} elements, ⌈n/d⌉ per bucket {per_rank}")
+    parallel_assert(mesh.dp.comm.allreduce(mine) == parameters, "over the d ranks: every parameter's moments once")
+
+    itemsize, padded = 8, [d * k for k in per_rank]
+    for op, tag in (("reduce_scatter", "gradients"), ("all_gather", "parameters")):
+        records = log.select(op, tag)
+        seen = [(rec.group, rec.group_size, rec.payload_bytes) for rec in records]  # blocking: bucket order
+        parallel_assert(seen == [("dp", d, n * itemsize) for n in padded], f"{op}: {seen} vs padded buckets {padded}")
+        ring = sum(rec.ring_bytes for rec in records)
+        parallel_assert(ring == (d - 1) * sum(padded) * itemsize // d, f"{op}: {ring} B per rank")
+    reductions = [rec for rec in log.select("all_reduce") if rec.group == "dp"]  # tp's are of size 1 here
+    parallel_assert([(rec.tag, rec.payload_bytes) for rec in reductions]
+                    == [("grad norm (ZeRO slices)", 2 * itemsize), ("loss", itemsize)],
+                    f"no gradient all-reduce over dp: {[(rec.tag, rec.payload_bytes) for rec in reductions]}")

@@ -1,19 +1,22 @@
 """ZeRO-1: the optimizer state cut into d slices, the bytes of one all-reduce, and the gradient reductions
 hidden behind backward.
 
-    mpirun -n 4 python tutorials/zero.py                  (any number of ranks; 4 shows it best)
+    mpirun -n 4 python tutorials/zero.py                  (any number of ranks; 4 shows it best, 3 the padding)
     mpirun -n 4 python tutorials/zero.py --png zero.png   (also draw the timeline as a picture)
 
 After tutorials/train_gpt.py. Every rank below is a data-parallel replica of one small GPT (tp = 1,
 dp = the ranks), each on its slice of the batch, and the story is what the replicas keep and send:
 
     1. plain data parallelism keeps d copies of AdamW's two moments; ZeRO-1 keeps one, cut into d slices
-    2. reduce-scatter + all-gather moves exactly the bytes of the one all-reduce it replaces
+    2. reduce-scatter + all-gather moves the bytes of the one all-reduce it replaces -- exactly when d
+       divides every bucket, else plus the padding that makes it divide
     3. the timeline: each bucket's reduction starts inside backward, behind the layers still to come
 and ends with the check: after several AdamW steps in float64, ZeRO-1's parameters are plain data
-parallelism's (the same numbers, summed in another order), with 1/d of the state and the same bytes.
+parallelism's (the same numbers, summed in another order), with 1/d of the state and the bytes of
+the formulas below, counted by hand from the bucket sizes and checked against the collective log.
 """
 import argparse
+import math
 
 import numpy
 from mpi4py import MPI
@@ -82,19 +85,32 @@ parameters = sum(p.size for p in plain_model.parameters())
 # the flat gradient buckets into d contiguous slices; replica r keeps the moments of slice r only and
 # updates only those parameters, then the replicas exchange the updated slices. The state per rank
 # falls by d; the parameters and gradients stay whole (that is ZeRO-2 and -3).
+#
+# The padding rule: so that d divides it, a bucket of n elements is padded at its end with zeros to
+# d·⌈n/d⌉, and rank r owns [r·⌈n/d⌉, (r+1)·⌈n/d⌉). The padding has no parameter, so no moments: rank r
+# keeps min(⌈n/d⌉, max(0, n - r·⌈n/d⌉)) elements of each moment per bucket -- ⌈n/d⌉ on all but the
+# last ranks, and over the d ranks exactly n, plain's state once.
 # ---------------------------------------------------------------------------------------------------
 say(f"\n1. Optimizer state per rank: {parameters:,} parameters, float64, AdamW's exp_avg and exp_avg_sq")
 train(plain_model, plain_optimizer, plain_buckets, 1)
 train(zero_model, zero_optimizer, None, 1)
 plain_bytes = sum(a.nbytes for entry in plain_optimizer.state.values() for k, a in entry.items() if k != "step")
 zero_bytes = zero_optimizer.state_bytes()
-padding = sum(b.padded - b.size for b in zero_optimizer.gradients.buckets)
-each_rank(f"plain {plain_bytes:>10,} B   ZeRO-1 {zero_bytes:>9,} B   = 1/{plain_bytes / zero_bytes:.2f} of plain")
+# By hand, from the bucket sizes n (each bucket's parameters' elements) and the padding rule alone:
+sizes = [sum(p.size for p in bucket.parameters) for bucket in zero_optimizer.gradients.buckets]
+share = [-(-n // d) for n in sizes]  # ⌈n/d⌉: each rank's slice of each bucket
+padded = [d * k for k in share]  # d·⌈n/d⌉: the bucket with its padding
+padding = sum(padded) - sum(sizes)
+ITEMSIZE, MOMENTS = 8, 2  # float64; exp_avg and exp_avg_sq
+by_hand = MOMENTS * ITEMSIZE * sum(min(k, max(0, n - mesh.dp_rank * k)) for n, k in zip(sizes, share))
+each_rank(f"plain {plain_bytes:>10,} B   ZeRO-1 {zero_bytes:>9,} B   = 1/{plain_bytes / zero_bytes:.2f} of plain"
+          f"   (by hand: {by_hand:,} B)")
 total = mesh.dp.comm.allreduce(zero_bytes)
 say(f"   over the {d} replicas ZeRO-1 holds {total:,} B: plain's {plain_bytes:,} B once, not {d} times. "
     f"Each bucket is padded to a multiple of d = {d} ({padding} padding elements in "
     f"{len(zero_optimizer.gradients)} buckets); padding has no parameter, so no state.")
-memory_as_claimed = total == plain_bytes and (padding > 0 or zero_bytes * d == plain_bytes)
+memory_as_claimed = (total == plain_bytes == MOMENTS * ITEMSIZE * parameters and zero_bytes == by_hand
+                     and (padding > 0 or zero_bytes * d == plain_bytes))
 
 # ---------------------------------------------------------------------------------------------------
 # 2. What crosses the wire.
@@ -106,6 +122,15 @@ memory_as_claimed = total == plain_bytes and (padding > 0 or zero_bytes * d == p
 #     update the slice
 #     all-gather the parameters      every rank receives every updated slice
 # The same two halves, so the same bytes: the memory comes for free. The log of one step shows it.
+#
+# Exactly the same bytes when d divides every bucket. Otherwise ZeRO-1 reduce-scatters and all-gathers
+# the padded bucket, d·⌈n/d⌉ elements of 8 B, while the all-reduce sends the n elements alone. Per rank,
+# summed over the buckets:
+#     all-reduce                    2(d-1)/d · Σ n · 8 B
+#     reduce-scatter = all-gather    (d-1)/d · Σ d·⌈n/d⌉ · 8 B   = (d-1) · Σ ⌈n/d⌉ · 8 B, a whole number
+#     so  reduce-scatter + all-gather = all-reduce + 2(d-1)/d · (padding) · 8 B
+# with padding = Σ (d·⌈n/d⌉ - n) < d per bucket: 0 at d = 1, 2 and 4 here (even buckets), some
+# elements at d = 3. Both are computed below from the bucket sizes and compared with the log.
 # ---------------------------------------------------------------------------------------------------
 say("\n2. The bytes of one step over dp, from the collective log")
 with dist.log_collectives() as plain_log:
@@ -130,10 +155,21 @@ one_bucket = dist.CollectiveLog()
 one_bucket.records = [r for op in ("all_reduce", "reduce_scatter", "all_gather")
                       for r in reductions(plain_log if op == "all_reduce" else zero_log, op) if last in r.tag]
 say(indent(one_bucket.table()))
-padded_extra = 2 * (d - 1) / d * padding * 8
+# The formulas, from the bucket sizes alone. The log's all-reduce figure 2(d-1)/d·S need not be a
+# whole number of bytes, and is summed in floating point: equal to the formula within rounding (1e-12
+# relative); the reduce-scatter's and all-gather's are whole numbers, equal exactly.
+formula_all_reduce = 2 * (d - 1) * sum(sizes) * ITEMSIZE / d
+formula_half = (d - 1) * sum(share) * ITEMSIZE  # (d-1)/d · Σ d·⌈n/d⌉ · 8
+padding_share = 2 * (d - 1) * padding * ITEMSIZE / d
 say(f"   ring bytes per rank: all-reduce {all_reduce:,.0f} B;  reduce-scatter {scatter:,.0f} B + all-gather "
-    f"{gather:,.0f} B = {scatter + gather:,.0f} B" + (f" (the padding's share: {padded_extra:,.0f} B)" if padding else ""))
-bytes_as_claimed = scatter == gather and scatter + gather == all_reduce + padded_extra
+    f"{gather:,.0f} B = {scatter + gather:,.0f} B" + (f" (the padding's share: {padding_share:,.1f} B)" if padding else ""))
+say(f"   by hand, d = {d}, Σ n = {sum(sizes):,} elements in {len(sizes)} buckets, Σ d·⌈n/d⌉ = {sum(padded):,} "
+    f"(padding {padding}):\n"
+    f"     all-reduce 2(d-1)/d · Σ n · 8 = {formula_all_reduce:,.1f} B;  reduce-scatter = all-gather "
+    f"(d-1)/d · Σ d·⌈n/d⌉ · 8 = {formula_half:,} B;  2(d-1)/d · padding · 8 = {padding_share:,.1f} B")
+bytes_as_claimed = (scatter == gather == formula_half
+                    and math.isclose(all_reduce, formula_all_reduce, rel_tol=1e-12, abs_tol=1e-9)
+                    and math.isclose(scatter + gather, all_reduce + padding_share, rel_tol=1e-12, abs_tol=1e-9))
 
 # ---------------------------------------------------------------------------------------------------
 # 3. The timeline: reductions hidden behind backward.
@@ -180,10 +216,10 @@ expected, actual = gather_serial_state(plain_model, mesh.tp), gather_serial_stat
 error = max(float(numpy.abs(actual[name] - expected[name]).max()) for name in expected)
 each_rank(f"max |ZeRO-1 - plain| over every parameter: {error:.1e}")
 worst = mesh.world.comm.allreduce(error, op=MPI.MAX)
-claims = {"state per rank 1/d, all ranks together = plain": memory_as_claimed,
-          "reduce-scatter + all-gather bytes = all-reduce bytes": bytes_as_claimed}
+claims = {"state per rank 1/d (by hand, padding counted), all ranks together = plain": memory_as_claimed,
+          "reduce-scatter + all-gather bytes = all-reduce bytes + the padding's": bytes_as_claimed}
 failed = [claim for claim, holds in claims.items() if not mesh.world.comm.allreduce(holds, op=MPI.LAND)]
 verdict(worst <= 1e-12 and not failed,
         f"ZeRO-1 == plain data parallelism (max error {worst:.1e} after {STEPS + 4} steps; state 1/{d} per rank, "
-        f"the bytes of one all-reduce) on {ranks(d)}",
+        f"the bytes of one all-reduce{' plus the padding' if padding else ''}) on {ranks(d)}",
         failure=f"max error {worst:.1e} (must be <= 1e-12); claims that do not hold: {failed}")

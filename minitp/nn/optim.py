@@ -17,6 +17,30 @@ from minitp.blocks import blocks
 from minitp.nn.module import Parameter
 
 
+def clip_coefficient(norm, max_norm, eps=1e-6):
+    """The factor by which clipping to ``max_norm`` scales a gradient whose global 2-norm is ``norm``:
+
+        coef = max_norm / (norm + eps), applied iff coef < 1         (else 1: the gradient is left alone)
+
+    torch's ``clip_grad_norm_`` (which clamps the same coef at 1). The eps keeps the division finite at
+    norm = 0, and it makes a norm just below max_norm (within eps) scaled a little too: coef < 1 iff
+    norm > max_norm - eps. ONE rule for every path that clips -- ``data_parallel.clip_grad_norm`` on
+    whole ``.grad`` arrays and ``ZeroOptimizer.clip_grad_norm`` on the ZeRO-1 slices -- so the two never
+    disagree near max_norm. ``max_norm=None``: 1 (measure only). ``ValueError`` for a max_norm that is
+    not positive: a negative one would flip the gradient (ascend the loss), 0 would zero it."""
+    check_max_norm(max_norm)
+    if max_norm is None:
+        return 1.0
+    return min(1.0, max_norm / (norm + eps))
+
+
+def check_max_norm(max_norm):
+    """``ValueError`` unless ``max_norm`` is None or positive: what ``clip_coefficient`` refuses, for a
+    caller to check before it sends anything (every rank checks the same number, so every rank raises)."""
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"clip_grad_norm: max_norm must be positive, not {max_norm}")
+
+
 class Optimizer:
     """The bookkeeping shared by every optimizer: the parameters, their keys, the per-key state."""
 

@@ -36,9 +36,9 @@ import math
 import numpy
 
 from minitp import backend, dist, trace
+from minitp.nn.optim import check_max_norm, clip_coefficient
 from minitp.parallel.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
 from minitp.parallel.shard import split_axis
-from minitp.parallel.zero import ZeroOptimizer
 
 
 def split_batch(array, mesh=None, axis=1):
@@ -108,17 +108,17 @@ def grad_norm(module, mesh=None):
 
 def clip_grad_norm(module, max_norm, mesh=None, eps=1e-6):
     """Scale every gradient of ``module`` by max_norm / (norm + eps) whenever that factor is below 1 --
-    exactly torch's ``clip_grad_norm_`` (which clamps the factor at 1) -- and return the norm before
+    exactly torch's ``clip_grad_norm_`` (which clamps the factor at 1; ``nn.optim.clip_coefficient``,
+    the rule ZeRO-1's slices are clipped by too) -- and return the norm before
     clipping, the same on every rank. ``max_norm=None``: measure only. ``ValueError`` for a max_norm
     that is not positive (a negative one would flip the gradient; 0 would zero it).
 
     Call it after ``all_reduce_gradients``: the norm is then that of the global batch's gradient, and
     every replica scales by the same factor. The gradients are replaced, not scaled in place.
     """
-    if max_norm is not None and not max_norm > 0:
-        raise ValueError(f"clip_grad_norm: max_norm must be positive, not {max_norm}")
+    check_max_norm(max_norm)  # before the norm's all-reduces: every rank refuses, none is left waiting
     norm = grad_norm(module, mesh)
-    scale = 1.0 if max_norm is None else max_norm / (norm + eps)
+    scale = clip_coefficient(norm, max_norm, eps)  # the one rule, shared with ZeroOptimizer.clip_grad_norm
     if scale < 1:
         for p in module.parameters():
             if p.grad is not None:
@@ -136,21 +136,69 @@ def average_over_data_parallel(value, mesh=None):
     return float(dist.all_reduce(numpy.array([float(value)]), group, tag="loss")[0]) / group.size
 
 
+def check_train_step(optimizer, mesh=None, gradients=None, max_norm=None):
+    """``ValueError`` (the same on every rank: every rank checks the same mesh and objects) for a step
+    that ``train_step`` would take silently wrong, before anything is sent:
+
+    - a mesh with pp > 1: this step runs the whole model on every rank, and the norm would add the
+      same squares once per stage (sqrt(pp) times too large); stages train with ``pipeline.train_step``;
+    - ``gradients`` that reduce over another group than ``replicas(mesh)``: the gradient of the global
+      batch is the mean over every rank holding a copy of the parameters -- dp, and with cp > 1 dp × cp
+      (each cp rank holds other tokens); a mean over dp alone would miss the other cp ranks' tokens;
+    - ``gradients`` built with ``shard=True``: they leave ``.grad`` None (only slices of the mean exist),
+      and the plain optimizer would step on nothing;
+    - ``gradients`` beside an optimizer that reduces the gradients itself (``reduces_gradients``, a
+      ``ZeroOptimizer``): both would take the same ``.grad``; or such an optimizer built over another
+      group than ``replicas(mesh)`` (its mean would not be the global batch's);
+    - a ``max_norm`` that is not positive (``nn.optim.check_max_norm``).
+    """
+    check_max_norm(max_norm)
+    if mesh is not None and mesh.pp_size > 1:
+        raise ValueError(f"data_parallel.train_step runs the whole model on every rank: a mesh with pp = "
+                         f"{mesh.pp_size} holds pipeline stages (each stage other layers, and the norm sums "
+                         "the stages' squares over pp); train them with pipeline.train_step")
+    group = replicas(mesh)
+    if getattr(optimizer, "reduces_gradients", False) and group is not None \
+            and optimizer.group.ranks != group.ranks:
+        raise ValueError(f"the optimizer reduces its gradients over {optimizer.group.name} (world ranks "
+                         f"{list(optimizer.group.ranks)}), but on this mesh the parameters are replicated over "
+                         f"{group.name} (world ranks {list(group.ranks)}): build it on the step's mesh")
+    if gradients is None:
+        return
+    if getattr(optimizer, "reduces_gradients", False):
+        raise ValueError("gradients= is for a plain optimizer: a ZeRO-1 optimizer reduce-scatters the "
+                         "gradients itself (its own buckets), and the two would take the same .grad")
+    if gradients.shard:
+        raise ValueError("gradients= built with shard=True holds only this rank's slices of the mean "
+                         "(.grad is dropped); a plain optimizer needs whole gradients: build it with shard=False, "
+                         "or use a ZeroOptimizer")
+    if (gradients.group.size > 1) if group is None else gradients.group.ranks != group.ranks:
+        where = "one process (mesh=None)" if group is None else f"{group.name} (world ranks {list(group.ranks)})"
+        raise ValueError(f"gradients= reduces over {gradients.group.name} (world ranks "
+                         f"{list(gradients.group.ranks)}), but the parameters are replicated over {where}: "
+                         "the gradient of the global batch is the mean over every rank holding a copy -- "
+                         "dp, and with cp > 1 dp × cp (each cp rank holds other tokens). Build the buckets "
+                         "over replicas(mesh)")
+
+
 def train_step(model, optimizer, ids, targets, mesh=None, max_norm=None, gradients=None):
     """One step of data- (and tensor-) parallel training on the global batch ``ids``, ``targets`` (s, B):
 
         this replica's slice -> forward, loss (of this rank's tokens) -> backward -> average the
         gradients over dp (× cp; one all-reduce per bucket) -> clip by the global norm -> optimizer step
 
-    ``gradients``: a ``GradientBuckets`` built once for the model (e.g. ``overlap=True``: its buckets'
-    all-reduces start during backward); without it, ``all_reduce_gradients`` after backward. With a
-    ``ZeroOptimizer`` the reduction is its own: reduce-scatter, clip over the slices, update this
-    rank's slice, all-gather the parameters.
+    ``gradients``: a ``GradientBuckets`` built once for the model over ``replicas(mesh)`` (e.g.
+    ``overlap=True``: its buckets' all-reduces start during backward); without it,
+    ``all_reduce_gradients`` after backward. An optimizer that ``reduces_gradients`` itself (a
+    ``ZeroOptimizer``) does it its own way: reduce-scatter, clip over the slices, update this rank's
+    slice, all-gather the parameters. What this step would get wrong is refused first, on every rank,
+    before anything is sent (``check_train_step``).
 
     Works for ``nn.GPT`` with ``mesh=None`` (the serial step) and for ``ParallelGPT``. Returns
     (loss over the global batch, gradient norm before clipping), the same on every rank. While a
     trace is recorded, the step and its phases are "phase" spans.
     """
+    check_train_step(optimizer, mesh, gradients, max_norm)
     with trace.span("step", "phase"):
         with trace.span("forward", "phase"):
             loss = model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
@@ -158,7 +206,7 @@ def train_step(model, optimizer, ids, targets, mesh=None, max_norm=None, gradien
         with trace.span("backward", "phase"):
             loss.backward()  # overlapped buckets start their reductions in here
         with trace.span("optimizer", "phase"):
-            if isinstance(optimizer, ZeroOptimizer):
+            if getattr(optimizer, "reduces_gradients", False):  # ZeRO-1: the reduction is the optimizer's
                 optimizer.gradients.wait()  # this rank's slices of the mean gradient
                 with trace.span("clip_grad_norm", "compute"):
                     norm = optimizer.clip_grad_norm(max_norm)

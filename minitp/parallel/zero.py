@@ -11,6 +11,16 @@ and that state into d slices, using the flat buckets of ``minitp.parallel.bucket
     update its slice only            AdamW on those n/d elements, with their n/d moments
     all-gather the parameters        every replica holds every updated parameter again
 
+The flat buckets (not the parameters' own axes) are what is split: a bucket of n elements is padded to
+d·⌈n/d⌉ and rank r takes [r·⌈n/d⌉, (r+1)·⌈n/d⌉). What crosses the wire: gradients (reduce-scatter) and
+parameters (all-gather), one of each per bucket, plus the norm's two numbers; never the moments.
+
+**Context parallelism.** With cp > 1 the parameters are replicated over dp × cp, and each cp rank
+holds the gradient of other tokens: the gradient of the global batch is the mean over all d = dp·cp
+ranks (``data_parallel.replicas``). So ZeRO-1 shards over that group: d = dp·cp slices, the same
+reduce-scatter, norm and all-gather, over ``mesh.dp_cp``. (Over dp alone the other cp ranks' tokens
+would be missing from the mean: the gradient, its norm and the update silently wrong.)
+
 **Bytes.** A ring reduce-scatter sends (d-1)/d·S per rank and a ring all-gather (d-1)/d·S more: together
 2(d-1)/d·S, exactly one all-reduce's (which *is* a reduce-scatter followed by an all-gather). ZeRO-1 moves
 the all-gather half from the gradients to the parameters, and the optimizer works in between, on 1/d of
@@ -24,7 +34,7 @@ in which MPI adds the replicas' gradients (rounding, ~1e-16).
 
 ``ZeroOptimizer`` wraps an optimizer built as usual (``AdamW(model.named_parameters(), lr=...)``): it
 takes its parameters, keys (the serial names) and its elementwise update, and keeps the state itself.
-Checkpoints hold the full state under the serial names (``gathered()``: an all-gather over dp), and
+Checkpoints hold the full state under the serial names (``gathered()``: an all-gather over the group), and
 ``load_state_dict`` takes full arrays and keeps this rank's slices: a run resumes on any dp and tp.
 """
 import math
@@ -33,25 +43,44 @@ import types
 import numpy
 
 from minitp import backend, dist
+from minitp.nn.optim import check_max_norm, clip_coefficient
 from minitp.parallel.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
+from minitp.parallel.data_parallel import replicas
 from minitp.parallel.shard import split_axis
 
 
 class ZeroOptimizer:
-    """``optimizer``'s update, sharded over ``mesh.dp`` (ZeRO-1). ``overlap=True``: the gradients'
-    reduce-scatters start during backward, bucket by bucket (``GradientBuckets``).
+    """``optimizer``'s update, sharded over the ranks the parameters are replicated over (ZeRO-1):
+    ``mesh.dp``, or ``mesh.dp_cp`` (dp × cp) with context parallelism -- ``self.group``.
+    ``overlap=True``: the gradients' reduce-scatters start during backward, bucket by bucket
+    (``GradientBuckets``).
 
     Per step, after backward: ``gradients.wait()`` (this rank's slices of the mean gradient),
     ``clip_grad_norm(max_norm)``, ``step()`` (update the slices, all-gather the parameters);
     ``data_parallel.train_step`` does exactly that.
+
+    ``ValueError``, on every rank before anything is sent, for a mesh with pp > 1: a stage's global
+    norm needs every stage's squares summed over pp (and a tied table's copy counted once), which this
+    norm does not do, and the pipeline step all-reduces ``.grad`` itself.
     """
 
+    reduces_gradients = True
+    """The capability callers test (not the class): this optimizer takes the gradients from ``.grad``
+    and reduce-scatters them itself (``gradients.wait()``), clips its slices (``clip_grad_norm``) and
+    leaves ``.grad`` None; a caller must not all-reduce or clip ``.grad`` around it."""
+
     def __init__(self, optimizer, mesh, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False):
+        if mesh.pp_size > 1:
+            raise ValueError(f"ZeroOptimizer does not handle pipeline stages (pp = {mesh.pp_size}): the global "
+                             "gradient norm is the sum of every stage's squares over pp (a tied table counted "
+                             "once), and ZeRO-1 here sums its slices over dp (× cp) and tp only; train stages "
+                             "with a plain optimizer")
         self.optimizer, self.mesh = optimizer, mesh
+        self.group = replicas(mesh)  # dp, or dp × cp: every rank holding a copy of the parameters
         self.keys, self.params = optimizer.keys, optimizer.params
-        self.gradients = GradientBuckets(self.params, mesh.dp, bucket_bytes, shard=True, overlap=overlap)
+        self.gradients = GradientBuckets(self.params, self.group, bucket_bytes, shard=True, overlap=overlap)
         self.key_of = {id(p): key for key, p in zip(self.keys, self.params)}
-        d, r = mesh.dp.size, mesh.dp.rank
+        d, r = self.group.size, self.group.rank
         self.pieces = [bucket.pieces(r, d) for bucket in self.gradients.buckets]
         self.step_count = 0
         self.steps = {key: 0 for key in self.keys}  # every parameter's update count, on every rank
@@ -66,9 +95,12 @@ class ZeroOptimizer:
 
     def clip_grad_norm(self, max_norm, eps=1e-6):
         """The 2-norm of the whole (serial) model's mean gradient, from this rank's slices; scale the
-        slices by max_norm / (norm + eps) when it exceeds ``max_norm``. Squares in float64: a split
-        parameter's are summed over dp and tp, a replicated one's over dp only (each tp rank holds the
-        same slices of it). One all-reduce of two numbers over dp, one of one number over tp."""
+        slices by ``nn.optim.clip_coefficient(norm, max_norm)`` -- max_norm / (norm + eps) whenever that
+        is below 1, the rule ``data_parallel.clip_grad_norm`` follows too. Squares in float64: a split
+        parameter's are summed over dp (× cp) and tp, a replicated one's over dp (× cp) only (each tp
+        rank holds the same slices of it). One all-reduce of two numbers over ``self.group``, one of one
+        number over tp. ``ValueError`` before either for a max_norm that is not positive."""
+        check_max_norm(max_norm)
         squares = numpy.zeros(2)  # [split, replicated]
         for bucket, pieces, shard, received in zip(self.gradients.buckets, self.pieces,
                                                    self.gradients.grad_shards, self.gradients.received):
@@ -77,21 +109,21 @@ class ZeroOptimizer:
                     g = shard[lo:hi].astype(numpy.float64, copy=False)
                     replicated = split_axis(bucket.parameters[index]) is None
                     squares[1 if replicated else 0] += float(backend.array_module(g).vdot(g, g))
-        squares = dist.all_reduce(squares, self.mesh.dp, tag="grad norm (ZeRO slices)")
+        squares = dist.all_reduce(squares, self.group, tag="grad norm (ZeRO slices)")
         split, replicated = float(squares[0]), float(squares[1])
         if self.mesh.tp.size > 1:
             split = float(dist.all_reduce(numpy.array([split]), self.mesh.tp, tag="grad norm")[0])
         norm = math.sqrt(split + replicated)
-        if max_norm is not None and norm > max_norm:
-            scale = max_norm / (norm + eps)
+        scale = clip_coefficient(norm, max_norm, eps)  # the one rule, shared with data_parallel.clip_grad_norm
+        if scale < 1:
             self.gradients.grad_shards = [shard * scale for shard in self.gradients.grad_shards]
         return norm
 
     def step(self):
-        """Update this rank's slice of every bucket, then all-gather the parameters over dp (with
-        ``overlap``, each bucket's all-gather starts as soon as its slice is updated)."""
+        """Update this rank's slice of every bucket, then all-gather the parameters over ``self.group``
+        (with ``overlap``, each bucket's all-gather starts as soon as its slice is updated)."""
         self.step_count += 1
-        d, r = self.mesh.dp.size, self.mesh.dp.rank
+        d, r = self.group.size, self.group.rank
         gathering = []  # per bucket: a function returning its gathered parameters
         for index, (bucket, pieces) in enumerate(zip(self.gradients.buckets, self.pieces)):
             received, shard_grad = self.gradients.received[index], self.gradients.grad_shards[index]
@@ -112,12 +144,18 @@ class ZeroOptimizer:
                     self.steps[self.key_of[id(bucket.parameters[i])]] += 1
             tag = f"parameters (bucket {index + 1}/{len(self.gradients.buckets)})"
             if self.gradients.overlap:  # gather this bucket while the next one is updated
-                gathering.append(dist.iall_gather(shard, self.mesh.dp, tag=tag).wait)
+                gathering.append(dist.iall_gather(shard, self.group, tag=tag).wait)
             else:
-                gathering.append(lambda full=dist.all_gather(shard, self.mesh.dp, axis=0, tag=tag): full)
+                gathering.append(lambda full=dist.all_gather(shard, self.group, axis=0, tag=tag): full)
         for bucket, gathered in zip(self.gradients.buckets, gathering):
             for p, value in zip(bucket.parameters, bucket.views(gathered())):
                 p.data[...] = value
+
+    @property
+    def state_buffers(self):
+        """The arrays kept per parameter, as the wrapped optimizer's ``state_buffers`` (a checkpoint
+        must hold each of them, or none)."""
+        return tuple(self.buffers)
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -130,8 +168,8 @@ class ZeroOptimizer:
     def gathered(self):
         """The full state, as a plain optimizer holds it: an object with ``keys``, ``params``,
         ``step_count`` and ``state`` {key: {"step": int, buffer: array of the parameter's shape}}.
-        Collective over dp: one all-gather per bucket and buffer."""
-        d, r = self.mesh.dp.size, self.mesh.dp.rank
+        Collective over ``self.group``: one all-gather per bucket and buffer."""
+        d, r = self.group.size, self.group.rank
         state = {key: {"step": self.steps[key]} for key in self.keys if self.steps[key]}
         for index, (bucket, pieces) in enumerate(zip(self.gradients.buckets, self.pieces)):
             lo, hi = bucket.shard_range(r, d)
@@ -141,7 +179,7 @@ class ZeroOptimizer:
                     entry = self.state.get(self.key_of[id(bucket.parameters[i])], {})
                     if name in entry:
                         shard[s:e] = entry[name]
-                full = dist.all_gather(shard, self.mesh.dp, axis=0, tag=f"optimizer state: {name} (bucket {index + 1})")
+                full = dist.all_gather(shard, self.group, axis=0, tag=f"optimizer state: {name} (bucket {index + 1})")
                 for p, value in zip(bucket.parameters, bucket.views(full)):
                     key = self.key_of[id(p)]
                     if key in state:
@@ -149,7 +187,8 @@ class ZeroOptimizer:
         return types.SimpleNamespace(keys=self.keys, params=self.params, step_count=self.step_count, state=state)
 
     def state_dict(self):
-        """The full state (``gathered()``), as ``Optimizer.state_dict`` returns it. Collective over dp."""
+        """The full state (``gathered()``), as ``Optimizer.state_dict`` returns it. Collective over
+        ``self.group``."""
         full = self.gathered()
         return {"step": full.step_count, "state": full.state}
 

@@ -60,7 +60,17 @@ def synchronize_gradients(model, mesh):
 
 def train_step(model, optimizer, ids, targets, mesh, schedule="1f1b", microbatches=1, max_norm=None):
     """One step on the global batch ``ids``, ``targets`` (s, B); returns (the global batch's loss, the
-    gradient norm before clipping), the same on every rank -- as ``data_parallel.train_step``."""
+    gradient norm before clipping), the same on every rank -- as ``data_parallel.train_step``.
+
+    ``ValueError``, on every rank before anything is sent, for an optimizer that ``reduces_gradients``
+    itself (ZeRO-1's ``ZeroOptimizer``): this step all-reduces and clips the whole ``.grad``, but such an
+    optimizer reduce-scatters ``.grad`` into its own slices and steps on those; composing the two is
+    not built."""
+    if getattr(optimizer, "reduces_gradients", False):
+        raise ValueError(f"pipeline.train_step takes a plain optimizer, not a {type(optimizer).__name__}: the "
+                         "pipeline all-reduces every stage's whole .grad over dp and clips it, while ZeRO-1 "
+                         "reduce-scatters .grad into its own slices and updates only those; ZeRO-1 with "
+                         "pipeline stages is not built")
     optimizer.zero_grad()
     run = forward_backward(model, ids, targets, mesh, schedule, microbatches)
     synchronize_gradients(model, mesh)
