@@ -6,6 +6,9 @@ before any collective of the algorithm runs (minitp.dist.checks and the layers' 
 - token ids or targets that differ across the tensor-parallel group (a per-rank data seed);
 - collectives whose ranks pass different shapes or dtypes (checked mode, on in this suite).
 
+Which of these only checked mode catches, and what the always-on local checks refuse with it off:
+test_unchecked_mistakes.py.
+
 Each error is caught on every rank and compared: the same kind of message everywhere, and no rank left
 waiting (a rank that did not raise would report it through parallel_assert; a hang fails on the timeout).
 """

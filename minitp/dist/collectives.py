@@ -4,10 +4,30 @@ broadcast, and split (all_gather's inverse, no communication).
 The collectives take an array (numpy or CuPy) and a ``Group`` and return a new array; they never write
 into their input unless asked to by name (``all_reduce(x, group, out=x)`` reduces a buffer in place).
 They use mpi4py's buffer methods (``Allreduce``, ``Allgather``, ...), which hand MPI the array's memory
-with its MPI datatype -- no pickling. Arrays must have the same shape and dtype on every rank of the
-group (checked mode, ``checks.py``, verifies it first). On a group of one rank there is nothing to
-communicate and the input itself is returned (no copy); ``split`` returns a view. So treat results as
-read-only, as every op in minitp does (the autograd engine writes in place only into arrays it made).
+with its MPI datatype -- no pickling. On a group of one rank there is nothing to communicate and the
+input itself is returned (no copy); ``split`` returns a view. So treat results as read-only, as every op
+in minitp does (the autograd engine writes in place only into arrays it made).
+
+**What is checked.** Every rank of the group must call the same collective, in the same order, with an
+array of the same shape and dtype. MPI trusts that: an all-gather of uneven shards reads uninitialised
+memory, ranks that pass different dtypes reduce bytes of one type as another (garbage, NaN), and two
+ranks that call different collectives hang or mix their data -- no error. Two kinds of checks:
+
+- always on, local (nothing is sent; the same ``ValueError`` on every rank fed the same kind of input,
+  before any communication): what one rank can see alone -- an axis length that the group size does
+  not divide (``reduce_scatter``, ``split``, the non-blocking ``ireduce_scatter``), an axis out of
+  range, an unknown reduction ``op``, an ``out`` of another shape or dtype than the result;
+- only in **checked mode** (``dist.init(checked=True)``, ``checks.py``): what no rank can see alone --
+  a shape that differs across the ranks (uneven all-gather shards, a reduce-scatter or all-reduce of
+  another length on one rank, a broadcast buffer of another shape), a dtype that differs across them,
+  and ranks that call different collectives at one point (e.g. one ``all_reduce``, another
+  ``all_gather``, or the blocking and the non-blocking twin). One small allgather of (call, shape,
+  dtype) per collective, ~7-23 µs, before it (measured: see ``checks.py``); a ``ValueError`` on every
+  rank naming what each rank passed.
+
+Not caught even in checked mode: values that should agree and do not (a "replicated" tensor that
+differs across ranks -- except token ids, always checked by the layers, and a sequence-parallel layer
+fed the same array on every rank, caught by checked mode in ``checks.not_replicated``).
 
 Each docstring gives the ring cost that the collective log (``log.py``) records; how a CuPy array
 reaches MPI (host staging or CUDA-aware) is ``runtime.py``'s business. While a trace is recorded
@@ -85,6 +105,10 @@ def all_reduce(x, group, tag="", op="sum", out=None):
 
     Ring cost: 2(n-1)/n · S bytes sent per rank (a reduce-scatter then an all-gather, each passing n-1
     blocks of S/n around the ring).
+
+    Always refused (``ValueError``, no communication): an unknown ``op``; an ``out`` of another shape or
+    dtype. Only in checked mode: ranks whose ``x`` differ in shape or dtype (else: garbage or NaN, or
+    MPI reading past the smaller buffer), a rank calling another collective.
     """
     if op not in _REDUCE_OPS:
         raise ValueError(f"all_reduce op must be one of {sorted(_REDUCE_OPS)}, not {op!r}")
@@ -122,6 +146,11 @@ def all_gather(x, group, axis=0, tag=""):
     rank-major, shape (n, *x.shape). Along axis 0 that buffer already is the concatenation (no copy);
     along another axis the rank index must move next to that axis, one copy. Ring cost: (n-1)/n · S
     bytes sent per rank, S the gathered array.
+
+    Always refused (``ValueError``, no communication): an ``axis`` out of range. Only in checked mode:
+    shards of unequal shape across the ranks (uneven blocks: without checked mode the result silently
+    holds uninitialised memory or a truncated block), or of unequal dtype, and a rank calling another
+    collective. Every rank's shard must have the same shape: there is no all-gather of uneven blocks.
     """
     n = group.size
     axis = _axis(x, axis)
@@ -149,6 +178,11 @@ def reduce_scatter(x, group, axis=0, tag=""):
     MPI's Reduce_scatter_block wants block r to be the r-th contiguous chunk of the send buffer: true
     along axis 0 of a C-contiguous array; for another axis the blocks are moved to the front first (one
     copy). Ring cost: (n-1)/n · S bytes sent per rank, S the input (pre-scatter) array.
+
+    Always refused (``ValueError``, no communication): an axis length the group size does not divide,
+    an ``axis`` out of range. Only in checked mode: ranks whose ``x`` differ in shape or dtype (without
+    it, a dtype that differs sums the bytes of one type as another: NaN or garbage, no error), a rank
+    calling another collective.
     """
     n = group.size
     axis = _axis(x, axis)
@@ -178,6 +212,9 @@ def broadcast(x, group, root=0, tag=""):
     Logged ring cost: (n-1)/n · S bytes per rank -- what each rank passes on in the all-gather phase of
     the scatter + ring all-gather broadcast that MPI uses for large buffers (the root also sends
     (n-1)/n · S in the scatter phase, not counted). Small buffers go down a tree instead.
+
+    Only in checked mode: a rank whose buffer has another shape or dtype than the root's, a rank calling
+    another collective. (Different ``root`` values across the ranks are caught by no check.)
     """
     n = group.size
     end = _begin("broadcast", group, x, tag, x.shape, x.nbytes, (n - 1) * x.nbytes / n)
@@ -197,6 +234,7 @@ def split(x, group, axis):
     """This rank's block of ``x`` along ``axis`` (a view; no communication, not logged).
 
     Block r is ``[r*k, (r+1)*k)`` with k = length / group size: the inverse of ``all_gather``.
+    ``ValueError`` when the group size does not divide the length (local: always checked).
     """
     axis = _axis(x, axis)
     block = divide(x.shape[axis], group.size, f"split: the length of axis {axis} of an array of shape {x.shape}")

@@ -15,7 +15,7 @@ send-and-receive (MPI ``Sendrecv``), which cannot deadlock however many ranks pa
 once -- every rank sends to ``rank + 1`` and receives from ``rank - 1`` in the same call.
 """
 from minitp import backend
-from minitp.dist import log
+from minitp.dist import checks, log
 from minitp.dist.collectives import _axis, _buffer
 from minitp.dist.mesh import divide
 from minitp.dist.runtime import _for_mpi, _like
@@ -26,6 +26,12 @@ _RING_TAG = 0  # MPI's message tag of every ring step: the pipeline's sends use 
 def sendrecv(x, group, send_to, receive_from, tag=""):
     """Send ``x`` to group rank ``send_to`` and return the array of ``x``'s shape and dtype received from
     group rank ``receive_from``, in one step (MPI ``Sendrecv``).
+
+    Always refused (``ValueError``, no communication): a peer outside the group. Caught by no check, in
+    checked mode neither (a pair's exchange, not a collective of the group): a neighbour that sends
+    another shape or dtype -- a longer message fails in MPI on the receiver alone (truncation), a
+    shorter one leaves the rest of the received array uninitialised, one of the same byte size and
+    another dtype arrives as garbage.
 
     A ring step is ``sendrecv(x, group, (rank + 1) % n, (rank - 1) % n)``: every rank passes its block
     to the next one and takes the previous one's. Shapes and dtypes must agree between each pair.
@@ -56,7 +62,9 @@ def all_to_all(x, group, split_axis, concat_axis, tag=""):
     ``split_axis`` = heads, ``concat_axis`` = sequence -- and back, with the two axes swapped. The output
     has ``x.shape[split_axis] / n`` along ``split_axis`` and ``n ·`` ``x.shape[concat_axis]`` along
     ``concat_axis``. ``ValueError`` (before any communication) when n does not divide
-    ``x.shape[split_axis]``. Bytes sent by this rank: (n-1)/n · S, S = ``x.nbytes`` (its own block stays).
+    ``x.shape[split_axis]`` (local: always checked). Only in checked mode: ranks whose ``x`` differ in
+    shape or dtype, a rank calling another collective (else garbage, a truncation error on some ranks,
+    or a hang). Bytes sent by this rank: (n-1)/n · S, S = ``x.nbytes`` (its own block stays).
 
     MPI's ``Alltoall`` wants block j as the j-th contiguous chunk of the send buffer: the blocks are
     moved to the front first (one copy), and the received (n, ...) buffer is moved to ``concat_axis``
@@ -65,6 +73,8 @@ def all_to_all(x, group, split_axis, concat_axis, tag=""):
     n = group.size
     split_axis, concat_axis = _axis(x, split_axis), _axis(x, concat_axis)
     block = divide(x.shape[split_axis], n, f"all_to_all: the length of axis {split_axis} of an array of shape {x.shape}")
+    if n > 1 and checks.checked():
+        checks.agree_on_array(group, "all_to_all", tag, x)
     if log._active_logs:
         log._record("all_to_all", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
     if n == 1:

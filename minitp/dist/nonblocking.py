@@ -6,6 +6,12 @@ exactly the array the blocking twin in ``collectives.py`` returns. Between the t
 to compute: that is how data parallelism hides the gradient reduction behind backward, and how the
 column-parallel layer hides its input-gradient all-reduce behind the weight-gradient GEMM.
 
+**Checks.** As for the blocking twins (``collectives.py``, "What is checked"): always, locally, a
+length that the group size does not divide (``ireduce_scatter``); only in checked mode, ranks whose
+arrays differ in shape or dtype, or that call different collectives -- an ``iall_reduce`` on one rank
+and a blocking ``all_reduce`` on another included (MPI never matches the two: a hang, without checked
+mode). Checked mode's allgather is blocking: it makes the start wait for the slowest rank.
+
 Each is logged when it starts, like its blocking twin (the same shape, payload and ring bytes, with
 ``blocking=False``), and while a trace is recorded it is drawn twice: an "in flight" span from its start
 to its completion, and a "comm" span for the time ``wait()`` blocked.
@@ -111,12 +117,12 @@ class Pending:
 
 
 def _start(op, group, x, result_shape, payload_bytes, ring_bytes, tag, call):
-    """Check (in checked mode, as the blocking twins do: the same shape and dtype on every rank, else
-    the same ``ValueError`` on every rank before anything starts), log, then start ``call(send,
+    """Check (in checked mode, as the blocking twins do: the same call, shape and dtype on every rank,
+    else the same ``ValueError`` on every rank before anything starts), log, then start ``call(send,
     receive)`` under the lock; a ``Pending`` for it. Over one rank there is nothing to start: ``x``
     itself is the result, as with the blocking twins."""
     if group.size > 1 and checks.checked():
-        checks.agree_on_array(group, op, tag, x)
+        checks.agree_on_array(group, op, tag, x, call=f"i{op}")
     if log._active_logs:
         log._record(op, group, result_shape if op == "all_gather" else x.shape, x.dtype, payload_bytes,
                     ring_bytes, tag, blocking=False)
@@ -148,7 +154,9 @@ class _Done:
 
 
 def iall_reduce(x, group, tag=""):
-    """Start the sum of ``x`` over ``group`` (``all_reduce``'s non-blocking twin); ring cost 2(n-1)/n · S."""
+    """Start the sum of ``x`` over ``group`` (``all_reduce``'s non-blocking twin); ring cost 2(n-1)/n · S.
+    Only in checked mode: ranks whose ``x`` differ in shape or dtype (else garbage or NaN), a rank calling
+    another collective."""
     n = group.size
     return _start("all_reduce", group, x, x.shape, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag,
                   lambda send, receive: group.comm.Iallreduce(send, receive, op=MPI.SUM))
@@ -156,7 +164,9 @@ def iall_reduce(x, group, tag=""):
 
 def ireduce_scatter(x, group, tag=""):
     """Start the sum of ``x`` over ``group`` of which rank r keeps block r along axis 0 (a flat bucket,
-    a sequence block): ``reduce_scatter``'s non-blocking twin; ring cost (n-1)/n · S."""
+    a sequence block): ``reduce_scatter``'s non-blocking twin; ring cost (n-1)/n · S.
+    Always refused (``ValueError``, nothing started): a length of axis 0 the group size does not divide.
+    Only in checked mode: ranks whose ``x`` differ in shape or dtype, a rank calling another collective."""
     n = group.size
     block = divide(x.shape[0], n, f"ireduce_scatter: the length of axis 0 of an array of shape {x.shape}")
     return _start("reduce_scatter", group, x, (block,) + x.shape[1:], x.nbytes, (n - 1) * x.nbytes / n, tag,
@@ -165,7 +175,9 @@ def ireduce_scatter(x, group, tag=""):
 
 def iall_gather(x, group, tag=""):
     """Start the concatenation of the ranks' ``x`` along axis 0 (``all_gather``'s non-blocking twin);
-    ring cost (n-1)/n · S, S the gathered array."""
+    ring cost (n-1)/n · S, S the gathered array.
+    Only in checked mode: shards of unequal shape (uneven blocks: else uninitialised memory in the
+    result) or dtype across the ranks, a rank calling another collective."""
     n = group.size
     shape = (n * x.shape[0],) + x.shape[1:]
     return _start("all_gather", group, x, shape, n * x.nbytes, (n - 1) * x.nbytes, tag,

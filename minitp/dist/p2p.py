@@ -63,7 +63,10 @@ def _check_match(match):
 def send(x, group, dest, match, tag=""):
     """Post ``x`` to rank ``dest`` of ``group`` with message tag ``match``; returns a ``PendingSend`` at
     once (non-blocking). ``x`` is not copied unless MPI needs other memory (a non-contiguous array, a
-    CuPy array staged through the host); do not write into it before the send completes."""
+    CuPy array staged through the host); do not write into it before the send completes.
+
+    Always refused (``ValueError``, nothing sent): a ``match`` outside MPI's tag range. What the receiver
+    expects is checked on its side only (``recv``); checked mode adds nothing to point-to-point."""
     _check_match(match)
     if log._active_logs:
         log._record("send", group, x.shape, x.dtype, x.nbytes, x.nbytes, tag)
@@ -73,7 +76,12 @@ def send(x, group, dest, match, tag=""):
 
 def recv(shape, dtype, group, source, match, tag=""):
     """The array of ``shape`` and ``dtype`` that rank ``source`` of ``group`` sends with tag ``match``
-    (blocking), on this rank's device. ``ValueError`` if the message holds another number of elements."""
+    (blocking), on this rank's device. ``ValueError`` if the message holds another number of elements.
+
+    Always refused (``ValueError``, on this rank): a ``match`` outside MPI's tag range; a message of
+    another byte size than ``shape`` × ``dtype`` (counted in this rank's dtype). Caught by no check,
+    checked mode included (a pair's message, not a collective): a message of the same byte size but
+    another shape (it is reshaped silently) or dtype (float32 (2k,) arrives as float64 (k,): garbage)."""
     _check_match(match)
     dtype = numpy.dtype(dtype)
     if log._active_logs:

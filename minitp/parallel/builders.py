@@ -39,11 +39,16 @@ SEQUENCE_AXIS, BATCH_AXIS = 0, 1  # activations are (s, b, h)
 class TensorParallelLayers(SerialLayers):
     """Layers split over the tensor-parallel ``group`` (``mesh.tp``), optionally sequence-parallel, with
     the batch optionally split over ``data_parallel`` (``mesh.dp``). ``overlap``: the column-parallel
-    layers (and the tied LM head) reduce dX while computing dA (``minitp.parallel.async_linear``)."""
+    layers (and the tied LM head) reduce dX while computing dA (``minitp.parallel.async_linear``).
+    ``seq_len``: the longest sequence the model takes; under SP the layers where the sequence block
+    enters (the LayerNorms, the tied head's g) then refuse an input of more than seq_len/t tokens
+    (``mappings.check_sequence_block``: local, always on)."""
 
-    def __init__(self, group, sequence_parallel=False, data_parallel=None, overlap=False):
+    seq_len = None  # subclasses that do not pass it check nothing
+
+    def __init__(self, group, sequence_parallel=False, data_parallel=None, overlap=False, seq_len=None):
         self.group, self.sequence_parallel, self.data_parallel = group, sequence_parallel, data_parallel
-        self.overlap = overlap
+        self.overlap, self.seq_len = overlap, seq_len
 
     def column_linear(self, in_features, out_features, *, dtype, seed, bias=True, std=None, tag=None):
         return ColumnParallelLinear(in_features, out_features, bias=bias, group=self.group,
@@ -56,7 +61,8 @@ class TensorParallelLayers(SerialLayers):
 
     def norm(self, hidden, *, dtype, tag=None):
         if self.sequence_parallel:
-            return SequenceParallelLayerNorm(hidden, group=self.group, dtype=dtype, tag=tag or "layernorm")
+            return SequenceParallelLayerNorm(hidden, group=self.group, dtype=dtype, tag=tag or "layernorm",
+                                             seq_len=self.seq_len)
         return super().norm(hidden, dtype=dtype)
 
     def _batch_split(self, axis):
@@ -120,6 +126,8 @@ class TensorParallelLayers(SerialLayers):
 
         The same entrance as a column-parallel layer -- f, or g gathering all s tokens -- since each
         rank's dx is only its vocabulary block's part of the sum over the vocabulary."""
+        if self.sequence_parallel:
+            mappings.check_sequence_block(x, self.group, self.seq_len, "lm_head (tied): the sequence-parallel input")
         if self.overlap:  # under SP it keeps x's sequence block and gathers it again for d(table)
             return LinearWithAsyncGradReduce.apply(x, F.transpose(table), group=self.group, tag="lm_head (tied)",
                                                    sequence_parallel=self.sequence_parallel)

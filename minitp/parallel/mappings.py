@@ -185,6 +185,27 @@ class ReduceScatterToSequenceParallelRegion(_Mapping):
 # -- the functions layers call ----------------------------------------------------------------------
 
 
+def check_sequence_block(x, group, seq_len, what):
+    """Sequence parallelism's always-on input check, local (no communication, ~0.1 µs): ``ValueError``
+    unless ``x`` can be this rank's block of a sequence of at most ``seq_len`` tokens, i.e. unless
+    ``len(x) · t <= seq_len``. Every rank of the group is handed the same kind of input, so all raise
+    alike, before any collective.
+
+    It is sound -- a valid block of any sequence the model takes (s <= seq_len, so s/t tokens) always
+    passes -- and it catches the full sequence fed where the rank's block belongs whenever that sequence
+    is longer than seq_len/t: a full-length batch always, on t > 1 ranks. Without ``seq_len`` (None)
+    nothing is known locally and nothing is checked; a full sequence of at most seq_len/t tokens looks
+    exactly like a valid block, and only checked mode's ``checks.not_replicated`` (every rank passed the
+    same array) catches it."""
+    if seq_len is None or group.size == 1 or len(x) * group.size <= seq_len:
+        return
+    most = seq_len // group.size
+    raise ValueError(f"{what}: got {len(x)} tokens (an input of shape {tuple(x.shape)}) on tp rank {group.rank} "
+                     f"of {group.size}, expected this rank's block of the sequence: s/{group.size} tokens of a "
+                     f"sequence of at most seq_len={seq_len}, so at most {most}. Was the full sequence fed to a "
+                     "sequence-parallel layer? Cut it first, e.g. with scatter_to_sequence_parallel_region")
+
+
 def copy_to_tensor_parallel_region(x, group, tag=None):
     """f: identity forward, all-reduce backward. See ``CopyToTensorParallelRegion``."""
     y = CopyToTensorParallelRegion.apply(x, group=group, tag=tag)
@@ -215,10 +236,12 @@ def scatter_to_sequence_parallel_region(x, group, tag=None):
     return ScatterToSequenceParallelRegion.apply(x, group=group, tag=tag)
 
 
-def gather_from_sequence_parallel_region(x, group, tag=None, tensor_parallel_output_grad=True):
+def gather_from_sequence_parallel_region(x, group, tag=None, tensor_parallel_output_grad=True, seq_len=None):
     """Korthikanti's g: all-gather the sequence forward; reduce-scatter backward, or split when the
     output feeds replicated computation (``tensor_parallel_output_grad=False``).
-    See ``GatherFromSequenceParallelRegion``."""
+    See ``GatherFromSequenceParallelRegion``. ``seq_len``: the longest sequence the caller's model takes;
+    given, a block of more than seq_len/t tokens is refused before the all-gather (``check_sequence_block``)."""
+    check_sequence_block(x, group, seq_len, _tag(tag, "g (sequence-parallel input)"))
     return GatherFromSequenceParallelRegion.apply(
         x, group=group, tag=tag, tensor_parallel_output_grad=tensor_parallel_output_grad)
 

@@ -22,13 +22,20 @@ class SequenceParallelLayerNorm(LayerNorm):
     is *used* on every rank, and the backward of a copy is a sum -- so weight and bias enter through f
     (identity forward, all-reduce backward). Forgetting this sum is the classic sequence-parallel bug:
     each rank would step its LayerNorm with 1/t of the gradient, and the replicas would drift apart.
+
+    ``seq_len``: the longest sequence the model takes. Given, an input of more than seq_len/t tokens --
+    the full sequence fed where this rank's block belongs -- is refused with a ``ValueError`` on every
+    rank (``mappings.check_sequence_block``: local, always on). Without it, or for a full sequence of at
+    most seq_len/t tokens, only checked mode catches that mistake (``checks.not_replicated``, at the g
+    that follows in a block).
     """
 
-    def __init__(self, hidden, eps=1e-5, *, group, dtype=numpy.float32, tag="layernorm"):
+    def __init__(self, hidden, eps=1e-5, *, group, dtype=numpy.float32, tag="layernorm", seq_len=None):
         super().__init__(hidden, eps=eps, dtype=dtype)
-        self.group, self.tag = group, tag
+        self.group, self.tag, self.seq_len = group, tag, seq_len
 
     def forward(self, x):
+        mappings.check_sequence_block(x, self.group, self.seq_len, f"SequenceParallelLayerNorm {self.tag!r}")
         weight = mappings.copy_to_tensor_parallel_region(self.weight, self.group, mappings.tag(self.tag, "weight"))
         bias = mappings.copy_to_tensor_parallel_region(self.bias, self.group, mappings.tag(self.tag, "bias"))
         return F.layer_norm(x, weight, bias, eps=self.eps)
