@@ -20,8 +20,11 @@ them by ring attention (``--cp-kind ring``, or ``zigzag``: its causal work balan
 The dp copies each take their slice of the batch, and after backward average their gradients with one
 all-reduce. With ``--pp P`` each copy is cut into P pipeline stages of consecutive layers, and the
 batch into ``--microbatches`` that flow through them by ``--schedule`` (minitp.pipeline;
-tutorials/pipeline.py shows it step by step). The text is this repository's own README and tutorials:
-nothing is downloaded.
+tutorials/pipeline.py shows it step by step). The text is tutorials/data/corpus.txt, a frozen copy of
+this repository's own README and tutorials: nothing is downloaded, and the figures the README quotes
+for a run stay true however the README itself changes. Every collective runs in checked mode
+(``minitp.dist.checks``: the ranks first compare what they pass, so that a mistake is an error, not a
+wrong answer); ``--unchecked`` skips that for speed.
 
 Read top to bottom: the data (1), the model and the mesh (2), one training step (3), the loop (4), the
 check that the parallel run IS the serial run (5), and the command line (6).
@@ -50,7 +53,9 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------------
 # 1. The data: this repository's prose and code, one character per token.
 #
-# Rank 0 reads the files and broadcasts the text, so every rank trains on the same characters even if
+# The text is a frozen copy of the README and the tutorials (tutorials/data/corpus.txt), not the files
+# themselves: every edit of those would change the text, and with it the losses the README quotes.
+# Rank 0 reads the file and broadcasts the text, so every rank trains on the same characters even if
 # a file changes while the job starts (and no rank but 0 needs to see the files). The vocabulary is the
 # set of characters, padded to a multiple of 8 -- Megatron pads its vocabulary the same way -- because
 # the vocab-parallel embedding gives each of the t ranks V/t rows: with V a multiple of 8, any tp in
@@ -58,20 +63,19 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 # the model just learns to give them no probability.
 # ---------------------------------------------------------------------------------------------------
 VOCAB_MULTIPLE = 8
+CORPUS = REPOSITORY / "tutorials" / "data" / "corpus.txt"
 
 
 def read_corpus(comm=MPI.COMM_WORLD, path=None):
-    """The README and the tutorials' source (or the file at ``path``), as one string, the same on
-    every rank. A file that cannot be read (missing, not UTF-8) raises the same ValueError on every
-    rank: rank 0 broadcasts what went wrong instead of the text, so no rank waits for a text that
-    never comes."""
+    """The text of ``path`` (unset: ``CORPUS``), as one string, the same on every rank. A file that
+    cannot be read (missing, not UTF-8) raises the same ValueError on every rank: rank 0 broadcasts
+    what went wrong instead of the text, so no rank waits for a text that never comes."""
     text, problem = None, None
     if comm.Get_rank() == 0:
-        files = [Path(path)] if path else [REPOSITORY / "README.md"] + sorted((REPOSITORY / "tutorials").glob("*.py"))
         try:
-            text = "\n\n".join(file.read_text(encoding="utf-8") for file in files if path or file.exists())
+            text = Path(path or CORPUS).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            problem = f"cannot read the text {path or 'of the repository'}: {type(error).__name__}: {error}"
+            problem = f"cannot read the text {path or CORPUS}: {type(error).__name__}: {error}"
     text, problem = comm.bcast((text, problem), root=0)
     if problem is not None:
         raise ValueError(problem)
@@ -192,8 +196,11 @@ def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=No
 
     if not getattr(args, "trace", None):
         return steps(first_step, args.steps)
-    begin = min(first_step + 1, args.steps - 1)  # the first step warms up: leave it out when there are more
-    end = min(begin + args.trace_steps, args.steps)
+    # The first step warms up: leave it out when there are more. Clamped both ways, so that the three
+    # ranges below are [first_step, args.steps) cut in order -- no step trained twice or skipped,
+    # whatever --trace-steps says.
+    begin = max(first_step, min(first_step + 1, args.steps - 1))
+    end = max(begin, min(begin + args.trace_steps, args.steps))
     losses, norms = steps(first_step, begin)
     with dist.record_timeline(mesh, args.trace) as timeline:
         traced = steps(begin, end)
@@ -207,6 +214,10 @@ def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=No
 # ---------------------------------------------------------------------------------------------------
 # 4. The run: train, log on rank 0, save, and write a little text.
 # ---------------------------------------------------------------------------------------------------
+
+
+class Diverged(ValueError):
+    """A loss or gradient norm that is not finite: every later step would be NaN too, so ``run`` stops."""
 
 
 @dataclass
@@ -226,7 +237,7 @@ def setup(args, mesh):
     """Read the text, build the model on ``mesh``, resume from ``--load``. A configuration that cannot
     work (a batch that dp does not divide, heads or vocabulary that tp does not divide, a checkpoint of
     another model, a bucket size <= 0, a trace path that cannot be written) raises the same ValueError on
-    every rank, before any training."""
+    every rank, before any training. So does a model too big for memory."""
     dist.divide(args.batch, mesh.dp_size, "--batch (the global batch, split over the --dp replicas)")
     if args.sequence_parallel:
         dist.divide(args.seq, mesh.tp_size, "--seq (split over the --tp ranks by --sequence-parallel)")
@@ -242,7 +253,16 @@ def setup(args, mesh):
     if len(text) <= args.seq + 1:
         raise ValueError(f"the text has {len(text)} characters: too few for windows of --seq {args.seq} + 1")
     characters = Characters(text)
-    model, optimizer, gradients = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
+    if characters.vocab % mesh.tp_size:  # the text chose the vocabulary: say which tp it allows
+        allowed = [t for t in range(1, characters.vocab + 1) if characters.vocab % t == 0]
+        raise ValueError(f"the vocabulary of this text is {len(characters.chars)} characters, padded to "
+                         f"{characters.vocab}: --tp must divide it (the embedding and the LM head are split by "
+                         f"vocabulary), tp ∈ {{{', '.join(map(str, allowed))}}}, not {mesh.tp_size}")
+    try:
+        model, optimizer, gradients = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
+    except MemoryError as error:  # numpy refuses an impossible allocation at once, the same on every rank
+        raise ValueError(f"the model does not fit in memory ({error}): make --hidden, --layers or --seq "
+                         f"smaller, or split it over more --tp or --pp ranks") from None
     model.builders.tokens_here(args.seq)  # a --seq the mesh cannot split (SP, cp): ValueError now, on every rank
     first_step = 0
     if args.load:
@@ -250,6 +270,9 @@ def setup(args, mesh):
         if first_step > args.steps:
             raise ValueError(f"the checkpoint {args.load} is at step {first_step}, beyond --steps {args.steps}: "
                              f"pass --steps larger than {first_step} to train on from there")
+        if first_step == args.steps:  # a run that would train nothing, save the same weights and say nothing
+            raise ValueError(f"the checkpoint {args.load} is at step {first_step} and --steps is {args.steps}: "
+                             f"nothing to train; pass --steps larger than {first_step}")
     return Training(mesh, characters, characters.encode(text), model, optimizer, gradients, first_step, text)
 
 
@@ -263,7 +286,7 @@ def run(args, training):
     mesh, characters, data = training.mesh, training.characters, training.data
     model, optimizer, first_step = training.model, training.optimizer, training.first_step
     parameters = sum(math.prod(p.shape) for p in model.parameters())
-    source = args.text or "README.md + tutorials/*.py"
+    source = args.text or CORPUS.relative_to(REPOSITORY)
     say(f"{mesh}\n{len(data):,} characters of {source}, vocabulary {len(characters.chars)} "
         f"(padded to {characters.vocab}); {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
         f"seq {args.seq}, global batch {args.batch} ({args.batch // mesh.dp_size} per replica), "
@@ -279,6 +302,10 @@ def run(args, training):
     window = {"seconds": 0.0, "steps": 0, "loss": 0.0}
 
     def report(step, loss, norm, seconds):
+        if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank: every rank stops
+            raise Diverged(f"the loss is {loss} and the gradient norm {norm} at step {step + 1}: the training "
+                           f"diverged (its weights are not saved); try a smaller --lr (now {args.lr}) or "
+                           f"--weight-decay (now {args.weight_decay})")
         window["seconds"] += seconds
         window["steps"] += 1
         window["loss"] += loss
@@ -401,6 +428,9 @@ def run_check(args, mesh, overridden=()):
 # ---------------------------------------------------------------------------------------------------
 
 
+MAX_SAMPLE = 100_000  # one forward pass per character: already minutes
+
+
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -414,7 +444,9 @@ def parse(argv=None):
     parser.add_argument("--microbatches", type=int, default=1, help="microbatches per step (through the stages)")
     parser.add_argument("--schedule", choices=pipeline.SCHEDULES, default="1f1b", help="the pipeline schedule")
     parser.add_argument("--virtual-stages", type=int, default=1, help="model chunks per rank (--schedule interleaved)")
-    parser.add_argument("--text", metavar="FILE", help="train on this UTF-8 file (unset: README.md + tutorials/*.py)")
+    parser.add_argument("--text", metavar="FILE",
+                        help="train on this UTF-8 file (unset: tutorials/data/corpus.txt, the README and "
+                             "tutorials, frozen)")
     parser.add_argument("--steps", type=int, default=500, help="training steps")
     parser.add_argument("--batch", type=int, default=16, help="global batch (split over dp)")
     parser.add_argument("--seq", type=int, default=64, help="context length")
@@ -429,7 +461,8 @@ def parse(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
     parser.add_argument("--seed", type=int, default=0, help="weights, dropout and batches")
     parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    parser.add_argument("--sample", type=int, default=200, help="characters to generate at the end (0: none)")
+    parser.add_argument("--sample", type=int, default=200,
+                        help=f"characters to generate at the end (0: none; at most {MAX_SAMPLE:,})")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     parser.add_argument("--save", metavar="PATH", help="write a checkpoint here at the end")
     parser.add_argument("--save-every", type=int, default=0, help="... and every this many steps (0: only at the end)")
@@ -441,6 +474,12 @@ def parse(argv=None):
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size, MiB")
     parser.add_argument("--trace", metavar="FILE", help="write a timeline of every rank (Chrome trace JSON)")
     parser.add_argument("--trace-steps", type=int, default=3, help="... of this many steps (after the first)")
+    parser.add_argument("--unchecked", action="store_true",
+                        help="skip checked mode's test, before every collective, that the ranks pass the same "
+                             "shape and dtype (one small allgather each): a mistake it catches becomes garbage "
+                             "or a hang instead of an error. It saves about 30%% of a step of the default model "
+                             "at --tp 2 --dp 2 (12.5 instead of 8.8 steps/s, 4 ranks on 2 busy cores); nothing "
+                             "at 1 rank")
     parser.add_argument("--check", action="store_true",
                         help="prove it: 10 steps in float64 with dropout, losses and gradient norms against serial")
     return parser.parse_args(argv)
@@ -448,21 +487,27 @@ def parse(argv=None):
 
 def validate(args):
     """Every value checked before any work: ``ValueError`` naming the option. The same on every rank,
-    which all parse the same command line."""
+    which all parse the same command line. Options that would be ignored in silence are refused too."""
     positive = ["tp", "cp", "pp", "microbatches", "virtual_stages", "steps", "batch", "seq", "hidden", "heads",
-                "layers", "log_every"]
+                "layers", "log_every", "trace_steps"]
     for name in positive + (["dp"] if args.dp is not None else []):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(args, name)}")
-    for name in ("sample", "save_every"):
+    for name in ("sample", "save_every", "seed"):  # numpy's generators take no negative seed
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    if args.sample > MAX_SAMPLE:
+        raise ValueError(f"--sample must be at most {MAX_SAMPLE:,} characters (each is one forward pass), "
+                         f"not {args.sample:,}")
     if not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), not {args.dropout}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite positive number, not {args.lr}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ValueError(f"--weight-decay must be a finite number >= 0, not {args.weight_decay}")
+    if args.lr * args.weight_decay >= 1:
+        raise ValueError(f"--lr × --weight-decay must be below 1, not {args.lr:g} × {args.weight_decay:g}: AdamW "
+                         f"multiplies every weight by 1 - lr·wd each step, which would zero or flip them")
     if not (math.isfinite(args.max_norm) and args.max_norm > 0):
         raise ValueError(f"--max-norm must be a finite positive number (the largest gradient norm kept), "
                          f"not {args.max_norm}: a negative one would ascend the gradient, 0 would zero it")
@@ -476,10 +521,18 @@ def validate(args):
                          "parallelism (each composes with --tp, --dp and --sequence-parallel)")
     if args.hidden % args.heads:
         raise ValueError(f"--heads {args.heads} must divide --hidden {args.hidden}")
-    if args.text is not None and not Path(args.text).is_file():
-        raise ValueError(f"--text {args.text}: no such file")
-    if args.load is not None and not Path(args.load).is_file():
-        raise ValueError(f"--load {args.load}: no such file")
+    if args.virtual_stages > 1 and not (args.schedule == "interleaved" and args.pp > 1):
+        raise ValueError(f"--virtual-stages {args.virtual_stages} cuts each pipeline stage into chunks: it needs "
+                         f"--schedule interleaved and --pp 2 or more")
+    if args.save_every and not args.save:
+        raise ValueError(f"--save-every {args.save_every} saves to the --save path: pass --save PATH too")
+    if args.check and (args.save or args.load or args.trace or args.unchecked):
+        raise ValueError("--check trains its own tiny model twice, checked, and saves, loads and traces nothing: "
+                         "drop --save, --load, --trace and --unchecked, or run without --check")
+    for name in ("text", "load"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"--{name} {path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
 
 
 def overridden_by_check(argv):
@@ -488,13 +541,20 @@ def overridden_by_check(argv):
     return [f"--{name.replace('_', '-')}" for name in CHECK_OVERRIDES if name in given]
 
 
+def fail(problem):
+    """The one line a failed run ends with, said by rank 0 (every rank has the same problem); status 2."""
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None):
     args = parse(argv)
     try:
         # errors of configuration are raised by every rank alike, before any training: rank 0 says why
         validate(args)
         mesh = dist.init(tp=args.tp, dp=args.dp, cp=args.cp, pp=args.pp,
-                         checked=args.check or None)  # sizes ≠ ranks: ValueError
+                         checked=not args.unchecked)  # sizes ≠ ranks: ValueError
         if args.check:
             proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text,
                                cp=args.cp, cp_kind=args.cp_kind, pp=args.pp, microbatches=args.microbatches,
@@ -504,11 +564,13 @@ def main(argv=None):
                 pipeline.check_step(mesh, proof.batch, args.schedule, args.microbatches, args.virtual_stages)
             return 0 if run_check(proof, mesh, overridden_by_check(argv)) else 1
         prepared = setup(args, mesh)
-    except (ValueError, OSError) as error:
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    run(args, prepared)
+    except (ValueError, OSError) as problem:
+        return fail(problem)
+    try:
+        run(args, prepared)
+    except (Diverged, MemoryError) as problem:  # the same loss, the same batch shapes on every rank
+        return fail(f"out of memory: {problem}: make --batch, --seq, --hidden or --layers smaller"
+                     if isinstance(problem, MemoryError) else problem)
     return 0
 
 
