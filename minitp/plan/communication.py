@@ -1,0 +1,204 @@
+"""What does one rank send per step, on each axis of the mesh? Every collective of a training step, itemised.
+
+**Ring bytes** (what one rank sends in a ring algorithm over n ranks, S the full buffer; the collective log
+of ``minitp.dist.log`` records the same): all-reduce 2(n−1)/n·S, all-gather and reduce-scatter (n−1)/n·S,
+all-to-all (n−1)/n·S, a point-to-point send S (its receive 0), a ring sendrecv S.
+
+**tp** (Shoeybi et al. 2019 §3; Korthikanti et al. 2022 §4.2.2): per layer 2 all-reduces of S = sbh·e forward
+(f̄ after attention and the MLP) and 2 backward (f); under SP each becomes a reduce-scatter plus an all-gather,
+the same 4(t−1)/t·S each way. minitp departs, as Megatron-LM does: under SP backward also re-gathers the qkv
+and fc1 inputs for dA = Xᵀ dY (+2 all-gathers of S per layer) and all-reduces the gradients of the
+replicated LayerNorm weights and biases and row-parallel biases (6 vectors of h per layer, 2 for ln_f, and
+the position table (seq_len, h) whose rows each rank read only for its tokens); the vocab-parallel loss
+all-reduces 3 vectors of s·b numbers (max, target logit, sum of exponentials); the embedding's f̄ (ḡ)
+and the LM head's f (g) add one S-sized collective each way at the ends; the gradient norm one float64.
+Full recomputation re-runs the forward's collectives in backward (Korthikanti §5).
+
+**dp** (plain data parallelism): one all-reduce of each gradient bucket (2(d−1)/d·Ψe); ZeRO-1 (Rajbhandari
+et al. 2020 §7): a reduce-scatter of each bucket padded to d·⌈n/d⌉ and an all-gather of the parameters:
+the same bytes; ZeRO-3 gathers the parameters in forward and again in backward: 1.5× (formula only).
+
+**pp** (Narayanan et al. 2021 §2.2): each microbatch's activation (s·b·h·e, /t under SP) to the next stage
+and its gradient back, per model-chunk boundary; tied embeddings all-reduce the table's gradient between
+the first and the last stage.
+
+**cp**: ring attention (Liu et al. 2023) passes K and V around the ring, c−1 steps of 2·(s/c)·b·h/t·e each
+forward, and K, V with their gradients backward (formula only); Ulysses (Jacobs et al. 2023) all-to-alls
+q, k, v and the output, (c−1)/c of (s/c)·b·h/t·e each, forward and backward (formula only).
+
+**ep** (Lepikhin et al. 2020, GShard; formula only): per MoE layer a dispatch and a combine all-to-all of the
+rank's s·b·k tokens of h, each way.
+"""
+from dataclasses import dataclass
+from fractions import Fraction
+
+from minitp.plan.shapes import ITEMSIZE
+
+FLOAT64 = 8  # the norms and the loss travel as float64
+
+
+@dataclass(frozen=True)
+class Message:
+    """``count`` collectives ``op`` over ``group`` (``size`` ranks), each on a full buffer of ``elements``."""
+    group: str
+    size: int
+    op: str
+    elements: int
+    itemsize: int
+    count: int
+    why: str
+    measured: bool = True  # False: formula only, not yet measured against minitp
+
+    @property
+    def payload(self):
+        return self.count * self.elements * self.itemsize
+
+    @property
+    def ring(self):
+        """Bytes this rank sends for these collectives (exact: a Fraction)."""
+        n, S = self.size, self.elements * self.itemsize
+        share = {"all_reduce": Fraction(2 * (n - 1), n), "all_gather": Fraction(n - 1, n),
+                 "reduce_scatter": Fraction(n - 1, n), "all_to_all": Fraction(n - 1, n), "broadcast": Fraction(n - 1, n),
+                 "send": Fraction(1), "sendrecv": Fraction(1), "recv": Fraction(0)}[self.op]
+        return self.count * share * S
+
+
+def by_group_op(messages):
+    """{(group, op): (collectives, payload bytes, ring bytes)} over the messages on groups of more than one
+    rank -- the form the tests compare with the collective log."""
+    table = {}
+    for message in messages:
+        if message.size < 2 or message.count == 0:
+            continue
+        n, payload, ring = table.get((message.group, message.op), (0, 0, Fraction(0)))
+        table[message.group, message.op] = (n + message.count, payload + message.payload, ring + message.ring)
+    return table
+
+
+def per_axis(messages):
+    """{axis: ring bytes sent per step} (exact)."""
+    axes = {}
+    for message in messages:
+        axes[message.group] = axes.get(message.group, 0) + message.ring
+    return axes
+
+
+def tensor_parallel(model, mesh, choices, blocks, first, last, m):
+    """The tp collectives of m microbatches through ``blocks`` layers (plus the ends this rank holds)."""
+    t, e = mesh.tp, ITEMSIZE[choices.precision]
+    s = choices.seq or model.seq_len
+    S, b, h = s // mesh.cp, choices.micro_batch, model.hidden
+    act = S * b * h
+    sp, full = choices.sequence_parallel, choices.recompute == "full"
+    found = []
+
+    def add(op, elements, count, why, itemsize=e):
+        found.append(Message("tp", t, op, elements, itemsize, count, why))
+
+    if sp:
+        per_layer_fwd = [("all_gather", 2, "g before qkv and fc1 (gather s)"),
+                         ("reduce_scatter", 2, "ḡ after proj and fc2 (scatter s)")]
+        per_layer_bwd = [("reduce_scatter", 2, "g backward (qkv, fc1)"), ("all_gather", 2, "ḡ backward (proj, fc2)"),
+                         ("all_gather", 2, "re-gather the qkv and fc1 inputs for dA (SP keeps the s/t shard)")]
+    else:
+        per_layer_fwd = [("all_reduce", 2, "f̄ after proj and fc2")]
+        per_layer_bwd = [("all_reduce", 2, "f backward, before qkv and fc1")]
+    for op, n, why in per_layer_fwd:
+        add(op, act, n * blocks * m * (2 if full else 1), why + (" (again in backward: full recomputation)" if full else ""))
+    for op, n, why in per_layer_bwd:
+        add(op, act, n * blocks * m, why)
+    if sp:
+        add("all_reduce", h, 6 * blocks * m, "replicated LayerNorm weights and biases, row-parallel biases (6h per layer, "
+                                           "each microbatch's backward)")
+    if first:
+        if sp:
+            add("reduce_scatter", act, m, "wte: ḡ forward")
+            add("all_gather", act, m, "wte: ḡ backward")
+            add("all_reduce", model.seq_len * h, m, "wpe: f backward (each rank read only its tokens' rows)")
+        else:
+            add("all_reduce", act, m, "wte: f̄ forward")
+    if last:
+        add("all_reduce", S * b, 3 * m, "vocab-parallel loss: max, target logit, sum of exponentials (s·b each)")
+        if sp:
+            add("all_gather", act, m, "LM head: g forward")
+            add("reduce_scatter", act, m, "LM head: g backward")
+            if not model.tie_embeddings:
+                add("all_gather", act, m, "LM head: re-gather its input for dA")
+            add("all_reduce", h, 2 * m, "ln_f weight and bias")
+        else:
+            add("all_reduce", act, m, "LM head: f backward")
+    return found
+
+
+def context_parallel(model, mesh, choices, blocks, m):
+    """Ring attention's K/V passes or Ulysses' all-to-alls (formula only: not yet measured against minitp)."""
+    c, t, e = mesh.cp, mesh.tp, ITEMSIZE[choices.precision]
+    if c == 1:
+        return []
+    s = choices.seq or model.seq_len
+    block = (s // c) * choices.micro_batch * model.hidden // t  # one of q, k, v on this rank
+    if choices.cp_kind == "ulysses":
+        return [Message("cp", c, "all_to_all", block, e, 4 * blocks * m * 2,
+                        "Ulysses: q, k, v to heads and the output back, forward and backward (formula only)", False)]
+    return [Message("cp", c, "sendrecv", 2 * block, e, (c - 1) * blocks * m, "ring: K and V, c−1 steps forward (formula only)", False),
+            Message("cp", c, "sendrecv", 4 * block, e, (c - 1) * blocks * m,
+                    "ring backward: K, V and dK, dV travel (formula only)", False)]
+
+
+def experts(model, mesh, choices, blocks, m):
+    """Dispatch and combine all-to-alls of the MoE layers (formula only)."""
+    if not model.experts or mesh.ep == 1:
+        return []
+    s = choices.seq or model.seq_len
+    tokens = (s // mesh.cp) * choices.micro_batch * model.top_k
+    return [Message("ep", mesh.ep, "all_to_all", tokens * model.hidden, ITEMSIZE[choices.precision], 4 * blocks * m,
+                    "MoE dispatch and combine, forward and backward (GShard; formula only)", False)]
+
+
+def pipeline(model, mesh, choices, stage, m):
+    """The point-to-point sends and receives of stage ``stage``: an activation per microbatch per chunk
+    boundary forward, a gradient back; the tied table's all-reduce between the ends."""
+    p, v, e = mesh.pp, mesh.virtual_stages, ITEMSIZE[choices.precision]
+    if p == 1:
+        return []
+    s = choices.seq or model.seq_len
+    S = s // mesh.cp
+    act = (S // mesh.tp if choices.sequence_parallel else S) * choices.micro_batch * model.hidden
+    chunks = [k * p + stage for k in range(v)]
+    last_chunk = p * v - 1
+    sends = sum(1 for c in chunks if c != last_chunk) + sum(1 for c in chunks if c != 0)
+    found = [Message("pp", p, "send", act, e, sends * m, "activations forward, their gradients back (Narayanan §2.2)"),
+             Message("pp", p, "recv", act, e, sends * m, "the other side of the sends"),
+             Message("pp", p, "broadcast", 1, FLOAT64, 1, "the step's loss from the last stage"),
+             Message("pp", p, "all_reduce", 1, FLOAT64, 1, "gradient norm: the stages' squares")]
+    if model.tie_embeddings and stage in (0, p - 1):
+        found.append(Message("embedding", 2, "all_reduce", model.vocab // mesh.tp * model.hidden, e, 1,
+                             "tied embedding: the table's gradient summed over the first and last stage"))
+    return found
+
+
+def data_parallel(mesh, choices, bucket_sizes, tensors_elements):
+    """Gradient reduction over the replicas (dp, or dp × cp), the ZeRO step's gathers, the loss and the norm."""
+    d = mesh.dp * mesh.cp
+    group = "dp" if mesh.cp == 1 else "dp_cp"
+    e = ITEMSIZE[choices.precision]
+    found = []
+    if choices.zero == 0:
+        found += [Message(group, d, "all_reduce", n, e, 1, "gradients, one all-reduce per bucket") for n in bucket_sizes]
+    elif choices.zero in (1, 2):
+        for n in bucket_sizes:
+            padded = -(-n // d) * d
+            found += [Message(group, d, "reduce_scatter", padded, e, 1,
+                              f"ZeRO-{choices.zero}: gradients reduce-scattered (bucket padded to d·⌈n/d⌉)", choices.zero == 1),
+                      Message(group, d, "all_gather", padded, e, 1, f"ZeRO-{choices.zero}: parameters all-gathered",
+                              choices.zero == 1)]
+    else:
+        found += [Message(group, d, "all_gather", tensors_elements, e, 2,
+                          "ZeRO-3: parameters gathered in forward and again in backward (formula only)", False),
+                  Message(group, d, "reduce_scatter", tensors_elements, e, 1, "ZeRO-3: gradients (formula only)", False)]
+    if choices.zero:
+        found.append(Message(group, d, "all_reduce", 2, FLOAT64, 1, "gradient norm of the ZeRO slices"))
+    found.append(Message(group, d, "all_reduce", 1, FLOAT64, 1, "the step's loss, averaged"))
+    if mesh.tp > 1:
+        found.append(Message("tp", mesh.tp, "all_reduce", 1, FLOAT64, 1, "gradient norm: split parameters' squares"))
+    return found

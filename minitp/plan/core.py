@@ -1,0 +1,154 @@
+"""``plan(model, mesh, choices)``: every figure for every pipeline stage, each with its formula and source.
+
+One ``StagePlan`` per pipeline stage (the tp, cp and dp ranks of a stage hold the same, but for ZeRO-1's
+padding, which gives the last dp ranks a few elements less: ``optimizer_state_of(dp_rank)``).
+"""
+from dataclasses import dataclass, field
+
+from minitp.plan import activations, communication, flops, parameters, schedule, states
+from minitp.plan.shapes import FORMULA_ONLY, ITEMSIZE, MEASURED_PRECISIONS, check, microbatches
+
+
+@dataclass
+class Figure:
+    """A number of bytes (or flops, or a share), its formula and the paper it comes from."""
+    value: float
+    formula: str
+    source: str
+    measured: bool = True  # False: formula only, not yet measured against minitp
+
+    def label(self):
+        return self.source if self.measured else f"{self.source} -- {FORMULA_ONLY}"
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    holds: str
+    parameters: int
+    memory: dict = field(default_factory=dict)       # name -> Figure (bytes)
+    temporaries: dict = field(default_factory=dict)  # name -> Figure (bytes): transient, bounded
+    messages: list = field(default_factory=list)     # communication.Message
+    held: int = 0
+    activation_per_chunk: dict = field(default_factory=dict)  # model chunk -> bytes per microbatch (track_saved)
+    optimizer_state_of: object = None                # dp rank -> bytes (ZeRO-1's padding)
+
+    @property
+    def total(self):
+        return sum(f.value for f in self.memory.values()) + max([f.value for f in self.temporaries.values()] or [0])
+
+    def sent(self):
+        """{axis: bytes this rank sends per step}."""
+        return communication.per_axis(self.messages)
+
+    def largest(self):
+        name = max(self.memory, key=lambda key: self.memory[key].value)
+        return name, self.memory[name]
+
+
+@dataclass
+class Plan:
+    model: object
+    mesh: object
+    choices: object
+    microbatches: int
+    stages: list
+    bubble: Figure
+    flops: dict
+    notes: list
+
+    @property
+    def peak(self):
+        return max(stage.total for stage in self.stages)
+
+    def worst(self):
+        return max(self.stages, key=lambda stage: stage.total)
+
+
+def _holds(model, mesh, stage):
+    words = []
+    for k in range(mesh.virtual_stages):
+        c = k * mesh.pp + stage
+        blocks = parameters.chunk_layers(model, mesh.pp, mesh.virtual_stages, c)
+        part = f"blocks {blocks.start}-{blocks.stop - 1}" if len(blocks) > 1 else f"block {blocks.start}"
+        if blocks.start == 0:
+            part = "wte, wpe + " + part
+        if blocks.stop == model.layers:
+            part += " + ln_f, " + ("wte as head" if model.tie_embeddings else "lm_head") + ", loss"
+        words.append(part)
+    return "; ".join(words)
+
+
+def plan(model, mesh, choices):
+    """Every figure of ``model`` trained on ``mesh`` with ``choices`` (see ``minitp.plan``)."""
+    check(model, mesh, choices)
+    m = microbatches(mesh, choices)
+    p, v, t, d = mesh.pp, mesh.virtual_stages, mesh.tp, mesh.dp * mesh.cp
+    measured = choices.precision in MEASURED_PRECISIONS
+    e = ITEMSIZE[choices.precision]
+    notes = []
+    if not measured:
+        notes.append(f"mixed precision ({choices.precision}, fp32 master weights and moments)")
+    if choices.zero >= 2:
+        notes.append(f"ZeRO-{choices.zero}")
+    if model.experts:
+        notes.append("experts and ep")
+    if mesh.cp > 1:
+        notes.append("context parallelism's activations and communication (the layer's count at s/c tokens; "
+                     "ring attention's and Ulysses' own buffers not yet pinned)")
+    stages = []
+    for r in range(p):
+        tensors = parameters.stage_tensors(model, mesh, r)
+        psi = sum(tensor.elements for tensor in tensors)
+        sp = StagePlan(r, _holds(model, mesh, r), psi)
+        # model states
+        model_states = states.model_states(psi, tensors, d, 0, choices)
+        formula_only = not measured or choices.zero >= 2 or model.experts
+        for name, (value, source) in model_states.items():
+            sp.memory[name] = Figure(value, source, "Rajbhandari et al. 2020 §5.1", not formula_only)
+        if choices.zero == 1 and not choices.mixed:
+            sizes = states.buckets(tensors, e, choices.bucket_bytes)
+            sp.optimizer_state_of = lambda rank, sizes=sizes: (states.zero1_elements(sizes, d, rank)
+                                                               * choices.optimizer_buffers * e)
+        # activations at the schedule's peak
+        chunk_of = {k: k * p + r for k in range(v)}
+        sp.activation_per_chunk = {c: activations.chunk_bytes(model, mesh, choices, c) for c in chunk_of.values()}
+        schedule_name = choices.schedule if p > 1 or m > 1 else "1f1b"
+        sp.held = schedule.held(schedule_name, p, m, v, r)
+        actions = schedule.order(schedule_name, p, m, v, r)
+        peak = schedule.peak_bytes(actions, lambda k: sp.activation_per_chunk[chunk_of[k]])
+        cite = ("Korthikanti et al. 2022 table 2 (minitp's count: +2e·sb LayerNorm 1/std, +e for 1/√d per layer; "
+                "ends: ids, positions, ln_f, head input, V/t softmax) × the held microbatch-chunks "
+                "(Narayanan et al. 2021 §2.2)")
+        sp.memory["activations"] = Figure(peak, f"{sp.held} microbatch-chunk(s) held at the peak "
+                                                f"({schedule_name}), {', '.join(f'{b:,}' for b in sp.activation_per_chunk.values())} B each",
+                                          cite, measured and not model.experts and mesh.cp == 1)
+        # temporaries we can bound
+        s = choices.seq or model.seq_len
+        if model.layers - 1 in parameters.chunk_layers(model, p, v, chunk_of[v - 1]):
+            sp.temporaries["logits"] = Figure(e * (s // mesh.cp) * choices.micro_batch * model.vocab // t,
+                                              "s·b·V/t·e, alive until the loss has its softmax",
+                                              "Megatron's vocab-parallel loss (Shoeybi et al. 2019 §3)")
+        sizes = states.buckets(tensors, e, choices.bucket_bytes)
+        if d > 1:
+            sp.temporaries["gradient bucket"] = Figure(max(sizes) * e, "the largest bucket's packed copy, n·e",
+                                                       "minitp.parallel.buckets")
+        # communication
+        blocks = sum(len(parameters.chunk_layers(model, p, v, c)) for c in chunk_of.values())
+        first = any(0 in parameters.chunk_layers(model, p, v, c) for c in chunk_of.values())
+        last = any(model.layers - 1 in parameters.chunk_layers(model, p, v, c) for c in chunk_of.values())
+        msgs = communication.tensor_parallel(model, mesh, choices, blocks, first, last, m)
+        msgs += communication.context_parallel(model, mesh, choices, blocks, m)
+        msgs += communication.experts(model, mesh, choices, blocks, m)
+        msgs += communication.pipeline(model, mesh, choices, r, m)
+        msgs += communication.data_parallel(mesh, choices, sizes if choices.zero != 3 else [], psi)
+        sp.messages = msgs
+        stages.append(sp)
+    B = m * choices.micro_batch * mesh.dp
+    s = choices.seq or model.seq_len
+    counted = flops.model_flops(B, s, model.layers, model.hidden, model.vocab, model.ffn_hidden)
+    step_flops = {key: Figure(value, "3× the forward (none), + the attention core (selective), 4× the layers' "
+                                     "forward (full)", "Narayanan et al. 2021 eq. (3)") for key, value in counted.items()}
+    bubble = Figure(schedule.bubble(choices.schedule, p, m, v) if p > 1 else 0.0,
+                    "(p−1)/(m+p−1); interleaved (p−1)/(v·m+p−1)", "Narayanan et al. 2021 §2.2")
+    return Plan(model, mesh, choices, m, stages, bubble, step_flops, notes)

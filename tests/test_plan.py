@@ -1,0 +1,269 @@
+"""minitp.plan against minitp's own measurements, byte for byte, and against the papers' published numbers.
+
+Small scale (1, 2 and 4 ranks): for a grid of ``ParallelGPT`` steps (tp × dp, SP on and off, dropout on and
+off, tied and untied, float32 and float64, ZeRO 0 and 1 with buckets small enough to pad) the planner's
+activation bytes equal ``track_saved`` around the loss, its parameter bytes the model's, its optimizer
+state the optimizer's (``ZeroOptimizer.state_bytes`` for ZeRO-1, per dp rank: the padding rule), and its
+collectives, grouped by (group, op), the collective log's count, payload and ring bytes of a whole
+``train_step``. One layer with selective and full recomputation (``ParallelTransformerBlock``): its
+``track_saved`` bytes and its forward + backward collectives. Pipelines (pp 2 and 4, with tp at 4 ranks;
+AFAB, 1F1B, interleaved): ``StageRun.peak_held``, ``peak_bytes``, every forward's saved bytes, the
+parameters of each stage and the log of forward_backward + the gradient synchronisation and norm.
+
+Large scale: Narayanan et al. 2021 table 1 (parameters), Korthikanti et al. 2022 table 2 (activations),
+Rajbhandari et al. 2020 §5.1 (the 7.5B example), Narayanan et al. 2021 eq. (3) (flops).
+"""
+import itertools
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+from minitp import dist, track_saved
+from minitp.autograd import Tensor
+from minitp.nn import AdamW, GPTConfig
+from minitp.plan import Choices, Mesh, Model, plan
+from minitp.plan import activations, flops, parameters, schedule, states
+from minitp.plan.communication import by_group_op, tensor_parallel
+
+WORLD = MPI.COMM_WORLD
+
+
+def logged(log):
+    """The collective log as {(group, op): (count, payload bytes, ring bytes)}, groups of 2+ ranks."""
+    table = {}
+    for r in log:
+        if r.group_size < 2:
+            continue
+        n, payload, ring = table.get((r.group, r.op), (0, 0, Fraction(0)))
+        table[r.group, r.op] = (n + 1, payload + r.payload_bytes, ring + Fraction(r.ring_bytes))
+    return table
+
+
+def differences(predicted, measured):
+    return {key: (predicted.get(key), measured.get(key)) for key in set(predicted) | set(measured)
+            if predicted.get(key) != measured.get(key)}
+
+
+# -- small scale: the whole step of ParallelGPT ----------------------------------------------------
+
+GRID = list(itertools.product([False, True], [0.0, 0.1], [False, True], ["float32", "float64"], [0, 1]))
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+def test_parallel_gpt_step_is_planned_to_the_byte():
+    from minitp.parallel.buckets import GradientBuckets
+    from minitp.parallel.data_parallel import replicas, split_batch, train_step
+    from minitp.parallel.gpt import ParallelGPT
+    from minitp.parallel.zero import ZeroOptimizer
+
+    failures, checked = [], 0
+    for tp in [t for t in (1, 2, 4) if WORLD.size % t == 0]:
+        mesh = dist.init(tp=tp)
+        for sp, dropout, tie, dtype, zero in GRID:
+            if sp and tp == 1:
+                continue
+            config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, dropout=dropout, tie_embeddings=tie,
+                               dtype=dtype)
+            model = ParallelGPT(config, mesh, sequence_parallel=sp)
+            batch, bucket = 4, 2048  # buckets of 2 KiB: several per model, padded under ZeRO at dp 4
+            rng = numpy.random.default_rng(0)
+            ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
+            with track_saved() as saved:
+                model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
+            optimizer, gradients = AdamW(model.named_parameters()), None
+            if zero:
+                optimizer = ZeroOptimizer(optimizer, mesh, bucket)
+            else:
+                gradients = GradientBuckets(model.parameters(), replicas(mesh), bucket)
+            with dist.log_collectives() as log:
+                train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients)
+            state = optimizer.state_bytes() if zero else sum(
+                a.nbytes for entry in optimizer.state.values() for k, a in entry.items() if k != "step")
+
+            predicted = plan(Model.of(config), Mesh(dp=mesh.dp_size, tp=tp),
+                             Choices(micro_batch=batch // mesh.dp_size, sequence_parallel=sp, zero=zero,
+                                     precision=dtype, bucket_bytes=bucket))
+            stage = predicted.stages[0]
+            planned_state = stage.optimizer_state_of(mesh.dp.rank) if zero else stage.memory["optimizer state"].value
+            found = {"activations": (stage.memory["activations"].value, saved.total),
+                     "parameters": (stage.memory["parameters"].value, sum(p.data.nbytes for p in model.parameters())),
+                     "optimizer state": (planned_state, state)}
+            found = {key: pair for key, pair in found.items() if pair[0] != pair[1]}
+            found.update(differences(by_group_op(stage.messages), logged(log)))
+            if found:
+                failures.append(((tp, sp, dropout, tie, dtype, zero), found))
+            checked += 1
+    parallel_assert(not failures, f"planned != measured: {failures[:3]}")
+    parallel_assert(checked >= len(GRID) // 2)
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+def test_one_layer_with_recomputation_is_planned_to_the_byte():
+    """The per-layer count of ``activations.layer_bytes`` (Korthikanti's table 2 as minitp keeps it) and the
+    layer's collectives, with no, selective and full recomputation, TP and TP+SP, dropout on."""
+    from minitp.parallel import ParallelTransformerBlock
+
+    s, b, h, a = 8, 2, 16, 4
+    t = WORLD.size
+    group = dist.Group(WORLD.Split(color=0, key=WORLD.rank), "tp")
+    model = Model(vocab=64, seq_len=s, hidden=h, heads=a, layers=1, dropout=0.1)
+    x_full = numpy.random.default_rng(0).standard_normal((s, b, h)).astype(numpy.float32)
+    failures = []
+    for sp, recompute in itertools.product([False, True], [None, "selective", "full"]):
+        block = ParallelTransformerBlock(h, a, dropout=0.1, attention_dropout=0.1, dtype=numpy.float32,
+                                         sequence_parallel=sp, group=group, recompute=recompute)
+        x = numpy.ascontiguousarray(dist.split(x_full, group, 0)) if sp else x_full
+        with dist.log_collectives() as log:
+            with track_saved() as saved:  # the forward's: what is held for backward
+                y = block(Tensor(x, requires_grad=True))
+            y.backward(numpy.ones_like(y.data))
+        choices = Choices(micro_batch=b, sequence_parallel=sp, recompute=recompute)
+        mesh = Mesh(tp=t)
+        predicted = activations.layer_bytes(model, mesh, choices)
+        messages = tensor_parallel(model, mesh, choices, blocks=1, first=False, last=False, m=1)
+        diff = differences(by_group_op(messages), logged(log))
+        if predicted != saved.total or diff:
+            failures.append((sp, recompute, predicted, saved.total, diff))
+    group.comm.Free()
+    parallel_assert(not failures, f"{failures}")
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+def test_pipeline_stages_are_planned_to_the_byte():
+    from minitp import pipeline
+    from minitp.parallel.data_parallel import clip_grad_norm
+
+    failures = []
+    for pp in [p for p in (2, 4) if WORLD.size % p == 0]:
+        tp = WORLD.size // pp
+        mesh = dist.init(pp=pp, tp=tp)
+        for name, m, v, sp, tie, dropout in [("afab", 4, 1, False, False, 0.1), ("1f1b", 4, 1, tp > 1, True, 0.1),
+                                             ("1f1b", 2, 1, False, True, 0.0), ("interleaved", pp, 2, tp > 1, True, 0.1),
+                                             ("interleaved", 2 * pp, 2, False, False, 0.0)]:
+            config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2 * pp * v, dropout=dropout,
+                               tie_embeddings=tie, dtype="float32")
+            model = pipeline.PipelineGPT(config, mesh, sp, v)
+            batch = 2 * m
+            rng = numpy.random.default_rng(0)
+            ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
+            with dist.log_collectives() as log:
+                run = pipeline.forward_backward(model, ids, targets, mesh, name, m)
+                pipeline.synchronize_gradients(model, mesh)
+                clip_grad_norm(model, 1.0, mesh)
+            predicted = plan(Model.of(config), Mesh(pp=pp, tp=tp, virtual_stages=v),
+                             Choices(micro_batch=batch // m, global_batch=batch, sequence_parallel=sp, schedule=name))
+            stage = predicted.stages[mesh.pp_rank]
+            chunk_bytes = [stage.activation_per_chunk[k * pp + mesh.pp_rank] for kind, _, k in
+                           schedule.order(name, pp, m, v, mesh.pp_rank) if kind == "F"]
+            found = {"peak_held": (stage.held, run.peak_held),
+                     "peak_bytes": (stage.memory["activations"].value, run.peak_bytes),
+                     "saved per forward": (chunk_bytes, run.saved_bytes),
+                     "parameters": (stage.memory["parameters"].value, sum(p.data.nbytes for p in model.parameters()))}
+            found = {key: pair for key, pair in found.items() if pair[0] != pair[1]}
+            found.update(differences(by_group_op(stage.messages), logged(log)))
+            if found:
+                failures.append(((pp, tp, name, m, v, sp, tie), found))
+    parallel_assert(not failures, f"{failures[:3]}")
+
+
+def test_the_schedules_replay_is_minitps_plan():
+    """``plan.schedule.order`` and ``held`` are minitp.pipeline.schedules' plans and peaks, action for action."""
+    from minitp.pipeline import schedules
+    for name, p, m, v in [("afab", 4, 6, 1), ("1f1b", 4, 6, 1), ("1f1b", 4, 2, 1), ("interleaved", 4, 8, 2),
+                          ("interleaved", 2, 2, 3), ("interleaved", 4, 4, 2)]:
+        for rank in range(p):
+            minitp_plan = schedules.plan(name, p, m, v, rank)
+            assert [tuple(a) for a in minitp_plan] == schedule.order(name, p, m, v, rank)
+            assert schedules.peak_in_flight(minitp_plan) == schedule.held(name, p, m, v, rank)
+
+
+def test_no_mpi_is_imported():
+    code = "import sys, minitp.plan, minitp.plan.search, minitp.plan.report; print('mpi4py' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# -- large scale: the papers' numbers -------------------------------------------------------------
+
+# Narayanan et al. 2021 (arXiv 2104.04473), table 1: (heads, hidden, layers) -> parameters in billions,
+# V = 51200, s = 2048. Every one agrees with P = 12lh²(1 + 13/(12h) + (V+s)/(12lh)) at the printed digit.
+NARAYANAN_TABLE_1 = [((24, 2304, 24), 1.7), ((32, 3072, 30), 3.6), ((32, 4096, 36), 7.5), ((48, 6144, 40), 18.4),
+                     ((64, 8192, 48), 39.1), ((80, 10240, 60), 76.1), ((96, 12288, 80), 145.6),
+                     ((128, 16384, 96), 310.1), ((128, 20480, 105), 529.6), ((160, 25600, 128), 1008.0)]
+
+
+@pytest.mark.parametrize("shape, billions", NARAYANAN_TABLE_1)
+def test_narayanan_table_1_parameters(shape, billions):
+    a, h, l = shape
+    formula = parameters.narayanan_parameters(l, h, 51200, 2048)
+    assert round(formula / 1e9, 1) == billions
+    # minitp's count, tied head: the formula plus the final LayerNorm's 2h (which the formula leaves out)
+    model = Model(vocab=51200, seq_len=2048, hidden=h, heads=a, layers=l, tie_embeddings=True)
+    assert parameters.serial_count(model) == round(formula) + 2 * h
+    # untied: + Vh for the LM head
+    assert parameters.serial_count(Model(vocab=51200, seq_len=2048, hidden=h, heads=a, layers=l)) == \
+        round(formula) + 2 * h + 51200 * h
+
+
+# Korthikanti et al. 2022 (arXiv 2205.05198), table 3: the models (a, h, l, t); s = 2048.
+KORTHIKANTI_TABLE_3 = {"22B": (64, 6144, 48, 8), "175B": (96, 12288, 96, 8), "530B": (128, 20480, 105, 8),
+                       "1T": (160, 25600, 128, 8)}
+
+
+@pytest.mark.parametrize("name", KORTHIKANTI_TABLE_3)
+def test_korthikanti_table_2_identities(name):
+    """Table 2 at e = 2, m = 1 from minitp's count without its departures (LayerNorm 1/std, 1/√d), at the
+    models of table 3, b = 1."""
+    a, h, l, t = KORTHIKANTI_TABLE_3[name]
+    s, b = 2048, 1
+    table2 = activations.korthikanti_table2
+    assert table2(s, b, h, a, t, True, "selective") == pytest.approx(34 / t * s * b * h)
+    assert table2(s, b, h, a, t, False, "full") == 2 * s * b * h
+    assert table2(s, b, h, a, 1) == pytest.approx(s * b * h * (34 + 5 * a * s / h))
+    model = Model(vocab=51200, seq_len=s, hidden=h, heads=a, layers=l, dropout=0.1)
+    for sp, recompute in itertools.product([False, True], [None, "selective"]):
+        terms = activations.layer_terms(model, Mesh(tp=t), Choices(micro_batch=b, sequence_parallel=sp,
+                                                                   recompute=recompute, precision="bf16"))
+        paper_terms = sum(v for k, v in terms.items() if "minitp only" not in k)
+        assert paper_terms == pytest.approx(table2(s, b, h, a, t, sp, recompute), rel=1e-12)
+
+
+def test_zero_paper_example():
+    """Rajbhandari et al. 2020, §5.1 / figure 1: Ψ = 7.5B, N_d = 64, K = 12 -> 120, 31.4, 16.6, 1.9 GB."""
+    psi = 7.5e9
+    assert [round(states.zero_paper(psi, 64, stage) / 1e9, 1) for stage in range(4)] == [120.0, 31.4, 16.6, 1.9]
+    assert states.zero_paper(psi, 64, 0) == 16 * psi
+    for stage in range(4):  # the planner's mixed-precision states add up to the paper's figure
+        planned = states.model_states(int(psi), [], 64, 0, Choices(zero=stage, precision="bf16"))
+        assert sum(value for value, _ in planned.values()) == pytest.approx(states.zero_paper(psi, 64, stage))
+
+
+def test_narayanan_eq3_flops():
+    """eq. (3): 96Bslh²(1 + s/(6h) + V/(16lh)) with full recomputation; 72Bslh²(1 + s/(6h) + V/(12lh)) without."""
+    B, s, l, h, V = 1536, 2048, 105, 20480, 51200
+    counted = flops.model_flops(B, s, l, h, V)
+    assert counted["full"] == pytest.approx(flops.narayanan_eq3(B, s, l, h, V), rel=1e-12)
+    assert counted["none"] == pytest.approx(72 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h)), rel=1e-12)
+
+
+def test_the_zero1_padding_rule():
+    """Buckets of 10 and 7 elements over d = 4: ⌈10/4⌉ = 3 -> 3, 3, 3, 1; ⌈7/4⌉ = 2 -> 2, 2, 2, 1."""
+    assert [states.zero1_elements([10, 7], 4, r) for r in range(4)] == [5, 5, 5, 2]
+
+
+def test_command_line_from_the_readme(tmp_path):
+    png = tmp_path / "plan.png"
+    command = [sys.executable, "-m", "minitp.plan", "--hidden", "8192", "--layers", "80", "--heads", "64", "--seq",
+               "4096", "--tp", "8", "--pp", "4", "--dp", "2", "--sp", "--recompute", "selective", "--zero", "1",
+               "--dtype", "bf16", "--gpu-memory", "80", "--png", str(png)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "fits: yes" in out and "stage 3" in out and "formula only" in out
+    assert png.stat().st_size > 0
+    out = subprocess.run(command[:command.index("--sp")] + ["--gpu-memory", "80"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "fits: NO" in out and "smallest change that fits:" in out
