@@ -20,6 +20,7 @@ from minitp.parallel.shard import gather_serial_grads, gather_serial_state
 from minitp.pipeline import PipelineGPT, expected_in_flight, forward_backward, plan, synchronize_gradients
 from minitp.testing import max_error
 from parallel_helpers import value_error
+from test_pipeline_schedules import expected_forwards_first  # Megatron's warm-up, written out there
 
 WORLD = MPI.COMM_WORLD
 SAME = 1e-12
@@ -113,8 +114,14 @@ def test_each_stage_holds_the_schedules_activations_at_its_peak(schedule):
     ids, targets = batch(1)
     for m, v in cases(schedule, p, 1):
         _, run = pipelined(mesh, schedule, m, v, False, False, ids, targets)
-        expected = expected_in_flight(schedule, p, m, v, r)
-        parallel_assert(run.peak_held == expected, f"m {m} v {v} stage {r}: held {run.peak_held}, expected {expected}")
+        # the count written out in the test (Megatron's warm-up + 1), not minitp's own expected_in_flight:
+        # a warm-up one forward too long computes the same numbers, and only this count sees it
+        expected = expected_forwards_first(schedule, p, m, v, r)
+        ran = [action.kind for _, _, action in run.rows]
+        forwards = ran.index("B")
+        parallel_assert(run.peak_held == expected == forwards == expected_in_flight(schedule, p, m, v, r),
+                        f"m {m} v {v} stage {r}: held {run.peak_held}, {forwards} forwards ran before the first "
+                        f"backward, expected {expected}")
         # in bytes: replay this stage's forwards' saved bytes through its plan; with one chunk every
         # microbatch keeps the same bytes, so the peak is exactly expected × one microbatch's
         per_forward, held, peak = iter(run.saved_bytes), {}, 0
@@ -232,3 +239,75 @@ def test_every_stage_starts_from_the_serial_weights_and_builds_only_its_own():
     parallel_assert(len(blocks) == CONFIG["layers"] // mesh.pp_size, f"stage {mesh.pp_rank} holds blocks {blocks}")
     ends = ("wte.weight" in mine, "ln_f.weight" in mine)
     parallel_assert(ends == (mesh.first_stage or mesh.last_stage, mesh.last_stage), f"{ends}: {model.holds()}")
+
+
+@pytest.mark.parallel(nprocs=[2])
+@pytest.mark.parametrize("schedule", ["afab", "1f1b"])
+def test_every_send_is_complete_when_the_step_ends_above_the_eager_limit(schedule, monkeypatch):
+    """A send's buffer must live until MPI has read it. Below MPI's eager limit (MPICH: tens to a few
+    hundred KiB over shared memory) MPI copies the message at once, so an engine that dropped its pending
+    sends unwaited would pass every other test; above it the data moves only once the receiver has
+    matched it, and a buffer freed before then is read after its release. So each activation and
+    gradient here is 2 MiB, and every request the engine posted must be complete when the step returns:
+    MPI sets a request to MPI_REQUEST_NULL once a Wait or a successful Test has completed it, and a
+    request nobody completed stays live (whatever the network did)."""
+    posted, sizes = [], []
+    send = dist.send
+
+    def recording_send(x, *args, **kwargs):
+        pending = send(x, *args, **kwargs)
+        posted.append(pending)
+        sizes.append(x.nbytes)
+        return pending
+
+    monkeypatch.setattr(dist, "send", recording_send)  # minitp.dist: the engine calls dist.send
+    # (s, b/m, h) = (32, 512, 16) float64 = 2 MiB per message; h small, so the compute stays small
+    config = GPTConfig(vocab=16, seq_len=32, hidden=16, heads=2, layers=2, dropout=0.0, seed=3, dtype="float64")
+    m, columns = 2, 512
+    windows = numpy.random.default_rng(6).integers(0, config.vocab, (config.seq_len + 1, m * columns))
+    mesh = dist.init(pp=WORLD.size)
+    forward_backward(PipelineGPT(config, mesh), windows[:-1], windows[1:], mesh, schedule, m)
+    live = [pending for pending in posted if pending.request != MPI.REQUEST_NULL]
+    for pending in live:  # complete them here, so that a failure leaves no send behind for the next test
+        pending.request.Wait()
+    parallel_assert(len(posted) == m and min(sizes) == 2 ** 21, f"{m} messages of 2 MiB each: {sizes}")
+    parallel_assert(not live, f"{len(live)} of the {len(posted)} sends of 2 MiB still in flight after the step")
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved"])
+def test_a_batch_shorter_than_seq_len_equals_the_serial_step(schedule):
+    """nn.GPT and ParallelGPT take any s <= seq_len, so the pipeline must too. Before, each stage sized
+    the activation it receives from config.seq_len: stage 0 sent (s, b/m, h), stage 1 refused it ("sender
+    and receiver disagree on the shape") on its own, and the job hung. Every rank is given the same (s, b)
+    ids, so every stage now derives the shape crossing the wire from them. s = 2 < seq_len = 4, on
+    (pp, tp) = (2, 1) and (2, 2), with and without sequence parallelism (s/t tokens per rank)."""
+    mesh = dist.init(pp=2, tp=WORLD.size // 2)
+    windows = numpy.random.default_rng(7).integers(0, CONFIG["vocab"], (3, BATCH))
+    ids, targets = windows[:-1], windows[1:]
+    v = 2 if schedule == "interleaved" else 1
+    serial_loss, serial_grads, _ = serial(True, ids, targets, layers=4)
+    for sequence_parallel in (False, True):
+        model, run = pipelined(mesh, schedule, 2, v, sequence_parallel, True, ids, targets, layers=4)
+        grads = gather_serial_grads(model, mesh.tp)
+        worst = max(max_error(grads[name], serial_grads[name]) for name in grads)
+        parallel_assert(abs(run.loss - serial_loss) <= SAME and worst <= SAME,
+                        f"SP {sequence_parallel}: loss {run.loss} vs {serial_loss}, gradients {worst:.1e}")
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+def test_a_batch_longer_than_seq_len_is_refused_on_every_rank_before_any_send():
+    """Stage 0's embedding refuses s > seq_len, but only stage 0 runs it: the others would wait for its
+    activation forever. (And under sequence parallelism, an s that t does not divide.)"""
+    mesh = dist.init(pp=2, tp=WORLD.size // 2)
+    windows = numpy.random.default_rng(8).integers(0, CONFIG["vocab"], (CONFIG["seq_len"] + 2, BATCH))
+    model = PipelineGPT(config(layers=4), mesh)
+    error, messages = value_error(lambda: forward_backward(model, windows[:-1], windows[1:], mesh, "1f1b", 2))
+    parallel_assert(error is not None and "longer than the model's seq_len" in error and messages == 0,
+                    f"{error!r} after {messages} messages")
+    if mesh.tp_size > 1:
+        model = PipelineGPT(config(layers=4), mesh, sequence_parallel=True)
+        short = windows[:4]  # s = 3: tp = 2 does not divide it
+        error, messages = value_error(lambda: forward_backward(model, short[:-1], short[1:], mesh, "1f1b", 2))
+        parallel_assert(error is not None and "sequence length" in error and messages == 0,
+                        f"{error!r} after {messages} messages")

@@ -62,6 +62,34 @@ def test_ring_attention_equals_serial_attention(layout, p):
 
 @pytest.mark.parallel(nprocs=[1, 2, 4])
 @pytest.mark.parametrize("layout", placement.LAYOUTS)
+@pytest.mark.parametrize("offset", [1e3, -1e3])
+def test_ring_attention_equals_serial_attention_with_scores_beyond_exps_range(layout, offset):
+    """Scores of about ±1000: e^1000 overflows float64 (its largest is ~e^709.8) and e^-1000 underflows
+    to 0. The softmax is unchanged by a constant added to a row, so serial attention (which subtracts
+    the row's max) is as exact as ever; so must the ring's merge of its blocks' log-sum-exps be, which it
+    is only with the larger lse subtracted before exponentiating -- without it the merge is exact for
+    ordinary scores and inf/NaN here (as cross-entropy's large-logit test pins its own log-sum-exp).
+    Every key's last coordinate is 1 and every query's offset·√d, so each score is offset plus an
+    ordinary one: rows far outside exp's range, with softmaxes that are not one-hot."""
+    group = cp_group()
+    q, k, v = qkv(3)
+    q[..., -1], k[..., -1] = offset * D ** 0.5, 1.0
+    upstream = numpy.random.default_rng(4).standard_normal(q.shape)
+    expected, expected_grads = serial_attention(q, k, v, upstream, 0.0)
+    leaves = [Tensor(mine(x, group, layout), requires_grad=True) for x in (q, k, v)]
+    out = ring_attention(*leaves, group=group, layout=layout)
+    out.backward(mine(upstream, group, layout))
+    errors = {"output": max_error(out, mine(expected, group, layout))}
+    errors.update({f"d{name}": max_error(leaf.grad, mine(grad, group, layout))  # relative: dk's last column ~1e3
+                   for name, leaf, grad in zip("qkv", leaves, expected_grads)})
+    finite = all(numpy.isfinite(x).all() for x in [out.data] + [leaf.grad for leaf in leaves])
+    # 1e-11, not 1e-12: a score of ~1000 carries ~1000·eps of rounding, which exp turns into relative
+    # error of the probabilities (measured ~1e-13); a merge without its max gives inf or NaN
+    parallel_assert(finite and max(errors.values()) <= 1e-11, f"{layout}, scores ~{offset:g}: {errors}")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+@pytest.mark.parametrize("layout", placement.LAYOUTS)
 def test_gradcheck_of_the_ring_operator(layout):
     group = cp_group()
     tokens = 2 * group.size  # 2 per rank: zigzag's two chunks of one token

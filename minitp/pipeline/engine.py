@@ -4,7 +4,8 @@ For each action of this rank's plan (``schedules.py``), model chunk c = k·p + r
 
     F(i, k)  input   model chunk 0 reads microbatch i of the ids; any other receives chunk c-1's output
                      from stage (r-1) mod p: (s, b/m, h), or (s/t, b/m, h) under sequence parallelism --
-                     a shape both sides compute from the configuration. It becomes a fresh leaf that
+                     a shape both sides compute from the batch's (s, b), which every rank is given
+                     (s may be shorter than seq_len, as the serial GPT allows). It becomes a fresh leaf that
                      requires grad: the graph stops at the stage boundary, each stage's backward is its own.
              compute the chunk, inside ``microbatch(chunk, i, m)`` so that its dropouts draw block i of
                      the step's masks; the last model chunk adds the loss of microbatch i.
@@ -55,10 +56,16 @@ class StageRun:
     """the bytes of sent outputs freed at once rather than held until their backward"""
 
 
-def activation_shape(model, microbatch_columns):
-    """What crosses a stage boundary: (s, b/m, h), or (s/t, b/m, h) under sequence parallelism."""
+def activation_shape(model, seq, microbatch_columns):
+    """What crosses a stage boundary for a batch of ``seq`` tokens: (s, b/m, h), or (s/t, b/m, h) under
+    sequence parallelism. ``seq`` is the batch's own length, not ``config.seq_len``: like the serial GPT,
+    a pipeline takes any s up to seq_len, and every rank is given the same (s, b) ids, so every stage
+    derives the same shape from them. ``ValueError`` -- on every rank, since each checks the same
+    numbers, and before any send -- for s > seq_len (stage 0's embedding would refuse it alone, after the
+    others had posted their receives) or, under sequence parallelism, an s that t does not divide."""
     config, mesh = model.config, model.mesh
-    seq = config.seq_len
+    if seq > config.seq_len:
+        raise ValueError(f"a sequence of {seq} tokens is longer than the model's seq_len {config.seq_len}")
     if model.sequence_parallel:
         seq = dist.divide(seq, mesh.tp_size, "the sequence length (split over tp by sequence parallelism)")
     return (seq, microbatch_columns, config.hidden)
@@ -81,7 +88,10 @@ def run(model, actions, ids, targets, microbatches, deallocate=True):
     """Run this rank's ``actions`` on its ``PipelineGPT`` stage ``model`` for the (s, b) ``ids`` and
     ``targets`` of this data-parallel replica, cut into ``microbatches``; returns a ``StageRun``.
     Gradients accumulate into the parameters' ``.grad`` (zero them before). Every rank passes the same
-    shapes: a batch that ``microbatches`` does not divide is refused on every rank before any send."""
+    shapes: a batch that ``microbatches`` does not divide, or longer than seq_len, is refused on every
+    rank before any send. Returns only when every send this rank posted has completed: a send's buffer
+    must outlive MPI's reading of it, and above MPI's eager limit that reading ends only when the
+    receiver has taken the data -- after this rank's last action."""
     stage = _Stage(model, ids, targets, microbatches, deallocate)
     for action in actions:  # each returns when its compute started: the rows time the compute, not the wait
         if action.kind == "F":
@@ -102,7 +112,7 @@ class _Stage:
     def __init__(self, model, ids, targets, microbatches, deallocate):
         self.model, self.ids, self.targets, self.m, self.deallocate = model, ids, targets, microbatches, deallocate
         columns = microbatch_size(ids.shape[1], microbatches, "the batch of a data-parallel replica")
-        self.shape, self.dtype = activation_shape(model, columns), numpy.dtype(model.config.dtype)
+        self.shape, self.dtype = activation_shape(model, ids.shape[0], columns), numpy.dtype(model.config.dtype)
         self.pp = model.mesh.pp
         self.last = self.pp.size * len(model.chunks) - 1  # the model's last chunk
         self.result, self.held, self.pending, self.losses, self.held_bytes = StageRun(), {}, [], [], 0

@@ -91,7 +91,11 @@ def interleaved(p, m, v, rank):
 def interleaved_warmup(p, m, v, rank):
     """Forwards before the first backward on ``rank``: each later stage needs two fewer (its
     microbatch's forward arrives one step later and its gradient one step sooner), plus (v-1)·p so
-    that the first backward's microbatch has passed all v chunks."""
+    that the first backward's microbatch has passed all v chunks. Megatron-LM's count, but for one case:
+    at m = p Megatron runs every forward first on every stage ("all warm-up"); here the count stays the
+    formula's (all of them on the first stages only) -- the same bubble (the clock's replay measures it),
+    fewer activations held on the later stages. tests/test_pipeline_schedules.py writes Megatron's count
+    out and pins this one to it."""
     return min(2 * (p - rank - 1) + (v - 1) * p, v * m)
 
 
