@@ -232,7 +232,9 @@ def test_plain_and_zero_clipping_follow_one_rule_torchs(norm, max_norm):
     assert abs(zero.clip_grad_norm(max_norm) - norm) < 1e-15
     sliced = host(zero.gradients.grad_shards[0]).reshape(expected.shape)
     for path, got in (("plain", plain), ("ZeRO-1", sliced)):
-        assert numpy.abs(got - expected).max() <= 1e-16, f"{path}: {got.ravel()} vs torch's {expected.ravel()}"
+        # a few ulps (CuPy rounds direction·norm·coef in another order than numpy); a path that did not
+        # scale just below max_norm would be off by 9e-7, relative
+        assert numpy.allclose(got, expected, rtol=1e-15, atol=0), f"{path}: {got.ravel()} vs torch's {expected.ravel()}"
 
 
 def test_zero_clipping_refuses_a_max_norm_that_is_not_positive():
