@@ -1,4 +1,4 @@
-"""How fast is ``dist.all_reduce``, by message size? Bus bandwidth on 2 and 4 ranks (a part of ``speed.py``).
+"""How fast is ``comm.all_reduce``, by message size? Bus bandwidth on 2 and 4 ranks (a part of ``speed.py``).
 
 Bus bandwidth = 2(n-1)/n · S / time: the bytes each rank sends in a ring all-reduce of S bytes, per
 second, comparable across n. With CuPy the transport (host staging or CUDA-aware MPI) is named in the
@@ -12,13 +12,13 @@ import harness
 
 
 def worker(args):
-    """Seconds per ``dist.all_reduce`` of each message size on the world's ranks (float32)."""
+    """Seconds per ``comm.all_reduce`` of each message size on the world's ranks (float32)."""
     from mpi4py import MPI
 
-    from minitp import backend, dist
+    from minitp import backend, comm
     if args.device == "gpu":
         backend.use("gpu")
-    mesh = dist.init(tp=MPI.COMM_WORLD.size)
+    mesh = comm.init(tp=MPI.COMM_WORLD.size)
     world = MPI.COMM_WORLD
     sizes = [2 ** k for k in (range(10, 17, 3) if args.quick else range(10, 27, 2))]
     times = {}
@@ -30,12 +30,12 @@ def worker(args):
             world.Barrier()
             start = MPI.Wtime()
             for _ in range(count):
-                dist.all_reduce(buffer, mesh.tp)
+                comm.all_reduce(buffer, mesh.tp)
             backend.synchronize()
             world.Barrier()
             best = min(best, (MPI.Wtime() - start) / count)
         times[size] = best
-    return {"n": world.size, "transport": dist.transport(), "times": times}
+    return {"n": world.size, "transport": comm.transport(), "times": times}
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def render(bandwidth):
     """``bandwidth``: one worker result per rank count (JSON: message sizes are string keys)."""
     if not bandwidth:
         return []
-    lines = ["## all-reduce bandwidth (`minitp.dist.all_reduce`, float32)", "",
+    lines = ["## all-reduce bandwidth (`minitp.comm.all_reduce`, float32)", "",
              "Bus bandwidth = 2(n-1)/n · S / time: the bytes each rank sends in a ring all-reduce, per second "
              "(comparable across n).", ""]
     sizes = sorted({int(size) for entry in bandwidth for size in entry["times"]})
@@ -73,6 +73,6 @@ def draw(axis, bandwidth):
         sizes = sorted(int(size) for size in entry["times"])
         axis.plot(sizes, [_bus_bandwidth(n, s, entry["times"][str(s)]) for s in sizes], "o-", label=f"n={n}")
     axis.set(xscale="log", xlabel="message size (bytes)", ylabel="bus bandwidth (GB/s)",
-             title="dist.all_reduce bandwidth")
+             title="comm.all_reduce bandwidth")
     axis.grid(alpha=0.3)
     axis.legend()

@@ -1,4 +1,4 @@
-"""Do minitp's collectives cost what raw MPI costs? ``dist.all_reduce``, ``all_gather``,
+"""Do minitp's collectives cost what raw MPI costs? ``comm.all_reduce``, ``all_gather``,
 ``reduce_scatter`` and the pipeline's point-to-point ``send``/``recv`` against the bare mpi4py calls into
 a buffer allocated once, side by side in one run.
 
@@ -9,7 +9,7 @@ what that convenience costs; the target is at most 1.1 at every size, in the def
 variables set: ``minitp.allocator`` keeps freed memory in the heap, so the per-call receive buffer reuses
 mapped pages instead of being faulted in and zeroed).
 
-``all_reduce_in_place`` is ``dist.all_reduce(x, group, out=x)`` against ``Allreduce(MPI.IN_PLACE, x)``:
+``all_reduce_in_place`` is ``comm.all_reduce(x, group, out=x)`` against ``Allreduce(MPI.IN_PLACE, x)``:
 no result to allocate on either side, so it shows what minitp's wrapper alone costs. (The data-parallel
 gradient buckets reduce their packed copy this way.)
 
@@ -43,10 +43,10 @@ def worker(args):
     """Best seconds per call of each op and message size, raw and minitp, on the world's ranks."""
     from mpi4py import MPI
 
-    from minitp import dist
+    from minitp import comm
 
-    mesh = dist.init(tp=MPI.COMM_WORLD.size)  # an even number of ranks: the ping-pong pairs them
-    group, comm, n = mesh.tp, mesh.tp.comm, mesh.tp.size
+    mesh = comm.init(tp=MPI.COMM_WORLD.size)  # an even number of ranks: the ping-pong pairs them
+    group, communicator, n = mesh.tp, mesh.tp.comm, mesh.tp.size
     sizes = [2 ** k for k in (range(10, 15, 4) if args.quick else range(10, 27, 2))]  # 1 KiB .. 64 MiB
     results = []
     for size in sizes:
@@ -54,23 +54,23 @@ def worker(args):
         block = numpy.ones(size // 8 // n)  # all-gather's output (each rank sends S/n)
         out, gathered, mine = numpy.empty_like(x), numpy.empty(n * block.size), numpy.empty(x.size // n)
         zeros = numpy.zeros_like(x)  # reduced in place again and again: its sum stays 0
-        raw = {"all_reduce": lambda: comm.Allreduce(x, out),
-               "all_reduce_in_place": lambda: comm.Allreduce(MPI.IN_PLACE, zeros),
-               "all_gather": lambda: comm.Allgather(block, gathered),
-               "reduce_scatter": lambda: comm.Reduce_scatter_block(x, mine),
-               "send_recv": _ping_pong(lambda peer: comm.Isend(x, dest=peer).Wait(),
-                                       lambda peer: comm.Recv(out, source=peer), mesh.rank)}
-        ours = {"all_reduce": lambda: dist.all_reduce(x, group),
-                "all_reduce_in_place": lambda: dist.all_reduce(zeros, group, out=zeros),
-                "all_gather": lambda: dist.all_gather(block, group),
-                "reduce_scatter": lambda: dist.reduce_scatter(x, group),
-                "send_recv": _ping_pong(lambda peer: dist.send(x, group, peer, match=0).wait(),
-                                        lambda peer: dist.recv(x.shape, x.dtype, group, peer, match=0), mesh.rank)}
+        raw = {"all_reduce": lambda: communicator.Allreduce(x, out),
+               "all_reduce_in_place": lambda: communicator.Allreduce(MPI.IN_PLACE, zeros),
+               "all_gather": lambda: communicator.Allgather(block, gathered),
+               "reduce_scatter": lambda: communicator.Reduce_scatter_block(x, mine),
+               "send_recv": _ping_pong(lambda peer: communicator.Isend(x, dest=peer).Wait(),
+                                       lambda peer: communicator.Recv(out, source=peer), mesh.rank)}
+        ours = {"all_reduce": lambda: comm.all_reduce(x, group),
+                "all_reduce_in_place": lambda: comm.all_reduce(zeros, group, out=zeros),
+                "all_gather": lambda: comm.all_gather(block, group),
+                "reduce_scatter": lambda: comm.reduce_scatter(x, group),
+                "send_recv": _ping_pong(lambda peer: comm.send(x, group, peer, match=0).wait(),
+                                        lambda peer: comm.recv(x.shape, x.dtype, group, peer, match=0), mesh.rank)}
         count = 2 if args.quick else max(3, min(200, 2 ** 25 // size))
         for op in OPS:
             steps = {"raw": raw[op], "minitp": ours[op]}
             best = harness.interleaved_best({name: _repeat(step, count) for name, step in steps.items()},
-                                            repeats=2 if args.quick else 11, synchronize=comm.Barrier)
+                                            repeats=2 if args.quick else 11, synchronize=communicator.Barrier)
             results.append({"op": op, "bytes": size, "raw": best["raw"] / count, "minitp": best["minitp"] / count})
     if mesh.rank == 0:
         harness.report({"n": n, "results": results})
@@ -101,8 +101,8 @@ def render(runs, out):
     from minitp import allocator
     lines = ["# minitp's collectives against raw MPI", "", f"Measured {harness.machine()}.", "",
              "Seconds per call, best of several rounds timed turn about; raw = the mpi4py buffer call into a "
-             "buffer allocated once; minitp = `dist.<op>(x, group)`, which allocates its result "
-             "(all_reduce_in_place: `dist.all_reduce(x, group, out=x)` against `Allreduce(MPI.IN_PLACE, x)`). "
+             "buffer allocated once; minitp = `comm.<op>(x, group)`, which allocates its result "
+             "(all_reduce_in_place: `comm.all_reduce(x, group, out=x)` against `Allreduce(MPI.IN_PLACE, x)`). "
              "The message size S is the all-reduce's input, the all-gather's output, the reduce-scatter's input "
              "and what each send carries (float64); send_recv is a round trip. Default environment: freed "
              f"memory kept = {allocator.KEPT}. Target: minitp / raw ≤ {TARGET} at every size.", ""]

@@ -63,11 +63,11 @@ def records(log):
 def worker(args):
     from mpi4py import MPI
 
-    from minitp import dist
+    from minitp import comm
     from minitp.autograd import Tensor
     from minitp.parallel import ParallelTransformerBlock
 
-    dist.install_abort_handler()
+    comm.install_abort_handler()
     world = MPI.COMM_WORLD
     s, b, h, a = QUICK_SHAPE if args.quick else SHAPE
     vocab = QUICK_VOCAB if args.quick else VOCAB
@@ -76,15 +76,15 @@ def worker(args):
     upstream_full = rng.standard_normal((s, b, h)).astype(numpy.float32)
     layers, losses = [], []
     for t in args.tp:
-        group = dist.Group(world.Split(color=world.rank // t, key=world.rank), "tp")
+        group = comm.Group(world.Split(color=world.rank // t, key=world.rank), "tp")
         for label, sequence_parallel, recompute in CONFIGS:
             block = ParallelTransformerBlock(h, a, dropout=0.1, attention_dropout=0.1, dtype=numpy.float32,
                                              sequence_parallel=sequence_parallel, group=group, recompute=recompute)
-            cut = (lambda array: numpy.ascontiguousarray(dist.split(array, group, 0))) if sequence_parallel \
+            cut = (lambda array: numpy.ascontiguousarray(comm.split(array, group, 0))) if sequence_parallel \
                 else (lambda array: array)
-            with dist.log_collectives() as forward:
+            with comm.log_collectives() as forward:
                 y = block(Tensor(cut(x_full), requires_grad=True))
-            with dist.log_collectives() as backward:
+            with comm.log_collectives() as backward:
                 y.backward(cut(upstream_full))
             layers.append({"t": t, "config": label, "forward": records(forward), "backward": records(backward)})
         losses.append(cross_entropy_traffic(group, s, b, vocab, rng))
@@ -96,29 +96,29 @@ def worker(args):
 def cross_entropy_traffic(group, s, b, vocab, rng):
     """The collectives of the vocab-parallel cross-entropy and of gather-then-cross-entropy, on logits
     split by vocabulary over ``group``; or a note when the vocab-parallel op is not there."""
-    from minitp import dist
+    from minitp import comm
     from minitp import functional as F
     from minitp.autograd import Tensor
-    from minitp.parallel import mappings
+    from minitp.parallel.tensor import mappings
     try:
-        from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
+        from minitp.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
     except ImportError as error:
-        return {"t": group.size, "skipped": f"minitp.parallel.cross_entropy not available ({error})"}
+        return {"t": group.size, "skipped": f"minitp.parallel.tensor.cross_entropy not available ({error})"}
     t = group.size
     if vocab % t:
         return {"t": t, "skipped": f"vocab {vocab} not divisible by t={t}"}
     logits = numpy.random.default_rng(1).standard_normal((s, b, vocab)).astype(numpy.float32)
-    shard = numpy.ascontiguousarray(dist.split(logits, group, -1))
+    shard = numpy.ascontiguousarray(comm.split(logits, group, -1))
     targets = numpy.random.default_rng(2).integers(0, vocab, (s, b))
     result = {"t": t}
     for name in ("vocab-parallel", "gather logits"):
         tensor = Tensor(shard, requires_grad=True)
-        with dist.log_collectives() as forward:
+        with comm.log_collectives() as forward:
             if name == "vocab-parallel":
                 loss = vocab_parallel_cross_entropy(tensor, targets, group=group)
             else:
                 loss = F.cross_entropy(mappings.gather_from_tensor_parallel_region(tensor, group, "logits"), targets)
-        with dist.log_collectives() as backward:
+        with comm.log_collectives() as backward:
             loss.backward()
         result[name] = {"forward": records(forward), "backward": records(backward), "loss": float(loss.data)}
     return result
@@ -140,7 +140,7 @@ def render(data, directory=None):  # directory: where plots would go; comm.md ha
         f"Measured {harness.machine(timings=False)}.",
         "",
         f"One layer, s={s}, b={b}, h={h}, a={a}, float32: S = sbh·e = {S:,} bytes. Ring bytes one rank sends "
-        "(`minitp.dist.log_collectives()`: 2(t-1)/t·S per all-reduce, (t-1)/t·S per all-gather or "
+        "(`minitp.comm.log_collectives()`: 2(t-1)/t·S per all-reduce, (t-1)/t·S per all-gather or "
         "reduce-scatter). Formula: 2 all-reduces of S each way for TP, 2 reduce-scatter + all-gather pairs "
         "for TP+SP: 4(t-1)/t·S forward and the same backward; full recomputation repeats the forward's "
         "collectives in backward. *Known* is what minitp sends beyond the formula (listed below the table).",

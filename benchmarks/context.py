@@ -40,14 +40,14 @@ def formula(kind, s, cp, direction):
 def worker(args):
     from mpi4py import MPI
 
-    from minitp import dist
+    from minitp import comm
 
-    dist.install_abort_handler()
+    comm.install_abort_handler()
     world = MPI.COMM_WORLD
     seqs = QUICK_SEQS if args.quick else SEQS
     data = {"traffic": [], "activations": [], "equality": []}
     for cp in args.cp:
-        group = dist.Group(world.Split(color=world.rank // cp, key=world.rank), "cp")
+        group = comm.Group(world.Split(color=world.rank // cp, key=world.rank), "cp")
         for s in seqs:
             data["traffic"] += traffic(group, s)
         data["activations"] += activations(group, seqs[-1])
@@ -64,7 +64,7 @@ def usable(cp):
 
 def traffic(group, s):
     """The bytes each kind sends forward and backward, from the collective log."""
-    from minitp import Tensor, dist
+    from minitp import Tensor, comm
     from minitp.parallel import ring_attention, ulysses_attention
 
     rows = []
@@ -73,12 +73,12 @@ def traffic(group, s):
         rng = numpy.random.default_rng(group.rank)
         leaves = [Tensor(rng.standard_normal((BATCH, HEADS, s // group.size, HEAD_DIM)).astype(numpy.float32),
                          requires_grad=True) for _ in range(3)]
-        with dist.log_collectives() as forward:
+        with comm.log_collectives() as forward:
             if kind == "ulysses":
                 out = ulysses_attention(*leaves, group=group)
             else:
                 out = ring_attention(*leaves, group=group, layout=layout)
-        with dist.log_collectives() as backward:
+        with comm.log_collectives() as backward:
             out.backward(numpy.ones(out.shape, dtype=numpy.float32))
         rows.append({"kind": kind, "s": s, "cp": group.size, "forward": forward.total_ring_bytes(),
                      "backward": backward.total_ring_bytes(), "messages": [len(forward), len(backward)]})
@@ -89,11 +89,11 @@ def activations(group, s):
     """Bytes one transformer layer keeps for backward on one rank (track_saved), each kind, this cp."""
     from mpi4py import MPI
 
-    from minitp import Tensor, dist, track_saved
+    from minitp import Tensor, comm, track_saved
     from minitp.nn import TransformerBlock
     from minitp.parallel import ContextParallelLayers
 
-    tp = dist.Group(MPI.COMM_SELF, "tp")
+    tp = comm.Group(MPI.COMM_SELF, "tp")
     hidden = HEADS * HEAD_DIM
     rows = []
     for kind in usable(group.size):
@@ -112,7 +112,7 @@ def equality(world_size):
     on each (cp, tp) this world allows, dropout on."""
     from mpi4py import MPI
 
-    from minitp import dist
+    from minitp import comm
     from minitp import functional as F
     from minitp.nn import GPT, GPTConfig
     from minitp.parallel import (ParallelGPT, all_reduce_gradients, average_over_data_parallel, gather_serial_grads,
@@ -130,7 +130,7 @@ def equality(world_size):
              [(cp, 2, True) for cp in (2, 4) if world_size % (2 * cp) == 0]
     rows = []
     for cp, tp, sequence_parallel in meshes:
-        mesh = dist.init(tp=tp, cp=cp, dp=world_size // (cp * tp))
+        mesh = comm.init(tp=tp, cp=cp, dp=world_size // (cp * tp))
         for kind in KINDS:
             model = ParallelGPT(config, mesh, sequence_parallel=sequence_parallel, context_parallel=kind)
             loss = model.loss(split_batch(ids, mesh), split_batch(targets, mesh))  # the replica's columns

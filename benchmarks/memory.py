@@ -83,12 +83,12 @@ def known_deviations(label, s, b, h, a, t, e=E):
 def worker(args):
     from mpi4py import MPI
 
-    from minitp import dist, track_saved
+    from minitp import comm, track_saved
     from minitp.autograd import Tensor
     from minitp.nn import TransformerBlock
     from minitp.parallel import ParallelTransformerBlock
 
-    dist.install_abort_handler()  # an exception on one rank ends the job instead of hanging the others
+    comm.install_abort_handler()  # an exception on one rank ends the job instead of hanging the others
     world = MPI.COMM_WORLD
     shapes = QUICK_SHAPES if args.quick else SHAPES
     results = []
@@ -96,7 +96,7 @@ def worker(args):
         if world.size % t:
             raise ValueError(f"t={t} does not divide the {world.size} ranks")
         # ranks [k*t, (k+1)*t) form one tensor-parallel group; every group measures the same model
-        group = dist.Group(world.Split(color=world.rank // t, key=world.rank), "tp")
+        group = comm.Group(world.Split(color=world.rank // t, key=world.rank), "tp")
         for name, (s, b, h, a) in shapes.items():
             x_full = numpy.random.default_rng(0).standard_normal((s, b, h)).astype(numpy.float32)
             for label, sequence_parallel, recompute in CONFIGS:
@@ -107,7 +107,7 @@ def worker(args):
                     block = ParallelTransformerBlock(h, a, dropout=DROPOUT, attention_dropout=DROPOUT,
                                                      dtype=numpy.float32, sequence_parallel=sequence_parallel,
                                                      group=group, recompute=recompute)
-                    x = numpy.ascontiguousarray(dist.split(x_full, group, 0)) if sequence_parallel else x_full
+                    x = numpy.ascontiguousarray(comm.split(x_full, group, 0)) if sequence_parallel else x_full
                 with track_saved() as saved:
                     block(Tensor(x, requires_grad=True))
                 results.append({"shape": name, "t": t, "config": label, "bytes": saved.total,
@@ -124,14 +124,14 @@ def measure_construction(args):
 
     from mpi4py import MPI
 
-    from minitp import dist
+    from minitp import comm
     from minitp.nn import GPT, GPTConfig
     from minitp.parallel import ParallelGPT
 
     config = GPTConfig(**(QUICK_CONSTRUCTION if args.quick else CONSTRUCTION))
     rows = []
     for t in [0] + list(args.tp):
-        mesh = dist.Mesh(tp_size=t) if t else None
+        mesh = comm.Mesh(tp_size=t) if t else None
         tracemalloc.start()
         model = ParallelGPT(config, mesh) if t else GPT(config)
         peak = tracemalloc.get_traced_memory()[1]

@@ -9,12 +9,12 @@ times them turn about (``harness.interleaved_best``: the same weather for all):
     blocking        the gradient buckets all-reduced after backward; the column-parallel layers reduce dX
                     before computing dA
     overlap         the buckets' all-reduces started inside backward, dX reduced during dA's GEMM;
-                    progress thread on (``dist.set_progress("thread")``, minitp's default)
+                    progress thread on (``comm.set_progress("thread")``, minitp's default)
     overlap, calls  the same, progress left to MPI calls alone (``set_progress("calls")``)
     ZeRO-1          reduce-scatter, update 1/d, all-gather; blocking
     ZeRO-1 overlap  ... the reduce-scatters started inside backward, the all-gathers bucket by bucket
 
-then records one traced step of each (``dist.record_timeline``) and reads from it, with
+then records one traced step of each (``comm.record_timeline``) and reads from it, with
 ``minitp.trace_report``, the share of communication hidden behind compute: of the gradient reductions
 (tag "gradients") and of all communication. A last launch repeats "overlap, calls" with MPICH's own
 progress thread (``MPIR_CVAR_ASYNC_PROGRESS=1`` in the environment). The picture is the timeline of
@@ -44,15 +44,15 @@ def worker(args):
     """Time and trace the five modes on this launch's (tp, dp) mesh; rank 0 reports."""
     from mpi4py import MPI
 
-    from minitp import dist, trace_report
+    from minitp import comm, trace_report
     from minitp.nn import AdamW, GPTConfig
-    from minitp.parallel.buckets import GradientBuckets
-    from minitp.parallel.data_parallel import train_step
+    from minitp.parallel.data.buckets import GradientBuckets
+    from minitp.parallel.data.data_parallel import train_step
     from minitp.parallel.gpt import ParallelGPT
-    from minitp.parallel.zero import ZeroOptimizer
+    from minitp.parallel.data.zero import ZeroOptimizer
 
     size = sizes(args.quick)
-    mesh = dist.init(tp=args.tp, dp=MPI.COMM_WORLD.size // args.tp)
+    mesh = comm.init(tp=args.tp, dp=MPI.COMM_WORLD.size // args.tp)
     config = GPTConfig(**size["config"], dtype="float32", seed=0)
     batch = size["batch"] * mesh.dp_size
     windows = numpy.random.default_rng(0).integers(0, config.vocab, (config.seq_len + 1, batch))
@@ -71,7 +71,7 @@ def worker(args):
         progress = "calls" if mode.endswith("calls") else "thread"
 
         def step():
-            dist.set_progress(progress)
+            comm.set_progress(progress)
             train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients)
         return step
 
@@ -79,7 +79,7 @@ def worker(args):
     times = harness.interleaved_best(steps, 1 if args.quick else args.repeats, synchronize=MPI.COMM_WORLD.Barrier)
     hidden, picture = {}, None
     for mode, step in steps.items():
-        with dist.record_timeline(mesh) as timeline:
+        with comm.record_timeline(mesh) as timeline:
             step()
         if timeline.trace is not None:
             shares = {}

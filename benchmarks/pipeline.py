@@ -39,11 +39,11 @@ def configurations(p, quick):
 def worker(args):
     from mpi4py import MPI
 
-    from minitp import dist, pipeline
+    from minitp import comm, pipeline
     from minitp.nn import GPTConfig
 
     world = MPI.COMM_WORLD
-    mesh = dist.init(pp=world.size)
+    mesh = comm.init(pp=world.size)
     p = mesh.pp_size
     config = GPTConfig(**(QUICK_SIZES if args.quick else SIZES), seed=0, dtype="float32")
     rng = numpy.random.default_rng(0)

@@ -5,7 +5,7 @@ parallel ranks; MPI all-reduce bandwidth. The entry point that runs the parts an
     speed_mlp.py            how fast is minitp's MLP alone against PyTorch, and against its GEMMs?
     speed_blas.py           where does minitp's time go, and what could this machine's GEMMs do?
     speed_scaling.py        how much faster is the block on t = 1, 2, 4 tensor-parallel ranks?
-    allreduce_bandwidth.py  how fast is ``dist.all_reduce``, by message size, on 2 and 4 ranks?
+    allreduce_bandwidth.py  how fast is ``comm.all_reduce``, by message size, on 2 and 4 ranks?
 
 The block and BLAS parts run in this process and are timed turn about (``harness.interleaved_best``),
 so their ratios compare like with like; the scaling and bandwidth parts run in one ``mpiexec -n t``

@@ -34,13 +34,13 @@ def worker(args):
     sharded GEMMs on all the world's ranks (one tensor-parallel group)."""
     from mpi4py import MPI
 
-    from minitp import backend, dist
+    from minitp import backend, comm
     from minitp.autograd import Tensor
     from minitp.nn import TransformerBlock
     from minitp.parallel import ParallelTransformerBlock
     if args.device == "gpu":
         backend.use("gpu")
-    mesh = dist.init(tp=MPI.COMM_WORLD.size)
+    mesh = comm.init(tp=MPI.COMM_WORLD.size)
     shape = block_shape(args)
     repeats = 1 if args.quick else args.repeats
     s, b, h, a = shape["s"], shape["b"], shape["h"], shape["a"]
@@ -60,7 +60,7 @@ def worker(args):
         return array
 
     def shard(array):
-        return numpy.ascontiguousarray(dist.split(array, mesh.tp, 0))
+        return numpy.ascontiguousarray(comm.split(array, mesh.tp, 0))
 
     def alone(make_step):
         """Rank 0 runs the step (only it builds it); the others wait asleep, not in a spinning MPI wait

@@ -8,7 +8,7 @@ Layers, bottom to top (imports point down only):
     autograd    Tensor, Function, the graph walk
     functional  every differentiable op
     nn          Module, Parameter, the serial layers, optimizers
-    dist        MPI: the process mesh, buffer collectives, the collective log
+    comm        MPI: the process mesh, buffer collectives, the collective log
     report      a program on many ranks talking to a person: print once, rank by rank, one verdict
     trace_report  what a trace says: compute, communication, idle, the share hidden; pictures
     parallel    the paper's operators (f, f-bar, g, g-bar) and the sharded layers

@@ -4,7 +4,7 @@ glibc's malloc hands every block over 128 KiB (more, once it has adapted) straig
 ``mmap`` and returns it with ``munmap`` when freed. A training step allocates and frees the same large
 temporaries every time -- activations, gradients, the receive buffers of collectives -- so each one is
 mapped afresh, and the kernel zeroes every page of it on first touch: measured here, that made
-``dist.all_reduce`` 2-3x slower than a raw ``Allreduce`` into a preallocated buffer at 1-16 MiB, and
+``comm.all_reduce`` 2-3x slower than a raw ``Allreduce`` into a preallocated buffer at 1-16 MiB, and
 the block's step 10-30% slower.
 
 ``keep_freed_memory()`` (called when minitp is imported) tells glibc to serve every block from its heap

@@ -11,7 +11,7 @@ and four ranks printing at once interleave their lines in whatever order the ter
 So the tutorials speak only through rank 0: ``say`` prints what every rank would say alike, once;
 ``each_rank`` sends each rank's own line to rank 0, which prints them in rank order. The lines travel
 with mpi4py's pickling ``gather`` -- fine for a few words of commentary; model data goes through
-``minitp.dist``'s buffer collectives.
+``minitp.comm``'s buffer collectives.
 
 A check ends the same way on every rank: ``verdict`` agrees on pass or fail with one all-reduce, prints
 the verdict once, and on failure makes every rank exit with status 1 together -- a rank that stopped
@@ -22,7 +22,7 @@ same order. ``say`` and ``banner`` may be called anywhere, and print only on ran
 """
 from mpi4py import MPI
 
-from minitp import backend, dist
+from minitp import backend, comm
 
 INDENT = "     "
 """What ``indent`` puts before each line: tables sit under the "   ..." lines that introduce them."""
@@ -57,9 +57,9 @@ def ranks(count):
 
 def banner(title):
     """Say the run's first line: "minitp: <title> | arrays: numpy (CPU) | MPI: numpy buffers" --
-    what runs, on which arrays, and how they reach MPI (``dist.transport()``)."""
+    what runs, on which arrays, and how they reach MPI (``comm.transport()``)."""
     arrays = "numpy (CPU)" if backend.device() == "cpu" else "CuPy (GPU)"
-    say(f"minitp: {title} | arrays: {arrays} | MPI: {dist.transport()}")
+    say(f"minitp: {title} | arrays: {arrays} | MPI: {comm.transport()}")
 
 
 def verdict(ok, message, failure=None):

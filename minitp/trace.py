@@ -1,6 +1,6 @@
 """What did this rank do, and when? A recorder of timed spans, the raw material of the per-rank timeline.
 
-Nothing is recorded unless a recording is open (``dist.record_timeline`` opens one on every rank, after a
+Nothing is recorded unless a recording is open (``comm.record_timeline`` opens one on every rank, after a
 barrier, and writes the file); outside one, every call site pays one test of ``recording``. Inside one,
 each span is (name, category, start, duration, arguments), and the category says what the rank was
 doing:
@@ -24,7 +24,7 @@ A blocking collective runs inside the op that called it (f's backward all-reduce
 that time as communication, not compute.
 
 Times are ``time.perf_counter()`` seconds, kept relative to the recording's ``origin``; the file is in
-microseconds (``dist.timeline``).
+microseconds (``comm.timeline``).
 """
 import contextlib
 import time

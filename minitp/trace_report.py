@@ -1,7 +1,7 @@
 """What does a trace say? Per rank: time computing, communicating and idle, how much communication was
 hidden behind computation, and a picture of the timeline (text for a terminal, PNG for a page).
 
-Reads the Chrome trace that ``dist.record_timeline`` writes (``load(path)``, or the dict itself). For each
+Reads the Chrome trace that ``comm.record_timeline`` writes (``load(path)``, or the dict itself). For each
 rank, inside its training steps (the "step" spans; the whole trace if it has none):
 
     C  compute        the union of the op spans, minus the time blocked in a collective (an op such as

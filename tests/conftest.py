@@ -46,15 +46,15 @@ def _cupy_or_the_standin():
 
 _cupy_or_the_standin()  # before minitp: MINITP_DEVICE=gpu makes it import CuPy at once
 
-from minitp import backend, dist, launcher  # noqa: E402
+from minitp import backend, comm, launcher  # noqa: E402
 
 CHILD = "_PYTEST_MPI_CHILD_PROCESS"  # set by mpi-pytest in the processes it launches
 
-# Checked mode (minitp.dist.checks): every collective first verifies that the ranks agree on its shape and
+# Checked mode (minitp.comm.checks): every collective first verifies that the ranks agree on its shape and
 # dtype, and a sequence-parallel layer that every rank feeds the same array says so. On for the whole
 # suite, and for the tutorials and scripts it launches (they inherit the environment).
 os.environ["MINITP_CHECKED"] = "1"
-dist.set_checked(True)
+comm.set_checked(True)
 
 # mpi-pytest launches `mpiexec` from PATH: make it minitp.launcher's ($MPIEXEC, else the venv's MPICH beside
 # this Python, else PATH's), so that plain `.venv/bin/python -m pytest` works without activating the venv.

@@ -13,11 +13,11 @@ import math
 import numpy
 from mpi4py import MPI
 
-from minitp import dist
+from minitp import comm
 from minitp.autograd import Tensor
 from minitp.nn.layers import Dropout
-from minitp.parallel import mappings
-from minitp.parallel.shard import gather_serial_grads, load_serial_state, split_axis
+from minitp.parallel.tensor import mappings
+from minitp.parallel.tensor.shard import gather_serial_grads, load_serial_state, split_axis
 from minitp.testing import gradcheck, max_error
 
 WORLD = MPI.COMM_WORLD
@@ -27,7 +27,7 @@ GRADCHECK = 1e-6  # finite differences with eps = 1e-6 in float64: O(eps^2) erro
 
 def tp_mesh():
     """Every rank in one tensor-parallel group: t = the world size."""
-    return dist.init(tp=WORLD.size)
+    return comm.init(tp=WORLD.size)
 
 
 def replicated(shape, seed):
@@ -48,7 +48,7 @@ def randomize(module, seed=0):
 
 def block(array, group, axis):
     """This rank's block of ``array`` along ``axis`` (C-contiguous, a copy)."""
-    return numpy.ascontiguousarray(dist.split(array, group, axis))
+    return numpy.ascontiguousarray(comm.split(array, group, axis))
 
 
 def sequence_block(array, group):
@@ -132,9 +132,9 @@ def sharded_gradcheck(module, x, group, replicated_input=False, replicated_outpu
 def run_logged(module, x, upstream):
     """The collectives of ``module``'s forward and of its backward from ``upstream``: two lists of records."""
     x = Tensor(x, requires_grad=True)
-    with dist.log_collectives() as forward:
+    with comm.log_collectives() as forward:
         y = module(x)
-    with dist.log_collectives() as backward:
+    with comm.log_collectives() as backward:
         y.backward(upstream)
     return forward.records, backward.records
 
@@ -149,7 +149,7 @@ def value_error(build):
 
     Caught here rather than by pytest.raises, so that a rank that does not raise reports it through
     parallel_assert instead of failing alone."""
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         try:
             build()
         except ValueError as error:

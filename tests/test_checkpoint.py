@@ -11,9 +11,9 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import checkpoint, dist
+from minitp import checkpoint, comm
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel.data_parallel import train_step
+from minitp.parallel.data.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
 
 WORLD = MPI.COMM_WORLD
@@ -61,12 +61,12 @@ def test_saved_on_one_mesh_resumes_on_another_with_the_same_losses(tmp_path, seq
     path = rank0_path(tmp_path)
     uninterrupted = train(*serial(), None, 0, STEPS)  # every rank runs the serial reference
 
-    mesh = dist.init(tp=WORLD.size)  # save at tp = 4 (or 2)
+    mesh = comm.init(tp=WORLD.size)  # save at tp = 4 (or 2)
     model, optimizer = parallel(mesh, sequence_parallel)
     before = train(model, optimizer, mesh, 0, SAVED_AT)
     checkpoint.save(path, model, optimizer, mesh, step=SAVED_AT)
 
-    mesh = dist.init(tp=WORLD.size // 2, dp=2)  # resume at tp = 2 (or 1) × dp = 2, the other SP setting
+    mesh = comm.init(tp=WORLD.size // 2, dp=2)  # resume at tp = 2 (or 1) × dp = 2, the other SP setting
     model, optimizer = parallel(mesh, not sequence_parallel)
     step = checkpoint.load(path, model, optimizer, mesh)
     resumed = train(model, optimizer, mesh, step, STEPS)
@@ -166,7 +166,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_checkpoint_that_does_not_fit_is_refused_on_every_rank(tmp_path, case):
     path = rank0_path(tmp_path)
-    mesh = dist.init(tp=WORLD.size)
+    mesh = comm.init(tp=WORLD.size)
     model, optimizer = parallel(mesh)
     train(model, optimizer, mesh, 0, 1)
     checkpoint.save(path, model, optimizer, mesh, step=1)
@@ -184,7 +184,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_on_every_rank(tmp_path, case)
 
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_a_missing_checkpoint_is_refused_on_every_rank(tmp_path):
-    mesh = dist.init(tp=WORLD.size)
+    mesh = comm.init(tp=WORLD.size)
     model, optimizer = parallel(mesh)
     message = error_of(FileNotFoundError, lambda: checkpoint.load(rank0_path(tmp_path, "nowhere.npz"), model,
                                                                  optimizer, mesh))
@@ -216,7 +216,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_metadata_must_match_and_a_save_cleans_an_interrupted_ones_leftovers(tmp_path):
     path = rank0_path(tmp_path)
-    mesh = dist.init(tp=WORLD.size)
+    mesh = comm.init(tp=WORLD.size)
     model, optimizer = parallel(mesh)
     if WORLD.rank == 0:  # what a save killed before its rename leaves behind
         open(path + ".tmp-99999", "wb").write(b"half a checkpoint")
@@ -274,7 +274,7 @@ def test_save_writes_exactly_the_path_it_was_given(tmp_path):
 
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_a_trace_path_that_cannot_be_written_is_refused_before_training(tmp_path):
-    """``dist.check_writable`` (--trace) checks a FILE path too, the same on every rank -- and a pipe nobody reads
+    """``comm.check_writable`` (--trace) checks a FILE path too, the same on every rank -- and a pipe nobody reads
     is refused at once instead of blocking rank 0's open, and every rank with it, forever."""
     if WORLD.rank == 0:
         os.mkdir(tmp_path / "runs")
@@ -284,7 +284,7 @@ def test_a_trace_path_that_cannot_be_written_is_refused_before_training(tmp_path
              "no/such/dir/trace.json": ["does not exist"], "pipe": ["cannot write the trace"]}
     for name, expected in cases.items():
         path = rank0_path(tmp_path, name.rstrip("/")) + name[len(name.rstrip("/")):]  # pathlib drops a final '/'
-        message = error_of(ValueError, lambda: dist.check_writable(path, WORLD))
+        message = error_of(ValueError, lambda: comm.check_writable(path, WORLD))
         parallel_assert(message is not None and "cannot write the trace" in message and "\n" not in message
                         and all(text in message for text in expected), f"{name}: {expected} in: {message}")
         the_same_everywhere(message)

@@ -12,7 +12,7 @@ import numpy
 import pytest
 from pytest_mpi import parallel_assert
 
-from minitp import checkpoint, dist
+from minitp import checkpoint, comm
 from test_checkpoint import WORLD, error_of, parallel, rank0_path, rewrite, serial, train
 
 P = "blocks.0.mlp.fc1.weight"  # a parameter: (16, 64)
@@ -211,7 +211,7 @@ def test_optimizer_state_is_every_parameters_once_stepped_and_nobodys_before(tmp
 def test_a_bad_value_is_refused_with_the_same_error_on_every_rank(tmp_path):
     """Rank 0 reads and checks, every rank raises its verdict: nobody waits in a broadcast of the arrays."""
     path = rank0_path(tmp_path)
-    mesh = dist.init(tp=WORLD.size)
+    mesh = comm.init(tp=WORLD.size)
     model, optimizer = parallel(mesh)
     train(model, optimizer, mesh, 0, 1)
     checkpoint.save(path, model, optimizer, mesh, step=1)

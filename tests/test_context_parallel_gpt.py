@@ -10,13 +10,13 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist, track_saved
+from minitp import comm, track_saved
 from minitp import functional as F
 from minitp.nn import GPT, GPTConfig, placement
-from minitp.parallel.context import KINDS
-from minitp.parallel.data_parallel import all_reduce_gradients, average_over_data_parallel, split_batch
+from minitp.parallel.context.layers import KINDS
+from minitp.parallel.data.data_parallel import all_reduce_gradients, average_over_data_parallel, split_batch
 from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.shard import gather_serial_grads
+from minitp.parallel.tensor.shard import gather_serial_grads
 from minitp.testing import max_error
 from parallel_helpers import reset_dropout, value_error
 
@@ -55,12 +55,12 @@ def test_context_parallel_gpt_matches_serial(kind, sequence_parallel):
     serial_loss.backward()
     serial_grads = {name: p.grad for name, p in serial.named_parameters()}
     for tp, cp, dp in meshes(sequence_parallel):
-        mesh = dist.init(tp=tp, cp=cp, dp=dp)
+        mesh = comm.init(tp=tp, cp=cp, dp=dp)
         where = f"tp {tp} cp {cp} dp {dp} {kind}{' +SP' if sequence_parallel else ''}"
         model = ParallelGPT(GPTConfig(**CONFIG), mesh, sequence_parallel=sequence_parallel, context_parallel=kind)
         local_ids, local_targets = split_batch(ids, mesh), split_batch(targets, mesh)
         logits = model(local_ids)  # (s/cp, B/dp, V/t): this rank's tokens, columns, vocabulary block
-        expected = dist.split(split_batch(rows(serial_logits.data, mesh, kind), mesh), mesh.tp, axis=-1)
+        expected = comm.split(split_batch(rows(serial_logits.data, mesh, kind), mesh), mesh.tp, axis=-1)
         parallel_assert(max_error(logits, expected) <= SAME, f"{where}: logits {max_error(logits, expected):.1e}")
 
         reset_dropout(model)  # the loss's forward draws the masks the logits' did
@@ -84,7 +84,7 @@ def test_activation_bytes_per_rank_fall_as_one_over_cp(kind):
     ids, targets = batch((16, 2), seed=4)
     saved = {}
     for cp in (1, 2, 4):
-        mesh = dist.init(cp=cp, dp=WORLD.size // cp)
+        mesh = comm.init(cp=cp, dp=WORLD.size // cp)
         model = ParallelGPT(GPTConfig(**CONFIG), mesh, context_parallel=kind)
         with track_saved() as kept:
             model.loss(ids, targets)  # every dp replica the same batch: only cp changes what a rank holds
@@ -98,7 +98,7 @@ def test_activation_bytes_per_rank_fall_as_one_over_cp(kind):
 @pytest.mark.parallel(nprocs=[1, 2, 4])
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_matches_serial(kind):
-    mesh = dist.init(cp=WORLD.size)
+    mesh = comm.init(cp=WORLD.size)
     config = {**CONFIG, "seq_len": 8}  # the context slides past seq_len; padded to 2·cp for zigzag
     serial, model = GPT(GPTConfig(**config)), ParallelGPT(GPTConfig(**config), mesh, context_parallel=kind)
     prompt = batch((3, 2))[0]
@@ -112,7 +112,7 @@ def test_generate_matches_serial(kind):
 @pytest.mark.parallel(nprocs=[2, 4])
 def test_bad_sizes_are_refused_on_every_rank_before_any_communication():
     cp = WORLD.size
-    mesh = dist.init(cp=cp)
+    mesh = comm.init(cp=cp)
     zigzag = ParallelGPT(GPTConfig(**CONFIG), mesh, context_parallel="zigzag")
     error, sent = value_error(lambda: zigzag(batch((3 * cp, 2))[0]))  # cp blocks, but not 2·cp chunks
     parallel_assert(error is not None and f"2·{cp}" in error and "zigzag" in error and sent == 0, f"{error}")
@@ -137,7 +137,7 @@ def test_recomputation_reruns_the_ring_and_the_all_to_alls_to_the_same_gradients
     from minitp.nn import TransformerBlock
     from minitp.parallel import ContextParallelLayers
 
-    mesh = dist.init(cp=WORLD.size)
+    mesh = comm.init(cp=WORLD.size)
     layers = ContextParallelLayers(mesh.tp, mesh.cp, kind)
     x = rows(numpy.random.default_rng(2).standard_normal((16, 2, 16)), mesh, kind)
     upstream = rows(numpy.random.default_rng(3).standard_normal((16, 2, 16)), mesh, kind)

@@ -1,4 +1,4 @@
-"""minitp.dist: the mesh, each collective against numpy, the collective log, and abort on exception.
+"""minitp.comm: the mesh, each collective against numpy, the collective log, and abort on exception.
 
 Every rank r holds ``rank_array(r, ...)``, which every rank can also compute, so each rank builds the
 expected result of a collective with plain numpy from all the ranks' data.
@@ -13,7 +13,7 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import backend, dist, launcher
+from minitp import backend, comm, launcher
 from minitp.testing import max_error
 from parallel_helpers import value_error
 from tutorial_runner import needs_mpiexec
@@ -38,7 +38,7 @@ def all_ranks(shape, dtype="float64"):
 
 
 def world():
-    return dist.Group(WORLD, "world")  # wrapping COMM_WORLD creates no communicator
+    return comm.Group(WORLD, "world")  # wrapping COMM_WORLD creates no communicator
 
 
 def same_on_every_rank(value):
@@ -51,7 +51,7 @@ def same_on_every_rank(value):
 def test_mesh_groups_have_the_right_members():
     n, rank = WORLD.size, WORLD.rank
     for tp in [d for d in range(1, n + 1) if n % d == 0]:
-        mesh = dist.Mesh(tp_size=tp)
+        mesh = comm.Mesh(tp_size=tp)
         dp_rank, tp_rank = rank // tp, rank % tp
         parallel_assert((mesh.tp_size, mesh.dp_size, mesh.tp_rank, mesh.dp_rank) == (tp, n // tp, tp_rank, dp_rank),
                         f"tp={tp}: {mesh}")
@@ -67,7 +67,7 @@ def test_mesh_groups_have_the_right_members():
 def test_four_axis_mesh_lays_ranks_out_dp_pp_cp_tp(dp, pp, cp, tp):
     """rank = ((dp_rank·pp + pp_rank)·cp + cp_rank)·tp + tp_rank; each group holds the ranks that differ only
     in its coordinate(s), in coordinate order; dp_cp joins the dp and cp coordinates."""
-    mesh = dist.Mesh(tp_size=tp, dp_size=dp, pp_size=pp, cp_size=cp)
+    mesh = comm.Mesh(tp_size=tp, dp_size=dp, pp_size=pp, cp_size=cp)
     rank = WORLD.rank
     coordinates = dict(tp=rank % tp, cp=rank // tp % cp, pp=rank // (tp * cp) % pp, dp=rank // (tp * cp * pp))
     parallel_assert(mesh.coordinates == coordinates, f"{mesh.coordinates} vs {coordinates}")
@@ -94,21 +94,21 @@ def test_mesh_sizes_that_do_not_multiply_raise_on_every_rank():
     for tp, dp, pp in [(n + 1, None, 1), (1, n + 1, 1), (n, 2, 1), (0, None, 1), (1, None, 0),
                        (1, None, n + 1)] + ([(3, None, 1), (2, None, 3)] if n == 4 else []):
         try:
-            dist.Mesh(tp_size=tp, dp_size=dp, pp_size=pp)
+            comm.Mesh(tp_size=tp, dp_size=dp, pp_size=pp)
             message = None
         except ValueError as error:
             message = str(error)
         parallel_assert(message is not None, f"tp={tp}, dp={dp} on {n} ranks: no ValueError")
         parallel_assert(same_on_every_rank(message), f"tp={tp}, dp={dp}: the ranks disagree")
-    parallel_assert(dist.all_reduce(numpy.ones(1), world())[0] == n, "the ranks are still in step")
+    parallel_assert(comm.all_reduce(numpy.ones(1), world())[0] == n, "the ranks are still in step")
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 4])
 def test_init_returns_the_same_mesh_and_sets_no_default_group():
     """Groups are passed explicitly: init() hands back the mesh, and nothing in minitp looks one up."""
-    mesh = dist.init(tp=WORLD.size)
-    parallel_assert(dist.init(tp=WORLD.size) is mesh)
-    parallel_assert(not hasattr(dist, "current_mesh") and not hasattr(dist, "tensor_parallel_group"))
+    mesh = comm.init(tp=WORLD.size)
+    parallel_assert(comm.init(tp=WORLD.size) is mesh)
+    parallel_assert(not hasattr(comm, "current_mesh") and not hasattr(comm, "tensor_parallel_group"))
 
 
 # -- each collective against numpy ------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_init_returns_the_same_mesh_and_sets_no_default_group():
 def test_all_reduce_is_the_sum(shape, dtype):
     x = rank_array(WORLD.rank, shape, dtype)
     before = x.copy()
-    total = dist.all_reduce(x, world())
+    total = comm.all_reduce(x, world())
     expected = numpy.sum(all_ranks(shape, dtype), axis=0)
     parallel_assert(total.shape == shape and total.dtype == x.dtype)
     parallel_assert(max_error(total, expected) <= TOLERANCE[dtype], f"{max_error(total, expected)}")
@@ -136,7 +136,7 @@ def test_all_reduce_into_out_writes_the_sum_there(where, device):
     before = backend.to_host(x).copy()
     backing = xp.zeros((4, 12))
     out = {"in place": x, "another array": xp.zeros((4, 6)), "a non-contiguous view": backing[:, ::2]}[where]
-    result = dist.all_reduce(x, world(), out=out)
+    result = comm.all_reduce(x, world(), out=out)
     expected = numpy.sum(all_ranks((4, 6)), axis=0)
     parallel_assert(result is out and max_error(out, expected) <= 1e-15, f"{max_error(out, expected)}")
     parallel_assert(where == "in place" or numpy.array_equal(backend.to_host(x), before), "wrote into x")
@@ -147,7 +147,7 @@ def test_all_reduce_into_out_writes_the_sum_there(where, device):
 @pytest.mark.parallel(nprocs=[1, 2, 3])
 @pytest.mark.parametrize("out", [numpy.zeros((4, 5)), numpy.zeros((4, 6), dtype="float32")])
 def test_all_reduce_refuses_an_out_of_another_shape_or_dtype_on_every_rank_before_communicating(out):
-    message, collectives = value_error(lambda: dist.all_reduce(rank_array(WORLD.rank, (4, 6)), world(), out=out))
+    message, collectives = value_error(lambda: comm.all_reduce(rank_array(WORLD.rank, (4, 6)), world(), out=out))
     parallel_assert(message is not None and "out has shape" in message and collectives == 0, str(message))
 
 
@@ -158,7 +158,7 @@ def test_all_gather_concatenates_in_rank_order(axis, dtype):
     shape = (3, 5, 7)
     x = rank_array(WORLD.rank, shape, dtype)
     before = x.copy()
-    gathered = dist.all_gather(x, world(), axis=axis)
+    gathered = comm.all_gather(x, world(), axis=axis)
     expected = numpy.concatenate(all_ranks(shape, dtype), axis=axis)
     parallel_assert(gathered.shape == expected.shape and gathered.dtype == x.dtype, f"{gathered.shape}")
     parallel_assert(numpy.array_equal(gathered, expected), f"axis {axis}")
@@ -174,7 +174,7 @@ def test_reduce_scatter_keeps_this_ranks_block_of_the_sum(axis, dtype):
     shape[axis] = 2 * n  # divisible along the scattered axis, odd along the others
     x = rank_array(rank, tuple(shape), dtype)
     before = x.copy()
-    mine = dist.reduce_scatter(x, world(), axis=axis)
+    mine = comm.reduce_scatter(x, world(), axis=axis)
     total = numpy.sum(all_ranks(tuple(shape), dtype), axis=0)
     expected = numpy.split(total, n, axis=axis)[rank]
     parallel_assert(mine.shape == expected.shape and mine.dtype == x.dtype, f"{mine.shape} vs {expected.shape}")
@@ -189,14 +189,14 @@ def test_reduce_scatter_of_an_indivisible_length_raises_on_every_rank():
         shape = [4 * n, 4 * n]
         shape[axis] = n + 1
         try:
-            dist.reduce_scatter(rank_array(WORLD.rank, tuple(shape)), world(), axis=axis)
+            comm.reduce_scatter(rank_array(WORLD.rank, tuple(shape)), world(), axis=axis)
             message = None
         except ValueError as error:
             message = str(error)
         parallel_assert(message is not None, f"axis {axis} of length {n + 1} on {n} ranks: no ValueError")
         parallel_assert(same_on_every_rank(message))
     # nobody is left inside a collective: the next one completes with the right value
-    parallel_assert(dist.all_reduce(numpy.ones(2), world())[0] == n)
+    parallel_assert(comm.all_reduce(numpy.ones(2), world())[0] == n)
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
@@ -205,7 +205,7 @@ def test_broadcast_copies_the_roots_array(dtype):
     root = WORLD.size - 1
     x = rank_array(WORLD.rank, (3, 5), dtype)
     before = x.copy()
-    received = dist.broadcast(x, world(), root=root)
+    received = comm.broadcast(x, world(), root=root)
     parallel_assert(numpy.array_equal(received, rank_array(root, (3, 5), dtype)))
     parallel_assert(numpy.array_equal(x, before), "broadcast wrote into its input")
 
@@ -217,12 +217,12 @@ def test_split_is_a_view_of_this_ranks_block_and_all_gather_undoes_it(axis):
     shape = [3, 5, 7]
     shape[axis] = 3 * n
     x = rank_array(0, tuple(shape))  # replicated: the same on every rank
-    mine = dist.split(x, world(), axis)
+    mine = comm.split(x, world(), axis)
     parallel_assert(numpy.array_equal(mine, numpy.split(x, n, axis=axis)[WORLD.rank]))
     parallel_assert(numpy.shares_memory(mine, x), "split copied")
-    parallel_assert(numpy.array_equal(dist.all_gather(mine, world(), axis=axis), x))
+    parallel_assert(numpy.array_equal(comm.all_gather(mine, world(), axis=axis), x))
     try:
-        dist.split(numpy.zeros((n + 1, 2)), world(), 0)
+        comm.split(numpy.zeros((n + 1, 2)), world(), 0)
         raised = n == 1
     except ValueError:
         raised = True
@@ -231,11 +231,11 @@ def test_split_is_a_view_of_this_ranks_block_and_all_gather_undoes_it(axis):
 
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_a_group_of_one_rank_returns_the_input_and_logs_no_ring_bytes():
-    alone = dist.init(tp=1).tp  # each rank is its own tensor-parallel group
+    alone = comm.init(tp=1).tp  # each rank is its own tensor-parallel group
     x = rank_array(WORLD.rank, (4, 3))
-    with dist.log_collectives() as log:
-        results = [dist.all_reduce(x, alone), dist.all_gather(x, alone, axis=1),
-                   dist.reduce_scatter(x, alone, axis=0), dist.broadcast(x, alone)]
+    with comm.log_collectives() as log:
+        results = [comm.all_reduce(x, alone), comm.all_gather(x, alone, axis=1),
+                   comm.reduce_scatter(x, alone, axis=0), comm.broadcast(x, alone)]
     parallel_assert(all(result is x for result in results))
     parallel_assert(log.count() == 4 and log.total_ring_bytes() == 0, log.table())
     parallel_assert(log.total_payload_bytes() == 4 * x.nbytes, log.table())
@@ -249,17 +249,17 @@ def test_collectives_return_arrays_of_the_inputs_module(device):
     x = xp.asarray(rank_array(WORLD.rank, (2 * n, 3)))
     expected_sum = numpy.sum(all_ranks((2 * n, 3)), axis=0)
     results = {
-        "all_reduce": (dist.all_reduce(x, world()), expected_sum),
-        "all_gather": (dist.all_gather(x, world(), axis=1), numpy.concatenate(all_ranks((2 * n, 3)), axis=1)),
-        "reduce_scatter": (dist.reduce_scatter(x, world()), numpy.split(expected_sum, n)[WORLD.rank]),
-        "broadcast": (dist.broadcast(x, world()), rank_array(0, (2 * n, 3))),
+        "all_reduce": (comm.all_reduce(x, world()), expected_sum),
+        "all_gather": (comm.all_gather(x, world(), axis=1), numpy.concatenate(all_ranks((2 * n, 3)), axis=1)),
+        "reduce_scatter": (comm.reduce_scatter(x, world()), numpy.split(expected_sum, n)[WORLD.rank]),
+        "broadcast": (comm.broadcast(x, world()), rank_array(0, (2 * n, 3))),
     }
     for op, (result, expected) in results.items():
         parallel_assert(backend.array_module(result) is xp, f"{op} returned {type(result)}")
         parallel_assert(max_error(result, expected) <= 1e-15, op)
     transports = {"cpu": ["numpy buffers"],
                   "gpu": ["CuPy via host staging", "CuPy device buffers (CUDA-aware MPI)"]}[device]
-    parallel_assert(dist.transport() in transports, dist.transport())
+    parallel_assert(comm.transport() in transports, comm.transport())
 
 
 # -- the collective log -----------------------------------------------------------------------------
@@ -270,12 +270,12 @@ def test_the_log_counts_payload_and_ring_bytes_by_the_ring_formulas():
     group = world()
     x = rank_array(WORLD.rank, (2 * n, 3, 5))  # float64: 8 bytes an element
     S = x.size * 8
-    with dist.log_collectives() as log:
-        dist.all_reduce(x, group, tag="A")
-        dist.all_gather(x, group, axis=2, tag="B")
-        dist.reduce_scatter(x, group, axis=0, tag="C")
-        dist.broadcast(x, group, tag="D")
-        dist.split(x, group, axis=0)  # no communication: not logged
+    with comm.log_collectives() as log:
+        comm.all_reduce(x, group, tag="A")
+        comm.all_gather(x, group, axis=2, tag="B")
+        comm.reduce_scatter(x, group, axis=0, tag="C")
+        comm.broadcast(x, group, tag="D")
+        comm.split(x, group, axis=0)  # no communication: not logged
     expected = [  # (op, shape of the full buffer S, S in bytes, ring bytes per rank)
         ("all_reduce", (2 * n, 3, 5), S, 2 * (n - 1) / n * S),
         ("all_gather", (2 * n, 3, 5 * n), n * S, (n - 1) / n * (n * S)),
@@ -297,15 +297,15 @@ def test_the_log_counts_payload_and_ring_bytes_by_the_ring_formulas():
 @pytest.mark.parallel(nprocs=[1, 2])
 def test_logs_nest_and_record_nothing_once_closed():
     group, x = world(), numpy.ones(3)
-    with dist.log_collectives() as outer:
-        dist.all_reduce(x, group)
-        with dist.log_collectives() as inner:
-            dist.all_gather(x, group)
-        dist.reduce_scatter(numpy.ones(2 * WORLD.size), group)
-    dist.all_reduce(x, group)
+    with comm.log_collectives() as outer:
+        comm.all_reduce(x, group)
+        with comm.log_collectives() as inner:
+            comm.all_gather(x, group)
+        comm.reduce_scatter(numpy.ones(2 * WORLD.size), group)
+    comm.all_reduce(x, group)
     parallel_assert([r.op for r in outer] == ["all_reduce", "all_gather", "reduce_scatter"])
     parallel_assert([r.op for r in inner] == ["all_gather"])
-    parallel_assert(dist.log._active_logs == [], "a closed log is still recording")
+    parallel_assert(comm.log._active_logs == [], "a closed log is still recording")
 
 
 # -- processes: abort on exception, BLAS threads ----------------------------------------------------
@@ -332,9 +332,9 @@ def test_an_exception_on_one_rank_aborts_the_whole_job():
 
 
 # Runs a script with its rank's sys.exit stamped: "left at <time.monotonic()>" on stdout, then minitp's own
-# sys.exit (installed on import of minitp.dist). CLOCK_MONOTONIC is one clock for every process of a machine.
+# sys.exit (installed on import of minitp.comm). CLOCK_MONOTONIC is one clock for every process of a machine.
 _STAMP_EXIT = """import runpy, sys, time
-from minitp import dist
+from minitp import comm
 leave = sys.exit
 def stamped(status=None):
     print("left at", time.monotonic(), flush=True)
@@ -378,7 +378,7 @@ def test_a_rank_that_leaves_with_sys_exit_ends_the_job_naming_itself(status):
 def test_a_rank_that_raises_before_init_ends_the_job():
     code, seconds, stderr, stdout = _launch(2, "raise_before_init.py", timeout=60)
     assert code != 0 and seconds < 20, f"{code} after {seconds:.1f} s: {stderr}"
-    assert "[rank 1] RuntimeError: rank 1 fails before dist.init" in stderr and "unreachable" not in stdout, stderr
+    assert "[rank 1] RuntimeError: rank 1 fails before comm.init" in stderr and "unreachable" not in stdout, stderr
 
 
 @needs_mpiexec

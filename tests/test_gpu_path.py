@@ -15,7 +15,7 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import backend, dist
+from minitp import backend, comm
 from minitp.testing import max_error
 from test_dist import all_ranks, rank_array, world
 from test_train_gpt import tutorial
@@ -82,12 +82,12 @@ def cuda_aware(request):
     aware, record = request.param, standin()
     if aware and record is None and os.environ.get("MINITP_CUDA_AWARE_MPI") != "1":
         pytest.skip("CuPy with a GPU, but MINITP_CUDA_AWARE_MPI=1 does not say this MPI is CUDA-aware")
-    previous = dist.runtime._cuda_aware
-    dist.set_cuda_aware(aware)
+    previous = comm.runtime._cuda_aware
+    comm.set_cuda_aware(aware)
     if record is not None:
         previous_mpi, record.cuda_aware_mpi = record.cuda_aware_mpi, aware
     yield aware
-    dist.set_cuda_aware(previous)
+    comm.set_cuda_aware(previous)
     if record is not None:
         record.cuda_aware_mpi = previous_mpi
 
@@ -103,16 +103,16 @@ def test_collectives_stage_through_the_host_or_hand_over_synchronised_device_buf
     x = xp.asarray(rank_array(r, shape))
     if record is not None:
         before = (record.buffers_to_mpi, record.copies_to_host)
-    pending = dist.send(x * 1, group, dest=(r + 1) % n, match=5)  # the pipeline's, around the ring
-    received = dist.recv(shape, "float64", group, source=(r - 1) % n, match=5)
+    pending = comm.send(x * 1, group, dest=(r + 1) % n, match=5)  # the pipeline's, around the ring
+    received = comm.recv(shape, "float64", group, source=(r - 1) % n, match=5)
     pending.wait()
     results = {
-        "all_reduce": dist.all_reduce(x * 1, group),
-        "all_gather": dist.all_gather(x * 1, group, axis=1),
-        "reduce_scatter": dist.reduce_scatter(x * 1, group, axis=1),
-        "broadcast": dist.broadcast(x * 1, group),
-        "sendrecv": dist.sendrecv(x * 1, group, (r + 1) % n, (r - 1) % n),
-        "all_to_all": dist.all_to_all(x * 1, group, split_axis=0, concat_axis=1),
+        "all_reduce": comm.all_reduce(x * 1, group),
+        "all_gather": comm.all_gather(x * 1, group, axis=1),
+        "reduce_scatter": comm.reduce_scatter(x * 1, group, axis=1),
+        "broadcast": comm.broadcast(x * 1, group),
+        "sendrecv": comm.sendrecv(x * 1, group, (r + 1) % n, (r - 1) % n),
+        "all_to_all": comm.all_to_all(x * 1, group, split_axis=0, concat_axis=1),
         "recv": received,
     }
     if record is not None:
@@ -129,8 +129,8 @@ def test_collectives_stage_through_the_host_or_hand_over_synchronised_device_buf
         parallel_assert(backend.array_module(result) is xp, f"{op} returned {type(result)}")
         parallel_assert(max_error(result, expected[op]) <= 1e-15, op)
     parallel_assert(backend.to_host(x).tolist() == rank_array(r, shape).tolist(), "something wrote into x")
-    parallel_assert(dist.transport() == ("CuPy device buffers (CUDA-aware MPI)" if cuda_aware
-                                         else "CuPy via host staging"), dist.transport())
+    parallel_assert(comm.transport() == ("CuPy device buffers (CUDA-aware MPI)" if cuda_aware
+                                         else "CuPy via host staging"), comm.transport())
 
 
 @pytest.mark.parallel(nprocs=[2])
@@ -172,7 +172,7 @@ def test_train_gpt_check_holds_on_cupy_with_every_parallelism(device, mesh, cuda
     these reach on CuPy, hand device buffers to the (stand-in's) CUDA-aware MPI."""
     train_gpt, options = tutorial(), MESHES[mesh]
     result = train_gpt.check(train_gpt.check_args(**options),
-                             dist.init(**{axis: options.get(axis, 1) for axis in ("tp", "dp", "cp", "pp")}))
+                             comm.init(**{axis: options.get(axis, 1) for axis in ("tp", "dp", "cp", "pp")}))
     parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE, f"{mesh}: {result}")
     parallel_assert(len(set(result.serial)) == 10, "the losses move: the check compares something")
 

@@ -17,10 +17,10 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 from minitp.nn import GPT, Embedding, GPTConfig, Linear, init
 from minitp.parallel import ColumnParallelLinear, ParallelGPT, RowParallelLinear, VocabParallelEmbedding
-from minitp.parallel.shard import gather_serial_state
+from minitp.parallel.tensor.shard import gather_serial_state
 
 WORLD = MPI.COMM_WORLD
 DRAWS = 200_000
@@ -74,7 +74,7 @@ def test_a_block_drawn_alone_is_that_block_of_the_whole(draw, shape):
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_fresh_parallel_layers_are_the_serial_layers_cut():
     """Built from the same seed, no loading: each rank's parameters are exactly its block of the serial ones."""
-    tp = dist.init(tp=WORLD.size).tp
+    tp = comm.init(tp=WORLD.size).tp
     t, f64 = tp.size, numpy.float64
     pairs = [(Linear(5, 6 * t, dtype=f64, seed=3), ColumnParallelLinear(5, 6 * t, dtype=f64, seed=3, group=tp)),
              (Linear(6 * t, 5, dtype=f64, seed=4), RowParallelLinear(6 * t, 5, dtype=f64, seed=4, group=tp)),
@@ -101,7 +101,7 @@ def peak_bytes(build):
 
 @pytest.mark.parallel(nprocs=[4])
 def test_building_a_gpt_at_tp_4_takes_at_most_035_of_the_serial_build():
-    mesh = dist.init(tp=4)
+    mesh = comm.init(tp=4)
     parallel_peak, model = peak_bytes(lambda: ParallelGPT(CONSTRUCTION, mesh))
     serial_peak, serial = peak_bytes(lambda: GPT(CONSTRUCTION))
     parallel_assert(parallel_peak <= 0.35 * serial_peak,

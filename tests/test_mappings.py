@@ -1,4 +1,4 @@
-"""minitp.parallel.mappings: each operator's forward and backward against numpy, the collectives each one
+"""minitp.parallel.tensor.mappings: each operator's forward and backward against numpy, the collectives each one
 logs, and finite-difference gradchecks of small sharded compositions.
 
 Rank r's data is ``rank_array(r, ...)``, which every rank can rebuild, so each rank computes the expected
@@ -9,9 +9,9 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 from minitp.autograd import Tensor
-from minitp.parallel import mappings
+from minitp.parallel.tensor import mappings
 from minitp.testing import gradcheck, max_error
 
 WORLD = MPI.COMM_WORLD
@@ -30,15 +30,15 @@ def all_ranks(shape, seed=0):
 
 
 def world():
-    return dist.Group(WORLD, "world")
+    return comm.Group(WORLD, "world")
 
 
 def run(operator, x, grad, **options):
     """y = operator(x); y.backward(grad). Returns y, dL/dx and the (op, tag) pairs logged in each pass."""
     x = Tensor(x, requires_grad=True)
-    with dist.log_collectives() as forward_log:
+    with comm.log_collectives() as forward_log:
         y = operator(x, world(), **options)
-    with dist.log_collectives() as backward_log:
+    with comm.log_collectives() as backward_log:
         y.backward(grad)
     return y.data, x.grad, [(r.op, r.tag) for r in forward_log], [(r.op, r.tag) for r in backward_log]
 
@@ -166,7 +166,7 @@ def test_float32_stays_float32_through_every_operator():
 
 @pytest.mark.parallel(nprocs=[4])
 def test_operators_communicate_within_their_tensor_parallel_group_only():
-    mesh = dist.Mesh(tp_size=2)  # tp groups {0, 1} and {2, 3}
+    mesh = comm.Mesh(tp_size=2)  # tp groups {0, 1} and {2, 3}
     x = Tensor(numpy.full((2, 1, 3), float(WORLD.rank)))
     total = mappings.reduce_from_tensor_parallel_region(x, mesh.tp).data
     parallel_assert(numpy.all(total == sum(mesh.tp.ranks)), f"{total.ravel()} for tp group {mesh.tp.ranks}")
@@ -176,15 +176,15 @@ def test_operators_communicate_within_their_tensor_parallel_group_only():
 def test_operators_need_their_group_and_prefix_tags():
     """No global mesh to fall back on: a call without its group is refused on every rank, before any
     communication; with it, the tag prefixes the log's names."""
-    mesh = dist.init(tp=WORLD.size)
-    with dist.log_collectives() as log:
+    mesh = comm.init(tp=WORLD.size)
+    with comm.log_collectives() as log:
         try:
             mappings.f_bar(Tensor(numpy.ones((1, 1, 2))), None)
             refused = False
         except TypeError as error:
             refused = "group" in str(error)
     parallel_assert(refused and len(log) == 0, "f-bar without a group was not refused before communicating")
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         y = mappings.f_bar(Tensor(numpy.ones((1, 1, 2))), mesh.tp, tag="mlp")
     parallel_assert(numpy.all(y.data == WORLD.size))
     parallel_assert([(r.group, r.tag) for r in log] == [("tp", "mlp: f-bar forward")], log.table())
@@ -199,7 +199,7 @@ def test_lengths_that_do_not_divide_raise_on_every_rank_before_communicating():
         "scatter(last)": (mappings.scatter_to_tensor_parallel_region, (2, 1, n + 1)),
     }
     for name, (operator, shape) in cases.items():
-        with dist.log_collectives() as log:
+        with comm.log_collectives() as log:
             try:
                 operator(Tensor(numpy.ones(shape)), world())
                 raised = False

@@ -1,4 +1,4 @@
-"""minitp.dist.nonblocking: each non-blocking collective returns exactly what its blocking twin returns,
+"""minitp.comm.nonblocking: each non-blocking collective returns exactly what its blocking twin returns,
 is logged with the same bytes, and -- with the progress thread -- completes while the rank is busy with
 something other than MPI."""
 import time
@@ -8,32 +8,32 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
-from minitp.dist import nonblocking
+from minitp import comm
+from minitp.comm import nonblocking
 
 WORLD = MPI.COMM_WORLD
 
 
 def world():
-    return dist.Group(WORLD, "world")
+    return comm.Group(WORLD, "world")
 
 
 @pytest.fixture(params=nonblocking.PROGRESS_MODES)
 def progress(request):
     previous = nonblocking.progress()
-    dist.set_progress(request.param)
+    comm.set_progress(request.param)
     yield request.param
-    dist.set_progress(previous)
+    comm.set_progress(previous)
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_each_equals_its_blocking_twin_with_the_same_log(progress):
     group = world()
     x = numpy.random.default_rng(WORLD.rank).standard_normal((4 * group.size, 3))
-    with dist.log_collectives() as blocking:
-        expected = [dist.all_reduce(x, group), dist.reduce_scatter(x, group), dist.all_gather(x, group)]
-    with dist.log_collectives() as started:
-        pending = [dist.iall_reduce(x, group), dist.ireduce_scatter(x, group), dist.iall_gather(x, group)]
+    with comm.log_collectives() as blocking:
+        expected = [comm.all_reduce(x, group), comm.reduce_scatter(x, group), comm.all_gather(x, group)]
+    with comm.log_collectives() as started:
+        pending = [comm.iall_reduce(x, group), comm.ireduce_scatter(x, group), comm.iall_gather(x, group)]
     results = [p.wait() for p in reversed(pending)][::-1]  # waited for in another order than started
     parallel_assert(all(numpy.array_equal(a, b) for a, b in zip(results, expected)), f"{progress}: the same values")
     summary = [(r.op, r.shape, r.payload_bytes, r.ring_bytes) for r in started]
@@ -45,7 +45,7 @@ def test_each_equals_its_blocking_twin_with_the_same_log(progress):
 def test_the_progress_thread_completes_a_collective_while_the_rank_does_no_mpi(progress):
     group = world()
     x = numpy.ones(1 << 16)
-    pending = dist.iall_reduce(x, group)
+    pending = comm.iall_reduce(x, group)
     time.sleep(0.2)  # no MPI call on this thread: only the progress thread can move the bytes
     completed_before_wait = pending.completed is not None
     total = pending.wait()
@@ -59,8 +59,8 @@ def test_the_progress_thread_completes_a_collective_while_the_rank_does_no_mpi(p
 @pytest.mark.parallel(nprocs=[2])
 def test_bad_arguments_are_refused_before_any_communication():
     with pytest.raises(ValueError, match="progress"):
-        dist.set_progress("sometimes")
-    with dist.log_collectives() as log:
+        comm.set_progress("sometimes")
+    with comm.log_collectives() as log:
         with pytest.raises(ValueError, match="not divisible by 2"):
-            dist.ireduce_scatter(numpy.ones(3), world())
+            comm.ireduce_scatter(numpy.ones(3), world())
     parallel_assert(len(log) == 0, "nothing started")

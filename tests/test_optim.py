@@ -192,7 +192,7 @@ def test_adamw_trains_a_tiny_gpt(device):
 def test_clip_grad_norm_scales_as_torch_does_and_refuses_a_max_norm_that_is_not_positive():
     """torch: factor = max_norm / (norm + 1e-6), clamped at 1 -- so a norm just below max_norm (within
     eps) is still scaled a little, and one well below is left alone."""
-    from minitp.parallel.data_parallel import clip_grad_norm
+    from minitp.parallel.data.data_parallel import clip_grad_norm
     layer = nn.Linear(2, 1, bias=False, dtype=numpy.float64)
     for norm, max_norm in [(3.0, 1.0), (1.0 - 1e-7, 1.0), (0.5, 1.0)]:
         layer.weight.grad = numpy.array([[0.6], [0.8]]) * norm  # |g| = norm
@@ -212,10 +212,10 @@ def test_plain_and_zero_clipping_follow_one_rule_torchs(norm, max_norm):
     Both the plain path (``data_parallel.clip_grad_norm`` on ``.grad``) and ZeRO-1's
     (``ZeroOptimizer.clip_grad_norm`` on this rank's slices; one rank, so its slice is everything) must
     give exactly that, as must the one shared rule, ``nn.optim.clip_coefficient``."""
-    from minitp import dist
+    from minitp import comm
     from minitp.nn.optim import clip_coefficient
-    from minitp.parallel.data_parallel import clip_grad_norm
-    from minitp.parallel.zero import ZeroOptimizer
+    from minitp.parallel.data.data_parallel import clip_grad_norm
+    from minitp.parallel.data.zero import ZeroOptimizer
     direction = numpy.array([[0.6], [0.8]])  # |direction| = 1, so |g| = norm
     coef = max_norm / (norm + 1e-6)
     expected = direction * norm * (coef if coef < 1 else 1.0)
@@ -226,7 +226,7 @@ def test_plain_and_zero_clipping_follow_one_rule_torchs(norm, max_norm):
     assert abs(clip_grad_norm(layer, max_norm) - norm) < 1e-15
     plain = host(layer.weight.grad)
 
-    zero = ZeroOptimizer(nn.AdamW(layer.named_parameters()), dist.init(tp=1, dp=1))
+    zero = ZeroOptimizer(nn.AdamW(layer.named_parameters()), comm.init(tp=1, dp=1))
     layer.weight.grad = direction * norm
     zero.gradients.wait()
     assert abs(zero.clip_grad_norm(max_norm) - norm) < 1e-15
@@ -239,10 +239,10 @@ def test_plain_and_zero_clipping_follow_one_rule_torchs(norm, max_norm):
 
 def test_zero_clipping_refuses_a_max_norm_that_is_not_positive():
     """A negative max_norm would flip the gradient (coef < 0), 0 would zero it: refused on both paths."""
-    from minitp import dist
-    from minitp.parallel.zero import ZeroOptimizer
+    from minitp import comm
+    from minitp.parallel.data.zero import ZeroOptimizer
     layer = nn.Linear(2, 1, bias=False, dtype=numpy.float64)
-    zero = ZeroOptimizer(nn.AdamW(layer.named_parameters()), dist.init(tp=1, dp=1))
+    zero = ZeroOptimizer(nn.AdamW(layer.named_parameters()), comm.init(tp=1, dp=1))
     for bad in (0.0, -1.0):
         layer.weight.grad = numpy.array([[0.6], [0.8]]) * 3
         zero.gradients.wait()

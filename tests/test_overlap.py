@@ -10,12 +10,12 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import Tensor, dist, trace, trace_report
+from minitp import Tensor, comm, trace, trace_report
 from minitp.nn import GPT, GPTConfig, Linear
-from minitp.parallel.buckets import GradientBuckets
-from minitp.parallel.data_parallel import all_reduce_gradients, split_batch
+from minitp.parallel.data.buckets import GradientBuckets
+from minitp.parallel.data.data_parallel import all_reduce_gradients, split_batch
 from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.shard import gather_serial_grads
+from minitp.parallel.tensor.shard import gather_serial_grads
 from minitp.testing import max_error
 
 WORLD = MPI.COMM_WORLD
@@ -30,7 +30,7 @@ def batch(shape, seed=0):
 
 @pytest.mark.parallel(nprocs=[2, 4])
 def test_data_parallel_buckets_start_inside_backward_and_equal_the_blocking_reduction():
-    mesh = dist.init(tp=1, dp=WORLD.size)
+    mesh = comm.init(tp=1, dp=WORLD.size)
     ids, targets = batch((12, 4 * WORLD.size), seed=1)
     blocking = ParallelGPT(GPTConfig(**CONFIG), mesh)
     blocking.loss(split_batch(ids, mesh), split_batch(targets, mesh)).backward()
@@ -39,7 +39,7 @@ def test_data_parallel_buckets_start_inside_backward_and_equal_the_blocking_redu
 
     model = ParallelGPT(GPTConfig(**CONFIG), mesh)
     buckets = GradientBuckets(model.parameters(), mesh.dp, 3000, overlap=True)
-    with dist.log_collectives() as log, dist.record_timeline(mesh) as timeline:
+    with comm.log_collectives() as log, comm.record_timeline(mesh) as timeline:
         loss = model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
         with trace.span("backward", "phase"):
             loss.backward()
@@ -61,7 +61,7 @@ def test_data_parallel_buckets_start_inside_backward_and_equal_the_blocking_redu
 
 @pytest.mark.parallel(nprocs=[2])
 def test_a_parameter_without_a_gradient_keeps_none_and_a_second_backward_is_refused():
-    mesh = dist.init(tp=1, dp=2)
+    mesh = comm.init(tp=1, dp=2)
     used, unused = Linear(3, 2, dtype=numpy.float64, seed=1), Linear(3, 2, dtype=numpy.float64, seed=2)
     parameters = used.parameters() + unused.parameters()
     buckets = GradientBuckets(parameters, mesh.dp, bucket_bytes=1 << 20, overlap=True)
@@ -88,7 +88,7 @@ def test_a_parameter_without_a_gradient_keeps_none_and_a_second_backward_is_refu
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_async_linear_backward_equals_serial_with_the_same_bytes(sequence_parallel, tie_embeddings):
-    mesh = dist.init(tp=WORLD.size)
+    mesh = comm.init(tp=WORLD.size)
     ids, targets = batch((12, 3))
     config = GPTConfig(**CONFIG, tie_embeddings=tie_embeddings)
     serial = GPT(config)
@@ -96,7 +96,7 @@ def test_async_linear_backward_equals_serial_with_the_same_bytes(sequence_parall
     logs = {}
     for overlap in (False, True):
         model = ParallelGPT(config, mesh, sequence_parallel=sequence_parallel, overlap=overlap)
-        with dist.log_collectives() as logs[overlap]:
+        with comm.log_collectives() as logs[overlap]:
             model.loss(ids, targets).backward()
         grads = gather_serial_grads(model, mesh.tp)
         error = max(max_error(grads[name], p.grad) for name, p in serial.named_parameters())

@@ -1,4 +1,4 @@
-"""Point-to-point (minitp.dist.p2p): what the pipeline stages exchange.
+"""Point-to-point (minitp.comm.p2p): what the pipeline stages exchange.
 
 - the stage shift and its adjoint: F sends each stage's x to the next (stage 0 receives nothing), F*
   sends each stage's y to the previous; ⟨F x, y⟩ = ⟨x, F* y⟩ summed over the stages (distdl's adjoint
@@ -13,7 +13,7 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 
 WORLD = MPI.COMM_WORLD
 
@@ -22,15 +22,15 @@ def shift(x, group, forward):
     """x of stage r goes to stage r+1 (forward) or r-1 (backward); the stage at the end receives zeros."""
     r, p = group.rank, group.size
     dest, source = (r + 1, r - 1) if forward else (r - 1, r + 1)
-    pending = [dist.send(x, group, dest, match=0)] if 0 <= dest < p else []
-    received = dist.recv(x.shape, x.dtype, group, source, match=0) if 0 <= source < p else numpy.zeros_like(x)
-    dist.wait_all(pending)
+    pending = [comm.send(x, group, dest, match=0)] if 0 <= dest < p else []
+    received = comm.recv(x.shape, x.dtype, group, source, match=0) if 0 <= source < p else numpy.zeros_like(x)
+    comm.wait_all(pending)
     return received
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 3, 4])
 def test_the_backward_shift_is_the_adjoint_of_the_forward_shift():
-    pp = dist.init(tp=1, pp=WORLD.size).pp
+    pp = comm.init(tp=1, pp=WORLD.size).pp
     x = numpy.random.default_rng([1, pp.rank]).standard_normal((3, 2, 5))
     y = numpy.random.default_rng([2, pp.rank]).standard_normal((3, 2, 5))
     left = WORLD.allreduce(float(numpy.vdot(shift(x, pp, forward=True), y)))
@@ -41,14 +41,14 @@ def test_the_backward_shift_is_the_adjoint_of_the_forward_shift():
 
 @pytest.mark.parallel(nprocs=[2])
 def test_crossing_sends_of_large_buffers_do_not_deadlock_and_pair_by_tag():
-    pp = dist.init(tp=1, pp=2).pp
+    pp = comm.init(tp=1, pp=2).pp
     other = 1 - pp.rank
     big = [numpy.full(2 ** 20, float(10 * pp.rank + k)) for k in range(2)]  # 8 MiB each: past any eager limit
-    with dist.log_collectives() as log:
-        pending = [dist.send(big[k], pp, other, match=k) for k in range(2)]  # both ranks send first
-        second = dist.recv(big[1].shape, big[1].dtype, pp, other, match=1)  # taken in the other order
-        first = dist.recv(big[0].shape, big[0].dtype, pp, other, match=0)
-        dist.wait_all(pending)
+    with comm.log_collectives() as log:
+        pending = [comm.send(big[k], pp, other, match=k) for k in range(2)]  # both ranks send first
+        second = comm.recv(big[1].shape, big[1].dtype, pp, other, match=1)  # taken in the other order
+        first = comm.recv(big[0].shape, big[0].dtype, pp, other, match=0)
+        comm.wait_all(pending)
     parallel_assert(first[0] == 10 * other and second[0] == 10 * other + 1, f"paired by tag: {first[0]}, {second[0]}")
     sends, receives = log.select("send"), log.select("recv")
     parallel_assert(len(sends) == len(receives) == 2 and all(r.payload_bytes == 8 * 2 ** 20 for r in log),
@@ -59,14 +59,14 @@ def test_crossing_sends_of_large_buffers_do_not_deadlock_and_pair_by_tag():
 
 @pytest.mark.parallel(nprocs=[2])
 def test_a_receive_of_another_shape_is_refused():
-    pp = dist.init(tp=1, pp=2).pp
+    pp = comm.init(tp=1, pp=2).pp
     errors = []
     for size in (3, 6):  # fewer elements than the receiver expects, then more
         if pp.rank == 0:
-            dist.wait_all([dist.send(numpy.zeros(size), pp, 1, match=3)])
+            comm.wait_all([comm.send(numpy.zeros(size), pp, 1, match=3)])
             continue
         try:
-            dist.recv((2, 2), numpy.float64, pp, 0, match=3)
+            comm.recv((2, 2), numpy.float64, pp, 0, match=3)
             errors.append(None)
         except ValueError as raised:
             errors.append(str(raised))

@@ -11,18 +11,18 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 from minitp import functional as F
 from minitp.nn import GPT, GPTConfig
-from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
-from minitp.parallel.data_parallel import (
+from minitp.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
+from minitp.parallel.data.data_parallel import (
     all_reduce_gradients,
     average_over_data_parallel,
     clip_grad_norm,
     split_batch,
 )
 from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.shard import gather_serial_grads, gather_serial_state
+from minitp.parallel.tensor.shard import gather_serial_grads, gather_serial_state
 from minitp.testing import max_error
 
 WORLD = MPI.COMM_WORLD
@@ -57,7 +57,7 @@ def worst(actual, expected):
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_tensor_parallel_gpt_matches_serial(sequence_parallel, tie_embeddings):
-    mesh = dist.init(tp=WORLD.size)
+    mesh = comm.init(tp=WORLD.size)
     ids, targets = batch((12, 3), CONFIG["vocab"])
     serial, serial_logits, serial_loss, serial_grads, serial_norm, serial_clipped = serial_step(
         tie_embeddings, ids, targets, max_norm=0.5)
@@ -69,7 +69,7 @@ def test_tensor_parallel_gpt_matches_serial(sequence_parallel, tie_embeddings):
     parallel_assert(start == 0.0, f"starts from the serial weights: {start:.1e}")
 
     logits = model(ids)  # this rank's vocabulary columns
-    expected_logits = dist.split(serial_logits, mesh.tp, axis=-1)
+    expected_logits = comm.split(serial_logits, mesh.tp, axis=-1)
     parallel_assert(max_error(logits, expected_logits) <= SAME, f"logits {max_error(logits, expected_logits):.1e}")
     loss = vocab_parallel_cross_entropy(logits, targets, group=mesh.tp)
     loss.backward()
@@ -96,12 +96,12 @@ def test_data_parallel_matches_serial_with_one_all_reduce(sequence_parallel):
     ids, targets = batch((12, 4), CONFIG["vocab"], seed=1)
     _, _, serial_loss, serial_grads, serial_norm, serial_clipped = serial_step(False, ids, targets, max_norm=0.5)
     for tp, dp in [(p.values[0], p.values[1]) for p in data_parallel_meshes()]:
-        mesh = dist.init(tp=tp, dp=dp)
+        mesh = comm.init(tp=tp, dp=dp)
         model = ParallelGPT(GPTConfig(**CONFIG), mesh, sequence_parallel=sequence_parallel)
         loss = model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
         loss.backward()
         local_bytes = sum(p.grad.nbytes for p in model.parameters())
-        with dist.log_collectives() as log:
+        with comm.log_collectives() as log:
             buckets = all_reduce_gradients(model, mesh)
         reduces = log.select("all_reduce", tag="gradients")
         parallel_assert(buckets == 1 and len(reduces) == 1 and len(log) == 1,
@@ -121,14 +121,14 @@ def test_data_parallel_matches_serial_with_one_all_reduce(sequence_parallel):
 
 @pytest.mark.parallel(nprocs=[2])
 def test_buckets_split_the_all_reduce_not_the_result():
-    mesh = dist.init(tp=1, dp=2)
+    mesh = comm.init(tp=1, dp=2)
     ids, targets = batch((12, 4), CONFIG["vocab"], seed=2)
     results = []
     for bucket_bytes in (None, 3000):  # None: everything in one bucket; 3000 B: a few parameters each
         model = ParallelGPT(GPTConfig(**CONFIG), mesh)
         model.loss(split_batch(ids, mesh), split_batch(targets, mesh)).backward()
         sizes = [p.grad.nbytes for p in model.parameters()]
-        with dist.log_collectives() as log:
+        with comm.log_collectives() as log:
             buckets = all_reduce_gradients(model, mesh, bucket_bytes=bucket_bytes or sum(sizes))
         parallel_assert(log.count("all_reduce", tag="gradients") == buckets, log.table())
         parallel_assert(all(r.payload_bytes <= max(bucket_bytes or sum(sizes), max(sizes)) for r in log),
@@ -141,7 +141,7 @@ def test_buckets_split_the_all_reduce_not_the_result():
 
 @pytest.mark.parallel(nprocs=[2])
 def test_batch_not_divisible_by_dp_raises_on_every_rank():
-    mesh = dist.init(tp=1, dp=2)
+    mesh = comm.init(tp=1, dp=2)
     ids, _ = batch((12, 3), CONFIG["vocab"])
     try:
         split_batch(ids, mesh)
@@ -153,7 +153,7 @@ def test_batch_not_divisible_by_dp_raises_on_every_rank():
 
 @pytest.mark.parallel(nprocs=[2, 3])
 def test_vocabulary_not_divisible_by_tp_raises_on_every_rank():
-    mesh = dist.init(tp=WORLD.size)
+    mesh = comm.init(tp=WORLD.size)
     try:
         ParallelGPT(GPTConfig(**{**CONFIG, "vocab": 25}), mesh)
         error = None
@@ -165,7 +165,7 @@ def test_vocabulary_not_divisible_by_tp_raises_on_every_rank():
 @pytest.mark.parallel(nprocs=[1, 2, 4])
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_generate_matches_serial(sequence_parallel):
-    mesh = dist.init(tp=WORLD.size)
+    mesh = comm.init(tp=WORLD.size)
     config = {**CONFIG, "seq_len": 8}  # the context slides past seq_len; 8 splits over 1, 2 and 4
     serial = GPT(GPTConfig(**config))
     model = ParallelGPT(GPTConfig(**config), mesh, sequence_parallel=sequence_parallel)
@@ -181,7 +181,7 @@ def test_generate_matches_serial(sequence_parallel):
 @pytest.mark.parallel(nprocs=[1, 2, 4])
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_from_serial_takes_the_weights_and_the_dropout_streams(sequence_parallel):
-    mesh = dist.init(tp=WORLD.size)
+    mesh = comm.init(tp=WORLD.size)
     ids, _ = batch((12, 2), CONFIG["vocab"], seed=3)
     serial = GPT(GPTConfig(**{**CONFIG, "seed": 11}, tie_embeddings=True))
     serial(ids)  # the dropouts' counters move on to 1
@@ -189,5 +189,5 @@ def test_from_serial_takes_the_weights_and_the_dropout_streams(sequence_parallel
         p.data[...] += numpy.random.default_rng(len(p.data.shape)).standard_normal(p.shape) * 0.1
     model = ParallelGPT.from_serial(serial, mesh, sequence_parallel=sequence_parallel)
     parallel_assert(model.tie_embeddings and model.lm_head is None, "tied, as the serial model")
-    logits, expected = model(ids), dist.split(serial(ids).data, mesh.tp, axis=-1)  # both draw masks #1
+    logits, expected = model(ids), comm.split(serial(ids).data, mesh.tp, axis=-1)  # both draw masks #1
     parallel_assert(max_error(logits, expected) <= SAME, f"logits {max_error(logits, expected):.1e}")

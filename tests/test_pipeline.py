@@ -12,11 +12,11 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 from minitp import functional as F
 from minitp.nn import GPT, Dropout, GPTConfig
-from minitp.parallel.data_parallel import clip_grad_norm
-from minitp.parallel.shard import gather_serial_grads, gather_serial_state
+from minitp.parallel.data.data_parallel import clip_grad_norm
+from minitp.parallel.tensor.shard import gather_serial_grads, gather_serial_state
 from minitp.pipeline import PipelineGPT, expected_in_flight, forward_backward, plan, synchronize_gradients
 from minitp.testing import max_error
 from parallel_helpers import value_error
@@ -85,7 +85,7 @@ def test_every_schedule_equals_the_serial_step(schedule, sequence_parallel, tie_
     ids, targets = batch()
     references, ran = {}, 0
     for dp, pp, tp in meshes():
-        mesh = dist.init(dp=dp, pp=pp, tp=tp)
+        mesh = comm.init(dp=dp, pp=pp, tp=tp)
         for m, v in cases(schedule, pp, dp, every=dp == tp == 1):
             layers = max(4, pp * v)  # 4 blocks, or one per chunk: small, and a stage may hold several
             if layers not in references:
@@ -109,7 +109,7 @@ def test_every_schedule_equals_the_serial_step(schedule, sequence_parallel, tie_
 @pytest.mark.parallel(nprocs=[2, 4])
 @pytest.mark.parametrize("schedule", ["afab", "1f1b", "interleaved"])
 def test_each_stage_holds_the_schedules_activations_at_its_peak(schedule):
-    mesh = dist.init(pp=WORLD.size)
+    mesh = comm.init(pp=WORLD.size)
     p, r = mesh.pp_size, mesh.pp_rank
     ids, targets = batch(1)
     for m, v in cases(schedule, p, 1):
@@ -142,10 +142,10 @@ def test_each_stage_holds_the_schedules_activations_at_its_peak(schedule):
 @pytest.mark.parallel(nprocs=[2, 4])
 @pytest.mark.parametrize("schedule", ["afab", "1f1b"])
 def test_each_stage_sends_and_receives_one_activation_and_one_gradient_per_microbatch(schedule):
-    mesh = dist.init(pp=WORLD.size)
+    mesh = comm.init(pp=WORLD.size)
     p, r, m = mesh.pp_size, mesh.pp_rank, 4
     ids, targets = batch(2)
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         pipelined(mesh, schedule, m, 1, False, False, ids, targets)
     nbytes = 4 * (BATCH // m) * 8 * 8  # (s, b/m, h) float64
     sends, receives = log.select("send"), log.select("recv")
@@ -160,9 +160,9 @@ def test_each_stage_sends_and_receives_one_activation_and_one_gradient_per_micro
 
 @pytest.mark.parallel(nprocs=[4])
 def test_data_parallel_reduces_once_per_stage_after_its_last_backward():
-    mesh = dist.init(dp=2, pp=2)
+    mesh = comm.init(dp=2, pp=2)
     ids, targets = batch(4)
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         pipelined(mesh, "1f1b", 4, 1, False, True, ids, targets)
     kinds = [(x.op, x.group) for x in log if x.group != "tp"]
     reduces = [i for i, kind in enumerate(kinds) if kind == ("all_reduce", "dp")]
@@ -177,7 +177,7 @@ def test_data_parallel_reduces_once_per_stage_after_its_last_backward():
 def test_directional_gradcheck_through_the_stage_boundaries(tie_embeddings):
     """Every parameter of every stage moved along one random direction: the derivative of the pipelined
     loss along it, by finite differences, against Σ ⟨gradient, direction⟩ over the stages."""
-    mesh = dist.init(pp=WORLD.size)
+    mesh = comm.init(pp=WORLD.size)
     ids, targets = batch(3)
     model = PipelineGPT(config(tie_embeddings), mesh)
     dropouts = [module for module in model.modules() if isinstance(module, Dropout)]
@@ -209,7 +209,7 @@ def test_directional_gradcheck_through_the_stage_boundaries(tie_embeddings):
 
 @pytest.mark.parallel(nprocs=[2, 4])
 def test_bad_pipelines_are_refused_on_every_rank_before_any_send():
-    mesh = dist.init(pp=WORLD.size)
+    mesh = comm.init(pp=WORLD.size)
     p = mesh.pp_size
     ids, targets = batch()
     model = PipelineGPT(GPTConfig(**CONFIG), mesh)
@@ -219,7 +219,7 @@ def test_bad_pipelines_are_refused_on_every_rank_before_any_send():
         "interleaved": lambda: forward_backward(PipelineGPT(GPTConfig(**CONFIG), mesh, virtual_stages=2),
                                                 ids, targets, mesh, "interleaved", p + 1),
         "not divisible by 3 microbatches": lambda: forward_backward(model, ids, targets, mesh, "afab", 3),
-        "dp × pp × cp × tp": lambda: dist.init(pp=p, tp=2, dp=2),
+        "dp × pp × cp × tp": lambda: comm.init(pp=p, tp=2, dp=2),
     }
     for words, build in wrong.items():
         error, collectives = value_error(build)
@@ -229,7 +229,7 @@ def test_bad_pipelines_are_refused_on_every_rank_before_any_send():
 
 @pytest.mark.parallel(nprocs=[2, 4])
 def test_every_stage_starts_from_the_serial_weights_and_builds_only_its_own():
-    mesh = dist.init(pp=WORLD.size)
+    mesh = comm.init(pp=WORLD.size)
     full = GPT(GPTConfig(**CONFIG, tie_embeddings=True)).state_dict()
     model = PipelineGPT(GPTConfig(**CONFIG, tie_embeddings=True), mesh)
     mine = gather_serial_state(model, mesh.tp)
@@ -252,7 +252,7 @@ def test_every_send_is_complete_when_the_step_ends_above_the_eager_limit(schedul
     MPI sets a request to MPI_REQUEST_NULL once a Wait or a successful Test has completed it, and a
     request nobody completed stays live (whatever the network did)."""
     posted, sizes = [], []
-    send = dist.send
+    send = comm.send
 
     def recording_send(x, *args, **kwargs):
         pending = send(x, *args, **kwargs)
@@ -260,12 +260,12 @@ def test_every_send_is_complete_when_the_step_ends_above_the_eager_limit(schedul
         sizes.append(x.nbytes)
         return pending
 
-    monkeypatch.setattr(dist, "send", recording_send)  # minitp.dist: the engine calls dist.send
+    monkeypatch.setattr(comm, "send", recording_send)  # minitp.comm: the engine calls comm.send
     # (s, b/m, h) = (32, 512, 16) float64 = 2 MiB per message; h small, so the compute stays small
     config = GPTConfig(vocab=16, seq_len=32, hidden=16, heads=2, layers=2, dropout=0.0, seed=3, dtype="float64")
     m, columns = 2, 512
     windows = numpy.random.default_rng(6).integers(0, config.vocab, (config.seq_len + 1, m * columns))
-    mesh = dist.init(pp=WORLD.size)
+    mesh = comm.init(pp=WORLD.size)
     forward_backward(PipelineGPT(config, mesh), windows[:-1], windows[1:], mesh, schedule, m)
     live = [pending for pending in posted if pending.request != MPI.REQUEST_NULL]
     for pending in live:  # complete them here, so that a failure leaves no send behind for the next test
@@ -282,7 +282,7 @@ def test_a_batch_shorter_than_seq_len_equals_the_serial_step(schedule):
     and receiver disagree on the shape") on its own, and the job hung. Every rank is given the same (s, b)
     ids, so every stage now derives the shape crossing the wire from them. s = 2 < seq_len = 4, on
     (pp, tp) = (2, 1) and (2, 2), with and without sequence parallelism (s/t tokens per rank)."""
-    mesh = dist.init(pp=2, tp=WORLD.size // 2)
+    mesh = comm.init(pp=2, tp=WORLD.size // 2)
     windows = numpy.random.default_rng(7).integers(0, CONFIG["vocab"], (3, BATCH))
     ids, targets = windows[:-1], windows[1:]
     v = 2 if schedule == "interleaved" else 1
@@ -299,7 +299,7 @@ def test_a_batch_shorter_than_seq_len_equals_the_serial_step(schedule):
 def test_a_batch_longer_than_seq_len_is_refused_on_every_rank_before_any_send():
     """Stage 0's embedding refuses s > seq_len, but only stage 0 runs it: the others would wait for its
     activation forever. (And under sequence parallelism, an s that t does not divide.)"""
-    mesh = dist.init(pp=2, tp=WORLD.size // 2)
+    mesh = comm.init(pp=2, tp=WORLD.size // 2)
     windows = numpy.random.default_rng(8).integers(0, CONFIG["vocab"], (CONFIG["seq_len"] + 2, BATCH))
     model = PipelineGPT(config(layers=4), mesh)
     error, messages = value_error(lambda: forward_backward(model, windows[:-1], windows[1:], mesh, "1f1b", 2))

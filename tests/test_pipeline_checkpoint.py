@@ -6,9 +6,9 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import checkpoint, dist
+from minitp import checkpoint, comm
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel.data_parallel import train_step as serial_step
+from minitp.parallel.data.data_parallel import train_step as serial_step
 from minitp.pipeline import PipelineGPT, train_step
 
 WORLD = MPI.COMM_WORLD
@@ -40,13 +40,13 @@ def test_saved_from_stages_resumes_anywhere_with_the_serial_losses(tmp_path):
     uninterrupted = train(*built(GPT(CONFIG)), 0, STEPS)
 
     tp = WORLD.size // 2
-    mesh = dist.init(pp=2, tp=tp)  # save from two stages, tp = 1 or 2
+    mesh = comm.init(pp=2, tp=tp)  # save from two stages, tp = 1 or 2
     model, optimizer = built(PipelineGPT(CONFIG, mesh, sequence_parallel=tp > 1))
     before = train(model, optimizer, 0, SAVED_AT, mesh, "1f1b", 2)
     checkpoint.save(path, model, optimizer, mesh, step=SAVED_AT)
 
     resumed = {}
-    mesh = dist.init(pp=WORLD.size)  # every rank a stage, two chunks each where the layers allow
+    mesh = comm.init(pp=WORLD.size)  # every rank a stage, two chunks each where the layers allow
     v = 2 if CONFIG.layers % (2 * WORLD.size) == 0 else 1
     model, optimizer = built(PipelineGPT(CONFIG, mesh, virtual_stages=v))
     step = checkpoint.load(path, model, optimizer, mesh)

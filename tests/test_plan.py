@@ -23,7 +23,7 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist, track_saved
+from minitp import comm, track_saved
 from minitp.autograd import Tensor
 from minitp.nn import AdamW, GPTConfig
 from minitp.plan import Choices, Mesh, Model, plan
@@ -56,14 +56,14 @@ GRID = list(itertools.product([False, True], [0.0, 0.1], [False, True], ["float3
 
 @pytest.mark.parallel(nprocs=[1, 2, 4])
 def test_parallel_gpt_step_is_planned_to_the_byte():
-    from minitp.parallel.buckets import GradientBuckets
-    from minitp.parallel.data_parallel import replicas, split_batch, train_step
+    from minitp.parallel.data.buckets import GradientBuckets
+    from minitp.parallel.data.data_parallel import replicas, split_batch, train_step
     from minitp.parallel.gpt import ParallelGPT
-    from minitp.parallel.zero import ZeroOptimizer
+    from minitp.parallel.data.zero import ZeroOptimizer
 
     failures, checked = [], 0
     for tp in [t for t in (1, 2, 4) if WORLD.size % t == 0]:
-        mesh = dist.init(tp=tp)
+        mesh = comm.init(tp=tp)
         for sp, dropout, tie, dtype, zero in GRID:
             if sp and tp == 1:
                 continue
@@ -80,7 +80,7 @@ def test_parallel_gpt_step_is_planned_to_the_byte():
                 optimizer = ZeroOptimizer(optimizer, mesh, bucket)
             else:
                 gradients = GradientBuckets(model.parameters(), replicas(mesh), bucket)
-            with dist.log_collectives() as log:
+            with comm.log_collectives() as log:
                 train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients)
             state = optimizer.state_bytes() if zero else sum(
                 a.nbytes for entry in optimizer.state.values() for k, a in entry.items() if k != "step")
@@ -110,15 +110,15 @@ def test_one_layer_with_recomputation_is_planned_to_the_byte():
 
     s, b, h, a = 8, 2, 16, 4
     t = WORLD.size
-    group = dist.Group(WORLD.Split(color=0, key=WORLD.rank), "tp")
+    group = comm.Group(WORLD.Split(color=0, key=WORLD.rank), "tp")
     model = Model(vocab=64, seq_len=s, hidden=h, heads=a, layers=1, dropout=0.1)
     x_full = numpy.random.default_rng(0).standard_normal((s, b, h)).astype(numpy.float32)
     failures = []
     for sp, recompute in itertools.product([False, True], [None, "selective", "full"]):
         block = ParallelTransformerBlock(h, a, dropout=0.1, attention_dropout=0.1, dtype=numpy.float32,
                                          sequence_parallel=sp, group=group, recompute=recompute)
-        x = numpy.ascontiguousarray(dist.split(x_full, group, 0)) if sp else x_full
-        with dist.log_collectives() as log:
+        x = numpy.ascontiguousarray(comm.split(x_full, group, 0)) if sp else x_full
+        with comm.log_collectives() as log:
             with track_saved() as saved:  # the forward's: what is held for backward
                 y = block(Tensor(x, requires_grad=True))
             y.backward(numpy.ones_like(y.data))
@@ -136,12 +136,12 @@ def test_one_layer_with_recomputation_is_planned_to_the_byte():
 @pytest.mark.parallel(nprocs=[2, 4])
 def test_pipeline_stages_are_planned_to_the_byte():
     from minitp import pipeline
-    from minitp.parallel.data_parallel import clip_grad_norm
+    from minitp.parallel.data.data_parallel import clip_grad_norm
 
     failures = []
     for pp in [p for p in (2, 4) if WORLD.size % p == 0]:
         tp = WORLD.size // pp
-        mesh = dist.init(pp=pp, tp=tp)
+        mesh = comm.init(pp=pp, tp=tp)
         for name, m, v, sp, tie, dropout in [("afab", 4, 1, False, False, 0.1), ("1f1b", 4, 1, tp > 1, True, 0.1),
                                              ("1f1b", 2, 1, False, True, 0.0), ("interleaved", pp, 2, tp > 1, True, 0.1),
                                              ("interleaved", 2 * pp, 2, False, False, 0.0)]:
@@ -151,7 +151,7 @@ def test_pipeline_stages_are_planned_to_the_byte():
             batch = 2 * m
             rng = numpy.random.default_rng(0)
             ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
-            with dist.log_collectives() as log:
+            with comm.log_collectives() as log:
                 run = pipeline.forward_backward(model, ids, targets, mesh, name, m)
                 pipeline.synchronize_gradients(model, mesh)
                 clip_grad_norm(model, 1.0, mesh)

@@ -17,12 +17,12 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import backend, dist, track_saved
+from minitp import backend, comm, track_saved
 from minitp.autograd import Tensor, no_grad
 from minitp.nn import Dropout, MultiHeadAttention, TransformerBlock
 from minitp.nn.recompute import recompute
 from minitp.parallel import ParallelAttention, ParallelTransformerBlock
-from minitp.parallel.shard import gather_serial_grads, load_serial_state
+from minitp.parallel.tensor.shard import gather_serial_grads, load_serial_state
 from minitp.testing import gradcheck, max_error
 
 TIGHT = 1e-12
@@ -199,7 +199,7 @@ def test_full_recompute_keeps_only_the_block_input(seq, batch, hidden, heads):
 
 def sequence_rows(array, group):
     """Rank r's block of the sequence (axis 0)."""
-    return numpy.ascontiguousarray(dist.split(array, group, 0))
+    return numpy.ascontiguousarray(comm.split(array, group, 0))
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 4])
@@ -207,7 +207,7 @@ def sequence_rows(array, group):
 @pytest.mark.parametrize("recompute", ["selective", "full"])
 def test_parallel_recomputed_block_equals_serial_plain_block(recompute, sequence_parallel):
     world = MPI.COMM_WORLD
-    tp = dist.init(tp=world.size).tp
+    tp = comm.init(tp=world.size).tp
     t = tp.size
     seq, batch, hidden, heads = 2 * t, 2, 8, 4  # heads and ffn (4h) divide by 1, 2 and 4
     x, upstream = random((seq, batch, hidden), 1), random((seq, batch, hidden), 2)
@@ -248,7 +248,7 @@ def test_parallel_recomputed_block_equals_serial_plain_block(recompute, sequence
 
 @pytest.mark.parallel(nprocs=[2])
 def test_parallel_attention_rejects_full():
-    tp = dist.init(tp=MPI.COMM_WORLD.size).tp
+    tp = comm.init(tp=MPI.COMM_WORLD.size).tp
     try:
         ParallelAttention(8, 2, group=tp, recompute="full")
         raised = False

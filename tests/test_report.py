@@ -9,7 +9,7 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist, report
+from minitp import comm, report
 
 WORLD = MPI.COMM_WORLD
 
@@ -24,7 +24,7 @@ def test_say_prints_once_from_rank_0(capsys):
     report.banner("a title")
     out = printed(capsys)
     expected = ("from rank 0\n"
-                f"minitp: a title | arrays: numpy (CPU) | MPI: {dist.transport()}\n") if WORLD.rank == 0 else ""
+                f"minitp: a title | arrays: numpy (CPU) | MPI: {comm.transport()}\n") if WORLD.rank == 0 else ""
     parallel_assert(out == expected, f"rank {WORLD.rank} printed {out!r}")
 
 

@@ -9,9 +9,9 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import Tensor, dist, nn
+from minitp import Tensor, comm, nn
 from minitp.nn import placement
-from minitp.parallel.ring_attention import attended_pairs, ring_attention, ring_schedule
+from minitp.parallel.context.ring import attended_pairs, ring_attention, ring_schedule
 from minitp.testing import gradcheck, max_error
 
 WORLD = MPI.COMM_WORLD
@@ -20,7 +20,7 @@ B, A, S, D = 2, 3, 16, 4  # s = 16 splits into 2·cp chunks for cp = 1, 2, 4, 8
 
 
 def cp_group():
-    return dist.init(cp=WORLD.size).cp
+    return comm.init(cp=WORLD.size).cp
 
 
 def qkv(seed=0, shape=(B, A, S, D)):
@@ -113,9 +113,9 @@ def test_ring_bytes_equal_the_formula(layout):
     group = cp_group()
     cp, block = group.size, (S // group.size) * B * A * D * 8  # (s/cp)·b·h·e, h = a·d, float64
     leaves = [Tensor(mine(x, group, layout), requires_grad=True) for x in qkv()]
-    with dist.log_collectives() as forward:
+    with comm.log_collectives() as forward:
         out = ring_attention(*leaves, group=group, layout=layout)
-    with dist.log_collectives() as backward:
+    with comm.log_collectives() as backward:
         out.backward(numpy.ones(out.shape))
     # backward messages: K,V after step 1, K,V + dK,dV after steps 2..cp-1, dK,dV home after the last
     messages_back = cp if cp > 1 else 0
@@ -129,7 +129,7 @@ def test_ring_bytes_equal_the_formula(layout):
 def test_a_sequence_zigzag_cannot_cut_is_refused_on_every_rank_before_communicating():
     group = cp_group()
     leaves = [Tensor(x) for x in qkv(shape=(1, 1, 3, 2))]  # 3 tokens per rank: s = 3·cp, not 2·cp chunks
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         try:
             ring_attention(*leaves, group=group, layout="zigzag")
             error = None

@@ -24,7 +24,7 @@ from minitp.nn.layers import Dropout, LayerNorm, Linear
 from minitp.nn.transformer import TransformerBlock
 from minitp.parallel import (ColumnParallelLinear, ParallelTransformerBlock, RowParallelLinear, SequenceParallelDropout,
                              SequenceParallelLayerNorm, mappings)
-from minitp.parallel.shard import split_axis
+from minitp.parallel.tensor.shard import split_axis
 from minitp.testing import directional_gradcheck
 from parallel_helpers import (GRADCHECK, TIGHT, block, compare, randomize, replicated, reset_dropout, run_logged,
                               sequence_block, sharded_gradcheck, summary, tp_mesh, value_error, worst)

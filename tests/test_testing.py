@@ -8,9 +8,9 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import Function, Tensor, backend, dist
+from minitp import Function, Tensor, backend, comm
 from minitp import functional as F
-from minitp.parallel import mappings
+from minitp.parallel.tensor import mappings
 from minitp.testing import directional_gradcheck, gradcheck
 
 WORLD = MPI.COMM_WORLD
@@ -27,7 +27,7 @@ def leaf(array):
 
 
 def world():
-    return dist.Group(WORLD, "world")
+    return comm.Group(WORLD, "world")
 
 
 class Cube(Function):

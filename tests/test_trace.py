@@ -1,4 +1,4 @@
-"""The per-rank timeline: minitp.trace records, dist.record_timeline writes one Chrome trace for every rank,
+"""The per-rank timeline: minitp.trace records, comm.record_timeline writes one Chrome trace for every rank,
 minitp.trace_report reads it.
 
 Proven: the file is trace-event JSON with one process per rank named by its mesh coordinates and named
@@ -15,12 +15,12 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist, trace, trace_report
+from minitp import comm, trace, trace_report
 from minitp.nn import AdamW, GPTConfig
-from minitp.parallel.buckets import GradientBuckets
-from minitp.parallel.data_parallel import train_step
+from minitp.parallel.data.buckets import GradientBuckets
+from minitp.parallel.data.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.zero import ZeroOptimizer
+from minitp.parallel.data.zero import ZeroOptimizer
 
 WORLD = MPI.COMM_WORLD
 CONFIG = dict(vocab=24, seq_len=8, hidden=16, heads=4, layers=2, dropout=0.1, seed=1, dtype=numpy.float64)
@@ -40,7 +40,7 @@ def traced_steps(mesh, path, zero, overlap, steps=2):
     else:
         gradients = GradientBuckets(model.parameters(), mesh.dp, 3000, overlap=overlap)
     ids = numpy.random.default_rng(0).integers(0, CONFIG["vocab"], (CONFIG["seq_len"] + 1, 4))
-    with dist.log_collectives() as log, dist.record_timeline(mesh, path) as timeline:
+    with comm.log_collectives() as log, comm.record_timeline(mesh, path) as timeline:
         for _ in range(steps):
             train_step(model, optimizer, ids[:-1], ids[1:], mesh, max_norm=0.5, gradients=gradients)
     return timeline, log
@@ -62,7 +62,7 @@ def nests(spans):
 @pytest.mark.parametrize("zero,overlap", [(False, False), (False, True), (True, True)])
 def test_the_trace_file_shows_every_rank_and_every_collective(tmp_path, zero, overlap):
     tp = 2 if WORLD.size == 4 else 1
-    mesh = dist.init(tp=tp, dp=WORLD.size // tp)
+    mesh = comm.init(tp=tp, dp=WORLD.size // tp)
     path = rank0_path(tmp_path, "trace.json")
     _, log = traced_steps(mesh, path, zero, overlap)
     logged = sorted((r.op, r.payload_bytes, r.tag) for r in log if r.group_size > 1)
@@ -74,7 +74,7 @@ def test_the_trace_file_shows_every_rank_and_every_collective(tmp_path, zero, ov
             written = json.load(file)
         events = written["traceEvents"]
         names = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
-        expected = {r: dist.timeline.rank_name(mesh, r) for r in range(WORLD.size)}
+        expected = {r: comm.timeline.rank_name(mesh, r) for r in range(WORLD.size)}
         if names != expected:
             problems.append(f"process names {names}")
         lanes = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["name"] == "thread_name"}
@@ -131,7 +131,7 @@ def test_the_report_on_a_hand_made_trace():
 
 @pytest.mark.parallel(nprocs=[2])
 def test_pictures_of_a_real_trace(tmp_path):
-    mesh = dist.init(tp=1, dp=2)
+    mesh = comm.init(tp=1, dp=2)
     timeline, _ = traced_steps(mesh, None, zero=False, overlap=True)
     ok = True
     if timeline.trace is not None:
@@ -147,15 +147,15 @@ def test_pictures_of_a_real_trace(tmp_path):
 
 @pytest.mark.parallel(nprocs=[2])
 def test_a_path_that_cannot_be_written_is_refused_on_every_rank(tmp_path):
-    mesh = dist.init(tp=1, dp=2)
+    mesh = comm.init(tp=1, dp=2)
     message = None
     try:
-        dist.check_writable(rank0_path(tmp_path, "no/such/directory/trace.json"), mesh.world.comm)
+        comm.check_writable(rank0_path(tmp_path, "no/such/directory/trace.json"), mesh.world.comm)
     except ValueError as error:
         message = str(error)
     parallel_assert(message is not None and "cannot write the trace" in message, f"ValueError: {message}")
     fine = rank0_path(tmp_path, "trace.json")
-    dist.check_writable(fine, mesh.world.comm)
+    comm.check_writable(fine, mesh.world.comm)
     parallel_assert(WORLD.bcast(not os.path.exists(fine), root=0), "the probe leaves no file behind")
 
 
@@ -163,7 +163,7 @@ def test_a_path_that_cannot_be_written_is_refused_on_every_rank(tmp_path):
 def test_a_rank_on_another_node_estimates_its_clock_offset(monkeypatch):
     # pretend every rank but 0 runs on a machine of its own: each then measures its offset from rank 0's
     # clock by round trips. Here the clocks are one, so the estimate must come out near zero.
-    monkeypatch.setattr(dist.timeline, "_node", lambda: f"node {WORLD.rank}")
-    zero = dist.timeline._rank0_zero(WORLD)
+    monkeypatch.setattr(comm.timeline, "_node", lambda: f"node {WORLD.rank}")
+    zero = comm.timeline._rank0_zero(WORLD)
     error = abs(zero - WORLD.bcast(zero, root=0))
     parallel_assert(error < 0.05, f"offset estimated {error * 1e3:.3f} ms from the truth, 0")

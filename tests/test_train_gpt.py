@@ -7,7 +7,7 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 from tutorial_runner import TUTORIALS, launch, needs_mpiexec
 
 WORLD = MPI.COMM_WORLD
@@ -31,7 +31,7 @@ def test_check_mode_losses_equal_the_serial_run(sequence_parallel, tie_embedding
     meshes = [(tp, WORLD.size // tp) for tp in (1, 2, 4) if WORLD.size % tp == 0 and WORLD.size // tp <= 2]
     for tp, dp in meshes:
         args = train_gpt.check_args(tp, dp, sequence_parallel, tie_embeddings)
-        result = train_gpt.check(args, dist.init(tp=tp, dp=dp))
+        result = train_gpt.check(args, comm.init(tp=tp, dp=dp))
         parallel_assert(len(result.parallel) == len(result.serial) == 10, f"10 steps: {result}")
         parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE,
                         f"tp {tp} dp {dp}: {result.parallel} vs {result.serial}")
@@ -43,13 +43,13 @@ def test_check_catches_gradients_summed_over_dp_instead_of_averaged(monkeypatch)
     """Clipping scales summed gradients back to the clip norm, so the losses of such a run stay within
     1e-9 for some steps; the gradient norms, compared every step, do not."""
     train_gpt = tutorial()
-    from minitp import dist as minitp_dist
-    from minitp.parallel import data_parallel
+    from minitp import comm as minitp_dist
+    from minitp.parallel.data import data_parallel
     real_all_reduce = minitp_dist.all_reduce
-    monkeypatch.setattr(data_parallel.dist, "all_reduce",
+    monkeypatch.setattr(data_parallel.comm, "all_reduce",
                         lambda x, group, tag="", op="sum", out=None: real_all_reduce(x, group, tag, op, out) *
                         (group.size if tag.startswith("gradients") else 1))  # undo the mean: a sum
-    result = train_gpt.check(train_gpt.check_args(1, 2), dist.init(tp=1, dp=2))
+    result = train_gpt.check(train_gpt.check_args(1, 2), comm.init(tp=1, dp=2))
     norms = [abs(p / s - 1) for p, s in zip(result.parallel_norms, result.serial_norms)]
     parallel_assert(result.max_difference > 0.5 and max(norms) > 0.5, f"{result}")
 
@@ -62,7 +62,7 @@ def test_check_mode_covers_zero_and_overlap(zero, overlap, sequence_parallel):
     for tp in (1, 2):
         dp = WORLD.size // tp
         args = train_gpt.check_args(tp, dp, sequence_parallel, zero=zero, overlap=overlap)
-        result = train_gpt.check(args, dist.init(tp=tp, dp=dp))
+        result = train_gpt.check(args, comm.init(tp=tp, dp=dp))
         parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE,
                         f"tp {tp} dp {dp} zero {zero} overlap {overlap}: {result.parallel} vs {result.serial}")
 

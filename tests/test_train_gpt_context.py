@@ -5,7 +5,7 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 from test_train_gpt import SMALL, tutorial
 from tutorial_runner import launch, needs_mpiexec
 
@@ -25,7 +25,7 @@ def test_check_mode_losses_equal_the_serial_run_with_context_parallelism(kind):
     train_gpt = tutorial()
     for cp, tp, dp, sequence_parallel in meshes(kind):
         args = train_gpt.check_args(tp, dp, sequence_parallel, cp=cp, cp_kind=kind)
-        result = train_gpt.check(args, dist.init(tp=tp, dp=dp, cp=cp))
+        result = train_gpt.check(args, comm.init(tp=tp, dp=dp, cp=cp))
         parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE,
                         f"cp {cp} tp {tp} dp {dp} {kind}: {result.parallel} vs {result.serial}")
         parallel_assert(len(set(result.serial)) == 10, "the losses move: the check compares something")

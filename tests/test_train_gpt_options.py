@@ -14,8 +14,8 @@ import types
 import pytest
 from mpi4py import MPI
 
-from minitp import dist, launcher
-from minitp.dist import checks
+from minitp import comm, launcher
+from minitp.comm import checks
 from test_train_gpt import tutorial
 from tutorial_runner import ROOT, needs_mpiexec
 
@@ -173,7 +173,7 @@ def test_the_trace_window_never_repeats_or_skips_a_step(train_gpt, tmp_path, fir
     """Before: --trace-steps -1 made the window [2, 0): step 1 trained twice, 5 updates for --steps 4."""
     args = train_gpt.parse(TINY + ["--steps", str(steps), "--trace", str(tmp_path / "t.json")])
     args.trace_steps = trace_steps  # what validate() refuses: train() itself must hold anyway
-    mesh = dist.init()
+    mesh = comm.init()
     training = train_gpt.setup(argparse.Namespace(**{**vars(args), "trace": None}), mesh)
     trained = []
     train_gpt.train(training.model, training.optimizer, training.gradients, training.data, args, mesh, first_step,
@@ -222,7 +222,7 @@ def test_checked_mode_is_on_unless_unchecked(train_gpt, monkeypatch, unchecked, 
     """Before: train_gpt.py ran unchecked unless --check or MINITP_CHECKED=1 (which the tests set)."""
     monkeypatch.setattr(checks, "_checked", [unchecked])  # the opposite of what the run must leave; restored after
     status, _, err = outcome(train_gpt, ["--unchecked"] if unchecked else [], capsys)
-    assert status == 0 and dist.checked() is not unchecked, err
+    assert status == 0 and comm.checked() is not unchecked, err
 
 
 def test_unchecked_says_what_it_skips_and_what_it_costs(train_gpt, capsys):

@@ -5,7 +5,7 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 from test_train_gpt import SMALL, tutorial
 from tutorial_runner import launch, needs_mpiexec
 
@@ -24,7 +24,7 @@ def test_check_mode_losses_equal_the_serial_run_through_the_stages(schedule):
     args = train_gpt.check_args(tp, dp, sequence_parallel=tp > 1, tie_embeddings=schedule != "afab", pp=2,
                                 microbatches=microbatches, schedule=schedule,
                                 virtual_stages=2 if schedule == "interleaved" else 1)
-    result = train_gpt.check(args, dist.init(tp=tp, dp=dp, pp=2))
+    result = train_gpt.check(args, comm.init(tp=tp, dp=dp, pp=2))
     parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE,
                     f"{schedule} tp {tp} dp {dp}: {result.parallel} vs {result.serial}")
     parallel_assert(len(set(result.serial)) == 10, "the losses move: the check compares something")

@@ -7,8 +7,8 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import Tensor, dist, nn
-from minitp.parallel.ulysses import ulysses_attention
+from minitp import Tensor, comm, nn
+from minitp.parallel.context.ulysses import ulysses_attention
 from minitp.testing import gradcheck, max_error
 
 WORLD = MPI.COMM_WORLD
@@ -17,7 +17,7 @@ B, A, S, D = 2, 4, 8, 3  # 4 heads and 8 tokens split over cp = 1, 2, 4
 
 
 def cp_group():
-    return dist.init(cp=WORLD.size).cp
+    return comm.init(cp=WORLD.size).cp
 
 
 def qkv(seed=0, shape=(B, A, S, D)):
@@ -74,9 +74,9 @@ def test_ulysses_bytes_equal_the_formula():
     group = cp_group()
     cp, tokens = group.size, S // group.size
     leaves = [Tensor(block(x, group), requires_grad=True) for x in qkv()]
-    with dist.log_collectives() as forward:
+    with comm.log_collectives() as forward:
         out = ulysses_attention(*leaves, group=group)
-    with dist.log_collectives() as backward:
+    with comm.log_collectives() as backward:
         out.backward(numpy.ones(out.shape))
     formula = 4 * (cp - 1) / cp * tokens * B * A * D * 8
     for log in (forward, backward):
@@ -88,7 +88,7 @@ def test_ulysses_bytes_equal_the_formula():
 def test_heads_cp_does_not_divide_are_refused_before_communicating():
     group = cp_group()
     leaves = [Tensor(x) for x in qkv(shape=(1, group.size + 1, 2, 2))]
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         try:
             ulysses_attention(*leaves, group=group)
             error = None

@@ -10,13 +10,13 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 from minitp import functional as F
 from minitp.autograd import Tensor
 from minitp.nn.layers import Embedding
-from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
-from minitp.parallel.embedding import VocabParallelEmbedding
-from minitp.parallel.shard import gather_serial_state
+from minitp.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
+from minitp.parallel.tensor.embedding import VocabParallelEmbedding
+from minitp.parallel.tensor.shard import gather_serial_state
 from minitp.testing import gradcheck, max_error
 
 WORLD = MPI.COMM_WORLD
@@ -31,7 +31,7 @@ TOKENS = [(12, 3), (12, 1)]
 
 
 def tp_group():
-    return dist.init(tp=WORLD.size).tp
+    return comm.init(tp=WORLD.size).tp
 
 
 def vocab_cases():
@@ -46,7 +46,7 @@ def token_ids(shape, vocab, seed=0):
 
 def gathered_rows(shard, group):
     """The full array from the ranks' blocks along axis 0 (the parameter's ``split_axis``)."""
-    return dist.all_gather(numpy.ascontiguousarray(shard), group, axis=0)
+    return comm.all_gather(numpy.ascontiguousarray(shard), group, axis=0)
 
 
 def raised_on_this_rank(exception, fn):
@@ -79,7 +79,7 @@ def test_embedding_matches_serial(vocab, tokens, sequence_parallel):
                                    dtype=numpy.float64, seed=3)
     block = tokens[0] // n  # this rank's tokens under sequence parallelism
     mine = slice(rank * block, (rank + 1) * block) if sequence_parallel else slice(None)
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         y = layer(ids)
     y.backward(grad[mine])  # replicated output: every rank gets the same gradient (Megatron's invariant)
 
@@ -166,7 +166,7 @@ def logits_and_targets(tokens, vocab, scale=1.0, seed=0):
 
 
 def my_columns(full, group):
-    return numpy.ascontiguousarray(dist.split(full, group, axis=-1))
+    return numpy.ascontiguousarray(comm.split(full, group, axis=-1))
 
 
 def upstream_grad(reduction, tokens):
@@ -194,7 +194,7 @@ def test_cross_entropy_matches_serial(vocab, tokens, reduction):
 
     parallel_assert(loss.shape == expected.shape, f"loss shape {loss.shape}, serial {expected.shape}")
     parallel_assert(max_error(loss, expected) <= SAME, f"loss differs by {max_error(loss, expected)}")
-    error = max_error(dist.all_gather(shard.grad, group, axis=-1), logits.grad)
+    error = max_error(comm.all_gather(shard.grad, group, axis=-1), logits.grad)
     parallel_assert(error <= SAME, f"logits gradient differs from serial by {error}")
 
 
@@ -225,7 +225,7 @@ def test_cross_entropy_large_logits_stay_finite():
     finite = bool(numpy.isfinite(loss.data).all() and numpy.isfinite(shard.grad).all())
     parallel_assert(finite, f"non-finite loss or gradient with logits of size 1e3: {loss.data}")
     parallel_assert(max_error(loss, expected) <= SAME, f"loss differs by {max_error(loss, expected)}")
-    error = max_error(dist.all_gather(shard.grad, group, axis=-1), logits.grad)
+    error = max_error(comm.all_gather(shard.grad, group, axis=-1), logits.grad)
     parallel_assert(error <= SAME, f"gradient differs by {error}")
 
 
@@ -242,7 +242,7 @@ def test_cross_entropy_float32():
     loss.backward()
     parallel_assert(loss.dtype == numpy.float32 and shard.grad.dtype == numpy.float32,
                     f"loss {loss.dtype}, gradient {shard.grad.dtype}")
-    error = max(max_error(loss, expected), max_error(dist.all_gather(shard.grad, group, axis=-1), logits.grad))
+    error = max(max_error(loss, expected), max_error(comm.all_gather(shard.grad, group, axis=-1), logits.grad))
     parallel_assert(error <= 1e-6, f"float32 loss or gradient differs from serial by {error}")
 
 
@@ -252,9 +252,9 @@ def test_cross_entropy_moves_three_token_sized_all_reduces_and_nothing_backward(
     tokens, vocab = (6, 4), 12
     full, targets = logits_and_targets(tokens, vocab, seed=6)
     shard = Tensor(my_columns(full, group), requires_grad=True)
-    with dist.log_collectives() as forward:
+    with comm.log_collectives() as forward:
         loss = vocab_parallel_cross_entropy(shard, targets, group=group)
-    with dist.log_collectives() as backward:
+    with comm.log_collectives() as backward:
         loss.backward()
 
     itemsize = full.itemsize

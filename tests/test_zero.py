@@ -1,4 +1,4 @@
-"""ZeRO-1 (minitp.parallel.zero) against plain data parallelism, in float64 with dropout on.
+"""ZeRO-1 (minitp.parallel.data.zero) against plain data parallelism, in float64 with dropout on.
 
 Proven on every mesh with dp > 1 (tp 1 and 2): the parameters after several AdamW steps equal plain data
 parallelism's within 1e-12, blocking and overlapped; the optimizer state per rank is 1/d of plain's
@@ -14,13 +14,13 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import checkpoint, dist
+from minitp import checkpoint, comm
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel.buckets import GradientBuckets
-from minitp.parallel.data_parallel import train_step
+from minitp.parallel.data.buckets import GradientBuckets
+from minitp.parallel.data.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.shard import gather_serial_state
-from minitp.parallel.zero import ZeroOptimizer
+from minitp.parallel.tensor.shard import gather_serial_state
+from minitp.parallel.data.zero import ZeroOptimizer
 
 WORLD = MPI.COMM_WORLD
 SAME = 1e-12
@@ -47,7 +47,7 @@ def run(mesh, zero, overlap, sequence_parallel=False, steps=STEPS, first=0, mode
         if zero:
             optimizer = ZeroOptimizer(optimizer, mesh, BUCKET_BYTES, overlap=overlap)
     gradients = None if zero else GradientBuckets(model.parameters(), mesh.dp, BUCKET_BYTES, overlap=overlap)
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         losses = [train_step(model, optimizer, *batch_at(step), mesh, max_norm=0.5, gradients=gradients)[0]
                   for step in range(first, first + steps)]
     return model, optimizer, losses, log
@@ -61,7 +61,7 @@ def worst(a, b):
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_zero_parameters_equal_plain_data_parallel(sequence_parallel):
     for tp, dp in meshes():
-        mesh = dist.init(tp=tp, dp=dp)
+        mesh = comm.init(tp=tp, dp=dp)
         plain, _, plain_losses, _ = run(mesh, zero=False, overlap=False, sequence_parallel=sequence_parallel)
         expected = gather_serial_state(plain, mesh.tp)
         for overlap in (False, True):
@@ -79,7 +79,7 @@ def state_bytes(optimizer):
 @pytest.mark.parallel(nprocs=[2, 3, 4])
 def test_optimizer_state_is_one_dth_and_the_bytes_are_one_all_reduce():
     for tp, dp in meshes():
-        mesh = dist.init(tp=tp, dp=dp)
+        mesh = comm.init(tp=tp, dp=dp)
         _, plain_optimizer, _, plain_log = run(mesh, zero=False, overlap=False, steps=1)
         _, zero, _, zero_log = run(mesh, zero=True, overlap=False, steps=1)
         plain_bytes, zero_bytes = state_bytes(plain_optimizer), zero.state_bytes()
@@ -114,14 +114,14 @@ def rank0_path(tmp_path, name="zero.npz"):
 @pytest.mark.parallel(nprocs=[4])
 def test_a_zero_checkpoint_resumes_on_another_dp_and_tp_and_serially(tmp_path):
     path, plain_path = rank0_path(tmp_path), rank0_path(tmp_path, "plain.npz")
-    mesh = dist.init(tp=1, dp=4)
+    mesh = comm.init(tp=1, dp=4)
     _, _, uninterrupted, _ = run(mesh, zero=False, overlap=False, steps=6)
     model, optimizer, before, _ = run(mesh, zero=True, overlap=True, steps=3)
     checkpoint.save(path, model, optimizer, mesh, step=3)
     plain, plain_optimizer, _, _ = run(mesh, zero=False, overlap=False, steps=3)
     checkpoint.save(plain_path, plain, plain_optimizer, mesh, step=3)
 
-    mesh = dist.init(tp=2, dp=2)  # ZeRO again, on another dp and tp
+    mesh = comm.init(tp=2, dp=2)  # ZeRO again, on another dp and tp
     model = ParallelGPT(GPTConfig(**CONFIG), mesh)
     optimizer = ZeroOptimizer(AdamW(model.named_parameters(), lr=1e-2), mesh, BUCKET_BYTES)
     step = checkpoint.load(path, model, optimizer, mesh)
@@ -154,9 +154,9 @@ def test_a_zero_checkpoint_resumes_on_another_dp_and_tp_and_serially(tmp_path):
 @pytest.mark.parallel(nprocs=[2])
 @pytest.mark.parametrize("bucket_bytes", [0, -5, 0.0])
 def test_a_bucket_size_that_is_not_positive_is_refused_on_every_rank(bucket_bytes):
-    mesh = dist.init(tp=1, dp=2)
+    mesh = comm.init(tp=1, dp=2)
     model = ParallelGPT(GPTConfig(**CONFIG), mesh)
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         try:
             ZeroOptimizer(AdamW(model.named_parameters()), mesh, bucket_bytes)
             error = None
@@ -198,10 +198,10 @@ def test_zero_with_context_parallelism_equals_the_serial_run(kind):
                 for step in range(CP_STEPS)]
     expected_state = {name: p.data for name, p in serial.named_parameters()}
     for dp, cp in cp_meshes():
-        mesh = dist.init(tp=1, dp=dp, cp=cp)
+        mesh = comm.init(tp=1, dp=dp, cp=cp)
         model = ParallelGPT(GPTConfig(**CP_CONFIG), mesh, context_parallel=kind)
         optimizer = ZeroOptimizer(AdamW(model.named_parameters(), lr=1e-2), mesh, BUCKET_BYTES)
-        with dist.log_collectives() as log:
+        with comm.log_collectives() as log:
             got = [train_step(model, optimizer, *cp_batch_at(step), mesh, max_norm=0.5) for step in range(CP_STEPS)]
         where = f"dp {dp} cp {cp} {kind}"
         losses = max(abs(a[0] - b[0]) for a, b in zip(got, expected))
@@ -228,7 +228,7 @@ def test_zero_keeps_one_dth_of_the_moments_and_reduce_scatters_and_all_gathers()
     same bytes; (d-1)/d of them leave each rank. No gradient all-reduce: the only all-reduces are the
     norm's two numbers and the loss's one."""
     d, r = WORLD.size, WORLD.rank
-    mesh = dist.init(tp=1, dp=d)
+    mesh = comm.init(tp=1, dp=d)
     model, optimizer, _, log = run(mesh, zero=True, overlap=False, steps=1)
     sizes = [sum(p.size for p in bucket.parameters) for bucket in optimizer.gradients.buckets]
     parameters = sum(p.size for p in model.parameters())

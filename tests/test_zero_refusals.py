@@ -17,12 +17,12 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import dist
+from minitp import comm
 from minitp.nn import AdamW, GPTConfig
-from minitp.parallel.buckets import GradientBuckets
-from minitp.parallel.data_parallel import train_step
+from minitp.parallel.data.buckets import GradientBuckets
+from minitp.parallel.data.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.zero import ZeroOptimizer
+from minitp.parallel.data.zero import ZeroOptimizer
 from minitp.pipeline import PipelineGPT
 from minitp.pipeline import training as pipeline
 
@@ -38,7 +38,7 @@ def batch():
 def refusal(call):
     """(the type and message of what ``call()`` raised, or None; the number of collectives it ran).
     Any exception is caught, so that a rank raising the wrong one reports it through parallel_assert."""
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         try:
             call()
         except Exception as error:  # noqa: BLE001 -- the type is what the test checks
@@ -56,7 +56,7 @@ def refused(outcome, *words):
 
 @pytest.mark.parallel(nprocs=[2])
 def test_pipeline_train_step_refuses_a_zero_optimizer_before_any_collective():
-    mesh = dist.init(dp=2, pp=1)  # pp = 1: ZeroOptimizer itself takes this mesh
+    mesh = comm.init(dp=2, pp=1)  # pp = 1: ZeroOptimizer itself takes this mesh
     model = PipelineGPT(GPTConfig(**CONFIG), mesh)
     optimizer = ZeroOptimizer(AdamW(model.named_parameters()), mesh)
     outcome = refusal(lambda: pipeline.train_step(model, optimizer, *batch(), mesh, max_norm=1.0))
@@ -65,7 +65,7 @@ def test_pipeline_train_step_refuses_a_zero_optimizer_before_any_collective():
 
 @pytest.mark.parallel(nprocs=[2])
 def test_zero_optimizer_refuses_pipeline_stages():
-    mesh = dist.init(dp=1, pp=2)
+    mesh = comm.init(dp=1, pp=2)
     model = PipelineGPT(GPTConfig(**CONFIG), mesh)
     outcome = refusal(lambda: ZeroOptimizer(AdamW(model.named_parameters()), mesh))
     parallel_assert(refused(outcome, "pp", "stages"), f"{outcome}")
@@ -73,7 +73,7 @@ def test_zero_optimizer_refuses_pipeline_stages():
 
 @pytest.mark.parallel(nprocs=[2])
 def test_data_parallel_train_step_refuses_pipeline_stages():
-    mesh = dist.init(dp=1, pp=2)
+    mesh = comm.init(dp=1, pp=2)
     model = ParallelGPT(GPTConfig(**CONFIG), mesh)
     optimizer = AdamW(model.named_parameters())
     outcome = refusal(lambda: train_step(model, optimizer, *batch(), mesh, max_norm=1.0))
@@ -82,7 +82,7 @@ def test_data_parallel_train_step_refuses_pipeline_stages():
 
 @pytest.mark.parallel(nprocs=[2])
 def test_data_parallel_train_step_refuses_buckets_over_dp_alone_with_context_parallelism():
-    mesh = dist.init(dp=1, cp=2)
+    mesh = comm.init(dp=1, cp=2)
     model = ParallelGPT(GPTConfig(**CONFIG), mesh, context_parallel="ring")
     optimizer = AdamW(model.named_parameters())
     wrong = GradientBuckets(model.parameters(), mesh.dp)  # dp alone: the other cp rank's tokens are missed
@@ -95,7 +95,7 @@ def test_data_parallel_train_step_refuses_buckets_over_dp_alone_with_context_par
 
 @pytest.mark.parallel(nprocs=[2])
 def test_data_parallel_train_step_refuses_sharded_buckets_and_buckets_beside_zero():
-    mesh = dist.init(dp=2)
+    mesh = comm.init(dp=2)
     model = ParallelGPT(GPTConfig(**CONFIG), mesh)
     sharded = GradientBuckets(model.parameters(), mesh.dp, shard=True)
     outcome = refusal(lambda: train_step(model, AdamW(model.named_parameters()), *batch(), mesh, gradients=sharded))
@@ -110,9 +110,9 @@ def test_data_parallel_train_step_refuses_sharded_buckets_and_buckets_beside_zer
 def test_data_parallel_train_step_refuses_a_zero_optimizer_built_over_other_replicas():
     """A ZeroOptimizer built on a dp × cp mesh averages over all 4 ranks; a step on a mesh whose
     replicas are 2 (dp = 2, tp = 2) would take that mean over ranks holding other tensor blocks."""
-    built_on = dist.init(dp=2, cp=2)
+    built_on = comm.init(dp=2, cp=2)
     model = ParallelGPT(GPTConfig(**CONFIG), built_on, context_parallel="ring")
     optimizer = ZeroOptimizer(AdamW(model.named_parameters()), built_on)
-    other = dist.init(dp=2, tp=2)
+    other = comm.init(dp=2, tp=2)
     outcome = refusal(lambda: train_step(model, optimizer, *batch(), other, max_norm=1.0))
     parallel_assert(refused(outcome, "build it on the step's mesh"), f"{outcome}")

@@ -18,14 +18,14 @@ in order (each_rank; both from minitp.report).
 import numpy
 from mpi4py import MPI
 
-from minitp import Tensor, backend, dist
+from minitp import Tensor, backend, comm
 from minitp import functional as F
 from minitp.nn import MultiHeadAttention, attention_core
 from minitp.parallel import ParallelAttention, gather_serial_grads
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
-mesh = dist.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)  # all ranks in one tensor-parallel group: one model, t shards
+mesh = comm.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)  # all ranks in one tensor-parallel group: one model, t shards
 tp_size, rank = mesh.tp.size, mesh.tp.rank
 
 
@@ -47,7 +47,7 @@ hidden = heads * head_dim
 attention_dropout, output_dropout = 0.2, 0.1
 dtype = numpy.float64
 try:
-    heads_per_rank = dist.divide(heads, tp_size, "heads")
+    heads_per_rank = comm.divide(heads, tp_size, "heads")
 except ValueError as error:  # every rank computes the same numbers, so every rank stops here, together
     say(f"{error}.\nThis tutorial runs on 1, 2, 3, 4, 6 or 12 ranks: mpirun -n 4 python tutorials/attention.py")
     raise SystemExit(1)
@@ -204,9 +204,9 @@ each_rank(f"head {first}, example 0: {pattern}   mask of heads {spans(range(firs
 # ---------------------------------------------------------------------------------------------------
 say("\n6. Forward and backward: the collectives")
 x_parallel = Tensor(x_values, requires_grad=True)
-with dist.log_collectives() as forward_log:
+with comm.log_collectives() as forward_log:
     z_parallel = parallel(x_parallel)
-with dist.log_collectives() as backward_log:
+with comm.log_collectives() as backward_log:
     z_parallel.backward(grad_z)
 say("   forward (f̄ after proj):")
 say(indent(forward_log.table()))

@@ -21,7 +21,7 @@ on every rank together.
 import numpy
 from mpi4py import MPI
 
-from minitp import Tensor, backend, dist
+from minitp import Tensor, backend, comm
 from minitp.parallel import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
                              reduce_from_tensor_parallel_region, reduce_scatter_to_sequence_parallel_region)
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
@@ -34,10 +34,10 @@ f_bar = reduce_from_tensor_parallel_region
 g = gather_from_sequence_parallel_region
 g_bar = reduce_scatter_to_sequence_parallel_region
 
-# dist.init(tp=t) puts all ranks in one tensor-parallel group (mesh.tp), the group every collective below
+# comm.init(tp=t) puts all ranks in one tensor-parallel group (mesh.tp), the group every collective below
 # talks over: each call names it, so the code says which ranks talk. It also makes an exception on any rank abort the whole job with that rank's traceback,
 # instead of leaving the others waiting in a collective forever.
-mesh = dist.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)
+mesh = comm.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)
 tp_size, rank = mesh.tp.size, mesh.tp.rank
 
 
@@ -64,7 +64,7 @@ length = 2 * tp_size
 x = 10.0 * rank + backend.xp.arange(length, dtype=numpy.float64)
 say(f"\n1. All-reduce: each rank's x (10·rank + 0..{length - 1}) becomes the sum over the ranks, on every rank")
 each_rank(f"x = {show(x)}")
-reduced = dist.all_reduce(x, mesh.tp)
+reduced = comm.all_reduce(x, mesh.tp)
 each_rank(f"all_reduce(x) = {show(reduced)}")
 # Every rank knows what the sum must be without asking the others: Σ_r (10r + i) = 10·n(n-1)/2 + n·i.
 expected_sum = 10.0 * tp_size * (tp_size - 1) / 2 + tp_size * backend.xp.arange(length, dtype=numpy.float64)
@@ -77,7 +77,7 @@ worst = max(worst, max_error(reduced, expected_sum))
 # this is how every rank gets the whole sequence back from the blocks of tokens the ranks hold.
 # ---------------------------------------------------------------------------------------------------
 say("\n2. All-gather (axis 0): every rank's x, concatenated in rank order, on every rank")
-gathered = dist.all_gather(x, mesh.tp, axis=0)
+gathered = comm.all_gather(x, mesh.tp, axis=0)
 each_rank(f"all_gather(x) = {show(gathered, tp_size)}")
 expected_gather = backend.xp.concatenate([10.0 * r + backend.xp.arange(length, dtype=numpy.float64)
                                           for r in range(tp_size)])
@@ -90,9 +90,9 @@ worst = max(worst, max_error(gathered, expected_gather))
 # axis must divide by n (here 2n: blocks of two). It moves half the bytes of an all-reduce (part 4).
 # ---------------------------------------------------------------------------------------------------
 say("\n3. Reduce-scatter (axis 0): the sum of the x's, and rank r keeps block r of it")
-scattered = dist.reduce_scatter(x, mesh.tp, axis=0)
+scattered = comm.reduce_scatter(x, mesh.tp, axis=0)
 each_rank(f"reduce_scatter(x) = {show(scattered)}  (block {rank} of {show(reduced, tp_size)})")
-worst = max(worst, max_error(scattered, dist.split(expected_sum, mesh.tp, axis=0)))
+worst = max(worst, max_error(scattered, comm.split(expected_sum, mesh.tp, axis=0)))
 
 # ---------------------------------------------------------------------------------------------------
 # 4. All-reduce = reduce-scatter, then all-gather.
@@ -108,10 +108,10 @@ worst = max(worst, max_error(scattered, dist.split(expected_sum, mesh.tp, axis=0
 # The log records each collective as this rank sees it: the full buffer S ("payload") and the ring bytes.
 # ---------------------------------------------------------------------------------------------------
 say("\n4. All-reduce = all-gather(reduce-scatter(x)): the same values, the same ring bytes")
-with dist.log_collectives() as one_step:
-    reduced = dist.all_reduce(x, mesh.tp)
-with dist.log_collectives() as two_steps:
-    rebuilt = dist.all_gather(dist.reduce_scatter(x, mesh.tp, axis=0), mesh.tp, axis=0)
+with comm.log_collectives() as one_step:
+    reduced = comm.all_reduce(x, mesh.tp)
+with comm.log_collectives() as two_steps:
+    rebuilt = comm.all_gather(comm.reduce_scatter(x, mesh.tp, axis=0), mesh.tp, axis=0)
 both_agree = max_error(rebuilt, reduced)
 worst = max(worst, both_agree)
 each_rank(f"all_gather(reduce_scatter(x)) = {show(rebuilt)}  differs from all_reduce(x) by {both_agree:.1e}")
@@ -172,9 +172,9 @@ say("     chain rule: dL/dx = Σ_i dL/dx_i · dx_i/dx = Σ_i dL/dx_i")
 say("     so the backward of a copy is a sum: f's backward is an all-reduce")
 x_tp = Tensor(x_values, requires_grad=True)
 w_tp = Tensor(backend.xp.ascontiguousarray(weights[rank]), requires_grad=True)
-with dist.log_collectives() as f_forward:
+with comm.log_collectives() as f_forward:
     z_tp = f_bar(f(x_tp, mesh.tp) * w_tp, mesh.tp)
-with dist.log_collectives() as f_backward:
+with comm.log_collectives() as f_backward:
     z_tp.backward(grad_z)
 f_errors = {"z": max_error(z_tp, z_serial), "dL/dx": max_error(x_tp.grad, x_serial.grad),
             "dL/dw_r": max_error(w_tp.grad, w_serial.grad[rank])}
@@ -220,17 +220,17 @@ say("   ḡ forward:  z_r = (y_1 + ... + y_n)[block r]          (y_i: rank i's p
 say("     chain rule: dL/dy_i[block r] = dL/dz_r, for every i and every block r")
 say("     so each rank needs dL/dz_r of every block r: ḡ's backward is an all-gather")
 tokens = seq // tp_size
-x_sp = Tensor(backend.xp.ascontiguousarray(dist.split(x_values, mesh.tp, axis=0)), requires_grad=True)
+x_sp = Tensor(backend.xp.ascontiguousarray(comm.split(x_values, mesh.tp, axis=0)), requires_grad=True)
 w_sp = Tensor(backend.xp.ascontiguousarray(weights[rank]), requires_grad=True)
-with dist.log_collectives() as g_forward:
+with comm.log_collectives() as g_forward:
     gathered_x = g(x_sp, mesh.tp)
     z_sp = g_bar(gathered_x * w_sp, mesh.tp)
-with dist.log_collectives() as g_backward:
-    z_sp.backward(dist.split(grad_z, mesh.tp, axis=0))  # each rank holds dL/dz for its own tokens only
+with comm.log_collectives() as g_backward:
+    z_sp.backward(comm.split(grad_z, mesh.tp, axis=0))  # each rank holds dL/dz for its own tokens only
 each_rank(f"tokens {rank * tokens}-{(rank + 1) * tokens - 1}: x_r {x_sp.shape} --g--> {gathered_x.shape}, "
           f"· w_r --ḡ--> z_r {z_sp.shape}")
-g_errors = {"z_r": max_error(z_sp, dist.split(z_serial.data, mesh.tp, axis=0)),
-            "dL/dx_r": max_error(x_sp.grad, dist.split(x_serial.grad, mesh.tp, axis=0)),
+g_errors = {"z_r": max_error(z_sp, comm.split(z_serial.data, mesh.tp, axis=0)),
+            "dL/dx_r": max_error(x_sp.grad, comm.split(x_serial.grad, mesh.tp, axis=0)),
             "dL/dw_r": max_error(w_sp.grad, w_serial.grad[rank])}
 worst = max(worst, *g_errors.values())
 say("   forward:  " + ", ".join(f"{r.op} ({r.tag})" for r in g_forward)

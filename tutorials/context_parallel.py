@@ -21,21 +21,21 @@ forward and backward, and a whole GPT split by zigzag equals the serial GPT.
 import numpy
 from mpi4py import MPI
 
-from minitp import Tensor, backend, dist, nn, track_saved
+from minitp import Tensor, backend, comm, nn, track_saved
 from minitp.nn import GPT, GPTConfig, placement
 from minitp.parallel import (ParallelGPT, all_reduce_gradients, attended_pairs, average_over_data_parallel,
                              gather_serial_grads, ring_attention, ring_schedule, ulysses_attention)
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
-mesh = dist.init(cp=MPI.COMM_WORLD.Get_size())  # all ranks hold blocks of one sequence
+mesh = comm.init(cp=MPI.COMM_WORLD.Get_size())  # all ranks hold blocks of one sequence
 cp, rank = mesh.cp.size, mesh.cp.rank
 
 # 16 tokens cut into 2·cp chunks for cp = 1, 2, 4 (8); 4 heads split by Ulysses over cp = 1, 2, 4.
 seq, batch, heads, head_dim = 16, 1, 4, 2
 try:
-    dist.divide(seq, 2 * cp, "seq (zigzag cuts it into 2·cp chunks)")
-    dist.divide(heads, cp, "heads (Ulysses gives each rank a/cp of them)")
+    comm.divide(seq, 2 * cp, "seq (zigzag cuts it into 2·cp chunks)")
+    comm.divide(heads, cp, "heads (Ulysses gives each rank a/cp of them)")
 except ValueError as error:  # every rank computes the same numbers, so every rank stops here, together
     say(f"{error}.\nThis tutorial runs on 1, 2 or 4 ranks: mpirun -n 4 python tutorials/context_parallel.py")
     raise SystemExit(1)
@@ -151,12 +151,12 @@ def run(kind):
     the forward's and backward's collective logs, the bytes kept for backward."""
     layout = "contiguous" if kind == "ulysses" else kind
     leaves = [Tensor(cut(x, layout), requires_grad=True) for x in (q, k, v)]
-    with dist.log_collectives() as forward, track_saved() as kept:
+    with comm.log_collectives() as forward, track_saved() as kept:
         if kind == "ulysses":
             out = ulysses_attention(*leaves, group=mesh.cp)
         else:
             out = ring_attention(*leaves, group=mesh.cp, layout=layout)
-    with dist.log_collectives() as backward:
+    with comm.log_collectives() as backward:
         out.backward(cut(upstream, layout))
     return out, [leaf.grad for leaf in leaves], forward, backward, kept.total
 

@@ -23,7 +23,7 @@ just above the code printing it.
 import numpy
 from mpi4py import MPI
 
-from minitp import Tensor, backend, dist
+from minitp import Tensor, backend, comm
 from minitp import functional as F
 from minitp.nn import MLP
 from minitp.parallel import ParallelMLP, SyncPointMLP, f, f_bar, gather_serial_grads
@@ -33,12 +33,12 @@ from minitp.testing import max_error
 # ---------------------------------------------------------------------------------------------------
 # 0. Every rank joins one tensor-parallel group.
 #
-# dist.init(tp=t) lays the ranks out as a (data-parallel × tensor-parallel) grid; with tp = all of them
+# comm.init(tp=t) lays the ranks out as a (data-parallel × tensor-parallel) grid; with tp = all of them
 # there is one model replica, cut into t shards. (An exception on any rank ends the whole job with its
 # traceback, instead of leaving the others waiting in a collective forever; checked=True makes every
 # collective first verify that the ranks pass arrays of the same shape and dtype.)
 # ---------------------------------------------------------------------------------------------------
-mesh = dist.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)
+mesh = comm.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)
 tp_size, rank = mesh.tp.size, mesh.tp.rank
 
 
@@ -60,8 +60,8 @@ def block(symbol, parameter):
 seq, batch, hidden, ffn_hidden = 4, 2, 12, 48
 dtype = numpy.float64
 try:
-    dist.divide(hidden, tp_size, "hidden")
-    dist.divide(ffn_hidden, tp_size, "ffn_hidden")
+    comm.divide(hidden, tp_size, "hidden")
+    comm.divide(ffn_hidden, tp_size, "ffn_hidden")
 except ValueError as error:  # every rank computes the same numbers, so every rank stops here, together
     say(f"{error}.\nThis tutorial runs on 1, 2, 3, 4, 6 or 12 ranks: mpirun -n 4 python tutorials/mlp.py")
     raise SystemExit(1)
@@ -105,7 +105,7 @@ z_serial.backward(grad_z)
 # ---------------------------------------------------------------------------------------------------
 say("\nPart 1. A split by rows (the contraction dimension): each rank computes a partial sum of X A")
 sync_mlp = SyncPointMLP(hidden, ffn_hidden, dropout=0.1, seed=0, dtype=dtype, group=mesh.tp)
-x_columns = dist.split(x_values, mesh.tp, axis=-1)
+x_columns = comm.split(x_values, mesh.tp, axis=-1)
 each_rank(f"X[:, :, {rank * x_columns.shape[-1]}:{(rank + 1) * x_columns.shape[-1]}] {x_columns.shape} "
           f"@ {block('A', sync_mlp.fc1.weight)} = X_r A_r {(seq, batch, ffn_hidden)}, a partial sum")
 
@@ -117,8 +117,8 @@ sum_of_gelus = F.gelu(partials).sum().item()
 say(f"   GeLU(1 + (-1)) = {gelu_of_sum:.4f}  but  GeLU(1) + GeLU(-1) = {sum_of_gelus:.4f}: "
     f"add the partial sums first, then GeLU")
 partial = x_columns @ sync_mlp.fc1.weight.data  # this rank's X_r A_r (the bias is added once, after the sum)
-sum_of_gelus = dist.all_reduce(F.gelu(Tensor(partial)).data, mesh.tp)
-gelu_of_sum = F.gelu(Tensor(dist.all_reduce(partial, mesh.tp))).data
+sum_of_gelus = comm.all_reduce(F.gelu(Tensor(partial)).data, mesh.tp)
+gelu_of_sum = F.gelu(Tensor(comm.all_reduce(partial, mesh.tp))).data
 gelu_gap = float(abs(sum_of_gelus - gelu_of_sum).max())
 say(f"   on this run's partial sums: max |Σ GeLU(X_r A_r) - GeLU(Σ X_r A_r)| = {gelu_gap:.2f}"
     + (" (one rank: one partial sum)" if tp_size == 1 else ""))
@@ -132,9 +132,9 @@ say(f"   on this run's partial sums: max |Σ GeLU(X_r A_r) - GeLU(Σ X_r A_r)| =
 # "payload" is the full buffer S, "ring B/rank" what a ring algorithm makes each rank send for it,
 # 2(n-1)/n·S for an all-reduce and (n-1)/n·S for an all-gather.
 x_sync = Tensor(x_values, requires_grad=True)
-with dist.log_collectives() as sync_forward:
+with comm.log_collectives() as sync_forward:
     z_sync = sync_mlp(x_sync)
-with dist.log_collectives() as sync_backward:
+with comm.log_collectives() as sync_backward:
     z_sync.backward(grad_z)
 say("   forward, SyncPointMLP:")
 say(indent(sync_forward.table()))
@@ -156,7 +156,7 @@ say(f"   {sync_backward.count('all_gather')} all-gathers backward: dY (4sbh), dX
 # the other ranks either: Y B = Y_1 B_1 + ... + Y_t B_t, and one all-reduce adds these partial sums.
 # The bias b2 is replicated and added once, after that sum (added by every rank it would count t times).
 #
-# The two collectives are Megatron's conjugate pair, autograd Functions in minitp.parallel.mappings:
+# The two collectives are Megatron's conjugate pair, autograd Functions in minitp.parallel.tensor.mappings:
 #   f  (before A): identity forward -- X is already on every rank -- and all-reduce backward: each
 #      rank's A_r contributes its own part of dL/dX, and the true gradient is their sum.
 #   f̄  (after B; Megatron's "g"): all-reduce forward, identity backward: Z = Σ Z_r, so dL/dZ_r = dL/dZ.
@@ -179,9 +179,9 @@ megatron_mlp.zero_grad()  # the hand-written run left gradients in the module's 
 each_rank(f"by hand: f(X) {x_values.shape} -> Y_r {y_r.shape} -> Y_r B_r {z_partial.shape} -> f̄ -> Z {z_by_hand.shape}")
 
 x_megatron = Tensor(x_values, requires_grad=True)
-with dist.log_collectives() as megatron_forward:
+with comm.log_collectives() as megatron_forward:
     z_megatron = megatron_mlp(x_megatron)
-with dist.log_collectives() as megatron_backward:
+with comm.log_collectives() as megatron_backward:
     z_megatron.backward(grad_z)
 by_hand_error = max(max_error(z_by_hand, z_megatron), max_error(x_by_hand.grad, x_megatron.grad))
 say(f"   the module computes what the lines above do: max error {by_hand_error:.1e} (Z and dX)")

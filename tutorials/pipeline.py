@@ -26,7 +26,7 @@ from fractions import Fraction
 import numpy
 from mpi4py import MPI
 
-from minitp import backend, dist, pipeline
+from minitp import backend, comm, pipeline
 from minitp import functional as F
 from minitp.nn import GPT, GPTConfig
 from minitp.parallel import gather_serial_grads
@@ -38,7 +38,7 @@ arguments = argparse.ArgumentParser(description="pipeline parallelism, step by s
 arguments.add_argument("--picture", default="pipeline_schedules.png", help="where to save the timelines' picture")
 arguments = arguments.parse_args()
 
-mesh = dist.init(pp=MPI.COMM_WORLD.Get_size())  # every rank one stage: pp = the world, tp = dp = 1
+mesh = comm.init(pp=MPI.COMM_WORLD.Get_size())  # every rank one stage: pp = the world, tp = dp = 1
 p, stage = mesh.pp_size, mesh.pp_rank
 banner(f"a GPT cut into {p} pipeline stage{'s' * (p > 1)}, one per rank")
 
@@ -115,14 +115,14 @@ say(f"\n   the timelines drawn: {picture}" if picture else "")
 # Each F but the first stage's receives the previous stage's output for that microbatch, (s, b/m, h),
 # and each B but the last stage's receives the gradient of its output: shapes both sides compute from
 # the configuration. Sends are posted non-blocking and only receives wait, so two neighbours that both
-# send first (1F1B's steady state) never wait on each other (minitp.dist.p2p). After an output is sent
+# send first (1F1B's steady state) never wait on each other (minitp.comm.p2p). After an output is sent
 # its values are freed: backward needs the graph that made it, not its numbers (Megatron's deallocation).
 # The loss lives on the last stage and is broadcast; the tied table's gradient is summed over the ends.
 # ---------------------------------------------------------------------------------------------------
 say("\n3. One 1F1B step on the wire: what each stage sends and receives")
 runs, logs = {}, {}
 for name, model in models.items():
-    with dist.log_collectives() as log:
+    with comm.log_collectives() as log:
         runs[name] = pipeline.forward_backward(model, ids, targets, mesh, name, m)
         pipeline.synchronize_gradients(model, mesh)
     logs[name] = log

@@ -13,11 +13,11 @@ import numpy
 from fractions import Fraction
 from mpi4py import MPI
 
-from minitp import dist, track_saved
+from minitp import comm, track_saved
 from minitp.nn import AdamW, GPTConfig
-from minitp.parallel.data_parallel import split_batch, train_step
+from minitp.parallel.data.data_parallel import split_batch, train_step
 from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.zero import ZeroOptimizer
+from minitp.parallel.data.zero import ZeroOptimizer
 from minitp.plan import Choices, Mesh, Model, plan
 from minitp.plan.communication import by_group_op
 from minitp.plan.report import table
@@ -25,7 +25,7 @@ from minitp.report import banner, each_rank, say, verdict
 
 world = MPI.COMM_WORLD.size
 tp = 2 if world % 2 == 0 else 1
-mesh = dist.init(tp=tp, checked=True)
+mesh = comm.init(tp=tp, checked=True)
 banner(f"planning a step, then measuring it, on {mesh}")
 
 # ---------------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ rng = numpy.random.default_rng(0)
 ids, targets = rng.integers(0, 64, (16, batch)), rng.integers(0, 64, (16, batch))
 with track_saved() as saved:
     model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
-with dist.log_collectives() as log:
+with comm.log_collectives() as log:
     train_step(model, optimizer, ids, targets, mesh, max_norm=1.0)
 measured_log = {}
 for record in log:

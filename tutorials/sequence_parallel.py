@@ -29,12 +29,12 @@ in order (each_rank; both from minitp.report).
 import numpy
 from mpi4py import MPI
 
-from minitp import Tensor, backend, dist, nn, no_grad, track_saved
+from minitp import Tensor, backend, comm, nn, no_grad, track_saved
 from minitp.parallel import ParallelTransformerBlock, SequenceParallelDropout, SequenceParallelLayerNorm
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
 from minitp.testing import max_error
 
-mesh = dist.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)  # all ranks in one tensor-parallel group: one model, t shards
+mesh = comm.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)  # all ranks in one tensor-parallel group: one model, t shards
 tp_size, rank = mesh.tp.size, mesh.tp.rank
 
 
@@ -49,8 +49,8 @@ seq, batch, heads, head_dim = 12, 2, 12, 2
 hidden, ffn_hidden, p = heads * head_dim, 4 * heads * head_dim, 0.1
 dtype = numpy.float64
 try:
-    tokens_per_rank = dist.divide(seq, tp_size, "seq (tokens split over the ranks)")
-    dist.divide(heads, tp_size, "heads")
+    tokens_per_rank = comm.divide(seq, tp_size, "seq (tokens split over the ranks)")
+    comm.divide(heads, tp_size, "heads")
 except ValueError as error:  # every rank computes the same numbers, so every rank stops here, together
     say(f"{error}.\nThis tutorial runs on 1, 2, 3, 4, 6 or 12 ranks: mpirun -n 4 python tutorials/sequence_parallel.py")
     raise SystemExit(1)
@@ -89,8 +89,8 @@ say(f"   change one feature of token 7, batch entry 1: the output rows that move
 sp_layer_norm = SequenceParallelLayerNorm(hidden, dtype=dtype, group=mesh.tp)
 sp_layer_norm.load_state_dict(layer_norm.state_dict())  # the same random weights: replicated, every rank holds them whole
 with no_grad():
-    my_normalised = sp_layer_norm(Tensor(dist.split(x_values, mesh.tp, axis=0))).data
-ln_error = max_error(my_normalised, dist.split(normalised, mesh.tp, axis=0))
+    my_normalised = sp_layer_norm(Tensor(comm.split(x_values, mesh.tp, axis=0))).data
+ln_error = max_error(my_normalised, comm.split(normalised, mesh.tp, axis=0))
 each_rank(f"{my_tokens} {my_normalised.shape}: LayerNorm of my tokens alone vs those rows of the serial "
           f"output: max error {ln_error:.1e}")
 
@@ -101,7 +101,7 @@ each_rank(f"{my_tokens} {my_normalised.shape}: LayerNorm of my tokens alone vs t
 # sequence -- one contiguous block of (s/t)·b·h numbers. The paper splits s because:
 #   - the block is contiguous: the all-gather (g) before attention and the MLP, and the reduce-scatter
 #     (ḡ) after them, move it as it lies -- MPI's rank-major concatenation of the blocks IS the (s, b, h)
-#     tensor, no copy either way (minitp.dist gathers axis 0 without one);
+#     tensor, no copy either way (minitp.comm gathers axis 0 without one);
 #   - s is long (2048 in the paper's models) and divides by the usual t; the micro-batch b that one
 #     tensor-parallel group works on is often as small as 1 -- nothing to split -- and splitting the
 #     batch is data parallelism's job anyway.
@@ -133,11 +133,11 @@ dropout_seed = 7
 ones = backend.xp.ones((seq, batch, hidden), dtype=dtype)
 with no_grad():
     serial_keep = nn.Dropout(p, seed=dropout_seed)(Tensor(ones)).data != 0
-    my_keep = SequenceParallelDropout(p, seed=dropout_seed, group=mesh.tp)(Tensor(dist.split(ones, mesh.tp, axis=0))).data != 0
-masks_agree = bool((my_keep == dist.split(serial_keep, mesh.tp, axis=0)).all())
+    my_keep = SequenceParallelDropout(p, seed=dropout_seed, group=mesh.tp)(Tensor(comm.split(ones, mesh.tp, axis=0))).data != 0
+masks_agree = bool((my_keep == comm.split(serial_keep, mesh.tp, axis=0)).all())
 stateful_serial = numpy.random.default_rng(dropout_seed).random((seq, batch, hidden)) >= p
 stateful_mine = numpy.random.default_rng(dropout_seed).random(tuple(my_keep.shape)) >= p
-stateful_wrong = int((stateful_mine != dist.split(stateful_serial, mesh.tp, axis=0)).sum())
+stateful_wrong = int((stateful_mine != comm.split(stateful_serial, mesh.tp, axis=0)).sum())
 say(f"   the serial mask keeps {int(serial_keep.sum())} of {serial_keep.size} elements")
 each_rank(f"{my_tokens}: keeps {int(my_keep.sum())} of {my_keep.size}; == those rows of the serial mask: "
           f"{masks_agree}  |  a stateful numpy generator: {stateful_wrong} of {my_keep.size} wrong")
@@ -172,11 +172,11 @@ grad_y = backend.from_host(rng.standard_normal((seq, batch, hidden)))  # dL/dy f
 saved, forward_logs, backward_logs = {}, {}, {}
 for name, block in blocks.items():
     sharded = name == "TP+SP"  # its input and output are this rank's tokens; the others', all of them
-    x = Tensor(dist.split(x_values, mesh.tp, axis=0) if sharded else x_values, requires_grad=True)
-    with track_saved() as saved[name], dist.log_collectives() as forward_logs[name]:
+    x = Tensor(comm.split(x_values, mesh.tp, axis=0) if sharded else x_values, requires_grad=True)
+    with track_saved() as saved[name], comm.log_collectives() as forward_logs[name]:
         y = block(x)
-    with dist.log_collectives() as backward_logs[name]:
-        y.backward(dist.split(grad_y, mesh.tp, axis=0) if sharded else grad_y)
+    with comm.log_collectives() as backward_logs[name]:
+        y.backward(comm.split(grad_y, mesh.tp, axis=0) if sharded else grad_y)
 
 e, m = numpy.dtype(dtype).itemsize, 1
 sbh, as2b = seq * batch * hidden, heads * seq * seq * batch
@@ -270,9 +270,9 @@ serial_ln_x = Tensor(x_values, requires_grad=True)
 layer_norm(serial_ln_x).backward(grad_normalised)
 forgot_the_sum = nn.LayerNorm(hidden, dtype=dtype)  # the serial layer, run on this rank's tokens only
 forgot_the_sum.load_state_dict(layer_norm.state_dict())
-forgot_the_sum(Tensor(dist.split(x_values, mesh.tp, axis=0))).backward(dist.split(grad_normalised, mesh.tp, axis=0))
+forgot_the_sum(Tensor(comm.split(x_values, mesh.tp, axis=0))).backward(comm.split(grad_normalised, mesh.tp, axis=0))
 partial_error = max_error(forgot_the_sum.weight.grad, layer_norm.weight.grad)
-summed_error = max_error(dist.all_reduce(forgot_the_sum.weight.grad, mesh.tp), layer_norm.weight.grad)
+summed_error = max_error(comm.all_reduce(forgot_the_sum.weight.grad, mesh.tp), layer_norm.weight.grad)
 each_rank(f"dweight from {my_tokens} alone: error {partial_error:.1e}; all-reduced over the ranks: "
           f"error {summed_error:.1e}")
 
@@ -292,11 +292,11 @@ serial_out = nn.Dropout(p, seed=dropout_seed)(layer_norm(serial_x))
 serial_out.backward(grad_normalised)
 
 sp_layer_norm.zero_grad()
-my_x = Tensor(dist.split(x_values, mesh.tp, axis=0), requires_grad=True)
+my_x = Tensor(comm.split(x_values, mesh.tp, axis=0), requires_grad=True)
 my_out = SequenceParallelDropout(p, seed=dropout_seed, group=mesh.tp)(sp_layer_norm(my_x))
-my_out.backward(dist.split(grad_normalised, mesh.tp, axis=0))
-errors = {"output": max_error(my_out, dist.split(serial_out.data, mesh.tp, axis=0)),
-          "dx": max_error(my_x.grad, dist.split(serial_x.grad, mesh.tp, axis=0)),
+my_out.backward(comm.split(grad_normalised, mesh.tp, axis=0))
+errors = {"output": max_error(my_out, comm.split(serial_out.data, mesh.tp, axis=0)),
+          "dx": max_error(my_x.grad, comm.split(serial_x.grad, mesh.tp, axis=0)),
           "dweight": max_error(sp_layer_norm.weight.grad, layer_norm.weight.grad),
           "dbias": max_error(sp_layer_norm.bias.grad, layer_norm.bias.grad)}
 each_rank(", ".join(f"{name} {error:.1e}" for name, error in errors.items()))

@@ -11,19 +11,19 @@ serial model's training, step for step.
     mpirun -n 4 python tutorials/train_gpt.py --pp 2 --tp 2 --microbatches 4 --schedule 1f1b --check
     mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2 --zero 1 --overlap --trace trace.json
 
-The ranks form a (dp × tp) grid (``dist.init``; tp ranks contiguous). Each group of tp ranks holds one
+The ranks form a (dp × tp) grid (``comm.init``; tp ranks contiguous). Each group of tp ranks holds one
 copy of the model cut into shards -- the embedding and the LM head by vocabulary, attention by heads,
 the MLP by columns then rows, and with ``--sequence-parallel`` the LayerNorms and dropouts by sequence.
 With ``--cp C`` every activation is split along the sequence over C ranks as well, attention crossing
 them by ring attention (``--cp-kind ring``, or ``zigzag``: its causal work balanced) or Ulysses
-(``minitp.parallel.context``); the mesh is then (dp × cp × tp).
+(``minitp.parallel.context.layers``); the mesh is then (dp × cp × tp).
 The dp copies each take their slice of the batch, and after backward average their gradients with one
 all-reduce. With ``--pp P`` each copy is cut into P pipeline stages of consecutive layers, and the
 batch into ``--microbatches`` that flow through them by ``--schedule`` (minitp.pipeline;
 tutorials/pipeline.py shows it step by step). The text is tutorials/data/corpus.txt, a frozen copy of
 this repository's own README and tutorials: nothing is downloaded, and the figures the README quotes
 for a run stay true however the README itself changes. Every collective runs in checked mode
-(``minitp.dist.checks``: the ranks first compare what they pass, so that a mistake is an error, not a
+(``minitp.comm.checks``: the ranks first compare what they pass, so that a mistake is an error, not a
 wrong answer); ``--unchecked`` skips that for speed.
 
 Read top to bottom: the data (1), the model and the mesh (2), one training step (3), the loop (4), the
@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy
 from mpi4py import MPI
 
-from minitp import checkpoint, dist, pipeline, trace_report
+from minitp import checkpoint, comm, pipeline, trace_report
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel.buckets import GradientBuckets
-from minitp.parallel.data_parallel import replicas, train_step
+from minitp.parallel.data.buckets import GradientBuckets
+from minitp.parallel.data.data_parallel import replicas, train_step
 from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.zero import ZeroOptimizer
+from minitp.parallel.data.zero import ZeroOptimizer
 from minitp.report import say
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ def build(args, vocab, mesh, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. One training step (minitp.parallel.data_parallel.train_step):
+# 3. One training step (minitp.parallel.data.data_parallel.train_step):
 #
 #     ids, targets (s, B)  -> this replica's columns (s, B/dp)
 #     forward: the vocab-parallel embedding, the TP(+SP) blocks, the column-parallel LM head, and the
@@ -202,7 +202,7 @@ def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=No
     begin = max(first_step, min(first_step + 1, args.steps - 1))
     end = max(begin, min(begin + args.trace_steps, args.steps))
     losses, norms = steps(first_step, begin)
-    with dist.record_timeline(mesh, args.trace) as timeline:
+    with comm.record_timeline(mesh, args.trace) as timeline:
         traced = steps(begin, end)
     if timeline.trace is not None:  # world rank 0
         say(f"traced steps {begin + 1}..{end} into {args.trace} (open it in https://ui.perfetto.dev):\n"
@@ -238,9 +238,9 @@ def setup(args, mesh):
     work (a batch that dp does not divide, heads or vocabulary that tp does not divide, a checkpoint of
     another model, a bucket size <= 0, a trace path that cannot be written) raises the same ValueError on
     every rank, before any training. So does a model too big for memory."""
-    dist.divide(args.batch, mesh.dp_size, "--batch (the global batch, split over the --dp replicas)")
+    comm.divide(args.batch, mesh.dp_size, "--batch (the global batch, split over the --dp replicas)")
     if args.sequence_parallel:
-        dist.divide(args.seq, mesh.tp_size, "--seq (split over the --tp ranks by --sequence-parallel)")
+        comm.divide(args.seq, mesh.tp_size, "--seq (split over the --tp ranks by --sequence-parallel)")
     if pipelined(args):
         pipeline.check_step(mesh, args.batch, args.schedule, args.microbatches, args.virtual_stages)
     if args.save:
@@ -248,7 +248,7 @@ def setup(args, mesh):
     if not args.bucket_mb > 0:
         raise ValueError(f"--bucket-mb must be a positive size, not {args.bucket_mb}")
     if args.trace:
-        dist.check_writable(args.trace, mesh.world.comm)
+        comm.check_writable(args.trace, mesh.world.comm)
     text = read_corpus(mesh.world.comm, args.text)
     if len(text) <= args.seq + 1:
         raise ValueError(f"the text has {len(text)} characters: too few for windows of --seq {args.seq} + 1")
@@ -553,7 +553,7 @@ def main(argv=None):
     try:
         # errors of configuration are raised by every rank alike, before any training: rank 0 says why
         validate(args)
-        mesh = dist.init(tp=args.tp, dp=args.dp, cp=args.cp, pp=args.pp,
+        mesh = comm.init(tp=args.tp, dp=args.dp, cp=args.cp, pp=args.pp,
                          checked=not args.unchecked)  # sizes ≠ ranks: ValueError
         if args.check:
             proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text,

@@ -28,14 +28,14 @@ to rank 0 into tables with one column per rank.
 import numpy
 from mpi4py import MPI
 
-from minitp import Tensor, backend, dist
+from minitp import Tensor, backend, comm
 from minitp.nn import TransformerBlock
 from minitp.parallel import (ParallelTransformerBlock, gather_serial_grads,
                              scatter_to_sequence_parallel_region)
 from minitp.report import banner, indent, ranks, say, verdict
 from minitp.testing import max_error
 
-mesh = dist.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)  # all ranks in one tensor-parallel group: one model, t shards
+mesh = comm.init(tp=MPI.COMM_WORLD.Get_size(), checked=True)  # all ranks in one tensor-parallel group: one model, t shards
 tp_size, rank = mesh.tp.size, mesh.tp.rank
 
 
@@ -67,9 +67,9 @@ seq, batch, heads, head_dim = 12, 2, 12, 2
 hidden, ffn_hidden, p = heads * head_dim, 4 * heads * head_dim, 0.1
 dtype = numpy.float64
 try:
-    tokens_per_rank = dist.divide(seq, tp_size, "seq (tokens split over the ranks)")
-    heads_per_rank = dist.divide(heads, tp_size, "heads")
-    ffn_per_rank = dist.divide(ffn_hidden, tp_size, "ffn_hidden")
+    tokens_per_rank = comm.divide(seq, tp_size, "seq (tokens split over the ranks)")
+    heads_per_rank = comm.divide(heads, tp_size, "heads")
+    ffn_per_rank = comm.divide(ffn_hidden, tp_size, "ffn_hidden")
 except ValueError as error:  # every rank computes the same numbers, so every rank stops here, together
     say(f"{error}.\nThis tutorial runs on 1, 2, 3, 4, 6 or 12 ranks: mpirun -n 4 python tutorials/transformer.py")
     raise SystemExit(1)
@@ -167,12 +167,12 @@ watch(block.mlp.dropout, "dropout, then + x' = y", my_tokens)
 
 x = Tensor(x_values, requires_grad=True)
 stages.append(("x, the block's input (replicated)", tuple(x.shape), all_tokens))
-with dist.log_collectives() as forward_log:
+with comm.log_collectives() as forward_log:
     x_mine = scatter_to_sequence_parallel_region(x, mesh.tp, tag="block input")
     stages.append(("scatter: enter the SP region", tuple(x_mine.shape), my_tokens))
     y = block(x_mine)
-with dist.log_collectives() as backward_log:
-    y.backward(dist.split(grad_y, mesh.tp, axis=0))  # dL/dy of this rank's tokens
+with comm.log_collectives() as backward_log:
+    y.backward(comm.split(grad_y, mesh.tp, axis=0))  # dL/dy of this rank's tokens
 say(f"   x {tuple(x.shape)} on every rank -> rank r keeps tokens [r·{tokens_per_rank}, (r+1)·{tokens_per_rank}): "
     f"{tuple(x_mine.shape)}, a view, nothing sent")
 
@@ -230,7 +230,7 @@ x_serial = Tensor(x_values, requires_grad=True)
 y_serial = serial(x_serial)
 y_serial.backward(grad_y)
 grads = gather_serial_grads(block, mesh.tp)
-errors = {"y, each rank's tokens": max_error(y, dist.split(y_serial.data, mesh.tp, axis=0)),
+errors = {"y, each rank's tokens": max_error(y, comm.split(y_serial.data, mesh.tp, axis=0)),
           "dL/dx, whole on every rank": max_error(x.grad, x_serial.grad)}
 errors.update({f"d {name}": max_error(grads[name], parameter.grad) for name, parameter in serial.named_parameters()})
 worst_per_check = {name: mesh.world.comm.allreduce(error, op=MPI.MAX) for name, error in errors.items()}

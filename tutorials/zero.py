@@ -21,13 +21,13 @@ import math
 import numpy
 from mpi4py import MPI
 
-from minitp import dist, trace_report
+from minitp import comm, trace_report
 from minitp.nn import AdamW, GPTConfig
-from minitp.parallel.buckets import GradientBuckets
-from minitp.parallel.data_parallel import train_step
+from minitp.parallel.data.buckets import GradientBuckets
+from minitp.parallel.data.data_parallel import train_step
 from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.shard import gather_serial_state
-from minitp.parallel.zero import ZeroOptimizer
+from minitp.parallel.tensor.shard import gather_serial_state
+from minitp.parallel.data.zero import ZeroOptimizer
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,7 +41,7 @@ CONFIG = GPTConfig(vocab=64, seq_len=32, hidden=64, heads=4, layers=4, dropout=0
 BUCKET_BYTES = 64 * 1024
 STEPS = 3
 world = MPI.COMM_WORLD.Get_size()
-mesh = dist.init(tp=1, dp=world)
+mesh = comm.init(tp=1, dp=world)
 d = mesh.dp_size
 BATCH = 4 * d  # the global batch: 4 sequences per replica
 
@@ -133,9 +133,9 @@ memory_as_claimed = (total == plain_bytes == MOMENTS * ITEMSIZE * parameters and
 # elements at d = 3. Both are computed below from the bucket sizes and compared with the log.
 # ---------------------------------------------------------------------------------------------------
 say("\n2. The bytes of one step over dp, from the collective log")
-with dist.log_collectives() as plain_log:
+with comm.log_collectives() as plain_log:
     train(plain_model, plain_optimizer, plain_buckets, 1, first=1)
-with dist.log_collectives() as zero_log:
+with comm.log_collectives() as zero_log:
     train(zero_model, zero_optimizer, None, 1, first=1)
 
 
@@ -151,7 +151,7 @@ say(f"   plain: {len(reductions(plain_log, 'all_reduce'))} all-reduces of gradie
     f"{len(reductions(zero_log, 'all_gather'))} all-gathers of parameters. The last bucket (the first "
     "reduced: backward starts at the top) of each:")
 last = f"(bucket {len(zero_optimizer.gradients)}/{len(zero_optimizer.gradients)})"
-one_bucket = dist.CollectiveLog()
+one_bucket = comm.CollectiveLog()
 one_bucket.records = [r for op in ("all_reduce", "reduce_scatter", "all_gather")
                       for r in reductions(plain_log if op == "all_reduce" else zero_log, op) if last in r.tag]
 say(indent(one_bucket.table()))
@@ -178,15 +178,15 @@ bytes_as_claimed = (scatter == gather == formula_half
 # gradient is final; when every gradient of a bucket is in, the bucket's reduce-scatter STARTS
 # (non-blocking) and backward goes on into the layers below while the bytes travel. Only before the
 # optimizer does the rank wait. An MPI library moves a non-blocking collective's bytes only inside MPI
-# calls, so a progress thread keeps testing the requests in flight (minitp/dist/nonblocking.py: without
+# calls, so a progress thread keeps testing the requests in flight (minitp/comm/nonblocking.py: without
 # it, this MPICH leaves nearly all the work to the final wait).
 #
-# dist.record_timeline records every rank's ops, collectives and requests in flight; trace_report reads
+# comm.record_timeline records every rank's ops, collectives and requests in flight; trace_report reads
 # it. Below, one step per rank: F forward, B backward, O optimizer; █ an op computing; ─ a reduction in
 # flight while the rank computes; ▓ the rank blocked, waiting for one.
 # ---------------------------------------------------------------------------------------------------
 say("\n3. One ZeRO-1 step, traced on every rank (text below; --png draws it)")
-with dist.record_timeline(mesh) as timeline:
+with comm.record_timeline(mesh) as timeline:
     train(zero_model, zero_optimizer, None, 2, first=2)
 if timeline.trace is not None:  # rank 0 holds every rank's timeline
     say(indent(trace_report.text_timeline(timeline.trace, step=1, tag="gradients")))

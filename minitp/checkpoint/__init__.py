@@ -15,7 +15,7 @@ of ``.npy`` files, readable with nothing but ``numpy.load`` -- keyed by the seri
                                                         vocabulary and a hash of the corpus, checked at load
 
 ``load`` cuts the file for any mesh: a checkpoint saved at tp=4 resumes at tp=2, or serially, and takes
-exactly the steps the uninterrupted run takes. A ZeRO-1 optimizer (``minitp.parallel.zero``) is saved
+exactly the steps the uninterrupted run takes. A ZeRO-1 optimizer (``minitp.parallel.data.zero``) is saved
 full, gathered over dp first, and loaded by keeping each dp rank's slices: the file does not say
 whether the run was sharded.
 

@@ -4,7 +4,7 @@ the first stage."""
 from mpi4py import MPI
 
 from minitp.nn.layers import Dropout
-from minitp.parallel.shard import split_axis
+from minitp.parallel.tensor.shard import split_axis
 
 
 def world_comm(mesh):

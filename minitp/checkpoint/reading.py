@@ -4,11 +4,11 @@ import os
 
 import numpy
 
-from minitp import dist
+from minitp import comm
 from minitp.checkpoint.contents import (dropouts, expected_contents, merge_expected, optimizer_parameters,
                                        over_stages, world_comm)
 from minitp.checkpoint.fit import PARAMETER_ERRORS_SHOWN, misfits
-from minitp.parallel.shard import split_axis
+from minitp.parallel.tensor.shard import split_axis
 
 
 def load(path, model, optimizer=None, mesh=None, metadata=None):
@@ -52,12 +52,12 @@ def load(path, model, optimizer=None, mesh=None, metadata=None):
     # what rank 0 read: the keys (the optimizer's state depends on the run), then each array
     layout = world.bcast({key: (a.shape, a.dtype.str) for key, a in arrays.items()} if arrays else None, root=0)
     # no mesh: a serial model run on every rank (a reference run), which must agree all the same
-    world_group = mesh.world if mesh is not None else dist.Group(world, "world")
+    world_group = mesh.world if mesh is not None else comm.Group(world, "world")
     full = {}
     for key, (shape, dtype) in layout.items():
         array = arrays[key] if arrays is not None else numpy.empty(shape, dtype=dtype)
         # reshaped: a 0-d array (a counter, a step) travels as shape (1,)
-        full[key] = dist.broadcast(array, world_group, root=0, tag=f"checkpoint: {key}").reshape(shape)
+        full[key] = comm.broadcast(array, world_group, root=0, tag=f"checkpoint: {key}").reshape(shape)
     _restore(full, model, optimizer, mesh)
     return int(full["checkpoint/step"])
 
@@ -121,4 +121,4 @@ def _block(array, parameter, group):
     axis = split_axis(parameter)
     if axis is None or group is None:
         return array
-    return dist.split(array, group, axis)
+    return comm.split(array, group, axis)

@@ -6,10 +6,10 @@ import os
 
 import numpy
 
-from minitp import backend, dist
+from minitp import backend, comm
 from minitp.checkpoint.contents import (dropouts, merge_arrays, model_config, optimizer_parameters, over_stages,
                                        world_comm)
-from minitp.parallel.shard import split_axis
+from minitp.parallel.tensor.shard import split_axis
 
 
 def save(path, model, optimizer=None, mesh=None, step=0, metadata=None):
@@ -62,7 +62,7 @@ def _full(array, parameter, group, name):
     """The serial array from this rank's block of it (an all-gather over tp when the parameter is split)."""
     axis = split_axis(parameter)
     if axis is not None and group is not None:
-        array = dist.all_gather(array, group, axis=axis, tag=f"checkpoint: gather {name}")
+        array = comm.all_gather(array, group, axis=axis, tag=f"checkpoint: gather {name}")
     return numpy.asarray(backend.to_host(array))
 
 

@@ -15,9 +15,11 @@ One file per family of ops; every name is used from here, ``from minitp import f
     masks           dropout, causal_mask
     embeddings      embedding
     loss            cross_entropy, reduce_loss, reduce_loss_backward
+    attention       attention_core: softmax(q kᵀ/√d) v, the attention that holds no weights
 and the helpers they share: operands (constants as tensors, ``unbroadcast``), checks (integer ids and
 targets, index ranges). These files import autograd, backend and rng, and each other, never above.
 """
+from minitp.functional.attention import attention_core
 from minitp.functional.activations import GeLU, LogSoftmax, Softmax, gelu, log_softmax, softmax
 from minitp.functional.checks import check_indices, check_integer
 from minitp.functional.elementwise import (Add, Div, Exp, Log, Mul, Neg, Pow, Sub, Tanh, add, div, exp, log, mul,
@@ -36,7 +38,7 @@ __all__ = [
     "Add", "Cat", "CausalMask", "CrossEntropy", "Div", "Dropout", "Embedding", "Exp", "GeLU", "GetItem",
     "LayerNorm", "Linear", "Log", "LogSoftmax", "MatMul", "Max", "Mean", "Mul", "Neg", "Pow", "Reshape", "Softmax",
     "Stack", "Sub", "Sum", "Tanh", "Transpose",
-    "add", "cat", "causal_mask", "check_indices", "check_integer", "cross_entropy", "div", "dropout",
+    "add", "attention_core", "cat", "causal_mask", "check_indices", "check_integer", "cross_entropy", "div", "dropout",
     "embedding", "exp", "gelu", "getitem", "layer_norm", "linear", "log", "log_softmax", "matmul", "max", "mean",
     "mul", "neg", "pow", "reduce_loss", "reduce_loss_backward", "reshape", "softmax", "split", "stack", "sub", "sum",
     "tanh", "transpose", "unbroadcast",

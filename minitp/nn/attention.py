@@ -34,29 +34,11 @@ that does it right:
 import numpy
 
 from minitp import functional as F
+from minitp.functional import attention_core  # noqa: F401 (nn's name for it, as before)
 from minitp.nn import init
 from minitp.nn.builders import SERIAL
 from minitp.nn.module import Module
 from minitp.nn.recompute import check_recompute, recompute
-
-
-def attention_core(q, k, v, causal, dropout):
-    """softmax(q k^T / sqrt(d)) v for q, k, v of shape (b, a, s, d) -> (b, a, s, d).
-
-    ``dropout`` (a ``Dropout`` module, or None) drops attention probabilities; on a head-parallel rank
-    its ``splits`` place the rank's a heads among all the model's, so it draws exactly its slice of the
-    serial model's (b, heads, s, s) mask.
-    """
-    head_dim = q.shape[-1]
-    # scale q (s*d numbers) rather than the scores (s*s per head): the same product, less work
-    # (b, a, s, d) @ (b, a, d, s) = (b, a, s, s): row i holds query i's score against every key
-    scores = F.matmul(F.mul(q, head_dim ** -0.5), F.transpose(k, (0, 1, 3, 2)))
-    if causal:
-        scores = F.causal_mask(scores)  # query i may not attend to keys j > i: their scores become -inf
-    probs = F.softmax(scores, axis=-1)  # over the keys
-    if dropout is not None:
-        probs = dropout(probs)
-    return F.matmul(probs, v)  # (b, a, s, s) @ (b, a, s, d) = (b, a, s, d)
 
 
 class MultiHeadAttention(Module):

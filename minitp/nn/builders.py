@@ -48,8 +48,7 @@ class SerialLayers:
 
     def attention_core(self, q, k, v, causal, dropout):
         """softmax(q kᵀ/√d) v for q, k, v (b, a, s, d): every key of every query is on this rank."""
-        from minitp.nn.attention import attention_core  # here: nn.attention builds its layers from this module
-        return attention_core(q, k, v, causal, dropout)
+        return F.attention_core(q, k, v, causal, dropout)
 
     def tokens(self, ids):
         """This rank's tokens of the (s, b) ids or targets: all s of them."""

@@ -103,7 +103,7 @@ def ones(shape, dtype):
 
 def parameter(data, split_axis=None):
     """A Parameter that says which axis of the serial tensor it is a block of (``None``: all of it,
-    replicated). ``minitp.parallel.shard`` and checkpoints read ``split_axis`` to gather blocks back."""
+    replicated). ``minitp.parallel.tensor.shard`` and checkpoints read ``split_axis`` to gather blocks back."""
     result = Parameter(data)
     result.split_axis = split_axis
     return result

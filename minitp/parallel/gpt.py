@@ -12,7 +12,7 @@ exactly what the vocab-parallel cross-entropy wants (three all-reduces of s×b n
 all-gather of s×b×V). Under sequence parallelism the tokens are gathered (g) before the LM head, as in
 Megatron: each rank then computes all s tokens × its V/t columns.
 
-``ParallelGPT`` is ``nn.GPT`` built with ``TensorParallelLayers`` (``minitp.parallel.builders``): the
+``ParallelGPT`` is ``nn.GPT`` built with ``TensorParallelLayers`` (``minitp.parallel.tensor.builders``): the
 constructor and the forward are the serial model's, and every rank draws only its own shards of the
 serial model's initial weights, so ``ParallelGPT(config, mesh)`` starts exactly where ``GPT(config)`` does
 -- with no serial model built anywhere, and no loading step. The parameters have the serial names and
@@ -27,17 +27,17 @@ import math
 
 import numpy
 
-from minitp import backend, dist
+from minitp import backend, comm
 from minitp.nn.gpt import GPT, generate_tokens
 from minitp.nn.layers import Dropout
-from minitp.parallel.context import context_layers
-from minitp.parallel.shard import load_serial_state
+from minitp.parallel.context.layers import context_layers
+from minitp.parallel.tensor.shard import load_serial_state
 
 
 class ParallelGPT(GPT):
     """``nn.GPT`` over ``mesh``: tensor-parallel over ``mesh.tp`` (with ``sequence_parallel`` or not), the
     batch split over ``mesh.dp``, and with ``context_parallel`` ("ring", "zigzag" or "ulysses",
-    ``minitp.parallel.context``) the sequence split over ``mesh.cp``: ``forward`` takes the whole (s, b)
+    ``minitp.parallel.context.layers``) the sequence split over ``mesh.cp``: ``forward`` takes the whole (s, b)
     ids and returns the logits of this rank's s/cp tokens, ``loss`` their mean loss (the mean over the dp ×
     cp ranks, ``data_parallel.average_over_data_parallel``, is the global batch's).
 
@@ -53,14 +53,15 @@ class ParallelGPT(GPT):
 
     ``blocks``: a pipeline stage's part of the model (``nn.GPT``), built alone; default the whole.
     ``overlap=True``: every column-parallel GEMM's backward reduces dX while it computes dA (Megatron's
-    asynchronous linear backward, ``minitp.parallel.async_linear``); the same numbers.
+    asynchronous linear backward, ``minitp.parallel.tensor.async_linear``); the same numbers.
     """
 
     def __init__(self, config, mesh, sequence_parallel=False, context_parallel=None, blocks=None, overlap=False):
         # the mesh's shape is checked here, before any layer is built: every rank raises the same error
-        dist.divide(config.vocab, mesh.tp.size, "the vocabulary size (rows split over tp)")
+        comm.divide(config.vocab, mesh.tp.size, "the vocabulary size (rows split over tp)")
+        # seq_len: under SP a layer fed more than seq_len/t tokens (the full sequence) refuses it, always
         super().__init__(config, layers=context_layers(mesh, context_parallel, sequence_parallel, config.heads,
-                                                       overlap), blocks=blocks)
+                                                       overlap, config.seq_len), blocks=blocks)
         self.mesh, self.group, self.sequence_parallel = mesh, mesh.tp, sequence_parallel
         self.context_parallel = context_parallel
 
@@ -104,7 +105,7 @@ class ParallelGPT(GPT):
         padding = numpy.zeros((math.ceil(real / t) * t - real,) + context.shape[1:], dtype=context.dtype)
         context = numpy.concatenate([context, padding])
         shard = self.builders.logits_at(self(backend.from_host(context)).data, real - 1)  # (b, V/t), the last real one
-        logits = dist.all_gather(shard, self.group, axis=-1, tag="generate: logits")  # (b, V)
+        logits = comm.all_gather(shard, self.group, axis=-1, tag="generate: logits")  # (b, V)
         return backend.to_host(logits).astype(numpy.float64)
 
     def extra_repr(self):

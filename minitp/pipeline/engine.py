@@ -20,7 +20,7 @@ For each action of this rank's plan (``schedules.py``), model chunk c = k·p + r
                      microbatches.
              output  the gradient of the input, sent to stage (r-1) mod p.
 
-Sends are non-blocking and receives wait (``minitp.dist.p2p``: why that cannot deadlock); each message's
+Sends are non-blocking and receives wait (``minitp.comm.p2p``: why that cannot deadlock); each message's
 tag names (kind, sending chunk, microbatch), so it meets exactly its receive.
 
 **Activations held.** Each forward runs under ``track_saved``: the bytes its ops keep for backward
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from minitp import backend, dist
+from minitp import backend, comm
 from minitp.autograd import Tensor
 from minitp.nn.microbatch import microbatch, microbatch_of, microbatch_size
 from minitp.saved_bytes import track_saved
@@ -67,7 +67,7 @@ def activation_shape(model, seq, microbatch_columns):
     if seq > config.seq_len:
         raise ValueError(f"a sequence of {seq} tokens is longer than the model's seq_len {config.seq_len}")
     if model.sequence_parallel:
-        seq = dist.divide(seq, mesh.tp_size, "the sequence length (split over tp by sequence parallelism)")
+        seq = comm.divide(seq, mesh.tp_size, "the sequence length (split over tp by sequence parallelism)")
     return (seq, microbatch_columns, config.hidden)
 
 
@@ -100,7 +100,7 @@ def run(model, actions, ids, targets, microbatches, deallocate=True):
             started = stage.backward(action.microbatch, action.chunk)
         stage.result.rows.append((started, time.perf_counter(), action))
         stage.forget_delivered()
-    dist.wait_all(stage.pending)
+    comm.wait_all(stage.pending)
     if stage.losses:
         stage.result.loss = sum(stage.losses) / microbatches
     return stage.result
@@ -127,7 +127,7 @@ class _Stage:
         if c == 0:
             x = microbatch_of(self.ids, i, m)
         else:
-            x = Tensor(dist.recv(self.shape, self.dtype, self.pp, self.neighbour(-1), _match("F", c - 1, i, m),
+            x = Tensor(comm.recv(self.shape, self.dtype, self.pp, self.neighbour(-1), _match("F", c - 1, i, m),
                                  tag=f"pipeline: activation {i}, chunk {c - 1}->{c}"), requires_grad=True)
         started = time.perf_counter()
         with track_saved() as saved, microbatch(chunk, i, m):
@@ -135,7 +135,7 @@ class _Stage:
         if c == self.last:
             self.losses.append(y.item())
         else:
-            self.pending.append(dist.send(y.data, self.pp, self.neighbour(+1), _match("F", c, i, m),
+            self.pending.append(comm.send(y.data, self.pp, self.neighbour(+1), _match("F", c, i, m),
                                           tag=f"pipeline: activation {i}, chunk {c}->{c + 1}"))
             if self.deallocate:
                 self.result.freed_bytes += y.data.nbytes
@@ -154,13 +154,13 @@ class _Stage:
         if c == self.last:  # d(step loss)/d(loss_i): the step's loss is the mean of the m microbatch means
             grad = backend.array_module(y.data).full(y.shape, 1.0 / m, dtype=y.dtype)
         else:
-            grad = dist.recv(self.shape, self.dtype, self.pp, self.neighbour(+1), _match("B", c + 1, i, m),
+            grad = comm.recv(self.shape, self.dtype, self.pp, self.neighbour(+1), _match("B", c + 1, i, m),
                              tag=f"pipeline: gradient {i}, chunk {c + 1}->{c}")
         started = time.perf_counter()
         y.backward(grad)
         self.held_bytes -= nbytes
         if c > 0:
-            self.pending.append(dist.send(x.grad, self.pp, self.neighbour(-1), _match("B", c, i, m),
+            self.pending.append(comm.send(x.grad, self.pp, self.neighbour(-1), _match("B", c, i, m),
                                           tag=f"pipeline: gradient {i}, chunk {c}->{c - 1}"))
         return started
 

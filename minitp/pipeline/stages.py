@@ -22,7 +22,7 @@ stay equal. A copy on one stage (p = 1) is the same Parameter, and nothing is se
 """
 from mpi4py import MPI
 
-from minitp import dist
+from minitp import comm
 from minitp.nn.module import Module
 from minitp.parallel.gpt import ParallelGPT
 
@@ -31,7 +31,7 @@ _embedding_groups = {}  # id(mesh) -> (mesh, Group or None): one communicator pe
 
 def chunk_blocks(layers, stages, chunks, chunk):
     """The blocks of model chunk ``chunk`` (0 .. stages·chunks - 1): a range of layers/(stages·chunks)."""
-    per_chunk = dist.divide(layers, stages * chunks,
+    per_chunk = comm.divide(layers, stages * chunks,
                             f"the layers (split into pp × virtual stages = {stages} × {chunks} chunks)")
     return range(chunk * per_chunk, (chunk + 1) * per_chunk)
 
@@ -42,8 +42,8 @@ def embedding_group(mesh):
     if id(mesh) not in _embedding_groups:
         ends = mesh.pp_rank in (0, mesh.pp_size - 1)
         colour = mesh.rank_of(pp=0) if ends else MPI.UNDEFINED
-        comm = mesh.world.comm.Split(color=colour, key=mesh.pp_rank)
-        _embedding_groups[id(mesh)] = (mesh, dist.Group(comm, "embedding") if ends else None)
+        communicator = mesh.world.comm.Split(color=colour, key=mesh.pp_rank)
+        _embedding_groups[id(mesh)] = (mesh, comm.Group(communicator, "embedding") if ends else None)
     return _embedding_groups[id(mesh)][1]
 
 
@@ -90,7 +90,7 @@ class PipelineGPT(Module):
         embedding group, tagged "tied embedding"). Call after the step's last backward."""
         weight = self.tied_embedding()
         if weight is not None and weight.grad is not None:
-            weight.grad = dist.all_reduce(weight.grad, self.embedding_group, tag="tied embedding")
+            weight.grad = comm.all_reduce(weight.grad, self.embedding_group, tag="tied embedding")
 
     def holds(self):
         """What this rank holds, in words: "blocks 2-3 (chunk 1); blocks 6-7 + ln_f, head (chunk 3)"."""

@@ -21,9 +21,9 @@ per rank); every bad choice is refused on every rank before anything is sent.
 """
 import numpy
 
-from minitp import dist
+from minitp import comm
 from minitp.nn.microbatch import microbatch_size
-from minitp.parallel.data_parallel import all_reduce_gradients, average_over_data_parallel, clip_grad_norm, split_batch
+from minitp.parallel.data.data_parallel import all_reduce_gradients, average_over_data_parallel, clip_grad_norm, split_batch
 from minitp.pipeline import engine
 from minitp.pipeline.schedules import check, plan
 
@@ -33,7 +33,7 @@ def check_step(mesh, batch, schedule, microbatches, virtual_stages=1):
     ``mesh`` by ``schedule`` in ``microbatches`` with ``virtual_stages`` chunks per rank: a schedule
     that cannot run (``schedules.check``), or a batch that dp × m does not divide."""
     check(schedule, mesh.pp_size, microbatches, virtual_stages)
-    replica = dist.divide(batch, mesh.dp_size, "the batch size (split over the dp replicas)")
+    replica = comm.divide(batch, mesh.dp_size, "the batch size (split over the dp replicas)")
     microbatch_size(replica, microbatches, "the batch of a data-parallel replica")
 
 
@@ -47,7 +47,7 @@ def forward_backward(model, ids, targets, mesh, schedule="1f1b", microbatches=1,
     actions = plan(schedule, mesh.pp_size, microbatches, model.virtual_stages, mesh.pp_rank)
     run = engine.run(model, actions, split_batch(ids, mesh), split_batch(targets, mesh), microbatches, deallocate)
     loss = numpy.array([run.loss if run.loss is not None else 0.0])
-    run.loss = float(dist.broadcast(loss, mesh.pp, root=mesh.pp_size - 1, tag="loss (from the last stage)")[0])
+    run.loss = float(comm.broadcast(loss, mesh.pp, root=mesh.pp_size - 1, tag="loss (from the last stage)")[0])
     return run
 
 

@@ -1,7 +1,7 @@
 """What does one rank send per step, on each axis of the mesh? Every collective of a training step, itemised.
 
 **Ring bytes** (what one rank sends in a ring algorithm over n ranks, S the full buffer; the collective log
-of ``minitp.dist.log`` records the same): all-reduce 2(n−1)/n·S, all-gather and reduce-scatter (n−1)/n·S,
+of ``minitp.comm.log`` records the same): all-reduce 2(n−1)/n·S, all-gather and reduce-scatter (n−1)/n·S,
 all-to-all (n−1)/n·S, a point-to-point send S (its receive 0), a ring sendrecv S.
 
 **tp** (Shoeybi et al. 2019 §3; Korthikanti et al. 2022 §4.2.2): per layer 2 all-reduces of S = sbh·e forward

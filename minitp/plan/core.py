@@ -132,7 +132,7 @@ def plan(model, mesh, choices):
         sizes = states.buckets(tensors, e, choices.bucket_bytes)
         if d > 1:
             sp.temporaries["gradient bucket"] = Figure(max(sizes) * e, "the largest bucket's packed copy, n·e",
-                                                       "minitp.parallel.buckets")
+                                                       "minitp.parallel.data.buckets")
         # communication
         blocks = sum(len(parameters.chunk_layers(model, p, v, c)) for c in chunk_of.values())
         first = any(0 in parameters.chunk_layers(model, p, v, c) for c in chunk_of.values())

@@ -66,7 +66,7 @@ class Model:
 
 @dataclass(frozen=True)
 class Mesh:
-    """The (dp, pp, cp, tp) mesh of ``minitp.dist.Mesh``, plus ep (expert-parallel size, formula only) and v
+    """The (dp, pp, cp, tp) mesh of ``minitp.comm.Mesh``, plus ep (expert-parallel size, formula only) and v
     (model chunks per pipeline rank, the interleaved schedule's virtual stages). World size dp·pp·cp·tp (the
     expert-parallel group is carved out of dp × cp, as in Megatron-core, so it adds no ranks)."""
     dp: int = 1

@@ -12,7 +12,7 @@ weights, momentum and variance per parameter):
 
 Their example, Ψ = 7.5B, N_d = 64: 120 GB, 31.4 GB, 16.6 GB, 1.9 GB (GB = 1e9 bytes). ``zero_paper``.
 
-**What minitp runs** (``minitp.parallel.zero``, measured byte for byte by ``ZeroOptimizer.state_bytes``):
+**What minitp runs** (``minitp.parallel.data.zero``, measured byte for byte by ``ZeroOptimizer.state_bytes``):
 one dtype for everything (float32 or float64: no master copy, K = 2e for AdamW's two moments), and ZeRO
 stage 1 over the *flat gradient buckets*: a bucket of n elements is padded to d·⌈n/d⌉ and rank r keeps the
 moments of [r·⌈n/d⌉, (r+1)·⌈n/d⌉) ∩ [0, n) -- the padding has no state, so the last ranks may hold fewer
@@ -71,7 +71,7 @@ def model_states(psi, tensors, d, dp_rank, choices):
             sizes = buckets(tensors, e, choices.bucket_bytes)
             states["optimizer state"] = (zero1_elements(sizes, d, dp_rank) * K,
                                          "ZeRO-1 over the padded buckets: 2e·|[r⌈n/d⌉, (r+1)⌈n/d⌉) ∩ [0, n)| "
-                                         "per bucket (minitp.parallel.zero; Rajbhandari et al. 2020 §5.1: KΨ/N_d)")
+                                         "per bucket (minitp.parallel.data.zero; Rajbhandari et al. 2020 §5.1: KΨ/N_d)")
         else:  # formula only
             states["optimizer state"] = (psi * K / d, f"KΨ/N_d, Rajbhandari et al. 2020 §5.1 (formula only)")
             states["gradients"] = (psi * e / d, "ZeRO-2/3: Ψe/N_d, Rajbhandari et al. 2020 §5.2 (formula only)")

@@ -6,10 +6,10 @@ import sys
 
 import numpy
 
-from minitp import dist
+from minitp import comm
 
-mesh = dist.init()
+mesh = comm.init()
 if mesh.rank == 1:
     sys.exit(int(sys.argv[1]))
-dist.all_reduce(numpy.ones(3), mesh.world)  # waits for rank 1, which has left
+comm.all_reduce(numpy.ones(3), mesh.world)  # waits for rank 1, which has left
 print(f"rank {mesh.rank}: unreachable, the all-reduce needed rank 1")

@@ -5,10 +5,10 @@ MPI_Abort ends every rank. Run with 4 ranks: mpiexec -n 4 python tests/scripts/r
 """
 import numpy
 
-from minitp import dist
+from minitp import comm
 
-mesh = dist.init()
+mesh = comm.init()
 if mesh.rank == 2:
     raise RuntimeError("rank 2 fails on purpose")
-dist.all_reduce(numpy.ones(3), mesh.world)  # waits for rank 2, which never comes
+comm.all_reduce(numpy.ones(3), mesh.world)  # waits for rank 2, which never comes
 print(f"rank {mesh.rank}: unreachable, the all-reduce needed rank 2")

@@ -8,7 +8,7 @@ the collective log, which records the algorithm's traffic) and, if the ranks dis
 ``ValueError`` on every rank, saying what each rank passed -- before the real collective runs.
 
 - ``agree(group, what, value)``: the general form; every rank raises or none does.
-- **Checked mode** (``set_checked(True)``, ``dist.init(checked=True)`` or ``MINITP_CHECKED=1``): every
+- **Checked mode** (``set_checked(True)``, ``comm.init(checked=True)`` or ``MINITP_CHECKED=1``): every
   collective (blocking, non-blocking, ``all_to_all``) first checks that the ranks call the same
   collective with the same shape and dtype, and a sequence-parallel layer that every rank feeds the same
   array says so (``not_replicated``). It costs one small allgather per collective -- measured with

@@ -45,10 +45,10 @@ import time
 from mpi4py import MPI
 
 from minitp import backend, trace
-from minitp.dist import checks, log
-from minitp.dist.collectives import _buffer
-from minitp.dist.mesh import divide
-from minitp.dist.runtime import _for_mpi, _like
+from minitp.comm import checks, log
+from minitp.comm.collectives import _buffer
+from minitp.comm.mesh import divide
+from minitp.comm.runtime import _for_mpi, _like
 
 POLL_SECONDS = 1e-4
 """How often the progress thread tests the requests in flight (Python's sleep adds ~50 µs to it)."""

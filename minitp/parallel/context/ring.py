@@ -38,10 +38,10 @@ from collections import namedtuple
 
 import numpy
 
-from minitp import backend, dist, rng
+from minitp import backend, comm, rng
 from minitp.autograd import Function
 from minitp.nn import placement
-from minitp.parallel import mappings
+from minitp.parallel.tensor import mappings
 
 Block = namedtuple("Block", "q k q_run k_run masked")
 """One (query run, key run) pair of a ring step: ``q``, ``k`` the local slices of the rank's queries and
@@ -187,7 +187,7 @@ class RingAttention(Function):
     def _pass_on(self, payload, what):
         """One ring step: send to rank + 1, receive from rank - 1."""
         rank, cp = self.group.rank, self.group.size
-        return dist.sendrecv(payload, self.group, (rank + 1) % cp, (rank - 1) % cp, tag=mappings.tag(self.tag, what))
+        return comm.sendrecv(payload, self.group, (rank + 1) % cp, (rank - 1) % cp, tag=mappings.tag(self.tag, what))
 
 
 def _future(block, xp):

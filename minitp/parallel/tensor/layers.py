@@ -19,16 +19,16 @@ Both are ``nn.Linear`` with a split axis: each rank draws only its block of the 
 weights (``minitp.nn.init``: a value is a function of its global index), so the layer never exists whole
 on any rank, and the t blocks together are exactly ``nn.Linear(in, out, seed=seed)``. Every parameter
 carries ``split_axis``: the axis of the serial weight it is a block of (``None`` for a replicated one);
-``minitp.parallel.shard`` and checkpoints read it to gather blocks back into serial arrays.
+``minitp.parallel.tensor.shard`` and checkpoints read it to gather blocks back into serial arrays.
 """
 import numpy
 
-from minitp import dist
+from minitp import comm
 from minitp import functional as F
 from minitp.autograd import Function
 from minitp.nn.layers import Linear
-from minitp.parallel import mappings
-from minitp.parallel.async_linear import LinearWithAsyncGradReduce
+from minitp.parallel.tensor import mappings
+from minitp.parallel.tensor.async_linear import LinearWithAsyncGradReduce
 
 
 class LinearWithSequenceGather(Function):
@@ -46,9 +46,9 @@ class LinearWithSequenceGather(Function):
 
     def forward(self, x_shard, weight, group=None, tag=None):
         self.group, self.tag = group, tag
-        dist.checks.not_replicated(group, mappings.tag(tag, "g (sequence-parallel input)"), x_shard)
+        comm.checks.not_replicated(group, mappings.tag(tag, "g (sequence-parallel input)"), x_shard)
         self.save_for_backward(x_shard, weight)
-        x = dist.all_gather(x_shard, group, axis=0, tag=mappings.tag(tag, "g forward"))
+        x = comm.all_gather(x_shard, group, axis=0, tag=mappings.tag(tag, "g forward"))
         # (s, b, in) @ (in, out/t) = (s, b, out/t), as one GEMM over the s*b tokens
         return (x.reshape(-1, x.shape[-1]) @ weight).reshape(x.shape[:-1] + weight.shape[-1:])
 
@@ -59,9 +59,9 @@ class LinearWithSequenceGather(Function):
         if self.needs_input_grad[0]:
             # (s*b, out/t) @ (out/t, in) = (s*b, in): this rank's part of dX, summed and re-split by g's backward
             partial = (grad_rows @ weight.T).reshape(grad.shape[:-1] + weight.shape[:1])
-            grad_x = dist.reduce_scatter(partial, self.group, axis=0, tag=mappings.tag(self.tag, "g backward"))
+            grad_x = comm.reduce_scatter(partial, self.group, axis=0, tag=mappings.tag(self.tag, "g backward"))
         if self.needs_input_grad[1]:
-            x = dist.all_gather(x_shard, self.group, axis=0,
+            x = comm.all_gather(x_shard, self.group, axis=0,
                                 tag=mappings.tag(self.tag, "g backward: re-gather X for dA"))
             grad_weight = x.reshape(-1, x.shape[-1]).T @ grad_rows  # (in, s*b) @ (s*b, out/t)
         return grad_x, grad_weight
@@ -76,14 +76,14 @@ class ColumnParallelLinear(Linear):
     Output: this rank's columns (s, b, out/t); ``gather_output=True`` all-gathers them into the full
     (s, b, out) on every rank (backward: each rank keeps its columns of the gradient).
     ``overlap=True``: backward starts the reduction of dX before the dA GEMM and waits for it after
-    (``minitp.parallel.async_linear``); the same numbers.
+    (``minitp.parallel.tensor.async_linear``); the same numbers.
     """
 
     weight_split_axis, bias_split_axis = 1, 0
 
     def __init__(self, in_features, out_features, bias=True, *, group, gather_output=False,
                  sequence_parallel=False, dtype=numpy.float32, seed=0, std=None, tag=None, overlap=False):
-        out_per_rank = dist.divide(out_features, group.size, _what(tag, "out_features (columns split over tp)"))
+        out_per_rank = comm.divide(out_features, group.size, _what(tag, "out_features (columns split over tp)"))
         super().__init__(in_features, out_features, bias=bias, dtype=dtype, seed=seed, std=std,
                          shard=(group.rank, group.size))
         self.group, self.out_per_rank = group, out_per_rank
@@ -130,7 +130,7 @@ class RowParallelLinear(Linear):
 
     def __init__(self, in_features, out_features, bias=True, *, group, input_is_parallel=True,
                  sequence_parallel=False, dtype=numpy.float32, seed=0, std=None, tag=None):
-        in_per_rank = dist.divide(in_features, group.size, _what(tag, "in_features (rows split over tp)"))
+        in_per_rank = comm.divide(in_features, group.size, _what(tag, "in_features (rows split over tp)"))
         super().__init__(in_features, out_features, bias=bias, dtype=dtype, seed=seed, std=std,
                          shard=(group.rank, group.size))
         self.group, self.in_per_rank = group, in_per_rank

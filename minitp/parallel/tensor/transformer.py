@@ -13,8 +13,8 @@ tensor-parallel layer) plus a reduce-scatter (ḡ, leaving it): the same ring by
                   -> LN -> g -> MLP (ffn split)         -> ḡ -> dropout -> +
 """
 from minitp.nn.transformer import TransformerBlock
-from minitp.parallel.builders import TensorParallelLayers
-from minitp.parallel.mappings import check_sequence_block
+from minitp.parallel.tensor.builders import TensorParallelLayers
+from minitp.parallel.tensor.mappings import check_sequence_block
 
 
 class ParallelTransformerBlock(TransformerBlock):
@@ -30,7 +30,7 @@ class ParallelTransformerBlock(TransformerBlock):
     return a result right on rank 0 and wrong on ranks 1..t-1, with no error. The check is local (one
     comparison, always on) and never refuses a valid block, since s <= seq_len. What it cannot see -- no
     ``seq_len``, or a full sequence of at most seq_len/t tokens, which looks exactly like a block -- only
-    checked mode catches (``dist.init(checked=True)``: every rank passed the same array).
+    checked mode catches (``comm.init(checked=True)``: every rank passed the same array).
     """
 
     def __init__(self, hidden, heads, ffn_hidden=None, *, group, sequence_parallel=False, data_parallel=None,

@@ -13,9 +13,9 @@ The meshes made so far live here (``_meshes``), and nowhere else; nothing in min
 """
 from mpi4py import MPI
 
-from minitp.dist.checks import set_checked
-from minitp.dist.failures import install_abort_handler
-from minitp.dist.runtime import _limit_blas_threads
+from minitp.comm.checks import set_checked
+from minitp.comm.failures import install_abort_handler
+from minitp.comm.runtime import _limit_blas_threads
 
 # -- sizes that must divide -------------------------------------------------------------------------
 

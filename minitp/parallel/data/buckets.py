@@ -11,14 +11,14 @@ a model has hundreds of tensors, and each collective pays MPI's latency once.
 ``.grad`` becomes a view of the mean -- the gradient of the loss over the global batch.
 
 **ZeRO-1** (``shard=True``): each bucket is reduce-scattered instead, and dp rank r receives only its
-shard of the mean, the contiguous range [r·n/d, (r+1)·n/d) of the flat buffer; ``minitp.parallel.zero``
+shard of the mean, the contiguous range [r·n/d, (r+1)·n/d) of the flat buffer; ``minitp.parallel.data.zero``
 updates that range and all-gathers the parameters. So that d divides n, a sharded bucket is padded at
 its end with zeros up to a multiple of d: fewer than d elements per bucket, which add nothing to a sum
 or a norm, have no parameter, and so no optimizer state.
 
 **Overlap** (``overlap=True``): a hook on every parameter (``register_post_accumulate_grad_hook``; the
 engine calls it as soon as that gradient is final) counts the bucket's gradients, and when the last one
-arrives, packs the bucket and *starts* its reduction (``dist.iall_reduce`` / ``dist.ireduce_scatter``)
+arrives, packs the bucket and *starts* its reduction (``comm.iall_reduce`` / ``comm.ireduce_scatter``)
 while backward goes on into the layers below. ``wait()``, called before the optimizer, starts whatever
 has not started -- a bucket holding a parameter that received no gradient: zeros in its slot, and its
 ``.grad`` stays None (every replica ran the same graph, so every replica agrees) -- and waits for all.
@@ -30,7 +30,7 @@ Without overlap, ``wait()`` packs and reduces every bucket with the blocking col
 """
 import math
 
-from minitp import backend, dist, trace
+from minitp import backend, comm, trace
 
 DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
 """torch DDP's default bucket size: large enough that the reductions are bandwidth-bound."""
@@ -134,9 +134,9 @@ class GradientBuckets:
     def _start(self, index):
         flat = self._packed(index)
         if self.shard:
-            self._pending[index] = dist.ireduce_scatter(flat, self.group, tag=self._tag(index))
+            self._pending[index] = comm.ireduce_scatter(flat, self.group, tag=self._tag(index))
         else:
-            self._pending[index] = dist.iall_reduce(flat, self.group, tag=self._tag(index))
+            self._pending[index] = comm.iall_reduce(flat, self.group, tag=self._tag(index))
 
     def wait(self):
         """Finish every bucket's reduction (starting those not started); see the class docstring for
@@ -148,10 +148,10 @@ class GradientBuckets:
             if pending is not None:
                 reduced = pending.wait()
             elif self.shard:
-                reduced = dist.reduce_scatter(self._packed(index), self.group, tag=self._tag(index))
+                reduced = comm.reduce_scatter(self._packed(index), self.group, tag=self._tag(index))
             else:  # the packed copy is ours: reduced in place, no second bucket-sized array
                 flat = self._packed(index)
-                reduced = dist.all_reduce(flat, self.group, tag=self._tag(index), out=flat)
+                reduced = comm.all_reduce(flat, self.group, tag=self._tag(index), out=flat)
             # a new array or our own packed copy: ours to scale in place
             reduced /= self.group.size
             if self.shard:

@@ -15,10 +15,10 @@ send-and-receive (MPI ``Sendrecv``), which cannot deadlock however many ranks pa
 once -- every rank sends to ``rank + 1`` and receives from ``rank - 1`` in the same call.
 """
 from minitp import backend
-from minitp.dist import checks, log
-from minitp.dist.collectives import _axis, _buffer
-from minitp.dist.mesh import divide
-from minitp.dist.runtime import _for_mpi, _like
+from minitp.comm import checks, log
+from minitp.comm.collectives import _axis, _buffer
+from minitp.comm.mesh import divide
+from minitp.comm.runtime import _for_mpi, _like
 
 _RING_TAG = 0  # MPI's message tag of every ring step: the pipeline's sends use their own communicator (pp)
 

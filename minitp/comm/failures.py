@@ -2,7 +2,7 @@
 
 MPI has no notion of "the job failed": a rank that raises, or returns, or calls ``sys.exit`` simply stops,
 and the ranks waiting for it in their next collective wait forever while ``mpirun`` prints nothing.
-``install_abort_handler()`` (called on import of ``minitp.dist`` and by ``dist.init``) handles the three
+``install_abort_handler()`` (called on import of ``minitp.comm`` and by ``comm.init``) handles the three
 ways a rank stops:
 
 - **an unhandled exception**: the rank tells the others (a point-to-point message with a tag of its

@@ -21,17 +21,17 @@ serial math on its columns of the batch; only the dropout masks need to know whe
 the global batch (a ``splits`` entry on the batch axis), so that the replicas together drop exactly the
 elements the serial model drops on the whole batch.
 """
-from minitp import backend, dist
+from minitp import backend, comm
 from minitp import functional as F
 from minitp.nn import placement
 from minitp.nn.builders import SerialLayers
 from minitp.nn.layers import Dropout
-from minitp.parallel import mappings
-from minitp.parallel.async_linear import LinearWithAsyncGradReduce
-from minitp.parallel.cross_entropy import vocab_parallel_cross_entropy
-from minitp.parallel.embedding import VocabParallelEmbedding
-from minitp.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from minitp.parallel.sequence import SequenceParallelLayerNorm
+from minitp.parallel.tensor import mappings
+from minitp.parallel.tensor.async_linear import LinearWithAsyncGradReduce
+from minitp.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
+from minitp.parallel.tensor.embedding import VocabParallelEmbedding
+from minitp.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear
+from minitp.parallel.tensor.sequence import SequenceParallelLayerNorm
 
 SEQUENCE_AXIS, BATCH_AXIS = 0, 1  # activations are (s, b, h)
 
@@ -39,7 +39,7 @@ SEQUENCE_AXIS, BATCH_AXIS = 0, 1  # activations are (s, b, h)
 class TensorParallelLayers(SerialLayers):
     """Layers split over the tensor-parallel ``group`` (``mesh.tp``), optionally sequence-parallel, with
     the batch optionally split over ``data_parallel`` (``mesh.dp``). ``overlap``: the column-parallel
-    layers (and the tied LM head) reduce dX while computing dA (``minitp.parallel.async_linear``).
+    layers (and the tied LM head) reduce dX while computing dA (``minitp.parallel.tensor.async_linear``).
     ``seq_len``: the longest sequence the model takes; under SP the layers where the sequence block
     enters (the LayerNorms, the tied head's g) then refuse an input of more than seq_len/t tokens
     (``mappings.check_sequence_block``: local, always on)."""
@@ -78,7 +78,7 @@ class TensorParallelLayers(SerialLayers):
         """How many of the ``seq`` tokens this rank's activations hold: s/t under SP, else s."""
         if not self.sequence_parallel:
             return seq
-        return dist.divide(seq, self.group.size, "the sequence length (split over tp by sequence parallelism)")
+        return comm.divide(seq, self.group.size, "the sequence length (split over tp by sequence parallelism)")
 
     def dropout(self, p, seed):
         """(s, b, h): this rank's tokens under SP (else all of them), this replica's batch columns."""
@@ -91,7 +91,7 @@ class TensorParallelLayers(SerialLayers):
 
     def local(self, total, what):
         """``total`` / t: the heads or ffn features of this rank (``ValueError`` naming ``what`` otherwise)."""
-        return dist.divide(total, self.group.size, what)
+        return comm.divide(total, self.group.size, what)
 
     def vocab_embedding(self, vocab, hidden, *, dtype, seed, std=1.0, tag=None):
         return VocabParallelEmbedding(vocab, hidden, group=self.group, sequence_parallel=self.sequence_parallel,

@@ -12,19 +12,19 @@ over the vocabulary, whose sharded logits go straight into ``vocab_parallel_cros
 """
 import numpy
 
-from minitp import backend, dist
+from minitp import backend, comm
 from minitp import functional as F
 from minitp.autograd import Function, Tensor
 from minitp.functional.embeddings import add_rows
 from minitp.nn.layers import Embedding
-from minitp.parallel import mappings
+from minitp.parallel.tensor import mappings
 
 
 def vocab_range(vocab_size, group):
     """(start, end): the ids [start, end) whose rows this rank of ``group`` holds, V/t of them.
 
     ``ValueError`` when t does not divide V -- on every rank, since each checks the same numbers."""
-    per_rank = dist.divide(vocab_size, group.size, "the vocabulary size (rows split over tp)")
+    per_rank = comm.divide(vocab_size, group.size, "the vocabulary size (rows split over tp)")
     return group.rank * per_rank, (group.rank + 1) * per_rank
 
 
@@ -106,10 +106,10 @@ class VocabParallelEmbedding(Embedding):
         # ids are the same on every rank: an id no rank owns would silently embed as zeros, so every rank
         # raises the same error here, before the collective
         ids = backend.array_module(self.weight.data).asarray(ids.data if isinstance(ids, Tensor) else ids)
-        dist.agree_on_ids(self.group, f"{self.tag}: the token ids", ids)  # first: the checks below then agree
+        comm.agree_on_ids(self.group, f"{self.tag}: the token ids", ids)  # first: the checks below then agree
         F.check_indices(ids, self.num_embeddings, "embedding ids", "vocabulary size")
         if self.sequence_parallel:
-            dist.divide(len(ids), self.group.size, "the sequence length (split over tp by sequence parallelism)")
+            comm.divide(len(ids), self.group.size, "the sequence length (split over tp by sequence parallelism)")
         partial = vocab_range_lookup(ids, self.weight, self.vocab_start)  # (s, b, h), zeros outside the range
         if self.sequence_parallel:
             return mappings.reduce_scatter_to_sequence_parallel_region(partial, self.group, self.tag)

@@ -10,7 +10,7 @@ import numpy
 
 from minitp import functional as F
 from minitp.nn.layers import Dropout, LayerNorm
-from minitp.parallel import mappings
+from minitp.parallel.tensor import mappings
 
 
 class SequenceParallelLayerNorm(LayerNorm):

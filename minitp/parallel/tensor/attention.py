@@ -1,6 +1,6 @@
 """Head-parallel self-attention (Shoeybi et al. 2019, section 3): each rank computes whole heads."""
 from minitp.nn.attention import MultiHeadAttention
-from minitp.parallel.builders import TensorParallelLayers
+from minitp.parallel.tensor.builders import TensorParallelLayers
 
 
 class ParallelAttention(MultiHeadAttention):

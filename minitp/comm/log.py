@@ -36,7 +36,7 @@ class CollectiveRecord:
     tag: str
     """which operator called it, e.g. ``"f backward"``"""
     blocking: bool = True
-    """False for a non-blocking collective (``dist.iall_reduce``...), logged when it starts"""
+    """False for a non-blocking collective (``comm.iall_reduce``...), logged when it starts"""
 
 
 class CollectiveLog:
@@ -97,7 +97,7 @@ _active_logs = []
 def log_collectives():
     """Record every collective run inside the block::
 
-        with dist.log_collectives() as log:
+        with comm.log_collectives() as log:
             y = layer(x)
         assert log.count("all_reduce") == 1
 

@@ -15,12 +15,12 @@ sequence parallelism the all-gather of X that dA_r needs (X is kept sharded) is 
 the dX GEMM and waited for after it.
 
 The numbers are the same as the blocking layer's: the same products, the same sums, in the same order.
-What makes the bytes move during the GEMM is ``minitp.dist.nonblocking``'s progress thread (MPI itself
+What makes the bytes move during the GEMM is ``minitp.comm.nonblocking``'s progress thread (MPI itself
 moves a non-blocking collective only inside MPI calls).
 """
-from minitp import dist
+from minitp import comm
 from minitp.autograd import Function
-from minitp.parallel import mappings
+from minitp.parallel.tensor import mappings
 
 SEQUENCE_AXIS = 0
 
@@ -39,7 +39,7 @@ class LinearWithAsyncGradReduce(Function):
         self.group, self.tag, self.sequence_parallel = group, tag, sequence_parallel
         self.save_for_backward(x, weight)
         if sequence_parallel:
-            x = dist.all_gather(x, group, axis=SEQUENCE_AXIS, tag=mappings.tag(tag, "g forward"))
+            x = comm.all_gather(x, group, axis=SEQUENCE_AXIS, tag=mappings.tag(tag, "g forward"))
         return (x.reshape(-1, x.shape[-1]) @ weight).reshape(x.shape[:-1] + weight.shape[-1:])
 
     def backward(self, grad):
@@ -47,15 +47,15 @@ class LinearWithAsyncGradReduce(Function):
         grad_rows = grad.reshape(-1, grad.shape[-1])  # (s*b, out/t)
         gathering = None
         if self.sequence_parallel and self.needs_input_grad[1]:
-            gathering = dist.iall_gather(x, self.group, tag=mappings.tag(self.tag, "g backward: re-gather X for dA"))
+            gathering = comm.iall_gather(x, self.group, tag=mappings.tag(self.tag, "g backward: re-gather X for dA"))
         reducing = None
         if self.needs_input_grad[0]:
             # (s*b, out/t) @ (out/t, in): this rank's part of dX, summed (and re-split under SP) on the wire
             partial = (grad_rows @ weight.T).reshape(grad.shape[:-1] + weight.shape[:1])
             if self.sequence_parallel:
-                reducing = dist.ireduce_scatter(partial, self.group, tag=mappings.tag(self.tag, "g backward"))
+                reducing = comm.ireduce_scatter(partial, self.group, tag=mappings.tag(self.tag, "g backward"))
             else:
-                reducing = dist.iall_reduce(partial, self.group, tag=mappings.tag(self.tag, "f backward"))
+                reducing = comm.iall_reduce(partial, self.group, tag=mappings.tag(self.tag, "f backward"))
         grad_weight = None
         if self.needs_input_grad[1]:
             full_x = gathering.wait() if gathering is not None else x

@@ -17,7 +17,7 @@ ranks that call different collectives hang or mix their data -- no error. Two ki
   before any communication): what one rank can see alone -- an axis length that the group size does
   not divide (``reduce_scatter``, ``split``, the non-blocking ``ireduce_scatter``), an axis out of
   range, an unknown reduction ``op``, an ``out`` of another shape or dtype than the result;
-- only in **checked mode** (``dist.init(checked=True)``, ``checks.py``): what no rank can see alone --
+- only in **checked mode** (``comm.init(checked=True)``, ``checks.py``): what no rank can see alone --
   a shape that differs across the ranks (uneven all-gather shards, a reduce-scatter or all-reduce of
   another length on one rank, a broadcast buffer of another shape), a dtype that differs across them,
   and ranks that call different collectives at one point (e.g. one ``all_reduce``, another
@@ -37,9 +37,9 @@ import numpy
 from mpi4py import MPI
 
 from minitp import backend, trace
-from minitp.dist import checks, log
-from minitp.dist.mesh import divide
-from minitp.dist.runtime import _for_mpi, _like
+from minitp.comm import checks, log
+from minitp.comm.mesh import divide
+from minitp.comm.runtime import _for_mpi, _like
 
 
 _DATATYPES = {}  # numpy dtype -> MPI datatype, read once per dtype (the lookup costs a microsecond)

@@ -1,6 +1,6 @@
 """What did every rank do, and when? Record a timeline on every rank and write it as one Chrome trace.
 
-    with dist.record_timeline(mesh, "trace.json") as timeline:
+    with comm.record_timeline(mesh, "trace.json") as timeline:
         train_step(...)
     # trace.json opens in https://ui.perfetto.dev and chrome://tracing; timeline.trace holds it on rank 0
 
@@ -34,7 +34,7 @@ import os
 from mpi4py import MPI
 
 from minitp import trace
-from minitp.dist.mesh import AXES
+from minitp.comm.mesh import AXES
 
 
 class Timeline:

@@ -5,10 +5,10 @@ by rows, which the paper rejects because of the sum it forces before GeLU. Both 
 built from other layers (``minitp.nn.builders``), so both compute exactly the serial ``MLP``; the
 collective log shows what each costs.
 """
-from minitp import dist
+from minitp import comm
 from minitp.nn.mlp import MLP
-from minitp.parallel.builders import TensorParallelLayers
-from minitp.parallel.layers import RowParallelLinear
+from minitp.parallel.tensor.builders import TensorParallelLayers
+from minitp.parallel.tensor.layers import RowParallelLinear
 
 
 class ParallelMLP(MLP):
@@ -64,7 +64,7 @@ class SyncPointMLP(MLP):
 
     def __init__(self, hidden, ffn_hidden=None, *, group, **options):
         ffn_hidden = 4 * hidden if ffn_hidden is None else ffn_hidden
-        dist.divide(hidden, group.size, "hidden (fc1's rows, split over tp)")
-        dist.divide(ffn_hidden, group.size, "ffn_hidden (fc2's rows, split over tp)")
+        comm.divide(hidden, group.size, "hidden (fc1's rows, split over tp)")
+        comm.divide(ffn_hidden, group.size, "ffn_hidden (fc2's rows, split over tp)")
         super().__init__(hidden, ffn_hidden, layers=SyncPointLayers(group), **options)
         self.group = group

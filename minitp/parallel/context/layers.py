@@ -26,11 +26,11 @@ Under SP as well, tp splits the rank's s/cp tokens further: s/(cp·t) per rank b
 """
 import math
 
-from minitp import backend, dist
+from minitp import backend, comm
 from minitp.nn import placement
-from minitp.parallel.builders import SEQUENCE_AXIS, TensorParallelLayers
-from minitp.parallel.ring_attention import ring_attention
-from minitp.parallel.ulysses import ulysses_attention
+from minitp.parallel.tensor.builders import SEQUENCE_AXIS, TensorParallelLayers
+from minitp.parallel.context.ring import ring_attention
+from minitp.parallel.context.ulysses import ulysses_attention
 
 KINDS = ("ring", "zigzag", "ulysses")
 HEADS_AXIS = 1  # of attention's (b, a, s, s) probabilities
@@ -41,10 +41,10 @@ class ContextParallelLayers(TensorParallelLayers):
     ``KINDS``), tensor-parallel over ``group`` (``mesh.tp``), optionally sequence-parallel, its batch
     split over ``data_parallel`` (``mesh.dp``)."""
 
-    def __init__(self, group, context, kind, sequence_parallel=False, data_parallel=None, overlap=False):
+    def __init__(self, group, context, kind, sequence_parallel=False, data_parallel=None, overlap=False, seq_len=None):
         if kind not in KINDS:
             raise ValueError(f"context parallelism is one of {KINDS}, not {kind!r}")
-        super().__init__(group, sequence_parallel, data_parallel, overlap)
+        super().__init__(group, sequence_parallel, data_parallel, overlap, seq_len)
         self.context, self.kind = context, kind
         self.layout = placement.ZIGZAG if kind == "zigzag" else placement.CONTIGUOUS
 
@@ -62,7 +62,7 @@ class ContextParallelLayers(TensorParallelLayers):
             raise ValueError(f"the sequence length s={seq} under {self.kind} context parallelism over cp={cp}: "
                              f"{error}") from None
         if self.sequence_parallel:
-            dist.divide(seq // cp, self.group.size, "the tokens of a cp rank (s/cp, split over tp by sequence parallelism)")
+            comm.divide(seq // cp, self.group.size, "the tokens of a cp rank (s/cp, split over tp by sequence parallelism)")
         return placement.positions([(self.context.rank, cp, self.layout)], seq // cp)[1]
 
     def tokens(self, ids):
@@ -101,10 +101,10 @@ class ContextParallelLayers(TensorParallelLayers):
         row = 0
         if owner == self.context.rank:
             row = list(self.split_sequence(seq)).index(position)
-        return dist.broadcast(logits[row], self.context, root=owner, tag="generate: the last token's logits")
+        return comm.broadcast(logits[row], self.context, root=owner, tag="generate: the last token's logits")
 
 
-def context_layers(mesh, context_parallel, sequence_parallel, heads, overlap=False):
+def context_layers(mesh, context_parallel, sequence_parallel, heads, overlap=False, seq_len=None):
     """The layers of a ``ParallelGPT`` on ``mesh``: ``TensorParallelLayers`` without context parallelism
     (``context_parallel=None``, which needs cp = 1), else ``ContextParallelLayers`` of that kind.
 
@@ -114,9 +114,9 @@ def context_layers(mesh, context_parallel, sequence_parallel, heads, overlap=Fal
         if mesh.cp_size > 1:
             raise ValueError(f"the mesh splits the sequence over cp={mesh.cp_size} ranks: say how attention "
                              f"crosses them, context_parallel= one of {KINDS}")
-        return TensorParallelLayers(mesh.tp, sequence_parallel, mesh.dp, overlap)
+        return TensorParallelLayers(mesh.tp, sequence_parallel, mesh.dp, overlap, seq_len)
     if context_parallel not in KINDS:
         raise ValueError(f"context_parallel must be one of {KINDS} (or None), not {context_parallel!r}")
     if context_parallel == "ulysses":
-        dist.divide(heads, mesh.tp_size * mesh.cp_size, "the heads (split over tp × cp by Ulysses)")
-    return ContextParallelLayers(mesh.tp, mesh.cp, context_parallel, sequence_parallel, mesh.dp, overlap)
+        comm.divide(heads, mesh.tp_size * mesh.cp_size, "the heads (split over tp × cp by Ulysses)")
+    return ContextParallelLayers(mesh.tp, mesh.cp, context_parallel, sequence_parallel, mesh.dp, overlap, seq_len)

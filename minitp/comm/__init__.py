@@ -1,12 +1,12 @@
 """MPI for minitp: the process mesh, the collectives, and a log of every byte they move.
 
-    mesh = dist.init(tp=2)                      # 4 ranks -> 2 data-parallel replicas of 2 TP ranks
-    total = dist.all_reduce(partial, mesh.tp)   # a new array: the sum over the tensor-parallel group
-    with dist.log_collectives() as log:
+    mesh = comm.init(tp=2)                      # 4 ranks -> 2 data-parallel replicas of 2 TP ranks
+    total = comm.all_reduce(partial, mesh.tp)   # a new array: the sum over the tensor-parallel group
+    with comm.log_collectives() as log:
         loss.backward()
     print(log.table())
 
-One module per question; every public name is re-exported here, so ``dist.all_reduce`` etc. is the way
+One module per question; every public name is re-exported here, so ``comm.all_reduce`` etc. is the way
 to call them:
 
     mesh.py         which ranks work together? ``init``, ``Mesh``, ``Group``, ``divide``
@@ -24,7 +24,7 @@ to call them:
                     arrays reach MPI (``set_cuda_aware``, ``transport``)
 
 Module-level state lives in exactly one of them: the meshes in ``mesh``, the open logs in ``log``, the
-CUDA-aware setting in ``runtime``; read or patch it there (``dist.log._active_logs``), not here.
+CUDA-aware setting in ``runtime``; read or patch it there (``comm.log._active_logs``), not here.
 """
 try:
     from mpi4py import MPI  # noqa: F401 -- first, to turn "no MPI library" into one sentence
@@ -34,16 +34,16 @@ except (ImportError, RuntimeError) as error:
         "pip install 'minitp[mpi]' (MPICH from PyPI: nothing else needed), or your system's MPI "
         "(e.g. apt install libopenmpi-dev) and then pip install --no-binary mpi4py mpi4py") from None
 
-from minitp.dist.checks import agree, agree_on_ids, checked, set_checked
-from minitp.dist.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
-from minitp.dist.exchange import all_to_all, sendrecv
-from minitp.dist.log import CollectiveLog, CollectiveRecord, log_collectives
-from minitp.dist.mesh import Group, Mesh, divide, init
-from minitp.dist.failures import install_abort_handler
-from minitp.dist.nonblocking import Pending, iall_gather, iall_reduce, ireduce_scatter, set_progress
-from minitp.dist.p2p import PendingSend, recv, send, wait_all
-from minitp.dist.runtime import set_cuda_aware, transport
-from minitp.dist.timeline import check_writable, record_timeline
+from minitp.comm.checks import agree, agree_on_ids, checked, set_checked
+from minitp.comm.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
+from minitp.comm.exchange import all_to_all, sendrecv
+from minitp.comm.log import CollectiveLog, CollectiveRecord, log_collectives
+from minitp.comm.mesh import Group, Mesh, divide, init
+from minitp.comm.failures import install_abort_handler
+from minitp.comm.nonblocking import Pending, iall_gather, iall_reduce, ireduce_scatter, set_progress
+from minitp.comm.p2p import PendingSend, recv, send, wait_all
+from minitp.comm.runtime import set_cuda_aware, transport
+from minitp.comm.timeline import check_writable, record_timeline
 
 __all__ = [
     "init", "Mesh", "Group", "divide",

@@ -27,7 +27,7 @@ from the call which ranks talk) and an
 optional ``tag`` ("mlp", "attention") that prefixes the names in the collective log, e.g.
 "mlp: f backward". Sequence is axis 0: activations are (s, b, h).
 """
-from minitp import dist
+from minitp import comm
 from minitp.autograd import Function
 
 SEQUENCE_AXIS = 0  # activations are (s, b, h): a sequence shard is a contiguous block of rows
@@ -38,7 +38,7 @@ def _tag(prefix, name):
     return f"{prefix}: {name}" if prefix else name
 
 
-tag = _tag  # public, for layers that call dist's collectives directly; inside this module `tag` is an argument
+tag = _tag  # public, for layers that call comm's collectives directly; inside this module `tag` is an argument
 
 
 class _Mapping(Function):
@@ -65,7 +65,7 @@ class CopyToTensorParallelRegion(_Mapping):
         return x
 
     def backward(self, grad):
-        return dist.all_reduce(grad, self.group, tag=_tag(self.tag, "f backward"))
+        return comm.all_reduce(grad, self.group, tag=_tag(self.tag, "f backward"))
 
 
 class ReduceFromTensorParallelRegion(_Mapping):
@@ -78,7 +78,7 @@ class ReduceFromTensorParallelRegion(_Mapping):
 
     def forward(self, x, group=None, tag=None):
         self.setup(group, tag)
-        return dist.all_reduce(x, self.group, tag=_tag(tag, "f-bar forward"))
+        return comm.all_reduce(x, self.group, tag=_tag(tag, "f-bar forward"))
 
     def backward(self, grad):
         return grad
@@ -95,10 +95,10 @@ class ScatterToTensorParallelRegion(_Mapping):
 
     def forward(self, x, group=None, tag=None):
         self.setup(group, tag)
-        return dist.split(x, self.group, axis=-1)
+        return comm.split(x, self.group, axis=-1)
 
     def backward(self, grad):
-        return dist.all_gather(grad, self.group, axis=-1, tag=_tag(self.tag, "scatter(last) backward"))
+        return comm.all_gather(grad, self.group, axis=-1, tag=_tag(self.tag, "scatter(last) backward"))
 
 
 class GatherFromTensorParallelRegion(_Mapping):
@@ -112,10 +112,10 @@ class GatherFromTensorParallelRegion(_Mapping):
 
     def forward(self, x, group=None, tag=None):
         self.setup(group, tag)
-        return dist.all_gather(x, self.group, axis=-1, tag=_tag(tag, "gather(last) forward"))
+        return comm.all_gather(x, self.group, axis=-1, tag=_tag(tag, "gather(last) forward"))
 
     def backward(self, grad):
-        return dist.split(grad, self.group, axis=-1)
+        return comm.split(grad, self.group, axis=-1)
 
 
 class ScatterToSequenceParallelRegion(_Mapping):
@@ -128,10 +128,10 @@ class ScatterToSequenceParallelRegion(_Mapping):
 
     def forward(self, x, group=None, tag=None):
         self.setup(group, tag)
-        return dist.split(x, self.group, axis=SEQUENCE_AXIS)
+        return comm.split(x, self.group, axis=SEQUENCE_AXIS)
 
     def backward(self, grad):
-        return dist.all_gather(grad, self.group, axis=SEQUENCE_AXIS, tag=_tag(self.tag, "scatter(seq) backward"))
+        return comm.all_gather(grad, self.group, axis=SEQUENCE_AXIS, tag=_tag(self.tag, "scatter(seq) backward"))
 
 
 class GatherFromSequenceParallelRegion(_Mapping):
@@ -155,12 +155,12 @@ class GatherFromSequenceParallelRegion(_Mapping):
     def forward(self, x, group=None, tag=None, tensor_parallel_output_grad=True):
         self.setup(group, tag)
         self.tensor_parallel_output_grad = tensor_parallel_output_grad
-        return dist.all_gather(x, self.group, axis=SEQUENCE_AXIS, tag=_tag(tag, "g forward"))
+        return comm.all_gather(x, self.group, axis=SEQUENCE_AXIS, tag=_tag(tag, "g forward"))
 
     def backward(self, grad):
         if self.tensor_parallel_output_grad:
-            return dist.reduce_scatter(grad, self.group, axis=SEQUENCE_AXIS, tag=_tag(self.tag, "g backward"))
-        return dist.split(grad, self.group, axis=SEQUENCE_AXIS)
+            return comm.reduce_scatter(grad, self.group, axis=SEQUENCE_AXIS, tag=_tag(self.tag, "g backward"))
+        return comm.split(grad, self.group, axis=SEQUENCE_AXIS)
 
 
 class ReduceScatterToSequenceParallelRegion(_Mapping):
@@ -176,10 +176,10 @@ class ReduceScatterToSequenceParallelRegion(_Mapping):
 
     def forward(self, x, group=None, tag=None):
         self.setup(group, tag)
-        return dist.reduce_scatter(x, self.group, axis=SEQUENCE_AXIS, tag=_tag(tag, "g-bar forward"))
+        return comm.reduce_scatter(x, self.group, axis=SEQUENCE_AXIS, tag=_tag(tag, "g-bar forward"))
 
     def backward(self, grad):
-        return dist.all_gather(grad, self.group, axis=SEQUENCE_AXIS, tag=_tag(self.tag, "g-bar backward"))
+        return comm.all_gather(grad, self.group, axis=SEQUENCE_AXIS, tag=_tag(self.tag, "g-bar backward"))
 
 
 # -- the functions layers call ----------------------------------------------------------------------

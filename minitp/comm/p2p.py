@@ -27,8 +27,8 @@ import numpy
 from mpi4py import MPI
 
 from minitp import backend
-from minitp.dist import log, runtime
-from minitp.dist.collectives import _buffer
+from minitp.comm import log, runtime
+from minitp.comm.collectives import _buffer
 
 
 class PendingSend:

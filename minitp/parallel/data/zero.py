@@ -4,7 +4,7 @@ Megatron's distributed optimizer; nanotron's ``optim/zero.py``).
 
 Plain data parallelism keeps d copies of everything: every replica holds AdamW's two moments for every
 parameter, 2·Ψ numbers, although every replica computes exactly the same update. ZeRO-1 cuts that work
-and that state into d slices, using the flat buckets of ``minitp.parallel.buckets``:
+and that state into d slices, using the flat buckets of ``minitp.parallel.data.buckets``:
 
     reduce-scatter the gradients     dp rank r receives its slice [r·n/d, (r+1)·n/d) of each bucket's mean
     clip by the global norm          squares of the slices, summed over dp (and the split ones over tp)
@@ -42,11 +42,11 @@ import types
 
 import numpy
 
-from minitp import backend, dist
+from minitp import backend, comm
 from minitp.nn.optim import check_max_norm, clip_coefficient
-from minitp.parallel.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
-from minitp.parallel.data_parallel import replicas
-from minitp.parallel.shard import split_axis
+from minitp.parallel.data.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
+from minitp.parallel.data.data_parallel import replicas
+from minitp.parallel.tensor.shard import split_axis
 
 
 class ZeroOptimizer:
@@ -109,10 +109,10 @@ class ZeroOptimizer:
                     g = shard[lo:hi].astype(numpy.float64, copy=False)
                     replicated = split_axis(bucket.parameters[index]) is None
                     squares[1 if replicated else 0] += float(backend.array_module(g).vdot(g, g))
-        squares = dist.all_reduce(squares, self.group, tag="grad norm (ZeRO slices)")
+        squares = comm.all_reduce(squares, self.group, tag="grad norm (ZeRO slices)")
         split, replicated = float(squares[0]), float(squares[1])
         if self.mesh.tp.size > 1:
-            split = float(dist.all_reduce(numpy.array([split]), self.mesh.tp, tag="grad norm")[0])
+            split = float(comm.all_reduce(numpy.array([split]), self.mesh.tp, tag="grad norm")[0])
         norm = math.sqrt(split + replicated)
         scale = clip_coefficient(norm, max_norm, eps)  # the one rule, shared with data_parallel.clip_grad_norm
         if scale < 1:
@@ -144,9 +144,9 @@ class ZeroOptimizer:
                     self.steps[self.key_of[id(bucket.parameters[i])]] += 1
             tag = f"parameters (bucket {index + 1}/{len(self.gradients.buckets)})"
             if self.gradients.overlap:  # gather this bucket while the next one is updated
-                gathering.append(dist.iall_gather(shard, self.group, tag=tag).wait)
+                gathering.append(comm.iall_gather(shard, self.group, tag=tag).wait)
             else:
-                gathering.append(lambda full=dist.all_gather(shard, self.group, axis=0, tag=tag): full)
+                gathering.append(lambda full=comm.all_gather(shard, self.group, axis=0, tag=tag): full)
         for bucket, gathered in zip(self.gradients.buckets, gathering):
             for p, value in zip(bucket.parameters, bucket.views(gathered())):
                 p.data[...] = value
@@ -179,7 +179,7 @@ class ZeroOptimizer:
                     entry = self.state.get(self.key_of[id(bucket.parameters[i])], {})
                     if name in entry:
                         shard[s:e] = entry[name]
-                full = dist.all_gather(shard, self.group, axis=0, tag=f"optimizer state: {name} (bucket {index + 1})")
+                full = comm.all_gather(shard, self.group, axis=0, tag=f"optimizer state: {name} (bucket {index + 1})")
                 for p, value in zip(bucket.parameters, bucket.views(full)):
                     key = self.key_of[id(p)]
                     if key in state:

@@ -11,8 +11,8 @@ Every replica then takes the same optimizer step and the replicas stay identical
 **Buckets.** A model has hundreds of parameter tensors; one all-reduce each would pay MPI's latency
 hundreds of times for small messages. The gradients are copied into one flat buffer per ``bucket_bytes``
 (25 MiB by default, as torch's DistributedDataParallel) and each buffer is all-reduced once: for a small
-model, ONE all-reduce per step (``minitp.parallel.buckets``, which also starts the buckets during
-backward -- ``overlap`` -- and reduce-scatters them for ZeRO-1, ``minitp.parallel.zero``).
+model, ONE all-reduce per step (``minitp.parallel.data.buckets``, which also starts the buckets during
+backward -- ``overlap`` -- and reduce-scatters them for ZeRO-1, ``minitp.parallel.data.zero``).
 
 **Clipping.** ``clip_grad_norm`` computes the norm of the gradient of the whole serial model from the
 shards: a split parameter's squares are summed over the tp ranks (each holds a different block), a
@@ -35,10 +35,10 @@ import math
 
 import numpy
 
-from minitp import backend, dist, trace
+from minitp import backend, comm, trace
 from minitp.nn.optim import check_max_norm, clip_coefficient
-from minitp.parallel.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
-from minitp.parallel.shard import split_axis
+from minitp.parallel.data.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
+from minitp.parallel.tensor.shard import split_axis
 
 
 def split_batch(array, mesh=None, axis=1):
@@ -49,8 +49,8 @@ def split_batch(array, mesh=None, axis=1):
     """
     if mesh is None or mesh.dp_size == 1:
         return array
-    dist.divide(array.shape[axis], mesh.dp_size, "the batch size (split over the dp replicas)")
-    return dist.split(array, mesh.dp, axis)
+    comm.divide(array.shape[axis], mesh.dp_size, "the batch size (split over the dp replicas)")
+    return comm.split(array, mesh.dp, axis)
 
 
 def replicas(mesh):
@@ -99,10 +99,10 @@ def grad_norm(module, mesh=None):
         else:
             split_squares += squares
     if mesh is not None and mesh.tp_size > 1:
-        split_squares = float(dist.all_reduce(numpy.array([split_squares]), mesh.tp, tag="grad norm")[0])
+        split_squares = float(comm.all_reduce(numpy.array([split_squares]), mesh.tp, tag="grad norm")[0])
     squares = split_squares + replicated_squares
     if mesh is not None and mesh.pp_size > 1:
-        squares = float(dist.all_reduce(numpy.array([squares]), mesh.pp, tag="grad norm (stages)")[0])
+        squares = float(comm.all_reduce(numpy.array([squares]), mesh.pp, tag="grad norm (stages)")[0])
     return math.sqrt(squares)
 
 
@@ -133,7 +133,7 @@ def average_over_data_parallel(value, mesh=None):
     group = replicas(mesh)
     if group is None or group.size == 1:
         return float(value)
-    return float(dist.all_reduce(numpy.array([float(value)]), group, tag="loss")[0]) / group.size
+    return float(comm.all_reduce(numpy.array([float(value)]), group, tag="loss")[0]) / group.size
 
 
 def check_train_step(optimizer, mesh=None, gradients=None, max_norm=None):

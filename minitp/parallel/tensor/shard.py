@@ -9,7 +9,7 @@ rank holds all of it). That is all it takes to go both ways:
 - ``gather_serial_state(module, group)``: all-gather the blocks back into full arrays, on every rank;
 - ``gather_serial_grads(module, group)``: the same for the gradients, to compare them with the serial ones.
 """
-from minitp import dist
+from minitp import comm
 
 
 def split_axis(parameter):
@@ -27,7 +27,7 @@ def load_serial_state(module, state, group):
             raise ValueError(f"load_serial_state: the serial state has no parameter {name!r}")
         full = state[name]
         axis = split_axis(parameter)
-        local[name] = full if axis is None else dist.split(full, group, axis)
+        local[name] = full if axis is None else comm.split(full, group, axis)
     module.load_state_dict(local)
 
 
@@ -39,7 +39,7 @@ def _gather(arrays, module, group):
             full[name] = None
             continue
         axis = split_axis(parameter)
-        full[name] = array if axis is None else dist.all_gather(array, group, axis=axis, tag=f"gather {name}")
+        full[name] = array if axis is None else comm.all_gather(array, group, axis=axis, tag=f"gather {name}")
     return full
 
 

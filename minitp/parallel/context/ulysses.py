@@ -20,11 +20,11 @@ way round: at most a (the heads) ranks, a/tp per tensor-parallel rank, and cp mu
 The tokens must be a contiguous block per rank (the gathered sequence is the blocks in rank order):
 Ulysses needs no zigzag, since every rank attends all s queries of its heads -- the same work.
 """
-from minitp import dist
+from minitp import comm
 from minitp import functional as F
 from minitp.autograd import Function
-from minitp.nn.attention import attention_core
-from minitp.parallel import mappings
+from minitp.functional import attention_core
+from minitp.parallel.tensor import mappings
 
 BATCH, HEADS, SEQUENCE = 0, 1, 2  # of (b, a, s, d)
 
@@ -37,15 +37,15 @@ class AllToAll(Function):
 
     def forward(self, x, group, split_axis, concat_axis, tag):
         self.group, self.split_axis, self.concat_axis, self.tag = group, split_axis, concat_axis, tag
-        return dist.all_to_all(x, group, split_axis, concat_axis, tag=mappings.tag(tag, "all-to-all forward"))
+        return comm.all_to_all(x, group, split_axis, concat_axis, tag=mappings.tag(tag, "all-to-all forward"))
 
     def backward(self, grad):
-        return dist.all_to_all(grad, self.group, self.concat_axis, self.split_axis,
+        return comm.all_to_all(grad, self.group, self.concat_axis, self.split_axis,
                                tag=mappings.tag(self.tag, "all-to-all backward"))
 
 
 def all_to_all(x, group, split_axis, concat_axis, tag=None):
-    """Differentiable ``dist.all_to_all``: see ``AllToAll``."""
+    """Differentiable ``comm.all_to_all``: see ``AllToAll``."""
     return AllToAll.apply(x, group=group, split_axis=split_axis, concat_axis=concat_axis, tag=tag)
 
 
@@ -56,7 +56,7 @@ def ulysses_attention(q, k, v, group, causal=True, dropout=None, tag="attention"
     ``dropout``: the attention ``Dropout``, whose ``splits`` must place this rank's a/cp heads (the
     builder adds ``(1, cp_rank, cp)`` after tensor parallelism's head split).
     """
-    dist.divide(q.shape[HEADS], group.size, "the heads of a tensor-parallel rank (split over cp by Ulysses)")
+    comm.divide(q.shape[HEADS], group.size, "the heads of a tensor-parallel rank (split over cp by Ulysses)")
     # (3, b, a, s/cp, d): q, k, v cross the wire in one all-to-all
     stacked = all_to_all(F.stack([q, k, v]), group, split_axis=1 + HEADS, concat_axis=1 + SEQUENCE,
                          tag=mappings.tag(tag, "Ulysses q,k,v"))

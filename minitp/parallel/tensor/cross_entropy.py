@@ -31,11 +31,11 @@ After step 1 every rank holds the full denominator, so it computes the softmax o
 one-hot term is nonzero only in the owner's block. Each rank gets the gradient of exactly its logits
 shard, which is what the column-parallel layer before it needs: no communication.
 """
-from minitp import backend, dist
+from minitp import backend, comm
 from minitp import functional as F
 from minitp.autograd import Function, Tensor
-from minitp.parallel import mappings
-from minitp.parallel.embedding import ids_in_range
+from minitp.parallel.tensor import mappings
+from minitp.parallel.tensor.embedding import ids_in_range
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -58,7 +58,7 @@ class VocabParallelCrossEntropy(Function):
 
         # 1. m, the global max of each token's logits: the shift that keeps exp from overflowing
         local_max = logits_shard.max(axis=-1).reshape(positions)
-        global_max = dist.all_reduce(local_max, group, tag=mappings.tag(tag, "max (all-reduce MAX)"),
+        global_max = comm.all_reduce(local_max, group, tag=mappings.tag(tag, "max (all-reduce MAX)"),
                                      op="max").reshape(column)
         shifted = logits_shard - global_max  # <= 0 everywhere: exp cannot overflow
 
@@ -66,12 +66,12 @@ class VocabParallelCrossEntropy(Function):
         local, outside = ids_in_range(targets, self.start, vocab_per_rank, xp)
         picked = xp.take_along_axis(shifted, local[..., None], axis=-1).reshape(positions)  # a new array
         picked[outside] = 0
-        target_logit = dist.all_reduce(picked, group,
+        target_logit = comm.all_reduce(picked, group,
                                        tag=mappings.tag(tag, "target logit (all-reduce SUM)")).reshape(positions)
 
         # 3. Σ exp(z - m) over the whole vocabulary: the ranks' partial sums over their blocks, summed
         exps = xp.exp(shifted, out=shifted)  # in place: the shifted logits are not needed any more
-        sum_exps = dist.all_reduce(exps.sum(axis=-1).reshape(positions), group,
+        sum_exps = comm.all_reduce(exps.sum(axis=-1).reshape(positions), group,
                                    tag=mappings.tag(tag, "sum of exponentials (all-reduce SUM)")).reshape(positions)
 
         losses = xp.log(sum_exps) - target_logit  # log Σ exp(z - m) - (z_y - m): m cancels
@@ -107,7 +107,7 @@ def vocab_parallel_cross_entropy(logits_shard, targets, group, reduction="mean",
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
     xp = backend.array_module(logits_shard.data)
     targets = xp.asarray(targets.data if isinstance(targets, Tensor) else targets)
-    dist.agree_on_ids(group, f"{tag}: the targets", targets)  # first: every check below then agrees too
+    comm.agree_on_ids(group, f"{tag}: the targets", targets)  # first: every check below then agrees too
     F.check_integer(targets, "cross_entropy targets")
     if targets.shape != logits_shard.shape[:-1]:
         raise ValueError(f"targets of shape {targets.shape} for logits of shape {logits_shard.shape}")
