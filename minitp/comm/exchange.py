@@ -13,8 +13,12 @@ the bytes are exact, not a ring algorithm's estimate):
 Kept apart from the pipeline's point-to-point ``send``/``recv``: a ring step is one simultaneous
 send-and-receive (MPI ``Sendrecv``), which cannot deadlock however many ranks pass their blocks on at
 once -- every rank sends to ``rank + 1`` and receives from ``rank - 1`` in the same call.
+
+While a trace is recorded (``minitp.trace``) each is a "comm" span named by its op, like a blocking
+collective's, with its group, bytes, ring_bytes and tag (``sendrecv``: and its two peers); a
+``sendrecv`` to oneself, an ``all_to_all`` of one rank, sends nothing and is no span.
 """
-from minitp import backend
+from minitp import backend, trace
 from minitp.comm import checks, log
 from minitp.comm.collectives import _axis, _buffer
 from minitp.comm.mesh import divide
@@ -47,10 +51,14 @@ def sendrecv(x, group, send_to, receive_from, tag=""):
         return x
     send = _for_mpi(x)
     received = backend.array_module(send).empty_like(send)
+    started = trace.now() if trace.recording is not None else None
     # An explicit receive tag (mpi4py's default is ANY_TAG): only a ring block can match a ring block,
     # whatever else ever travels on this communicator
     group.comm.Sendrecv(_buffer(send), dest=send_to, sendtag=_RING_TAG, recvbuf=_buffer(received),
                         source=receive_from, recvtag=_RING_TAG)
+    if started is not None:
+        trace.complete("sendrecv", "comm", started, dict(group=group.name, bytes=int(x.nbytes), ring_bytes=x.nbytes,
+                                                         tag=tag, send_to=send_to, receive_from=receive_from))
     return _like(received, x)
 
 
@@ -84,7 +92,11 @@ def all_to_all(x, group, split_axis, concat_axis, tag=""):
     blocks = xp.moveaxis(x.reshape(x.shape[:split_axis] + (n, block) + x.shape[split_axis + 1:]), split_axis, 0)
     send = _for_mpi(blocks)
     received = backend.array_module(send).empty_like(send)
+    started = trace.now() if trace.recording is not None else None
     group.comm.Alltoall(_buffer(send), _buffer(received))
+    if started is not None:
+        trace.complete("all_to_all", "comm", started, dict(group=group.name, bytes=int(x.nbytes),
+                                                           ring_bytes=(n - 1) * x.nbytes / n, tag=tag))
     received = _like(received, x)
     # (n, ..., k, ...) from ranks 0..n-1 -> rank i's block at [i·m, (i+1)·m) along concat_axis
     shape = list(received.shape[1:])

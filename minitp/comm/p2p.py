@@ -22,11 +22,20 @@ send completes: ``PendingSend`` holds it, and ``wait`` ends it.
 
 Both are logged with the collectives (``log.py``): ``"send"`` with the bytes this rank sends as its
 ring bytes, ``"recv"`` with the same payload and 0 bytes sent.
+
+**In a trace** (``minitp.trace``, while a timeline is recorded): a ``"recv"`` span (category "p2p", lane
+"communication") from the call until the data is here -- the time this rank is blocked on its
+neighbour, most of it waiting for the sender to get there, the rest the transfer; a ``"send"`` span
+(category "p2p inflight", a lane "sends in flight k" of its own, since sends overlap) from the post to
+the completion *as first seen*: a send is tested once when posted (below MPI's eager limit it is done
+at once), then whenever its owner asks ``done()`` (the engine: after every action) or waits; a
+``"wait send"`` span ("p2p") for a ``wait()`` that found it not done. Each carries the peer (a rank of
+the group), the bytes, the message tag ``match`` and the ``tag``.
 """
 import numpy
 from mpi4py import MPI
 
-from minitp import backend
+from minitp import backend, trace
 from minitp.comm import log, runtime
 from minitp.comm.collectives import _buffer
 
@@ -34,19 +43,42 @@ from minitp.comm.collectives import _buffer
 class PendingSend:
     """A posted send: the MPI request and the buffer MPI is reading (kept alive until done)."""
 
-    def __init__(self, request, buffer):
+    def __init__(self, request, buffer, span=None):
         self.request, self.buffer = request, buffer
+        # while a trace is recorded: [recording, lane, posted, args] of its "send" span, closed when done
+        self._span = span
+        if span is not None:
+            self.done()
 
     def done(self):
         """True once MPI has finished with the buffer (then it is released); never blocks."""
         if self.buffer is not None and self.request.Test():
             self.buffer = None
+            self._close_span()
         return self.buffer is None
 
     def wait(self):
         """Block until the receiver has the data; release the buffer."""
+        if self.buffer is None:
+            return
+        started = trace.now()
         self.request.Wait()
         self.buffer = None
+        if self._span is not None and self._span[0] is trace.recording:
+            trace.complete("wait send", "p2p", started, self._span[3])
+        self._close_span()
+
+    def _close_span(self):
+        if self._span is not None:
+            recording, lane, posted, args = self._span
+            self._span = None
+            if recording is trace.recording:  # else the recording closed while the send was in flight
+                recording.add("send", "p2p inflight", lane, posted, trace.now(), args)
+            recording.free_inflight_lane(lane)
+
+
+SENDS_IN_FLIGHT = "sends in flight"
+"""The kind of lane of a pipeline send in flight (``trace.Recording.take_inflight_lane``)."""
 
 
 _TAG_UB = []  # MPI's largest message tag, asked once (the query costs more than the check)
@@ -71,7 +103,11 @@ def send(x, group, dest, match, tag=""):
     if log._active_logs:
         log._record("send", group, x.shape, x.dtype, x.nbytes, x.nbytes, tag)
     buffer = runtime._for_mpi(x)
-    return PendingSend(group.comm.Isend(_buffer(buffer), dest=dest, tag=match), buffer)
+    span = None
+    if trace.recording is not None:
+        span = [trace.recording, trace.recording.take_inflight_lane(SENDS_IN_FLIGHT), trace.now(),
+                dict(group=group.name, peer=dest, bytes=int(x.nbytes), match=match, tag=tag)]
+    return PendingSend(group.comm.Isend(_buffer(buffer), dest=dest, tag=match), buffer, span)
 
 
 def recv(shape, dtype, group, source, match, tag=""):
@@ -92,11 +128,15 @@ def recv(shape, dtype, group, source, match, tag=""):
     if not staged and xp is not numpy:
         backend.synchronize()
     status = MPI.Status()
+    started = trace.now() if trace.recording is not None else None
     try:
         group.comm.Recv(_buffer(buffer), source=source, tag=match, status=status)
         received = status.Get_count(_buffer(buffer)[1])
     except MPI.Exception as error:  # a longer message than the buffer: MPI_ERR_TRUNCATE
         received = f"more than {buffer.size} ({error.Get_error_string().strip()})"
+    if started is not None:
+        trace.complete("recv", "p2p", started, dict(group=group.name, peer=source, bytes=int(buffer.nbytes),
+                                                    match=match, tag=tag))
     if received != buffer.size:
         raise ValueError(f"received {received} elements from rank {source} (tag {match}), expected shape {shape}: "
                          "sender and receiver disagree on the shape")

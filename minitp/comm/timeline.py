@@ -6,14 +6,15 @@
 
 Inside the block every rank records its spans (``minitp.trace``: each op's forward and backward, every
 collective with its bytes, every non-blocking collective in flight on a lane of its own, the phases of
-a training step). At the end world rank 0 gathers them and writes one file in the Chrome trace-event
-format: a "complete" event per span,
+a training step; on a pipeline stage its schedule, each microbatch's F and B, every receive and every
+send in flight; ring attention's steps and exchanges). At the end world rank 0 gathers them and writes
+one file in the Chrome trace-event format: a "complete" event per span,
 
     {"ph": "X", "pid": rank, "tid": lane, "name": "MatMul backward", "cat": "compute",
      "ts": microseconds, "dur": microseconds, "args": {...}}
 
 and "M" (metadata) events naming each process row by its mesh coordinates ("rank 3: dp 1, tp 1") and
-each lane ("phases", "compute", "communication", "in flight 1", ...).
+each lane ("phases", "compute", "communication", "in flight 1", ..., "sends in flight 1", ...).
 
 **One clock.** ``perf_counter`` is the machine's monotonic clock (``CLOCK_MONOTONIC`` on Linux): the
 ranks of one node read the same clock, and rank 0's time zero, taken after a barrier and broadcast, is

@@ -33,12 +33,18 @@ bytes per rank per layer backward, twice the forward.
 the element's global index, and a block's (query, key) positions are known, so each block draws its
 piece (``rng.keep_mask`` at those positions), in forward and again in backward. Dropout applies to the
 normalised probabilities; the lse stays the undropped one, as in FlashAttention.
+
+**In a trace** (``minitp.trace``) each ring step's attention over the block it holds is a "compute"
+span, "ring step t" (forward) or "ring step t backward", inside the op's own span, with the rank whose
+block it is and the number of (query run, key run) pairs computed; each exchange is a "sendrecv" span
+("comm", tagged "ring K,V forward (step t)" ...): cp - 1 of them forward, cp backward (cp - 1 with the
+K, V, the last one taking the dK, dV home), per attention layer.
 """
 from collections import namedtuple
 
 import numpy
 
-from minitp import backend, comm, rng
+from minitp import backend, comm, rng, trace
 from minitp.autograd import Function
 from minitp.nn import placement
 from minitp.parallel.tensor import mappings
@@ -115,10 +121,11 @@ class RingAttention(Function):
         out = xp.zeros_like(q)
         lse = xp.full(q.shape[:-1], -numpy.inf, dtype=q.dtype)
         kv = xp.stack([k, v])  # (2, b, a, L, d): one buffer crosses the wire per step
-        for step, (_, blocks) in enumerate(self.steps):
-            for block in blocks:
-                block_out, block_lse = self._attend(scaled[..., block.q, :], kv[:, ..., block.k, :], block, xp)
-                merge(out[..., block.q, :], lse[..., block.q], block_out, block_lse, xp)
+        for step, (source, blocks) in enumerate(self.steps):
+            with trace.span(f"ring step {step}", "compute", holding=source, blocks=len(blocks)):
+                for block in blocks:
+                    block_out, block_lse = self._attend(scaled[..., block.q, :], kv[:, ..., block.k, :], block, xp)
+                    merge(out[..., block.q, :], lse[..., block.q], block_out, block_lse, xp)
             if step < group.size - 1:
                 kv = self._pass_on(kv, f"ring K,V forward (step {step + 1})")
         self.save_for_backward(q, k, v, out, lse)
@@ -145,14 +152,16 @@ class RingAttention(Function):
         delta = (grad * out).sum(axis=-1)  # Δ_i = dO_i·O_i = Σ_j P_ij dP_ij (dropout included)
         grad_q = xp.zeros_like(q)
         kv, own, travelling = xp.stack([k, v]), None, None
-        for step, (_, blocks) in enumerate(self.steps):
-            grad_kv = xp.zeros_like(kv)  # this rank's share of the held block's dK, dV
-            for block in blocks:
-                dq, dk, dv = self._attend_backward(scaled[..., block.q, :], kv[:, ..., block.k, :], grad[..., block.q, :],
-                                                   lse[..., block.q], delta[..., block.q], block, xp)
-                grad_q[..., block.q, :] += dq
-                grad_kv[0][..., block.k, :] += dk
-                grad_kv[1][..., block.k, :] += dv
+        for step, (source, blocks) in enumerate(self.steps):
+            with trace.span(f"ring step {step} backward", "compute", holding=source, blocks=len(blocks)):
+                grad_kv = xp.zeros_like(kv)  # this rank's share of the held block's dK, dV
+                for block in blocks:
+                    dq, dk, dv = self._attend_backward(scaled[..., block.q, :], kv[:, ..., block.k, :],
+                                                       grad[..., block.q, :], lse[..., block.q], delta[..., block.q],
+                                                       block, xp)
+                    grad_q[..., block.q, :] += dq
+                    grad_kv[0][..., block.k, :] += dk
+                    grad_kv[1][..., block.k, :] += dv
             if step == 0:
                 own = grad_kv  # the owner's share stays home
             else:
