@@ -46,8 +46,8 @@ def worker(args):
 
     from minitp import comm, trace_report
     from minitp.nn import AdamW, GPTConfig
-    from minitp.parallel.data.buckets import GradientBuckets
-    from minitp.parallel.data.data_parallel import train_step
+    from minitp.parallel.data.sync import AllReduceGradients
+    from minitp.training import train_step
     from minitp.parallel.gpt import ParallelGPT
     from minitp.parallel.data.zero import ZeroOptimizer
 
@@ -67,7 +67,7 @@ def worker(args):
         if mode.startswith("ZeRO"):
             optimizer = ZeroOptimizer(optimizer, mesh, size["bucket"], overlap=overlap)
         else:
-            gradients = GradientBuckets(model.parameters(), mesh.dp, size["bucket"], overlap=overlap)
+            gradients = AllReduceGradients(model, mesh, size["bucket"], overlap=overlap)
         progress = "calls" if mode.endswith("calls") else "thread"
 
         def step():

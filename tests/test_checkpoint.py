@@ -13,7 +13,7 @@ from pytest_mpi import parallel_assert
 
 from minitp import checkpoint, comm
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel.data.data_parallel import train_step
+from minitp.training import train_step
 from minitp.parallel.gpt import ParallelGPT
 
 WORLD = MPI.COMM_WORLD

@@ -8,8 +8,8 @@ from pytest_mpi import parallel_assert
 
 from minitp import checkpoint, comm
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel.data.data_parallel import train_step as serial_step
-from minitp.pipeline import PipelineGPT, train_step
+from minitp.pipeline import PipelineGPT
+from minitp.training import Pipelined, train_step
 
 WORLD = MPI.COMM_WORLD
 RESUME = 1e-9
@@ -25,8 +25,9 @@ def batch_at(step):
 
 def train(model, optimizer, first, last, mesh=None, schedule=None, microbatches=1, virtual_stages=1):
     if mesh is None:
-        return [serial_step(model, optimizer, *batch_at(step), None, max_norm=0.5)[0] for step in range(first, last)]
-    return [train_step(model, optimizer, *batch_at(step), mesh, schedule, microbatches, max_norm=0.5)[0]
+        return [train_step(model, optimizer, *batch_at(step), None, max_norm=0.5)[0] for step in range(first, last)]
+    return [train_step(model, optimizer, *batch_at(step), mesh, max_norm=0.5,
+                       forward_backward=Pipelined(schedule, microbatches))[0]
             for step in range(first, last)]
 
 

@@ -56,8 +56,9 @@ GRID = list(itertools.product([False, True], [0.0, 0.1], [False, True], ["float3
 
 @pytest.mark.parallel(nprocs=[1, 2, 4])
 def test_parallel_gpt_step_is_planned_to_the_byte():
-    from minitp.parallel.data.buckets import GradientBuckets
-    from minitp.parallel.data.data_parallel import replicas, split_batch, train_step
+    from minitp.parallel.data.data_parallel import replicas, split_batch
+    from minitp.parallel.data.sync import AllReduceGradients
+    from minitp.training import train_step
     from minitp.parallel.gpt import ParallelGPT
     from minitp.parallel.data.zero import ZeroOptimizer
 
@@ -79,7 +80,7 @@ def test_parallel_gpt_step_is_planned_to_the_byte():
             if zero:
                 optimizer = ZeroOptimizer(optimizer, mesh, bucket)
             else:
-                gradients = GradientBuckets(model.parameters(), replicas(mesh), bucket)
+                gradients = AllReduceGradients(model, mesh, bucket)
             with comm.log_collectives() as log:
                 train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients)
             state = optimizer.state_bytes() if zero else sum(
@@ -137,6 +138,7 @@ def test_one_layer_with_recomputation_is_planned_to_the_byte():
 def test_pipeline_stages_are_planned_to_the_byte():
     from minitp import pipeline
     from minitp.parallel.data.data_parallel import clip_grad_norm
+    from minitp.parallel.data.sync import AllReduceGradients
 
     failures = []
     for pp in [p for p in (2, 4) if WORLD.size % p == 0]:
@@ -153,7 +155,7 @@ def test_pipeline_stages_are_planned_to_the_byte():
             ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
             with comm.log_collectives() as log:
                 run = pipeline.forward_backward(model, ids, targets, mesh, name, m)
-                pipeline.synchronize_gradients(model, mesh)
+                AllReduceGradients(model, mesh).finish()  # the tied table over the ends, dp
                 clip_grad_norm(model, 1.0, mesh)
             predicted = plan(Model.of(config), Mesh(pp=pp, tp=tp, virtual_stages=v),
                              Choices(micro_batch=batch // m, global_batch=batch, sequence_parallel=sp, schedule=name))

@@ -2,6 +2,7 @@
 saves, resumes on another mesh and refuses a mesh that does not fit the ranks (as a learner runs it)."""
 import importlib.util
 import json
+import sys
 
 import pytest
 from mpi4py import MPI
@@ -15,6 +16,11 @@ TUTORIAL = TUTORIALS / "train_gpt.py"
 
 
 def tutorial():
+    """The tutorial's module, loaded from its file. ``python tutorials/train_gpt.py`` puts the folder
+    tutorials/ on sys.path, where its ``import train_gpt_options`` finds its sibling: so does this, last,
+    so that the other tutorials' names (pipeline.py, plan.py, ...) shadow nothing the tests import."""
+    if str(TUTORIALS) not in sys.path:
+        sys.path.append(str(TUTORIALS))
     spec = importlib.util.spec_from_file_location("train_gpt", TUTORIAL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # definitions only: the run is behind `if __name__ == "__main__"`

@@ -116,8 +116,6 @@ REFUSED = [
                                              "and traces nothing"),  # wrote no trace
     (["--check", "--save", "{tmp}/c.npz"], "--check trains its own tiny model twice"),
     (["--check", "--unchecked"], "drop --save, --load, --trace and --unchecked"),
-    (["--zero", "1", "--cp", "2"], "--zero and --overlap work with --tp, --dp and --sequence-parallel"),
-    (["--pp", "2", "--cp", "2"], "--pp and --cp together are not built yet"),
 ]
 
 

@@ -16,8 +16,8 @@ from pytest_mpi import parallel_assert
 
 from minitp import checkpoint, comm
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel.data.buckets import GradientBuckets
-from minitp.parallel.data.data_parallel import train_step
+from minitp.parallel.data.sync import AllReduceGradients
+from minitp.training import train_step
 from minitp.parallel.gpt import ParallelGPT
 from minitp.parallel.tensor.shard import gather_serial_state
 from minitp.parallel.data.zero import ZeroOptimizer
@@ -46,7 +46,7 @@ def run(mesh, zero, overlap, sequence_parallel=False, steps=STEPS, first=0, mode
         optimizer = AdamW(model.named_parameters(), lr=1e-2)
         if zero:
             optimizer = ZeroOptimizer(optimizer, mesh, BUCKET_BYTES, overlap=overlap)
-    gradients = None if zero else GradientBuckets(model.parameters(), mesh.dp, BUCKET_BYTES, overlap=overlap)
+    gradients = None if zero else AllReduceGradients(model, mesh, BUCKET_BYTES, overlap=overlap)
     with comm.log_collectives() as log:
         losses = [train_step(model, optimizer, *batch_at(step), mesh, max_norm=0.5, gradients=gradients)[0]
                   for step in range(first, first + steps)]

@@ -29,7 +29,7 @@ from mpi4py import MPI
 from minitp import backend, comm, pipeline
 from minitp import functional as F
 from minitp.nn import GPT, GPTConfig
-from minitp.parallel import gather_serial_grads
+from minitp.parallel import AllReduceGradients, gather_serial_grads
 from minitp.pipeline.picture import draw
 from minitp.report import banner, each_rank, ranks, say, verdict
 from minitp.testing import max_error
@@ -124,7 +124,7 @@ runs, logs = {}, {}
 for name, model in models.items():
     with comm.log_collectives() as log:
         runs[name] = pipeline.forward_backward(model, ids, targets, mesh, name, m)
-        pipeline.synchronize_gradients(model, mesh)
+        AllReduceGradients(model, mesh).finish()  # the tied table summed over the two ends (and dp)
     logs[name] = log
 log, run = logs["1f1b"], runs["1f1b"]
 each_rank(f"sends {log.count('send')} ({log.total_payload_bytes('send'):,} B), receives {log.count('recv')} "

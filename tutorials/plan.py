@@ -15,7 +15,8 @@ from mpi4py import MPI
 
 from minitp import comm, track_saved
 from minitp.nn import AdamW, GPTConfig
-from minitp.parallel.data.data_parallel import split_batch, train_step
+from minitp.parallel.data.data_parallel import split_batch
+from minitp.training import train_step
 from minitp.parallel.gpt import ParallelGPT
 from minitp.parallel.data.zero import ZeroOptimizer
 from minitp.plan import Choices, Mesh, Model, plan

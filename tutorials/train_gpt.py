@@ -27,9 +27,9 @@ for a run stay true however the README itself changes. Every collective runs in 
 wrong answer); ``--unchecked`` skips that for speed.
 
 Read top to bottom: the data (1), the model and the mesh (2), one training step (3), the loop (4), the
-check that the parallel run IS the serial run (5), and the command line (6).
+check that the parallel run IS the serial run (5), and the command line (6). The options themselves,
+and why each value they refuse is refused, are the sibling file tutorials/train_gpt_options.py.
 """
-import argparse
 import hashlib
 import math
 import sys
@@ -42,11 +42,13 @@ from mpi4py import MPI
 
 from minitp import checkpoint, comm, pipeline, trace_report
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel.data.buckets import GradientBuckets
-from minitp.parallel.data.data_parallel import replicas, train_step
-from minitp.parallel.gpt import ParallelGPT
-from minitp.parallel.data.zero import ZeroOptimizer
+from minitp.parallel import AllReduceGradients, ParallelGPT, ZeroOptimizer
+from minitp.training import Pipelined, train_step, whole_batch
 from minitp.report import say
+
+# the command line (section 6): this file's sibling, found because Python puts the folder of the script
+# it runs first on sys.path
+from train_gpt_options import check_args, check_args_of, fail, overridden_by_check, parse, validate
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -130,40 +132,47 @@ def batch_at(data, step, batch, seq, seed=0):
 
 
 def build(args, vocab, mesh, dtype):
-    """(model, optimizer, gradients): a ParallelGPT on ``mesh``, or with ``mesh=None`` the serial nn.GPT;
-    ``gradients`` the buckets of plain data parallelism (None serially, and under ZeRO, which has its own)."""
+    """(model, optimizer, gradients): this rank's ParallelGPT (or PipelineGPT stage) on ``mesh``, or with
+    ``mesh=None`` the serial nn.GPT; ``gradients`` the gradient synchronisation of plain data parallelism
+    (None serially, and under ZeRO, whose optimizer is its own)."""
     config = GPTConfig(vocab=vocab, seq_len=args.seq, hidden=args.hidden, heads=args.heads, layers=args.layers,
                        dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype)
     if mesh is None:
         model = GPT(config)
-    elif pipelined(args):  # this rank's stage: only its layers (refused if pp × chunks does not divide them)
-        model = pipeline.PipelineGPT(config, mesh, args.sequence_parallel, args.virtual_stages)
     else:
-        model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel,
-                            context_parallel=args.cp_kind if mesh.cp_size > 1 else None, overlap=args.overlap)
+        context = args.cp_kind if mesh.cp_size > 1 else None
+        if pipelined(args):  # this rank's stage: only its layers (refused if pp × chunks does not divide them)
+            model = pipeline.PipelineGPT(config, mesh, args.sequence_parallel, args.virtual_stages, context,
+                                         overlap=args.overlap)
+        else:
+            model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel, context_parallel=context,
+                                overlap=args.overlap)
     optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gradients, bucket_bytes = None, args.bucket_mb * 2 ** 20
-    if mesh is not None and args.zero:
+    if mesh is not None and args.zero:  # reduce-scatters the gradients into the slices it updates
         optimizer = ZeroOptimizer(optimizer, mesh, bucket_bytes, overlap=args.overlap)
-    elif mesh is not None and not pipelined(args):  # a pipeline reduces its stages' gradients itself
-        gradients = GradientBuckets(model.parameters(), replicas(mesh), bucket_bytes, overlap=args.overlap)
+    elif mesh is not None:
+        gradients = AllReduceGradients(model, mesh, bucket_bytes, overlap=args.overlap)
     return model, optimizer, gradients
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. One training step (minitp.parallel.data.data_parallel.train_step):
+# 3. One training step (minitp.training.train_step), whatever the mesh:
 #
-#     ids, targets (s, B)  -> this replica's columns (s, B/dp)
-#     forward: the vocab-parallel embedding, the TP(+SP) blocks, the column-parallel LM head, and the
-#              vocab-parallel cross-entropy -- the loss without ever gathering the s×b×V logits
-#     backward
-#     all-reduce the gradients over dp: ONE flat buffer, one collective (not one per tensor)
-#     clip by the global norm: split parameters' squares summed over tp, replicated ones counted once
+#     ids, targets (s, B)  -> this replica's columns (s, B/dp); under --cp this rank's s/cp tokens of them
+#     forward and backward: the whole slice at once (whole_batch), or with --pp / --microbatches m
+#              microbatches through the stages by --schedule (Pipelined): the vocab-parallel embedding,
+#              the TP(+SP) blocks, the column-parallel LM head and the vocab-parallel cross-entropy --
+#              the loss without ever gathering the s×b×V logits
+#     the gradients synchronised: the tied table summed over the pipeline's two ends, then averaged over
+#              the replicas (dp, × cp) in flat buckets -- one collective per bucket, once per step, after
+#              each parameter's last microbatch
+#     clip by the global norm: split parameters' squares summed over tp, stages' over pp, each counted once
 #     AdamW
 #
-# --zero 1: reduce-scatter instead, clip from the slices, AdamW on this replica's slice, all-gather the
-# parameters (tutorials/zero.py). --overlap: the buckets' reductions start inside backward.
-# The same function runs the serial nn.GPT (mesh=None): nothing to split, nothing to reduce.
+# --zero 1: the buckets are reduce-scattered instead, clipped from the slices, AdamW updates this
+# replica's slice and all-gathers the parameters (tutorials/zero.py). --overlap: the buckets' reductions
+# start inside the last backward. The same function runs the serial nn.GPT (mesh=None).
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -177,17 +186,18 @@ def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=No
     gradient norms (before clipping). ``report(step, loss, norm, seconds)`` is called after each step
     (on every rank). With ``--trace``, ``--trace-steps`` steps after the first are recorded into one
     timeline of every rank."""
+    # the whole batch at once, or m microbatches through the stages by the schedule (the serial model of
+    # the check takes the whole batch: the microbatches' masks are blocks of the step's one mask)
+    forward_backward = Pipelined(args.schedule, args.microbatches) if mesh is not None and pipelined(args) \
+        else whole_batch
+
     def steps(first, last):
         losses, norms = [], []
         for step in range(first, last):
             ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
             started = time.perf_counter()
-            if mesh is not None and pipelined(args):  # the schedule's forwards and backwards, then as below
-                loss, norm = pipeline.train_step(model, optimizer, ids, targets, mesh, args.schedule,
-                                                 args.microbatches, max_norm=args.max_norm)
-            else:
-                loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm,
-                                        gradients=gradients)
+            loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm,
+                                    gradients=gradients, forward_backward=forward_backward)
             losses.append(loss)
             norms.append(norm)
             if report is not None:
@@ -346,13 +356,13 @@ def run(args, training):
 # ---------------------------------------------------------------------------------------------------
 # 5. The proof: the parallel run is the serial run.
 #
-# In float64 with dropout ON, train the same tiny GPT for 10 steps on the mesh and serially (nn.GPT, the
-# whole batch, on every rank), and compare the losses step by step. Everything that could differ is
-# made not to: the weights start from the same serial initialisation; every dropout mask is a function
-# of (seed, counter, global element index), and each rank passes the place of its block in the global
-# tensor -- its heads, its sequence block under SP, its replica's batch columns under dp; the gradient
-# averaged over dp is the global batch's; the global norm counts every parameter once. What remains is
-# rounding: sums taken in another order, far below 1e-9.
+# In float64 with dropout ON, train the same tiny GPT (check_args) for 10 steps on the mesh and serially
+# (nn.GPT, the whole batch, on every rank), and compare the losses step by step. Everything that could
+# differ is made not to: the weights start from the same serial initialisation; every dropout mask is a
+# function of (seed, counter, global element index), and each rank passes the place of its block in the
+# global tensor -- its heads, its sequence block under SP, its replica's batch columns under dp; the
+# gradient averaged over dp is the global batch's; the global norm counts every parameter once. What
+# remains is rounding: sums taken in another order, far below 1e-9.
 # ---------------------------------------------------------------------------------------------------
 CHECK_TOLERANCE = 1e-9
 
@@ -372,25 +382,6 @@ class CheckResult:
         losses = [abs(p - s) for p, s in zip(self.parallel, self.serial)]
         norms = [abs(p - s) / max(abs(s), 1e-300) for p, s in zip(self.parallel_norms, self.serial_norms)]
         return max(losses + norms)
-
-
-CHECK_OVERRIDES = dict(steps=10, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1, lr=3e-3,
-                       weight_decay=0.01, max_norm=0.5, seed=0, dtype="float64", bucket_mb=2 / 1024)
-"""What ``--check`` sets, whatever the command line says: a tiny float64 model with dropout on, divisible
-by tp <= 4 and dp <= 2; its 8 tokens by 2·cp zigzag chunks for cp <= 4 (s/cp by tp under SP), its 4
-heads by cp·tp under Ulysses; with pipeline stages, a block per chunk (at least 2) and a batch that
-dp × microbatches divides. The buckets are small (2 KiB), so that a step has several and ZeRO pads some."""
-
-
-def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, cp=1, cp_kind="zigzag",
-               pp=1, microbatches=1, schedule="1f1b", virtual_stages=1, zero=0, overlap=False, **overrides):
-    """The configuration of the check (``CHECK_OVERRIDES``, the pipeline's needs, then ``overrides``)."""
-    pipeline_needs = dict(batch=math.lcm(CHECK_OVERRIDES["batch"], dp * microbatches),
-                          layers=max(CHECK_OVERRIDES["layers"], pp * virtual_stages))
-    return argparse.Namespace(tp=tp, dp=dp, cp=cp, cp_kind=cp_kind, sequence_parallel=sequence_parallel,
-                              tie_embeddings=tie_embeddings, text=text, pp=pp, microbatches=microbatches,
-                              schedule=schedule, virtual_stages=virtual_stages, zero=zero, overlap=overlap,
-                              trace=None, **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
 
 
 def check(args, mesh):
@@ -424,128 +415,9 @@ def run_check(args, mesh, overridden=()):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. The command line.
+# 6. The command line: parse it, refuse what cannot work, then prove or train. The options, and why each
+# value they refuse is refused, are tutorials/train_gpt_options.py.
 # ---------------------------------------------------------------------------------------------------
-
-
-MAX_SAMPLE = 100_000  # one forward pass per character: already minutes
-
-
-def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model replica")
-    parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (unset: ranks / tp)")
-    parser.add_argument("--sequence-parallel", action="store_true", help="split LayerNorm and dropout by sequence")
-    parser.add_argument("--cp", type=int, default=1, help="context-parallel ranks: every activation split by sequence")
-    parser.add_argument("--cp-kind", choices=["ring", "zigzag", "ulysses"], default="zigzag",
-                        help="how attention crosses the cp ranks: ring attention (zigzag: load-balanced) or Ulysses")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline stages per model replica")
-    parser.add_argument("--microbatches", type=int, default=1, help="microbatches per step (through the stages)")
-    parser.add_argument("--schedule", choices=pipeline.SCHEDULES, default="1f1b", help="the pipeline schedule")
-    parser.add_argument("--virtual-stages", type=int, default=1, help="model chunks per rank (--schedule interleaved)")
-    parser.add_argument("--text", metavar="FILE",
-                        help="train on this UTF-8 file (unset: tutorials/data/corpus.txt, the README and "
-                             "tutorials, frozen)")
-    parser.add_argument("--steps", type=int, default=500, help="training steps")
-    parser.add_argument("--batch", type=int, default=16, help="global batch (split over dp)")
-    parser.add_argument("--seq", type=int, default=64, help="context length")
-    parser.add_argument("--hidden", type=int, default=64, help="hidden size h")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--layers", type=int, default=2, help="transformer layers")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout probability, in [0, 1)")
-    parser.add_argument("--tie-embeddings", action="store_true", help="the LM head reuses the embedding")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
-    parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm (> 0)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
-    parser.add_argument("--seed", type=int, default=0, help="weights, dropout and batches")
-    parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    parser.add_argument("--sample", type=int, default=200,
-                        help=f"characters to generate at the end (0: none; at most {MAX_SAMPLE:,})")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
-    parser.add_argument("--save", metavar="PATH", help="write a checkpoint here at the end")
-    parser.add_argument("--save-every", type=int, default=0, help="... and every this many steps (0: only at the end)")
-    parser.add_argument("--load", metavar="PATH", help="resume from this checkpoint (saved on any mesh)")
-    parser.add_argument("--zero", type=int, choices=[0, 1], default=0,
-                        help="1: ZeRO-1, each dp replica keeps the optimizer state of 1/dp of the parameters")
-    parser.add_argument("--overlap", action="store_true",
-                        help="reduce gradients during backward, and each column-parallel dX during its dA GEMM")
-    parser.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size, MiB")
-    parser.add_argument("--trace", metavar="FILE", help="write a timeline of every rank (Chrome trace JSON)")
-    parser.add_argument("--trace-steps", type=int, default=3, help="... of this many steps (after the first)")
-    parser.add_argument("--unchecked", action="store_true",
-                        help="skip checked mode's test, before every collective, that the ranks pass the same "
-                             "shape and dtype (one small allgather each): a mistake it catches becomes garbage "
-                             "or a hang instead of an error. It saves about 30%% of a step of the default model "
-                             "at --tp 2 --dp 2 (12.5 instead of 8.8 steps/s, 4 ranks on 2 busy cores); nothing "
-                             "at 1 rank")
-    parser.add_argument("--check", action="store_true",
-                        help="prove it: 10 steps in float64 with dropout, losses and gradient norms against serial")
-    return parser.parse_args(argv)
-
-
-def validate(args):
-    """Every value checked before any work: ``ValueError`` naming the option. The same on every rank,
-    which all parse the same command line. Options that would be ignored in silence are refused too."""
-    positive = ["tp", "cp", "pp", "microbatches", "virtual_stages", "steps", "batch", "seq", "hidden", "heads",
-                "layers", "log_every", "trace_steps"]
-    for name in positive + (["dp"] if args.dp is not None else []):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(args, name)}")
-    for name in ("sample", "save_every", "seed"):  # numpy's generators take no negative seed
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
-    if args.sample > MAX_SAMPLE:
-        raise ValueError(f"--sample must be at most {MAX_SAMPLE:,} characters (each is one forward pass), "
-                         f"not {args.sample:,}")
-    if not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), not {args.dropout}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a finite positive number, not {args.lr}")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise ValueError(f"--weight-decay must be a finite number >= 0, not {args.weight_decay}")
-    if args.lr * args.weight_decay >= 1:
-        raise ValueError(f"--lr × --weight-decay must be below 1, not {args.lr:g} × {args.weight_decay:g}: AdamW "
-                         f"multiplies every weight by 1 - lr·wd each step, which would zero or flip them")
-    if not (math.isfinite(args.max_norm) and args.max_norm > 0):
-        raise ValueError(f"--max-norm must be a finite positive number (the largest gradient norm kept), "
-                         f"not {args.max_norm}: a negative one would ascend the gradient, 0 would zero it")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), not {args.temperature}")
-    if (args.zero or args.overlap) and (args.pp > 1 or args.microbatches > 1 or args.cp > 1):
-        raise ValueError("--zero and --overlap work with --tp, --dp and --sequence-parallel; with --pp, "
-                         "--microbatches or --cp they are not built yet")
-    if args.pp > 1 and args.cp > 1:
-        raise ValueError("--pp and --cp together are not built yet: choose one of pipeline stages and context "
-                         "parallelism (each composes with --tp, --dp and --sequence-parallel)")
-    if args.hidden % args.heads:
-        raise ValueError(f"--heads {args.heads} must divide --hidden {args.hidden}")
-    if args.virtual_stages > 1 and not (args.schedule == "interleaved" and args.pp > 1):
-        raise ValueError(f"--virtual-stages {args.virtual_stages} cuts each pipeline stage into chunks: it needs "
-                         f"--schedule interleaved and --pp 2 or more")
-    if args.save_every and not args.save:
-        raise ValueError(f"--save-every {args.save_every} saves to the --save path: pass --save PATH too")
-    if args.check and (args.save or args.load or args.trace or args.unchecked):
-        raise ValueError("--check trains its own tiny model twice, checked, and saves, loads and traces nothing: "
-                         "drop --save, --load, --trace and --unchecked, or run without --check")
-    for name in ("text", "load"):
-        path = getattr(args, name)
-        if path is not None and not Path(path).is_file():
-            raise ValueError(f"--{name} {path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
-
-
-def overridden_by_check(argv):
-    """The options given on the command line that ``--check`` replaces with its own values."""
-    given = {word.split("=")[0][2:].replace("-", "_") for word in (argv or sys.argv[1:]) if word.startswith("--")}
-    return [f"--{name.replace('_', '-')}" for name in CHECK_OVERRIDES if name in given]
-
-
-def fail(problem):
-    """The one line a failed run ends with, said by rank 0 (every rank has the same problem); status 2."""
-    if MPI.COMM_WORLD.Get_rank() == 0:
-        print(f"error: {problem}", file=sys.stderr)
-    return 2
 
 
 def main(argv=None):
@@ -556,10 +428,7 @@ def main(argv=None):
         mesh = comm.init(tp=args.tp, dp=args.dp, cp=args.cp, pp=args.pp,
                          checked=not args.unchecked)  # sizes ≠ ranks: ValueError
         if args.check:
-            proof = check_args(args.tp, mesh.dp_size, args.sequence_parallel, args.tie_embeddings, text=args.text,
-                               cp=args.cp, cp_kind=args.cp_kind, pp=args.pp, microbatches=args.microbatches,
-                               schedule=args.schedule, virtual_stages=args.virtual_stages, zero=args.zero,
-                               overlap=args.overlap)
+            proof = check_args_of(args, mesh.dp_size)  # the check's tiny model, on this mesh
             if pipelined(proof):
                 pipeline.check_step(mesh, proof.batch, args.schedule, args.microbatches, args.virtual_stages)
             return 0 if run_check(proof, mesh, overridden_by_check(argv)) else 1

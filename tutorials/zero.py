@@ -23,8 +23,8 @@ from mpi4py import MPI
 
 from minitp import comm, trace_report
 from minitp.nn import AdamW, GPTConfig
-from minitp.parallel.data.buckets import GradientBuckets
-from minitp.parallel.data.data_parallel import train_step
+from minitp.parallel.data.sync import AllReduceGradients
+from minitp.training import train_step
 from minitp.parallel.gpt import ParallelGPT
 from minitp.parallel.tensor.shard import gather_serial_state
 from minitp.parallel.data.zero import ZeroOptimizer
@@ -56,7 +56,7 @@ def plain():
     """A model and a plain AdamW; its gradients all-reduced in buckets, started during backward."""
     model = ParallelGPT(CONFIG, mesh)
     optimizer = AdamW(model.named_parameters(), lr=1e-3)
-    return model, optimizer, GradientBuckets(model.parameters(), mesh.dp, BUCKET_BYTES, overlap=True)
+    return model, optimizer, AllReduceGradients(model, mesh, BUCKET_BYTES, overlap=True)
 
 
 def zero():

@@ -42,5 +42,7 @@ from minitp.parallel.data.data_parallel import (
     clip_grad_norm,
     grad_norm,
     split_batch,
-    train_step,
 )
+from minitp.parallel.data.buckets import GradientBuckets
+from minitp.parallel.data.sync import AllReduceGradients
+from minitp.parallel.data.zero import ZeroOptimizer

@@ -6,10 +6,10 @@ interleaved schedule).
     clock       the plans replayed on a logical clock: deadlock-free, and the bubble they leave
     stages      which layers each stage holds: PipelineGPT, the tied embedding's group
     engine      how a stage runs its plan: receive, compute, send, free; the activations it holds
-    training    one step: forward_backward, synchronize_gradients (tied table, dp), train_step
+    training    a step's forward_backward through the stages (the rest of the step: minitp.training)
 """
 from minitp.pipeline.schedules import SCHEDULES, Action, check, describe, expected_in_flight, peak_in_flight, plan
 from minitp.pipeline.clock import Timeline, bubble_formula, replay
 from minitp.pipeline.stages import PipelineGPT, chunk_blocks
 from minitp.pipeline.engine import StageRun, activation_shape
-from minitp.pipeline.training import check_step, forward_backward, synchronize_gradients, train_step
+from minitp.pipeline.training import check_step, forward_backward

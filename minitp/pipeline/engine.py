@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from minitp import backend, comm
+from minitp import backend, comm, trace
 from minitp.autograd import Tensor
 from minitp.nn.microbatch import microbatch, microbatch_of, microbatch_size
 from minitp.saved_bytes import track_saved
@@ -57,18 +57,20 @@ class StageRun:
 
 
 def activation_shape(model, seq, microbatch_columns):
-    """What crosses a stage boundary for a batch of ``seq`` tokens: (s, b/m, h), or (s/t, b/m, h) under
-    sequence parallelism. ``seq`` is the batch's own length, not ``config.seq_len``: like the serial GPT,
-    a pipeline takes any s up to seq_len, and every rank is given the same (s, b) ids, so every stage
-    derives the same shape from them. ``ValueError`` -- on every rank, since each checks the same
-    numbers, and before any send -- for s > seq_len (stage 0's embedding would refuse it alone, after the
-    others had posted their receives) or, under sequence parallelism, an s that t does not divide."""
-    config, mesh = model.config, model.mesh
+    """What crosses a stage boundary for a batch of ``seq`` tokens: this rank's tokens of the (s, b/m, h)
+    activation -- (s, b/m, h); (s/t, b/m, h) under sequence parallelism; (s/cp, b/m, h) under context
+    parallelism (zigzag: its two chunks, in the layout's order), (s/(cp·t), b/m, h) with SP as well: the
+    chunks' layers say how many (``builders.tokens_here``). ``seq`` is the batch's own length, not
+    ``config.seq_len``: like the serial GPT, a pipeline takes any s up to seq_len, and every rank is given
+    the same (s, b) ids, so every stage derives the same shape from them. ``ValueError`` -- on every rank,
+    since each checks the same numbers, and before any send -- for s > seq_len (stage 0's embedding would
+    refuse it alone, after the others had posted their receives) or an s that the layout does not split:
+    t under SP, cp blocks (2·cp chunks for zigzag) under context parallelism, and their s/cp tokens over
+    t under both."""
+    config = model.config
     if seq > config.seq_len:
         raise ValueError(f"a sequence of {seq} tokens is longer than the model's seq_len {config.seq_len}")
-    if model.sequence_parallel:
-        seq = comm.divide(seq, mesh.tp_size, "the sequence length (split over tp by sequence parallelism)")
-    return (seq, microbatch_columns, config.hidden)
+    return (model.builders.tokens_here(seq), microbatch_columns, config.hidden)
 
 
 def _match(kind, chunk, index, microbatches):
@@ -93,14 +95,19 @@ def run(model, actions, ids, targets, microbatches, deallocate=True):
     must outlive MPI's reading of it, and above MPI's eager limit that reading ends only when the
     receiver has taken the data -- after this rank's last action."""
     stage = _Stage(model, ids, targets, microbatches, deallocate)
-    for action in actions:  # each returns when its compute started: the rows time the compute, not the wait
-        if action.kind == "F":
-            started = stage.forward(action.microbatch, action.chunk)
-        else:
-            started = stage.backward(action.microbatch, action.chunk)
-        stage.result.rows.append((started, time.perf_counter(), action))
-        stage.forget_delivered()
-    comm.wait_all(stage.pending)
+    # in a trace: the whole schedule, sends' completion included, is one "pipeline" phase span; what
+    # trace_report needs for the bubble formula and to find the rank's pipeline rides in its args
+    pp = model.mesh.pp
+    with trace.span("pipeline", "phase", stage=pp.rank, stages=pp.size, microbatches=microbatches,
+                    chunks=len(model.chunks), ranks=list(pp.ranks)):
+        for action in actions:  # each returns when its compute started: the rows time the compute, not the wait
+            if action.kind == "F":
+                started = stage.forward(action.microbatch, action.chunk)
+            else:
+                started = stage.backward(action.microbatch, action.chunk)
+            stage.result.rows.append((started, time.perf_counter(), action))
+            stage.forget_delivered()
+        comm.wait_all(stage.pending)
     if stage.losses:
         stage.result.loss = sum(stage.losses) / microbatches
     return stage.result
@@ -130,16 +137,19 @@ class _Stage:
             x = Tensor(comm.recv(self.shape, self.dtype, self.pp, self.neighbour(-1), _match("F", c - 1, i, m),
                                  tag=f"pipeline: activation {i}, chunk {c - 1}->{c}"), requires_grad=True)
         started = time.perf_counter()
-        with track_saved() as saved, microbatch(chunk, i, m):
-            y = chunk.loss(x, microbatch_of(self.targets, i, m)) if c == self.last else chunk(x)
-        if c == self.last:
-            self.losses.append(y.item())
-        else:
-            self.pending.append(comm.send(y.data, self.pp, self.neighbour(+1), _match("F", c, i, m),
-                                          tag=f"pipeline: activation {i}, chunk {c}->{c + 1}"))
-            if self.deallocate:
-                self.result.freed_bytes += y.data.nbytes
-                _free(y)
+        # in a trace: "F i" (its chunk too when interleaved), the compute and the send's post, after the recv
+        with trace.span(f"F {i}" + (f" (chunk {c})" if len(self.model.chunks) > 1 else ""), "microbatch",
+                        microbatch=i, chunk=c):
+            with track_saved() as saved, microbatch(chunk, i, m):
+                y = chunk.loss(x, microbatch_of(self.targets, i, m)) if c == self.last else chunk(x)
+            if c == self.last:
+                self.losses.append(y.item())
+            else:
+                self.pending.append(comm.send(y.data, self.pp, self.neighbour(+1), _match("F", c, i, m),
+                                              tag=f"pipeline: activation {i}, chunk {c}->{c + 1}"))
+                if self.deallocate:
+                    self.result.freed_bytes += y.data.nbytes
+                    _free(y)
         self.held[i, k] = (x, y, saved.total)
         self.held_bytes += saved.total
         self.result.saved_bytes.append(saved.total)
@@ -157,11 +167,13 @@ class _Stage:
             grad = comm.recv(self.shape, self.dtype, self.pp, self.neighbour(+1), _match("B", c + 1, i, m),
                              tag=f"pipeline: gradient {i}, chunk {c + 1}->{c}")
         started = time.perf_counter()
-        y.backward(grad)
-        self.held_bytes -= nbytes
-        if c > 0:
-            self.pending.append(comm.send(x.grad, self.pp, self.neighbour(-1), _match("B", c, i, m),
-                                          tag=f"pipeline: gradient {i}, chunk {c}->{c - 1}"))
+        with trace.span(f"B {i}" + (f" (chunk {c})" if len(self.model.chunks) > 1 else ""), "microbatch",
+                        microbatch=i, chunk=c):
+            y.backward(grad)
+            self.held_bytes -= nbytes
+            if c > 0:
+                self.pending.append(comm.send(x.grad, self.pp, self.neighbour(-1), _match("B", c, i, m),
+                                              tag=f"pipeline: gradient {i}, chunk {c}->{c - 1}"))
         return started
 
     def forget_delivered(self):

@@ -9,7 +9,8 @@ model chunks of L/(p·v) blocks each; model chunk c lives on stage c mod p, as i
                            stage 1: chunks 1 (blocks 2-3) and 3 (blocks 6-7 + ln_f, head, loss)
 
 Each chunk is ``ParallelGPT(config, mesh, blocks=...)``: the GPT's one constructor, holding only its
-blocks (and the ends that come with the first and the last block), tensor-parallel within the stage.
+blocks (and the ends that come with the first and the last block), tensor-parallel within the stage and,
+with ``context_parallel``, its sequence split over ``mesh.cp`` as a ``ParallelGPT``'s is.
 Nothing else is built on a stage, and what is built has the serial names and the serial initial values
 (a pure function of seed, name and index): no stage ever holds the whole model, and no loading step is
 needed. A split that does not divide (L not a multiple of p·v) is refused on every rank.
@@ -19,6 +20,17 @@ stage multiplies by wteᵀ for the logits. Each holds its own copy of the table 
 marked ``tied_copy``) and, after the step's last backward, the two all-reduce its gradient -- the sum
 of the lookup's and the head's parts, which is the serial gradient -- so both take the same step and
 stay equal. A copy on one stage (p = 1) is the same Parameter, and nothing is sent.
+
+**Context parallelism inside a stage** (``context_parallel`` "ring", "zigzag" or "ulysses"). Every
+chunk splits the sequence over ``mesh.cp`` exactly as a whole ``ParallelGPT`` does: the first chunk
+embeds this cp rank's s/cp tokens of the ids (zigzag: its two chunks, in the layout's order), every
+block's attention crosses the cp ranks, the last chunk's loss is the mean over those same tokens of the
+targets. What crosses a stage boundary is therefore this rank's (s/cp, b/m, h) block of the activation
+-- (s/(cp·t), b/m, h) under sequence parallelism -- sent to the rank with the same dp, cp and tp
+coordinates on the next stage, which holds the same tokens (``engine.activation_shape``). The parameters
+are replicated over dp × cp, so their gradients are averaged over ``mesh.dp_cp``
+(``data_parallel.replicas``), and the tied table's group joins the two ends with the same dp, cp and tp
+coordinates: each end's gradient is its own tokens' part, their sum this cp rank's whole gradient.
 """
 from mpi4py import MPI
 
@@ -50,28 +62,34 @@ def embedding_group(mesh):
 class PipelineGPT(Module):
     """This rank's stage of a GPT on ``mesh``: its v model chunks (``chunks``, each a ``ParallelGPT``
     part), tensor-parallel over ``mesh.tp`` (with ``sequence_parallel`` or not), the batch split over
-    ``mesh.dp``.
+    ``mesh.dp``, and with ``context_parallel`` ("ring", "zigzag" or "ulysses") the sequence split over
+    ``mesh.cp``. A mesh with cp > 1 and no kind, an unknown kind, or heads that tp × cp does not divide
+    under Ulysses: ``ValueError`` on every rank before anything is built (as ``ParallelGPT``).
 
     ``named_parameters`` and ``named_modules`` are the chunks' own, with the serial names (no "chunks.0"
     prefix): checkpoints, optimizers and ``gather_serial_grads`` see a piece of the serial model. The
     schedules run the chunks (``engine.py``); there is no ``forward`` of the whole.
     """
 
-    def __init__(self, config, mesh, sequence_parallel=False, virtual_stages=1):
+    def __init__(self, config, mesh, sequence_parallel=False, virtual_stages=1, context_parallel=None,
+                 overlap=False):
         super().__init__()
         p, rank = mesh.pp_size, mesh.pp_rank
         chunk_blocks(config.layers, p, virtual_stages, 0)  # refuse a split that does not divide, before building
         self.config, self.mesh, self.sequence_parallel = config, mesh, sequence_parallel
-        self.virtual_stages = virtual_stages
+        self.virtual_stages, self.context_parallel = virtual_stages, context_parallel
         self.model_chunks = [k * p + rank for k in range(virtual_stages)]  # the model's chunk index of each
-        self.chunks = [ParallelGPT(config, mesh, sequence_parallel,
-                                   blocks=chunk_blocks(config.layers, p, virtual_stages, c))
+        self.chunks = [ParallelGPT(config, mesh, sequence_parallel, context_parallel,
+                                   blocks=chunk_blocks(config.layers, p, virtual_stages, c), overlap=overlap)
                        for c in self.model_chunks]
         self.embedding_group = embedding_group(mesh) if config.tie_embeddings and p > 1 else None
+        if self.embedding_group is not None:  # the gradient sync sums it over the two ends first (buckets.py)
+            self.tied_embedding().tied_group = self.embedding_group
 
     @property
     def builders(self):
-        """The layers every chunk is built from (the same ``TensorParallelLayers`` kind on each)."""
+        """The layers every chunk is built from (the same ``TensorParallelLayers`` kind on each;
+        ``ContextParallelLayers`` with ``context_parallel``)."""
         return self.chunks[0].builders
 
     def named_modules(self, prefix=""):
@@ -84,13 +102,6 @@ class PipelineGPT(Module):
         if self.embedding_group is None:
             return None
         return next(chunk.wte.weight for chunk in self.chunks if chunk.wte is not None)
-
-    def all_reduce_tied_embedding(self):
-        """First and last stage: wte's gradient becomes the sum of both stages' (one all-reduce over the
-        embedding group, tagged "tied embedding"). Call after the step's last backward."""
-        weight = self.tied_embedding()
-        if weight is not None and weight.grad is not None:
-            weight.grad = comm.all_reduce(weight.grad, self.embedding_group, tag="tied embedding")
 
     def holds(self):
         """What this rank holds, in words: "blocks 2-3 (chunk 1); blocks 6-7 + ln_f, head (chunk 3)"."""
@@ -114,4 +125,5 @@ class PipelineGPT(Module):
         return self.chunks[0].generate(ids, steps, temperature, rng)
 
     def extra_repr(self):
-        return f"stage {self.mesh.pp_rank} of {self.mesh.pp_size}: {self.holds()}"
+        context = f", cp={self.mesh.cp_size} ({self.context_parallel})" if self.context_parallel else ""
+        return f"stage {self.mesh.pp_rank} of {self.mesh.pp_size}{context}: {self.holds()}"

@@ -1,14 +1,10 @@
-"""One training step of a (dp, pp, tp) mesh: the schedule, then the gradients made whole, then the step.
+"""The forward-backward of a pipeline step: this replica's slice of the batch, cut into m microbatches,
+run through the stages by the schedule; gradients accumulate in .grad; the loss (on the last stage)
+broadcast to every stage. What follows -- the tied table summed over the ends, the gradients averaged
+over the replicas, the clip, the optimizer -- is every mesh's, ``minitp.training.train_step``
+(``forward_backward=Pipelined(schedule, m)``).
 
-    forward_backward    this replica's slice of the batch, cut into m microbatches, run through the
-                        stages by the schedule; gradients accumulate in .grad; the loss (on the last
-                        stage) broadcast to every stage
-    synchronize_gradients   the tied table's gradient summed by the first and last stage; then the
-                        gradients averaged over dp -- ONE bucketed all-reduce per stage
-    clip_grad_norm      the global norm: every stage's squares summed over pp (and tp)
-    optimizer.step()
-
-**Why the dp all-reduce waits for the last microbatch.** A parameter's gradient is the sum of its m
+**Why the dp reduction waits for the last microbatch.** A parameter's gradient is the sum of its m
 microbatches' gradients, and it is complete only after the stage's last backward. Reducing earlier
 would either average a partial sum (wrong: the later microbatches' parts would stay unreduced) or, done
 once per microbatch, send the same bytes m times. So each stage reduces once, right after its own last
@@ -23,7 +19,7 @@ import numpy
 
 from minitp import comm
 from minitp.nn.microbatch import microbatch_size
-from minitp.parallel.data.data_parallel import all_reduce_gradients, average_over_data_parallel, clip_grad_norm, split_batch
+from minitp.parallel.data.data_parallel import split_batch
 from minitp.pipeline import engine
 from minitp.pipeline.schedules import check, plan
 
@@ -49,31 +45,3 @@ def forward_backward(model, ids, targets, mesh, schedule="1f1b", microbatches=1,
     loss = numpy.array([run.loss if run.loss is not None else 0.0])
     run.loss = float(comm.broadcast(loss, mesh.pp, root=mesh.pp_size - 1, tag="loss (from the last stage)")[0])
     return run
-
-
-def synchronize_gradients(model, mesh):
-    """After the stage's last backward: the tied table's gradient summed over the first and last stage,
-    then every gradient averaged over ``mesh.dp`` (``all_reduce_gradients``)."""
-    model.all_reduce_tied_embedding()
-    all_reduce_gradients(model, mesh)
-
-
-def train_step(model, optimizer, ids, targets, mesh, schedule="1f1b", microbatches=1, max_norm=None):
-    """One step on the global batch ``ids``, ``targets`` (s, B); returns (the global batch's loss, the
-    gradient norm before clipping), the same on every rank -- as ``data_parallel.train_step``.
-
-    ``ValueError``, on every rank before anything is sent, for an optimizer that ``reduces_gradients``
-    itself (ZeRO-1's ``ZeroOptimizer``): this step all-reduces and clips the whole ``.grad``, but such an
-    optimizer reduce-scatters ``.grad`` into its own slices and steps on those; composing the two is
-    not built."""
-    if getattr(optimizer, "reduces_gradients", False):
-        raise ValueError(f"pipeline.train_step takes a plain optimizer, not a {type(optimizer).__name__}: the "
-                         "pipeline all-reduces every stage's whole .grad over dp and clips it, while ZeRO-1 "
-                         "reduce-scatters .grad into its own slices and updates only those; ZeRO-1 with "
-                         "pipeline stages is not built")
-    optimizer.zero_grad()
-    run = forward_backward(model, ids, targets, mesh, schedule, microbatches)
-    synchronize_gradients(model, mesh)
-    norm = clip_grad_norm(model, max_norm, mesh)
-    optimizer.step()
-    return average_over_data_parallel(run.loss, mesh), norm

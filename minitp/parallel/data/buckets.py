@@ -23,8 +23,19 @@ while backward goes on into the layers below. ``wait()``, called before the opti
 has not started -- a bucket holding a parameter that received no gradient: zeros in its slot, and its
 ``.grad`` stays None (every replica ran the same graph, so every replica agrees) -- and waits for all.
 Buckets start in the order their gradients complete, the same on every replica (the same graph), which
-is what MPI needs of collectives on one communicator. One backward per step: a second one (gradient
-accumulation) would complete a bucket twice, and raises.
+is what MPI needs of collectives on one communicator.
+
+**Microbatches** (a pipeline schedule, or gradient accumulation): a parameter's gradient is the sum of its
+m microbatches' parts, complete only after its m-th backward. ``start_step(m)`` says how many to wait
+for: a bucket starts when each of its parameters has been hooked m times -- once, after the last
+microbatch's backward, as Megatron's and DDP's ``no_sync`` do for all the others. Reducing earlier
+would average a partial sum; reducing every microbatch would send the same bytes m times.
+
+**A tied table** (``tied_group``: the wte that a pipeline's first and last stage each hold a copy of)
+needs the sum of both stages' gradients before its mean over the replicas. Its own bucket never starts
+from a hook: ``wait()`` first all-reduces it over its ``tied_group``, then reduces its bucket. (The two
+sums commute, but starting it from a hook would make the last stage wait, mid-backward, for the first
+stage's last backward -- which waits for the last stage's gradient sends: a deadlock.)
 
 Without overlap, ``wait()`` packs and reduces every bucket with the blocking collectives.
 """
@@ -95,9 +106,16 @@ class GradientBuckets:
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, float)) or not bucket_bytes > 0:
             raise ValueError(f"the bucket size must be a positive number of bytes, not {bucket_bytes!r}")
         self.group, self.shard, self.overlap = group, shard, overlap
-        self.parameters = [p for p in parameters if p.requires_grad]
-        self.buckets = _layout(self.parameters, bucket_bytes, group.size if shard else 1)
+        parameters = [p for p in parameters if p.requires_grad]
+        self.tied = [p for p in parameters if getattr(p, "tied_group", None) is not None]
+        # the tied table last and alone: its bucket waits for the stages' sum (see the module docstring)
+        self.parameters = [p for p in parameters if p not in self.tied] + self.tied
+        shards = group.size if shard else 1
+        self.buckets = _layout(self.parameters[:len(self.parameters) - len(self.tied)], bucket_bytes, shards)
+        self.deferred = len(self.buckets)  # buckets from this index on start only in wait()
+        self.buckets += _layout(self.tied, bucket_bytes, shards)
         self.where = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket.parameters}
+        self.accumulations = 1  # backwards per step: start_step(m)
         self.grad_shards, self.received = [None] * len(self.buckets), [None] * len(self.buckets)
         self._arrived = [0] * len(self.buckets)
         self._pending = [None] * len(self.buckets)
@@ -111,14 +129,21 @@ class GradientBuckets:
     def _tag(self, index):
         return f"gradients (bucket {index + 1}/{len(self.buckets)})"
 
+    def start_step(self, microbatches=1):
+        """A new step of ``microbatches`` backwards: each parameter's gradient is final at its
+        ``microbatches``-th hook, and only then may its bucket start."""
+        self.accumulations = microbatches
+        self._arrived = [0] * len(self.buckets)
+
     def _gradient_ready(self, parameter):
         index = self.where[id(parameter)]
         self._arrived[index] += 1
-        bucket = self.buckets[index]
-        if self._arrived[index] > len(bucket.parameters):
-            raise RuntimeError("a gradient completed twice in one step: overlapped buckets take one backward "
-                               "per step (no gradient accumulation); call wait() between backwards")
-        if self._arrived[index] == len(bucket.parameters):
+        expected = len(self.buckets[index].parameters) * self.accumulations
+        if self._arrived[index] > expected:
+            raise RuntimeError(f"a gradient completed more often than the {self.accumulations} backward(s) "
+                               "this step was started for: call start_step(microbatches) before the step's "
+                               "first backward, and wait() after its last")
+        if self._arrived[index] == expected and index < self.deferred:
             self._start(index)
 
     def _packed(self, index):
@@ -140,8 +165,13 @@ class GradientBuckets:
 
     def wait(self):
         """Finish every bucket's reduction (starting those not started); see the class docstring for
-        what then holds the mean. Returns the number of buckets."""
+        what then holds the mean. Returns the number of buckets. A tied table's gradient is first summed
+        over its ``tied_group`` (the first and last stage; tagged "tied embedding")."""
+        for p in self.tied:
+            if p.grad is not None:
+                p.grad = comm.all_reduce(p.grad, p.tied_group, tag="tied embedding")
         if not self.shard and self.group.size == 1:
+            self._arrived = [0] * len(self.buckets)
             return len(self.buckets)  # one replica: its gradient is the mean already
         for index, bucket in enumerate(self.buckets):
             pending, self._pending[index] = self._pending[index], None

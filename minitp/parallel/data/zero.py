@@ -55,26 +55,15 @@ class ZeroOptimizer:
     ``overlap=True``: the gradients' reduce-scatters start during backward, bucket by bucket
     (``GradientBuckets``).
 
-    Per step, after backward: ``gradients.wait()`` (this rank's slices of the mean gradient),
+    It is its own gradient synchronisation (``sync.py``'s interface; ``gradient_sync`` is itself): per
+    step, ``start_step(m)``, the forward-backward, ``finish()`` (this rank's slices of the mean gradient),
     ``clip_grad_norm(max_norm)``, ``step()`` (update the slices, all-gather the parameters);
-    ``data_parallel.train_step`` does exactly that.
-
-    ``ValueError``, on every rank before anything is sent, for a mesh with pp > 1: a stage's global
-    norm needs every stage's squares summed over pp (and a tied table's copy counted once), which this
-    norm does not do, and the pipeline step all-reduces ``.grad`` itself.
+    ``minitp.training.train_step`` does exactly that. On a pipeline stage it holds that stage's
+    parameters: the norm adds the stages' squares over pp, the tied table's copy on the last stage
+    counted once, and the table's gradient is summed over the two ends before it is reduce-scattered.
     """
 
-    reduces_gradients = True
-    """The capability callers test (not the class): this optimizer takes the gradients from ``.grad``
-    and reduce-scatters them itself (``gradients.wait()``), clips its slices (``clip_grad_norm``) and
-    leaves ``.grad`` None; a caller must not all-reduce or clip ``.grad`` around it."""
-
     def __init__(self, optimizer, mesh, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False):
-        if mesh.pp_size > 1:
-            raise ValueError(f"ZeroOptimizer does not handle pipeline stages (pp = {mesh.pp_size}): the global "
-                             "gradient norm is the sum of every stage's squares over pp (a tied table counted "
-                             "once), and ZeRO-1 here sums its slices over dp (× cp) and tp only; train stages "
-                             "with a plain optimizer")
         self.optimizer, self.mesh = optimizer, mesh
         self.group = replicas(mesh)  # dp, or dp × cp: every rank holding a copy of the parameters
         self.keys, self.params = optimizer.keys, optimizer.params
@@ -89,6 +78,18 @@ class ZeroOptimizer:
 
     # -- the step ---------------------------------------------------------------------------------
 
+    @property
+    def gradient_sync(self):
+        """ZeRO-1's gradients are reduce-scattered into the slices its step updates: it is its own sync."""
+        return self
+
+    def start_step(self, microbatches=1):
+        self.gradients.start_step(microbatches)
+
+    def finish(self):
+        """After the step's last backward: this rank's slices of the mean gradient (``grad_shards``)."""
+        self.gradients.wait()
+
     def zero_grad(self):
         for p in self.params:
             p.grad = None
@@ -98,14 +99,16 @@ class ZeroOptimizer:
         slices by ``nn.optim.clip_coefficient(norm, max_norm)`` -- max_norm / (norm + eps) whenever that
         is below 1, the rule ``data_parallel.clip_grad_norm`` follows too. Squares in float64: a split
         parameter's are summed over dp (× cp) and tp, a replicated one's over dp (× cp) only (each tp
-        rank holds the same slices of it). One all-reduce of two numbers over ``self.group``, one of one
-        number over tp. ``ValueError`` before either for a max_norm that is not positive."""
+        rank holds the same slices of it), and the stages' totals over pp (the last stage's copy of a
+        tied table, ``tied_copy``, left out: the first stage counts it). One all-reduce of two numbers
+        over ``self.group``, one of one number over tp, one over pp. ``ValueError`` before any of them for
+        a max_norm that is not positive."""
         check_max_norm(max_norm)
         squares = numpy.zeros(2)  # [split, replicated]
         for bucket, pieces, shard, received in zip(self.gradients.buckets, self.pieces,
                                                    self.gradients.grad_shards, self.gradients.received):
             for index, _, _, lo, hi in pieces:
-                if received[index]:
+                if received[index] and not getattr(bucket.parameters[index], "tied_copy", False):
                     g = shard[lo:hi].astype(numpy.float64, copy=False)
                     replicated = split_axis(bucket.parameters[index]) is None
                     squares[1 if replicated else 0] += float(backend.array_module(g).vdot(g, g))
@@ -113,7 +116,10 @@ class ZeroOptimizer:
         split, replicated = float(squares[0]), float(squares[1])
         if self.mesh.tp.size > 1:
             split = float(comm.all_reduce(numpy.array([split]), self.mesh.tp, tag="grad norm")[0])
-        norm = math.sqrt(split + replicated)
+        total = split + replicated
+        if self.mesh.pp_size > 1:
+            total = float(comm.all_reduce(numpy.array([total]), self.mesh.pp, tag="grad norm (stages)")[0])
+        norm = math.sqrt(total)
         scale = clip_coefficient(norm, max_norm, eps)  # the one rule, shared with data_parallel.clip_grad_norm
         if scale < 1:
             self.gradients.grad_shards = [shard * scale for shard in self.gradients.grad_shards]

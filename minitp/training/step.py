@@ -1,0 +1,91 @@
+"""One training step, whatever the mesh (Megatron's ``get_forward_backward_func`` + ``finalize_model_grads``):
+
+    optimizer.zero_grad()
+    gradients.start_step(m)           the synchronisation learns how many backwards make a gradient final
+    loss = forward_backward(...)      the whole batch, or m microbatches through the pipeline's stages;
+                                      overlapped buckets start their reductions inside the last backward
+    gradients.finish()                the tied table summed over the pipeline's ends; the mean over the
+                                      replicas (dp, × cp) complete -- whole, or ZeRO-1's slices
+    norm = gradients.clip_grad_norm   the global norm, each parameter counted once over tp, pp, replicas
+    optimizer.step()                  (ZeRO-1: update this rank's slices, all-gather the parameters)
+
+The data-parallel reduction runs once per step, after each parameter's last microbatch: earlier would
+average a partial sum, every microbatch would send the same bytes m times. Under a schedule each stage
+reduces right after its own last backward -- in 1F1B the last stage finishes first, and its reduction
+overlaps stage 0's draining backwards.
+
+``gradients`` is a synchronisation (``minitp.parallel.data.sync``): ``AllReduceGradients`` (plain, blocking
+or ``overlap``), or an optimizer that brings its own (``optimizer.gradient_sync``: ZeRO-1's
+``ZeroOptimizer``). Without either, a blocking ``AllReduceGradients`` is made for the call.
+"""
+from minitp import trace
+from minitp.nn.optim import check_max_norm
+from minitp.parallel.data.data_parallel import average_over_data_parallel, replicas
+from minitp.parallel.data.sync import AllReduceGradients
+from minitp.training.forward_backward import whole_batch
+
+
+def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch, max_norm=None):
+    """``ValueError`` -- the same on every rank, since every rank checks the same objects and numbers --
+    for a step that would run silently wrong or hang, before anything is sent:
+
+    - a mesh with pp > 1 run as a whole batch: a stage holds only its layers, and needs a schedule
+      (``Pipelined``) to receive its inputs from the stage before;
+    - a schedule that cannot run this batch on this mesh (``pipeline.check_step``);
+    - ``gradients=`` beside an optimizer that brings its own synchronisation (ZeRO-1 reduce-scatters
+      ``.grad`` itself: both would take the same gradients);
+    - a synchronisation over another group than ``replicas(mesh)``: the gradient of the global batch is
+      the mean over every rank holding a copy of the parameters -- dp, and with cp > 1 dp × cp (each cp
+      rank holds other tokens); over dp alone the other cp ranks' tokens would be missing;
+    - a ``max_norm`` that is not positive.
+    """
+    check_max_norm(max_norm)
+    pipelined = getattr(forward_backward, "pipelined", False)
+    if mesh is not None and mesh.pp_size > 1 and not pipelined:
+        raise ValueError(f"a mesh with pp = {mesh.pp_size} holds pipeline stages: each rank has only its "
+                         "layers and receives its input from the stage before, so the step needs a "
+                         "schedule: forward_backward=Pipelined(schedule, microbatches)")
+    if pipelined:
+        forward_backward.check(model, mesh, batch)
+    own = getattr(optimizer, "gradient_sync", None)
+    if gradients is not None and own is not None:
+        raise ValueError(f"gradients= is for a plain optimizer: {type(optimizer).__name__} synchronises the "
+                         "gradients itself (ZeRO-1 reduce-scatters them into the slices it updates), and the "
+                         "two would take the same .grad")
+    sync = gradients if gradients is not None else own
+    group, expected = getattr(sync, "group", None), replicas(mesh)
+    if sync is not None and (group is None) != (expected is None) or (
+            group is not None and expected is not None and group.ranks != expected.ranks):
+        where = "one process (mesh=None)" if expected is None else f"{expected.name} (world ranks {list(expected.ranks)})"
+        got = "no group" if group is None else f"{group.name} (world ranks {list(group.ranks)})"
+        raise ValueError(f"the gradient synchronisation reduces over {got}, but on this mesh the parameters "
+                         f"are replicated over {where}: the gradient of the global batch is the mean over "
+                         "every rank holding a copy -- dp, and with cp > 1 dp × cp (each cp rank holds other "
+                         "tokens). Build it on the step's mesh")
+
+
+def train_step(model, optimizer, ids, targets, mesh=None, *, max_norm=None, gradients=None,
+               forward_backward=whole_batch):
+    """One step on the global batch ``ids``, ``targets`` (s, B), every rank passing the same arrays;
+    returns (the global batch's loss, the gradient norm before clipping), the same on every rank.
+
+    ``model``: ``nn.GPT`` (``mesh=None``: the serial step), ``ParallelGPT``, or this rank's
+    ``PipelineGPT`` stage with ``forward_backward=Pipelined(schedule, m)``. ``gradients``: the
+    synchronisation (module docstring). What would go wrong is refused first (``check_train_step``).
+    While a trace is recorded, the step and its phases are "phase" spans.
+    """
+    check_train_step(model, optimizer, gradients, forward_backward, mesh, ids.shape[1], max_norm)
+    if gradients is None:
+        gradients = getattr(optimizer, "gradient_sync", None) or AllReduceGradients(model, mesh)
+    with trace.span("step", "phase"):
+        optimizer.zero_grad()
+        gradients.start_step(forward_backward.microbatches)
+        loss = forward_backward(model, ids, targets, mesh)
+        with trace.span("optimizer", "phase"):
+            with trace.span("gradients: finish", "compute"):
+                gradients.finish()
+            with trace.span("clip_grad_norm", "compute"):
+                norm = gradients.clip_grad_norm(max_norm)
+            with trace.span("optimizer.step", "compute"):
+                optimizer.step()
+    return average_over_data_parallel(loss, mesh), norm

@@ -1,0 +1,207 @@
+"""train_gpt.py's command line: what each option means, and why each value it refuses is refused.
+
+train_gpt.py reads as the training; this file is its plumbing. ``parse`` reads the options, ``validate``
+refuses every value that cannot work before any work (a ``ValueError`` naming the option, which
+train_gpt.py's ``main`` ends with one ``error:`` line and status 2, said by rank 0: ``fail``), and the
+rest sets up ``--check``. Every rank parses the same command line, so every rank refuses alike and no
+rank is left waiting in a collective for one that stopped.
+
+The options, by group:
+
+  the mesh       --tp, --dp, --cp (--cp-kind), --pp (--microbatches, --schedule, --virtual-stages),
+                 --sequence-parallel. dp × pp × cp × tp must be the number of ranks (``comm.init``
+                 refuses another product); --dp unset fills what the others leave.
+  the data       --text: any UTF-8 file (unset: tutorials/data/corpus.txt, frozen, so that the figures
+                 the README quotes stay true).
+  the model      --seq, --hidden, --heads, --layers, --dropout, --tie-embeddings, --dtype.
+  the training   --steps, --batch (global: split over dp, then into microbatches), --lr, --weight-decay
+                 (AdamW), --max-norm (clipping), --seed (the weights, the dropout masks and the batches).
+  data parallel  --zero 1 (ZeRO-1: the optimizer state sharded over dp), --overlap (the gradients
+                 reduced during backward), --bucket-mb (the size of the buckets they are reduced in).
+  what is left   --log-every, --sample and --temperature (a text generated at the end), --save and
+                 --save-every (a checkpoint, in serial names), --load (resume, on any mesh), --trace
+                 and --trace-steps (a timeline of every rank).
+  the proof      --check (train_gpt.py section 5), --unchecked (skip checked mode's test of shapes).
+
+Why each refusal (``validate``) exists:
+
+  * sizes and counts below 1 mean nothing (0 ranks, 0 layers), and some would run without saying so:
+    --trace-steps -1 once trained a step twice, 0 wrote an empty trace;
+  * --sample, --save-every and --seed below 0: numpy's generators take no negative seed (the run died
+    at its first step), and a negative count means nothing; --sample above ``MAX_SAMPLE``: each
+    character is one forward pass;
+  * --dropout must be in [0, 1): at 1 nothing is kept;
+  * --lr, --weight-decay, --max-norm and --temperature must be finite and of the right sign: a NaN or
+    inf poisons every weight at the first step; a negative --max-norm would ascend the gradient and 0
+    zero it; lr × weight decay must stay below 1, since AdamW multiplies every weight by 1 - lr·wd each
+    step, which would zero or flip them;
+  * every combination of --dp, --pp, --cp, --tp, --sequence-parallel, --zero and --overlap runs (none
+    is refused as "not built"); --heads must divide --hidden; --virtual-stages needs the
+    interleaved schedule on 2 stages or more;
+  * options that would be ignored in silence: --save-every without --save (it saved nothing), and with
+    --check (which trains its own tiny model) --save, --load, --trace and --unchecked;
+  * --text and --load must be files, so that a typo is an error before any collective.
+
+What depends on the mesh or on the text (a --batch that dp does not divide, a vocabulary that tp does
+not divide, a checkpoint of another model, a path that cannot be written) is refused by train_gpt.py's
+``setup``, after the mesh exists, the same way.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from mpi4py import MPI
+
+from minitp import pipeline
+
+DESCRIPTION = ("Train a small character-level GPT with tensor, sequence and data parallelism -- and prove it is the "
+               "serial model's training, step for step.")
+MAX_SAMPLE = 100_000  # one forward pass per character: already minutes
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # the mesh
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model replica")
+    parser.add_argument("--dp", type=int, default=None, help="data-parallel replicas (unset: ranks / tp)")
+    parser.add_argument("--sequence-parallel", action="store_true", help="split LayerNorm and dropout by sequence")
+    parser.add_argument("--cp", type=int, default=1, help="context-parallel ranks: every activation split by sequence")
+    parser.add_argument("--cp-kind", choices=["ring", "zigzag", "ulysses"], default="zigzag",
+                        help="how attention crosses the cp ranks: ring attention (zigzag: load-balanced) or Ulysses")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages per model replica")
+    parser.add_argument("--microbatches", type=int, default=1, help="microbatches per step (through the stages)")
+    parser.add_argument("--schedule", choices=pipeline.SCHEDULES, default="1f1b", help="the pipeline schedule")
+    parser.add_argument("--virtual-stages", type=int, default=1, help="model chunks per rank (--schedule interleaved)")
+    # the data, the model, the training
+    parser.add_argument("--text", metavar="FILE",
+                        help="train on this UTF-8 file (unset: tutorials/data/corpus.txt, the README and "
+                             "tutorials, frozen)")
+    parser.add_argument("--steps", type=int, default=500, help="training steps")
+    parser.add_argument("--batch", type=int, default=16, help="global batch (split over dp)")
+    parser.add_argument("--seq", type=int, default=64, help="context length")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size h")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout probability, in [0, 1)")
+    parser.add_argument("--tie-embeddings", action="store_true", help="the LM head reuses the embedding")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
+    parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm (> 0)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
+    parser.add_argument("--seed", type=int, default=0, help="weights, dropout and batches")
+    # what the run leaves: log lines, a sample, checkpoints
+    parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    parser.add_argument("--sample", type=int, default=200,
+                        help=f"characters to generate at the end (0: none; at most {MAX_SAMPLE:,})")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    parser.add_argument("--save", metavar="PATH", help="write a checkpoint here at the end")
+    parser.add_argument("--save-every", type=int, default=0, help="... and every this many steps (0: only at the end)")
+    parser.add_argument("--load", metavar="PATH", help="resume from this checkpoint (saved on any mesh)")
+    # data parallelism's memory and overlap, and the timeline that shows it
+    parser.add_argument("--zero", type=int, choices=[0, 1], default=0,
+                        help="1: ZeRO-1, each dp replica keeps the optimizer state of 1/dp of the parameters")
+    parser.add_argument("--overlap", action="store_true",
+                        help="reduce gradients during backward, and each column-parallel dX during its dA GEMM")
+    parser.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size, MiB")
+    parser.add_argument("--trace", metavar="FILE", help="write a timeline of every rank (Chrome trace JSON)")
+    parser.add_argument("--trace-steps", type=int, default=3, help="... of this many steps (after the first)")
+    # checked mode, and the proof
+    parser.add_argument("--unchecked", action="store_true",
+                        help="skip checked mode's test, before every collective, that the ranks pass the same "
+                             "shape and dtype (one small allgather each): a mistake it catches becomes garbage "
+                             "or a hang instead of an error. It saves about 30%% of a step of the default model "
+                             "at --tp 2 --dp 2 (12.5 instead of 8.8 steps/s, 4 ranks on 2 busy cores); nothing "
+                             "at 1 rank")
+    parser.add_argument("--check", action="store_true",
+                        help="prove it: 10 steps in float64 with dropout, losses and gradient norms against serial")
+    return parser.parse_args(argv)
+
+
+def validate(args):
+    """Every value checked before any work: ``ValueError`` naming the option. The same on every rank,
+    which all parse the same command line. Options that would be ignored in silence are refused too."""
+    positive = ["tp", "cp", "pp", "microbatches", "virtual_stages", "steps", "batch", "seq", "hidden", "heads",
+                "layers", "log_every", "trace_steps"]
+    for name in positive + (["dp"] if args.dp is not None else []):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(args, name)}")
+    for name in ("sample", "save_every", "seed"):  # numpy's generators take no negative seed
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    if args.sample > MAX_SAMPLE:
+        raise ValueError(f"--sample must be at most {MAX_SAMPLE:,} characters (each is one forward pass), "
+                         f"not {args.sample:,}")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), not {args.dropout}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite positive number, not {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, not {args.weight_decay}")
+    if args.lr * args.weight_decay >= 1:
+        raise ValueError(f"--lr × --weight-decay must be below 1, not {args.lr:g} × {args.weight_decay:g}: AdamW "
+                         f"multiplies every weight by 1 - lr·wd each step, which would zero or flip them")
+    if not (math.isfinite(args.max_norm) and args.max_norm > 0):
+        raise ValueError(f"--max-norm must be a finite positive number (the largest gradient norm kept), "
+                         f"not {args.max_norm}: a negative one would ascend the gradient, 0 would zero it")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), not {args.temperature}")
+    if args.hidden % args.heads:
+        raise ValueError(f"--heads {args.heads} must divide --hidden {args.hidden}")
+    if args.virtual_stages > 1 and not (args.schedule == "interleaved" and args.pp > 1):
+        raise ValueError(f"--virtual-stages {args.virtual_stages} cuts each pipeline stage into chunks: it needs "
+                         f"--schedule interleaved and --pp 2 or more")
+    if args.save_every and not args.save:
+        raise ValueError(f"--save-every {args.save_every} saves to the --save path: pass --save PATH too")
+    if args.check and (args.save or args.load or args.trace or args.unchecked):
+        raise ValueError("--check trains its own tiny model twice, checked, and saves, loads and traces nothing: "
+                         "drop --save, --load, --trace and --unchecked, or run without --check")
+    for name in ("text", "load"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"--{name} {path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
+
+
+def fail(problem):
+    """The one line a failed run ends with, said by rank 0 (every rank has the same problem); status 2."""
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# --check's configuration: its own tiny model, on the mesh and the parallelism the command line asks for.
+# ---------------------------------------------------------------------------------------------------
+
+
+CHECK_OVERRIDES = dict(steps=10, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1, lr=3e-3,
+                       weight_decay=0.01, max_norm=0.5, seed=0, dtype="float64", bucket_mb=2 / 1024)
+"""What ``--check`` sets, whatever the command line says: a tiny float64 model with dropout on, divisible
+by tp <= 4 and dp <= 2; its 8 tokens by 2·cp zigzag chunks for cp <= 4 (s/cp by tp under SP), its 4
+heads by cp·tp under Ulysses; with pipeline stages, a block per chunk (at least 2) and a batch that
+dp × microbatches divides. The buckets are small (2 KiB), so that a step has several and ZeRO pads some."""
+
+
+def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, cp=1, cp_kind="zigzag",
+               pp=1, microbatches=1, schedule="1f1b", virtual_stages=1, zero=0, overlap=False, **overrides):
+    """The configuration of the check (``CHECK_OVERRIDES``, the pipeline's needs, then ``overrides``)."""
+    pipeline_needs = dict(batch=math.lcm(CHECK_OVERRIDES["batch"], dp * microbatches),
+                          layers=max(CHECK_OVERRIDES["layers"], pp * virtual_stages))
+    return argparse.Namespace(tp=tp, dp=dp, cp=cp, cp_kind=cp_kind, sequence_parallel=sequence_parallel,
+                              tie_embeddings=tie_embeddings, text=text, pp=pp, microbatches=microbatches,
+                              schedule=schedule, virtual_stages=virtual_stages, zero=zero, overlap=overlap,
+                              trace=None, **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
+
+
+def check_args_of(args, dp):
+    """``check_args`` for the command line ``args``: its mesh (with ``dp`` replicas, which ``--dp`` may
+    leave unset), its parallelism and its text; ``CHECK_OVERRIDES`` for the rest."""
+    return check_args(args.tp, dp, args.sequence_parallel, args.tie_embeddings, text=args.text, cp=args.cp,
+                      cp_kind=args.cp_kind, pp=args.pp, microbatches=args.microbatches, schedule=args.schedule,
+                      virtual_stages=args.virtual_stages, zero=args.zero, overlap=args.overlap)
+
+
+def overridden_by_check(argv):
+    """The options given on the command line that ``--check`` replaces with its own values."""
+    given = {word.split("=")[0][2:].replace("-", "_") for word in (argv or sys.argv[1:]) if word.startswith("--")}
+    return [f"--{name.replace('_', '-')}" for name in CHECK_OVERRIDES if name in given]
