@@ -73,6 +73,29 @@ def test_check_mode_covers_zero_and_overlap(zero, overlap, sequence_parallel):
                         f"tp {tp} dp {dp} zero {zero} overlap {overlap}: {result.parallel} vs {result.serial}")
 
 
+# Every axis at once (issue 20): the meshes that 4 and 8 ranks allow with pp and cp together, ZeRO-1 and
+# overlap on pipelines, recomputation -- each --check equal to the serial run. (tests/test_composition.py
+# compares every gradient and parameter of every combination; this is the command line's own proof.)
+COMPOSED = {4: [dict(pp=2, cp=2, microbatches=2, cp_kind="ring", recompute="full"),
+                dict(pp=2, dp=2, microbatches=2, zero=1, overlap=True, tie_embeddings=True),
+                dict(cp=2, dp=2, zero=1, overlap=True, cp_kind="ulysses", recompute="selective"),
+                dict(pp=2, tp=2, sequence_parallel=True, microbatches=2, schedule="interleaved",
+                     virtual_stages=2, zero=1)],
+            8: [dict(pp=2, cp=2, tp=2, sequence_parallel=True, microbatches=2, zero=1, overlap=True),
+                dict(dp=2, pp=2, cp=2, microbatches=2, schedule="afab", cp_kind="zigzag", tie_embeddings=True)]}
+
+
+@pytest.mark.parallel(nprocs=[4, 8])
+def test_check_mode_takes_every_axis_at_once():
+    train_gpt = tutorial()
+    for case in COMPOSED[WORLD.size]:
+        mesh = {axis: case.pop(axis, 1) for axis in ("tp", "dp", "pp", "cp")}
+        args = train_gpt.check_args(mesh["tp"], mesh["dp"], cp=mesh["cp"], pp=mesh["pp"], **case)
+        result = train_gpt.check(args, comm.init(**mesh))
+        parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE and len(set(result.serial)) == 10,
+                        f"{mesh} {case}: {result.parallel} vs {result.serial}")
+
+
 # The command line, run as a learner does (tutorial_runner.launch): a fresh launch outside this test's MPI job.
 SMALL = ["--seq", "16", "--hidden", "16", "--layers", "1", "--log-every", "1", "--sample", "20"]
 

@@ -136,7 +136,8 @@ def build(args, vocab, mesh, dtype):
     ``mesh=None`` the serial nn.GPT; ``gradients`` the gradient synchronisation of plain data parallelism
     (None serially, and under ZeRO, whose optimizer is its own)."""
     config = GPTConfig(vocab=vocab, seq_len=args.seq, hidden=args.hidden, heads=args.heads, layers=args.layers,
-                       dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype)
+                       dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype,
+                       recompute=None if args.recompute == "none" else args.recompute)
     if mesh is None:
         model = GPT(config)
     else:

@@ -13,7 +13,7 @@ The options, by group:
                  refuses another product); --dp unset fills what the others leave.
   the data       --text: any UTF-8 file (unset: tutorials/data/corpus.txt, frozen, so that the figures
                  the README quotes stay true).
-  the model      --seq, --hidden, --heads, --layers, --dropout, --tie-embeddings, --dtype.
+  the model      --seq, --hidden, --heads, --layers, --dropout, --tie-embeddings, --recompute, --dtype.
   the training   --steps, --batch (global: split over dp, then into microbatches), --lr, --weight-decay
                  (AdamW), --max-norm (clipping), --seed (the weights, the dropout masks and the batches).
   data parallel  --zero 1 (ZeRO-1: the optimizer state sharded over dp), --overlap (the gradients
@@ -85,6 +85,9 @@ def parse(argv=None):
     parser.add_argument("--layers", type=int, default=2, help="transformer layers")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout probability, in [0, 1)")
     parser.add_argument("--tie-embeddings", action="store_true", help="the LM head reuses the embedding")
+    parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                        help="re-run in backward instead of keeping: the attention core (selective) or each block "
+                             "(full); the same numbers, less activation memory (Korthikanti et al. 2022)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm (> 0)")
@@ -183,14 +186,15 @@ dp × microbatches divides. The buckets are small (2 KiB), so that a step has se
 
 
 def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, cp=1, cp_kind="zigzag",
-               pp=1, microbatches=1, schedule="1f1b", virtual_stages=1, zero=0, overlap=False, **overrides):
+               pp=1, microbatches=1, schedule="1f1b", virtual_stages=1, zero=0, overlap=False, recompute="none",
+               **overrides):
     """The configuration of the check (``CHECK_OVERRIDES``, the pipeline's needs, then ``overrides``)."""
     pipeline_needs = dict(batch=math.lcm(CHECK_OVERRIDES["batch"], dp * microbatches),
                           layers=max(CHECK_OVERRIDES["layers"], pp * virtual_stages))
     return argparse.Namespace(tp=tp, dp=dp, cp=cp, cp_kind=cp_kind, sequence_parallel=sequence_parallel,
                               tie_embeddings=tie_embeddings, text=text, pp=pp, microbatches=microbatches,
                               schedule=schedule, virtual_stages=virtual_stages, zero=zero, overlap=overlap,
-                              trace=None, **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
+                              recompute=recompute, trace=None, **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
 
 
 def check_args_of(args, dp):
@@ -198,7 +202,8 @@ def check_args_of(args, dp):
     leave unset), its parallelism and its text; ``CHECK_OVERRIDES`` for the rest."""
     return check_args(args.tp, dp, args.sequence_parallel, args.tie_embeddings, text=args.text, cp=args.cp,
                       cp_kind=args.cp_kind, pp=args.pp, microbatches=args.microbatches, schedule=args.schedule,
-                      virtual_stages=args.virtual_stages, zero=args.zero, overlap=args.overlap)
+                      virtual_stages=args.virtual_stages, zero=args.zero, overlap=args.overlap,
+                      recompute=args.recompute)
 
 
 def overridden_by_check(argv):

@@ -71,7 +71,8 @@ def model_config(model):
     config = getattr(model, "config", None)
     if config is None:
         return None
-    return {key: value for key, value in config.to_dict().items() if key != "dtype"}
+    # the dtype and the recomputation say how the model runs, not which weights it has
+    return {key: value for key, value in config.to_dict().items() if key not in ("dtype", "recompute")}
 
 
 def dropouts(model):

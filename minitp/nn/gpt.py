@@ -29,7 +29,10 @@ INIT_STD = 0.02
 class GPTConfig:
     """Everything that defines a GPT: its shapes, its dropout, its initial weights (``seed``) and dtype.
 
-    ``ffn_hidden`` defaults to 4·hidden, ``attention_dropout`` to ``dropout``. Used by ``GPT``,
+    ``ffn_hidden`` defaults to 4·hidden, ``attention_dropout`` to ``dropout``. ``recompute``: None,
+    ``"selective"`` (the attention core re-run in backward) or ``"full"`` (each block re-run), for every
+    block (Korthikanti et al. 2022; ``minitp.nn.recompute``) -- how the model runs, not what it is: a
+    checkpoint does not compare it. Used by ``GPT``,
     ``ParallelGPT``, ``train_gpt.py`` and checkpoints (which store it and refuse another).
     ``ValueError`` for sizes that are not positive integers or heads that do not divide hidden.
     """
@@ -45,6 +48,7 @@ class GPTConfig:
     tie_embeddings: bool = False
     seed: int = 0
     dtype: str = "float32"
+    recompute: str = None
 
     def __post_init__(self):
         # a frozen dataclass fills in its derived defaults through object.__setattr__
@@ -111,7 +115,8 @@ class GPT(Module):
         self.blocks = ModuleList(
             (TransformerBlock(h, config.heads, config.ffn_hidden, causal=True, dropout=config.dropout,
                               attention_dropout=config.attention_dropout, seed=init.derive_seed(seed, f"blocks.{i}"),
-                              dtype=dtype, init_std=INIT_STD, output_std=residual_std, layers=layers)
+                              dtype=dtype, init_std=INIT_STD, output_std=residual_std, layers=layers,
+                              recompute=config.recompute)
              for i in self.block_range), start=self.block_range.start)
         if self.last:
             self.ln_f = layers.norm(h, dtype=dtype, tag="ln_f")
