@@ -13,7 +13,8 @@ clip by the global norm, the SGD step) on every mesh (dp, pp, cp, tp) ∈ {1, 2}
 - where cp = 2, the kind (ring, zigzag, ulysses) and, everywhere, tied / untied embeddings taking turns
   rather than multiplying the product (``combinations``: each run takes the pair seen least so far):
   on every mesh with cp = 2 each kind and each tie run, and where the mesh has the runs for it, each
-  kind meets both ties, each schedule, SP on and off, ZeRO on and off, overlap on and off;
+  kind meets both ties, each schedule, SP on and off, ZeRO on and off, overlap on and off; and
+  recomputation (none, selective, full) in turn, run after run (the serial reference has none);
 
 against the serial ``nn.GPT`` step on the whole batch (same GPTConfig, float64, dropout 0.1 everywhere:
 every mask must land where the serial one does), computed by hand from its gradients: the norm, the
@@ -58,6 +59,9 @@ BATCH, LR, MICROBATCHES = 4, 0.5, 2
 CLIP = 0.5  # max_norm = CLIP × the serial gradient's norm: every step is clipped
 BUCKET_BYTES = 4096  # several buckets per stage (the tiny model has ~20 KB of float64 parameters)
 SCHEDULES = {"afab": 1, "1f1b": 1, "interleaved": 2}  # schedule: virtual stages
+
+
+RECOMPUTE = (None, "selective", "full")
 
 
 def batch(seed=0):
@@ -106,7 +110,10 @@ def combinations(world_size):
                                                      sum(seen[option, turn[1]] for option in beside)))
             seen.update([(kind, tie)] + [(option, part) for option in beside for part in (kind, tie)])
             runs.append(dict(mesh=(dp, pp, cp, tp), sequence_parallel=sp, zero=zero, overlap=overlap,
-                             schedule=schedule, kind=kind, tie_embeddings=tie))
+                             schedule=schedule, kind=kind, tie_embeddings=tie,
+                             # recomputation takes turns too: the serial reference runs without it, so
+                             # each run also proves that re-running in backward changes no number
+                             recompute=RECOMPUTE[len(runs) % len(RECOMPUTE)]))
     return runs
 
 
@@ -114,7 +121,8 @@ def describe(run):
     dp, pp, cp, tp = run["mesh"]
     words = [f"dp{dp} pp{pp} cp{cp} tp{tp}", run["schedule"] or "whole batch", run["kind"] or "",
              "SP" if run["sequence_parallel"] else "", "ZeRO-1" if run["zero"] else "all-reduce",
-             "overlap" if run["overlap"] else "", "tied" if run["tie_embeddings"] else "untied"]
+             "overlap" if run["overlap"] else "", "tied" if run["tie_embeddings"] else "untied",
+             f"recompute {run['recompute']}" if run["recompute"] else ""]
     return ", ".join(word for word in words if word)
 
 
@@ -123,7 +131,8 @@ def parallel_step(run, ids, targets, max_norm):
     {name: updated value over tp}) of this rank's part of the model."""
     dp, pp, cp, tp = run["mesh"]
     mesh = comm.init(dp=dp, pp=pp, cp=cp, tp=tp)
-    cfg, sp, overlap = config(run["tie_embeddings"]), run["sequence_parallel"], run["overlap"]
+    cfg = GPTConfig(**CONFIG, tie_embeddings=run["tie_embeddings"], recompute=run["recompute"])
+    sp, overlap = run["sequence_parallel"], run["overlap"]
     if pp == 1:
         model = ParallelGPT(cfg, mesh, sp, context_parallel=run["kind"], overlap=overlap)
         forward_backward = whole_batch
