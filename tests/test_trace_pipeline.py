@@ -20,22 +20,11 @@ from minitp.nn import GPTConfig
 from minitp.parallel.gpt import ParallelGPT
 from minitp.pipeline import PipelineGPT
 from minitp.pipeline.training import forward_backward
+from test_trace import nests  # one test of nesting for every trace test
 
 WORLD = MPI.COMM_WORLD
 CONFIG = dict(vocab=16, seq_len=4, hidden=8, heads=2, layers=8, dropout=0.0, seed=3, dtype="float64")
 BATCH = 8
-
-
-def nests(spans):
-    """Do the (start, end) spans of one lane nest: each either inside or after the ones before?"""
-    open_ends = []
-    for start, end in sorted(spans, key=lambda s: (s[0], -s[1])):
-        while open_ends and open_ends[-1] <= start + 1e-3:  # rounding to the nanosecond in the file
-            open_ends.pop()
-        if open_ends and end > open_ends[-1] + 1e-3:
-            return False
-        open_ends.append(end)
-    return True
 
 
 def lane_problems(trace):
