@@ -14,7 +14,8 @@ from minitp import comm, track_saved
 from minitp import functional as F
 from minitp.nn import GPT, GPTConfig, placement
 from minitp.parallel.context.layers import KINDS
-from minitp.parallel.data.data_parallel import all_reduce_gradients, average_over_data_parallel, split_batch
+from minitp.parallel.data.data_parallel import average_over_data_parallel, split_batch
+from minitp.parallel.data.sync import all_reduce_gradients
 from minitp.parallel.gpt import ParallelGPT
 from minitp.parallel.tensor.shard import gather_serial_grads
 from minitp.testing import max_error

@@ -13,7 +13,8 @@ from pytest_mpi import parallel_assert
 from minitp import Tensor, comm, trace, trace_report
 from minitp.nn import GPT, GPTConfig, Linear
 from minitp.parallel.data.buckets import GradientBuckets
-from minitp.parallel.data.data_parallel import all_reduce_gradients, split_batch
+from minitp.parallel.data.data_parallel import split_batch
+from minitp.parallel.data.sync import all_reduce_gradients
 from minitp.parallel.gpt import ParallelGPT
 from minitp.parallel.tensor.shard import gather_serial_grads
 from minitp.testing import max_error

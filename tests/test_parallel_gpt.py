@@ -15,8 +15,8 @@ from minitp import comm
 from minitp import functional as F
 from minitp.nn import GPT, GPTConfig
 from minitp.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
+from minitp.parallel.data.sync import all_reduce_gradients
 from minitp.parallel.data.data_parallel import (
-    all_reduce_gradients,
     average_over_data_parallel,
     clip_grad_norm,
     split_batch,

@@ -126,7 +126,7 @@ def batch_at(data, step, batch, seq, seed=0):
 # AdamW is built from named_parameters(): its state is keyed by the serial names, which is what lets a
 # checkpoint hold it in serial shapes.
 # --zero 1 shards that state over the dp replicas (ZeroOptimizer: each keeps 1/dp of it); --overlap
-# reduces gradients during backward, bucket by bucket (GradientBuckets, or ZeRO's own buckets), and
+# reduces gradients during backward, bucket by bucket (AllReduceGradients' buckets, or ZeRO's own), and
 # reduces each column-parallel layer's dX during its dA GEMM.
 # ---------------------------------------------------------------------------------------------------
 

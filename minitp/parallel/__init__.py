@@ -37,12 +37,11 @@ from minitp.parallel.context.ulysses import ulysses_attention
 from minitp.parallel.context.layers import ContextParallelLayers
 from minitp.parallel.gpt import ParallelGPT
 from minitp.parallel.data.data_parallel import (
-    all_reduce_gradients,
     average_over_data_parallel,
     clip_grad_norm,
     grad_norm,
     split_batch,
 )
 from minitp.parallel.data.buckets import GradientBuckets
-from minitp.parallel.data.sync import AllReduceGradients
+from minitp.parallel.data.sync import AllReduceGradients, all_reduce_gradients
 from minitp.parallel.data.zero import ZeroOptimizer

@@ -16,7 +16,7 @@ query meets every earlier key. That is the one place cp ranks talk, in one of tw
     role               what changes under cp
     tokens             the rank's s/cp tokens of the ids and targets (in its placement's order)
     positions          those tokens' positions in wpe (replicated; its gradient summed over dp × cp,
-                       ``data_parallel.all_reduce_gradients``, like every parameter's)
+                       ``sync.all_reduce_gradients``, like every parameter's)
     dropout            the mask at the rank's tokens: splits ``(0, cp_rank, cp[, "zigzag"])``, then SP's
     attention_core     ring attention or Ulysses over ``mesh.cp``
     attention_dropout  Ulysses: the rank's a/cp heads of its tp heads; ring: placed block by block

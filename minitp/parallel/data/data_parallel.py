@@ -19,7 +19,7 @@ shards: a split parameter's squares are summed over the tp ranks (each holds a d
 replicated parameter's are counted once (every rank holds the same copy), and each pipeline stage's
 total is summed over pp (each stage holds other layers; the last stage's copy of a tied table, marked
 ``tied_copy``, is counted on the first stage only). Over dp nothing is added: after
-``all_reduce_gradients`` every replica holds the same, already averaged, gradient.
+the gradient synchronisation (``sync.py``) every replica holds the same, already averaged, gradient.
 
 **Context parallelism** splits each replica's sequence over the cp ranks, and every parameter is
 replicated over them as over dp: rank (dp, cp) computes the mean loss over its own s/cp tokens of its
@@ -35,9 +35,8 @@ import math
 
 import numpy
 
-from minitp import backend, comm, trace
+from minitp import backend, comm
 from minitp.nn.optim import check_max_norm, clip_coefficient
-from minitp.parallel.data.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
 from minitp.parallel.tensor.shard import split_axis
 
 
@@ -59,25 +58,6 @@ def replicas(mesh):
     if mesh is None:
         return None
     return mesh.dp if mesh.cp_size == 1 else mesh.dp_cp
-
-
-def all_reduce_gradients(module, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
-    """Average the parameter gradients of ``module`` over ``mesh.dp`` (over dp × cp with context
-    parallelism: ``replicas``): ``.grad`` becomes the mean of the replicas' gradients, the gradient of the
-    loss over the global batch. Returns the number of all-reduces (buckets); 0 when there is nothing to
-    reduce (dp = cp = 1, or no gradients).
-
-    Gradients are packed in parameter order into flat buffers of at most ``bucket_bytes`` (a parameter
-    larger than that gets a bucket of its own) and each buffer is all-reduced once, tagged
-    "gradients (bucket i/n)". Parameters without a gradient are skipped: every replica ran the same graph,
-    so every replica skips the same ones and the buckets agree. The new ``.grad`` arrays are views of
-    the reduced buffers; the old ones are never written (they may be shared or read-only).
-    """
-    group = replicas(mesh)
-    if group is None or group.size == 1:
-        return 0
-    with_grads = [p for p in module.parameters() if p.grad is not None]
-    return GradientBuckets(with_grads, group, bucket_bytes).wait()
 
 
 def grad_norm(module, mesh=None):
@@ -113,7 +93,7 @@ def clip_grad_norm(module, max_norm, mesh=None, eps=1e-6):
     clipping, the same on every rank. ``max_norm=None``: measure only. ``ValueError`` for a max_norm
     that is not positive (a negative one would flip the gradient; 0 would zero it).
 
-    Call it after ``all_reduce_gradients``: the norm is then that of the global batch's gradient, and
+    Call it after the gradients are averaged (``sync.py``): the norm is then that of the global batch's gradient, and
     every replica scales by the same factor. The gradients are replaced, not scaled in place.
     """
     check_max_norm(max_norm)  # before the norm's all-reduces: every rank refuses, none is left waiting

@@ -50,3 +50,12 @@ class AllReduceGradients:
 
     def clip_grad_norm(self, max_norm):
         return clip_grad_norm(self.model, max_norm, self.mesh)
+
+
+def all_reduce_gradients(model, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
+    """``AllReduceGradients(model, mesh, bucket_bytes).finish()`` in one call, for a loop of its own:
+    ``.grad`` becomes the mean over the replicas (dp, × cp), a pipeline's tied table summed over its ends
+    first. Returns the number of buckets all-reduced over the replicas (0 when there is one replica)."""
+    sync = AllReduceGradients(model, mesh, bucket_bytes)
+    sync.finish()
+    return 0 if sync.group is None or sync.group.size == 1 else len(sync.buckets)
