@@ -53,7 +53,7 @@ step "tests, 2 and 4 ranks sharing the GPU" yes tests/run-mpi 2 4
 launcher=$("$PYTHON" -m minitp.launcher 4)
 for tutorial in tutorials/*.py; do
   case $tutorial in
-    */train_gpt.py) continue ;;
+    */train_gpt.py | */train_gpt_options.py) continue ;;
     */pipeline.py) args="--picture ${TMPDIR:-/tmp}/pipeline_schedules.png" ;;
     *) args="" ;;
   esac
