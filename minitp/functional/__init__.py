@@ -16,10 +16,13 @@ One file per family of ops; every name is used from here, ``from minitp import f
     embeddings      embedding
     loss            cross_entropy, reduce_loss, reduce_loss_backward
     attention       attention_core: softmax(q kᵀ/√d) v, the attention that holds no weights
+    blockwise_attention   the same, block by block with the online softmax (``online_softmax``: one
+                    block, the merge, a block's backward -- shared with ring attention)
 and the helpers they share: operands (constants as tensors, ``unbroadcast``), checks (integer ids and
 targets, index ranges). These files import autograd, backend and rng, and each other, never above.
 """
 from minitp.functional.attention import attention_core
+from minitp.functional.blockwise_attention import BlockwiseAttention, blockwise_attention
 from minitp.functional.activations import GeLU, LogSoftmax, Softmax, gelu, log_softmax, softmax
 from minitp.functional.checks import check_indices, check_integer
 from minitp.functional.elementwise import (Add, Div, Exp, Log, Mul, Neg, Pow, Sub, Tanh, add, div, exp, log, mul,
@@ -35,11 +38,11 @@ from minitp.functional.shape import (Cat, GetItem, Reshape, Stack, Transpose, ca
                                      transpose)
 
 __all__ = [
-    "Add", "Cat", "CausalMask", "CrossEntropy", "Div", "Dropout", "Embedding", "Exp", "GeLU", "GetItem",
-    "LayerNorm", "Linear", "Log", "LogSoftmax", "MatMul", "Max", "Mean", "Mul", "Neg", "Pow", "Reshape", "Softmax",
-    "Stack", "Sub", "Sum", "Tanh", "Transpose",
-    "add", "attention_core", "cat", "causal_mask", "check_indices", "check_integer", "cross_entropy", "div", "dropout",
-    "embedding", "exp", "gelu", "getitem", "layer_norm", "linear", "log", "log_softmax", "matmul", "max", "mean",
-    "mul", "neg", "pow", "reduce_loss", "reduce_loss_backward", "reshape", "softmax", "split", "stack", "sub", "sum",
-    "tanh", "transpose", "unbroadcast",
+    "Add", "BlockwiseAttention", "Cat", "CausalMask", "CrossEntropy", "Div", "Dropout", "Embedding", "Exp", "GeLU",
+    "GetItem", "LayerNorm", "Linear", "Log", "LogSoftmax", "MatMul", "Max", "Mean", "Mul", "Neg", "Pow", "Reshape",
+    "Softmax", "Stack", "Sub", "Sum", "Tanh", "Transpose",
+    "add", "attention_core", "blockwise_attention", "cat", "causal_mask", "check_indices", "check_integer",
+    "cross_entropy", "div", "dropout", "embedding", "exp", "gelu", "getitem", "layer_norm", "linear", "log",
+    "log_softmax", "matmul", "max", "mean", "mul", "neg", "pow", "reduce_loss", "reduce_loss_backward", "reshape",
+    "softmax", "split", "stack", "sub", "sum", "tanh", "transpose", "unbroadcast",
 ]

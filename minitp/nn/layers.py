@@ -156,6 +156,38 @@ class Dropout(Module):
             self.counter += 1
         return y
 
+    def block_drawer(self, shape, dtype, xp):
+        """For attention that applies this dropout to its (b, a, s_q, s_k) probabilities one block of
+        (query, key) positions at a time (blockwise and ring attention), in place of calling it on the
+        whole: None when it is the identity, else ``keep(q_run, k_run)`` -> the (b, a, lq, lk) piece of
+        the mask that ``forward`` would draw, scaled by 1/(1 - p), at those global runs [start, stop).
+
+        ``shape``: this rank's b and a, and the GLOBAL s_q and s_k (the caller places the query and key
+        axes; ``splits`` may place only b and a); the mask comes in ``dtype``. Moves the counter on as
+        ``forward`` does, microbatches included, so that the blocks drawn later (in backward) are this call's."""
+        if not self.training or self.p == 0:
+            return None
+        index, count = self.microbatch
+        splits = self.splits
+        if count > 1:
+            if self.batch_axis is None:
+                raise ValueError("this Dropout was built without a batch_axis: it cannot draw a microbatch's block")
+            splits += ((self.batch_axis, index, count),)
+        if any(split[0] % 4 in (2, 3) for split in splits):
+            raise ValueError("attention drawn block by block places the query and key axes itself: "
+                             "the dropout's splits may place only (b, a)")
+        global_shape, offset = placement.locate(splits, shape)
+        p, seed, counter, scale = self.p, self.seed, self.counter, numpy.dtype(dtype).type(1 / (1 - self.p))
+        if index == count - 1:
+            self.counter += 1
+        batch, heads = shape[:2]
+
+        def keep(q_run, k_run):
+            size = (batch, heads, q_run[1] - q_run[0], k_run[1] - k_run[0])
+            mask = rng.keep_mask(size, p, seed, counter, global_shape, offset[:2] + [q_run[0], k_run[0]], xp)
+            return mask * scale  # bool times a scalar of dtype: the mask in dtype
+        return keep
+
     def extra_repr(self):
         splits = f", splits={self.splits}" if self.splits else ""
         return f"p={self.p}, seed={self.seed}, counter={self.counter}{splits}"

@@ -25,7 +25,6 @@ query meets every earlier key. That is the one place cp ranks talk, in one of tw
 Under SP as well, tp splits the rank's s/cp tokens further: s/(cp·t) per rank between the GEMMs.
 """
 import math
-import types
 
 from minitp import backend, comm
 from minitp.nn import placement
@@ -86,9 +85,8 @@ class ContextParallelLayers(TensorParallelLayers):
         """q, k, v (b, a/t, s/cp, d), this rank's tokens -> the same rows of the attention output."""
         if self.kind == "ulysses":
             return ulysses_attention(q, k, v, self.context, causal, dropout)
-        if dropout is None or dropout.microbatch[1] == 1:
-            return ring_attention(q, k, v, self.context, self.layout, causal, dropout)
-        return _ring_attention_of_microbatch(q, k, v, self.context, self.layout, causal, dropout)
+        # ring attention draws the dropout mask block by block (Dropout.block_drawer: microbatches too)
+        return ring_attention(q, k, v, self.context, self.layout, causal, dropout)
 
     def sequence_multiple(self):
         """cp (2·cp for zigzag), and cp·t under SP."""
@@ -105,24 +103,6 @@ class ContextParallelLayers(TensorParallelLayers):
         if owner == self.context.rank:
             row = list(self.split_sequence(seq)).index(position)
         return comm.broadcast(logits[row], self.context, root=owner, tag="generate: the last token's logits")
-
-
-def _ring_attention_of_microbatch(q, k, v, group, layout, causal, dropout):
-    """Ring attention inside ``nn.microbatch.microbatch`` (a pipeline stage's microbatch i of m, or
-    gradient accumulation): the mask must be block i of the step's one (b, a, s, s) mask, drawn with the
-    step's counter, which moves on after the last microbatch only -- what ``Dropout.forward`` does. Ring
-    attention draws its mask from the module's ``splits`` and ``counter`` itself (it places the query and
-    key axes block by block), so it is handed a stand-in whose splits end with the microbatch's block of
-    the batch axis, and the real counter follows the stand-in's on the last microbatch."""
-    index, count = dropout.microbatch
-    if dropout.batch_axis is None:
-        raise ValueError("this Dropout was built without a batch_axis: it cannot draw a microbatch's block")
-    block = types.SimpleNamespace(p=dropout.p, seed=dropout.seed, counter=dropout.counter, training=dropout.training,
-                                  splits=dropout.splits + ((dropout.batch_axis, index, count),))
-    out = ring_attention(q, k, v, group, layout, causal, block)
-    if index == count - 1:
-        dropout.counter = block.counter
-    return out
 
 
 def context_layers(mesh, context_parallel, sequence_parallel, heads, overlap=False, seq_len=None):

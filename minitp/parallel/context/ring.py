@@ -11,8 +11,11 @@ lse_B = log Σ_{j∈B} exp(s_ij). Two blocks merge exactly, since exp(lse) is th
 
     lse = log(exp(lse_1) + exp(lse_2))        O = exp(lse_1 - lse) O_1 + exp(lse_2 - lse) O_2
 
-(``merge``: computed with the larger lse subtracted first, so nothing overflows). So cp steps: at step t
-rank r attends its queries to the block of rank (r - t) mod cp, merges, and passes the block on to
+(``online_softmax.merge``: computed with the larger lse subtracted first, so nothing overflows). A block
+here and a block of blockwise attention on one rank (``minitp.functional.blockwise_attention``) are the
+same step: both are loops over ``online_softmax``'s ``attend``, ``merge`` and ``attend_backward``.
+
+So cp steps: at step t rank r attends its queries to the block of rank (r - t) mod cp, merges, and passes the block on to
 rank r + 1 while receiving the next from rank r - 1 (one ``sendrecv`` of K and V stacked): cp - 1
 exchanges of 2·L·b·a·d numbers -- 2(cp - 1)·(s/cp)·b·h·e bytes sent per rank per layer, h = a·d the
 hidden size of the rank's heads. Under the causal mask a (query run, key run) pair wholly in the future
@@ -31,7 +34,8 @@ bytes per rank per layer backward, twice the forward.
 
 **Attention dropout** drops exactly the serial (b, a, s, s) mask's elements: the mask is a function of
 the element's global index, and a block's (query, key) positions are known, so each block draws its
-piece (``rng.keep_mask`` at those positions), in forward and again in backward. Dropout applies to the
+piece (``nn.Dropout.block_drawer``: ``rng.keep_mask`` at those positions, microbatches placed as
+``Dropout.forward`` places them), in forward and again in backward. Dropout applies to the
 normalised probabilities; the lse stays the undropped one, as in FlashAttention.
 
 **In a trace** (``minitp.trace``) each ring step's attention over the block it holds is a "compute"
@@ -44,8 +48,9 @@ from collections import namedtuple
 
 import numpy
 
-from minitp import backend, comm, rng, trace
+from minitp import backend, comm, trace
 from minitp.autograd import Function
+from minitp.functional.online_softmax import attend, attend_backward, future_bias, merge
 from minitp.nn import placement
 from minitp.parallel.tensor import mappings
 
@@ -93,19 +98,6 @@ def attended_pairs(rank, cp, seq, layout=placement.CONTIGUOUS, causal=True):
     return total
 
 
-def merge(out, lse, block_out, block_lse, xp):
-    """Fold a block's (normalised output, log-sum-exp) into the running ones, in place.
-
-    lse_new = log(e^lse + e^lse_B), computed as m + log(e^(lse-m) + e^(lse_B-m)) with m the larger;
-    each output is weighted by its share of the new denominator, e^(lse - lse_new). lse = -inf (no keys
-    yet) weighs 0."""
-    new = xp.maximum(lse, block_lse)
-    new += xp.log(xp.exp(lse - new) + xp.exp(block_lse - new))
-    out *= xp.exp(lse - new)[..., None]
-    out += xp.exp(block_lse - new)[..., None] * block_out
-    lse[...] = new
-
-
 class RingAttention(Function):
     """softmax(q kᵀ/√d) v for this rank's queries against every rank's keys, k and v travelling the ring
     of ``group`` (``mesh.cp``); see the module docstring. q, k, v and the output are (b, a, L, d), this
@@ -114,9 +106,9 @@ class RingAttention(Function):
     def forward(self, q, k, v, group, layout, causal, dropout, tag):
         xp = backend.array_module(q)
         batch, heads, length, head_dim = q.shape
-        self.group, self.tag, self.scale = group, tag, head_dim ** -0.5
+        self.group, self.tag, self.scale, self.dtype = group, tag, head_dim ** -0.5, q.dtype
         self.steps = ring_schedule(group.rank, group.size, length * group.size, layout, causal)
-        self.keep = _mask_drawer(dropout, q.shape, group.size, xp)
+        self.keep = _mask_drawer(dropout, q.shape, group.size, q.dtype, xp)
         scaled = q * self.scale  # scale q (L·d numbers), not every block's scores
         out = xp.zeros_like(q)
         lse = xp.full(q.shape[:-1], -numpy.inf, dtype=q.dtype)
@@ -124,25 +116,19 @@ class RingAttention(Function):
         for step, (source, blocks) in enumerate(self.steps):
             with trace.span(f"ring step {step}", "compute", holding=source, blocks=len(blocks)):
                 for block in blocks:
-                    block_out, block_lse = self._attend(scaled[..., block.q, :], kv[:, ..., block.k, :], block, xp)
-                    merge(out[..., block.q, :], lse[..., block.q], block_out, block_lse, xp)
+                    keys = kv[:, ..., block.k, :]
+                    block_out, block_lse = attend(scaled[..., block.q, :], keys[0], keys[1], *self._masks(block, xp))
+                    merge(out[..., block.q, :], lse[..., block.q], block_out, block_lse)
             if step < group.size - 1:
                 kv = self._pass_on(kv, f"ring K,V forward (step {step + 1})")
         self.save_for_backward(q, k, v, out, lse)
         return out
 
-    def _attend(self, scaled_q, kv, block, xp):
-        """(normalised output, lse) of a block of queries against a block of keys."""
-        scores = scaled_q @ xp.swapaxes(kv[0], -1, -2)  # (b, a, lq, lk)
-        if block.masked:
-            scores = xp.where(_future(block, xp), -numpy.inf, scores)
-        top = scores.max(axis=-1, keepdims=True)
-        probs = xp.exp(scores - top)
-        total = probs.sum(axis=-1, keepdims=True)
-        probs /= total
-        if self.keep is not None:
-            probs *= self.keep(block)
-        return probs @ kv[1], (top + xp.log(total))[..., 0]
+    def _masks(self, block, xp):
+        """(the causal mask's 0/-inf bias where the block straddles the diagonal, the dropout's keep mask):
+        each None where there is none."""
+        future = future_bias(block.q_run, block.k_run, xp, self.dtype) if block.masked else None
+        return future, (None if self.keep is None else self.keep(block.q_run, block.k_run))
 
     def backward(self, grad):
         q, k, v, out, lse = self.saved
@@ -156,9 +142,10 @@ class RingAttention(Function):
             with trace.span(f"ring step {step} backward", "compute", holding=source, blocks=len(blocks)):
                 grad_kv = xp.zeros_like(kv)  # this rank's share of the held block's dK, dV
                 for block in blocks:
-                    dq, dk, dv = self._attend_backward(scaled[..., block.q, :], kv[:, ..., block.k, :],
-                                                       grad[..., block.q, :], lse[..., block.q], delta[..., block.q],
-                                                       block, xp)
+                    keys = kv[:, ..., block.k, :]
+                    dq, dk, dv = attend_backward(scaled[..., block.q, :], keys[0], keys[1], grad[..., block.q, :],
+                                                 lse[..., block.q], delta[..., block.q], self.scale,
+                                                 *self._masks(block, xp))
                     grad_q[..., block.q, :] += dq
                     grad_kv[0][..., block.k, :] += dk
                     grad_kv[1][..., block.k, :] += dv
@@ -178,49 +165,20 @@ class RingAttention(Function):
         grad_kv = own if travelling is None else own + travelling
         return grad_q, grad_kv[0], grad_kv[1]
 
-    def _attend_backward(self, scaled_q, kv, grad_out, lse, delta, block, xp):
-        scores = scaled_q @ xp.swapaxes(kv[0], -1, -2)
-        if block.masked:
-            scores = xp.where(_future(block, xp), -numpy.inf, scores)
-        probs = xp.exp(scores - lse[..., None])  # the probabilities, from the whole row's lse
-        grad_probs = grad_out @ xp.swapaxes(kv[1], -1, -2)  # dP = dO Vᵀ
-        if self.keep is not None:
-            keep = self.keep(block)
-            grad_v = xp.swapaxes(probs * keep, -1, -2) @ grad_out
-            grad_probs *= keep
-        else:
-            grad_v = xp.swapaxes(probs, -1, -2) @ grad_out
-        grad_scores = probs * (grad_probs - delta[..., None])  # dS = P ∘ (dP - Δ)
-        return grad_scores @ kv[0] * self.scale, xp.swapaxes(grad_scores, -1, -2) @ scaled_q, grad_v
-
     def _pass_on(self, payload, what):
         """One ring step: send to rank + 1, receive from rank - 1."""
         rank, cp = self.group.rank, self.group.size
         return comm.sendrecv(payload, self.group, (rank + 1) % cp, (rank - 1) % cp, tag=mappings.tag(self.tag, what))
 
 
-def _future(block, xp):
-    """(lq, lk) bool: True where the key comes after the query, from their global positions."""
-    return xp.arange(*block.k_run)[None, :] > xp.arange(*block.q_run)[:, None]
-
-
-def _mask_drawer(dropout, shape, cp, xp):
-    """None without attention dropout; else block -> keep mask / (1 - p), the serial (b, a, s, s) mask's
-    piece at the block's (query, key) positions. Moves the module's counter on, as its forward does."""
-    if dropout is None or not dropout.training or dropout.p == 0:
+def _mask_drawer(dropout, shape, cp, dtype, xp):
+    """None without attention dropout; else (q_run, k_run) -> keep mask / (1 - p), the serial (b, a, s, s)
+    mask's piece at the block's (query, key) positions (``nn.Dropout.block_drawer``, which moves the
+    module's counter on as its forward does)."""
+    if dropout is None:
         return None
-    if any(split[0] % 4 in (2, 3) for split in dropout.splits):
-        raise ValueError("ring attention places the query and key axes itself: the dropout splits only (b, a)")
     batch, heads, length, _ = shape
-    global_shape, offset = placement.locate(dropout.splits, (batch, heads, length * cp, length * cp))
-    p, seed, counter, scale = dropout.p, dropout.seed, dropout.counter, 1 / (1 - dropout.p)
-    dropout.counter += 1
-
-    def keep(block):
-        size = (batch, heads, block.q_run[1] - block.q_run[0], block.k_run[1] - block.k_run[0])
-        where = offset[:2] + [block.q_run[0], block.k_run[0]]
-        return rng.keep_mask(size, p, seed, counter, global_shape, where, xp) * scale
-    return keep
+    return dropout.block_drawer((batch, heads, length * cp, length * cp), dtype, xp)
 
 
 def ring_attention(q, k, v, group, layout=placement.CONTIGUOUS, causal=True, dropout=None, tag="attention"):
