@@ -19,6 +19,7 @@ from minitp.nn import init
 from minitp.nn.builders import SERIAL
 from minitp.nn.layers import Embedding
 from minitp.nn.module import Module, ModuleList
+from minitp.nn.moe import check_moe
 from minitp.nn.transformer import TransformerBlock
 
 INIT_STD = 0.02
@@ -32,7 +33,10 @@ class GPTConfig:
     ``ffn_hidden`` defaults to 4·hidden, ``attention_dropout`` to ``dropout``. ``recompute``: None,
     ``"selective"`` (the attention core re-run in backward) or ``"full"`` (each block re-run), for every
     block (Korthikanti et al. 2022; ``minitp.nn.recompute``) -- how the model runs, not what it is: a
-    checkpoint does not compare it. Used by ``GPT``,
+    checkpoint does not compare it. ``experts`` > 0 makes every block's MLP a mixture of that many experts
+    (``minitp.nn.moe.MoE``: ``top_k``, ``capacity_factor`` -- None: no drops --, ``aux_loss_coef``,
+    ``z_loss_coef``); 0, the default, is the dense model, whose dictionary (and so checkpoint) leaves those
+    fields out, as before they existed. Used by ``GPT``,
     ``ParallelGPT``, ``train_gpt.py`` and checkpoints (which store it and refuse another).
     ``ValueError`` for sizes that are not positive integers or heads that do not divide hidden.
     """
@@ -49,6 +53,11 @@ class GPTConfig:
     seed: int = 0
     dtype: str = "float32"
     recompute: str = None
+    experts: int = 0
+    top_k: int = 1
+    capacity_factor: float = None
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
 
     def __post_init__(self):
         # a frozen dataclass fills in its derived defaults through object.__setattr__
@@ -64,9 +73,29 @@ class GPTConfig:
             object.__setattr__(self, name, int(value))  # a numpy integer becomes a plain one (JSON, repr)
         if self.hidden % self.heads:
             raise ValueError(f"GPTConfig: heads ({self.heads}) must divide hidden ({self.hidden})")
+        if isinstance(self.experts, bool) or not isinstance(self.experts, (int, numpy.integer)) or self.experts < 0:
+            raise ValueError(f"GPTConfig: experts must be 0 (a dense MLP) or a positive integer, got {self.experts!r}")
+        if self.experts:
+            check_moe(self.experts, self.top_k, self.capacity_factor, self.aux_loss_coef, self.z_loss_coef)
+            if self.recompute == "full":  # the re-run block would make a second aux loss, outside the graph
+                raise ValueError("GPTConfig: full recomputation of mixture-of-experts blocks is not built (the "
+                                 "aux loss leaves the block beside its output); use recompute='selective' or None")
+
+    def moe(self):
+        """The ``MoE`` settings of every block, or None for the dense model."""
+        if not self.experts:
+            return None
+        return {name: getattr(self, name) for name in MOE_FIELDS}
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        found = dataclasses.asdict(self)
+        if not self.experts:  # the dense model's dictionary is what it was before experts existed
+            for name in MOE_FIELDS:
+                del found[name]
+        return found
+
+
+MOE_FIELDS = ("experts", "top_k", "capacity_factor", "aux_loss_coef", "z_loss_coef")
 
 
 class GPT(Module):
@@ -116,7 +145,7 @@ class GPT(Module):
             (TransformerBlock(h, config.heads, config.ffn_hidden, causal=True, dropout=config.dropout,
                               attention_dropout=config.attention_dropout, seed=init.derive_seed(seed, f"blocks.{i}"),
                               dtype=dtype, init_std=INIT_STD, output_std=residual_std, layers=layers,
-                              recompute=config.recompute)
+                              recompute=config.recompute, moe=config.moe())
              for i in self.block_range), start=self.block_range.start)
         if self.last:
             self.ln_f = layers.norm(h, dtype=dtype, tag="ln_f")
@@ -151,8 +180,14 @@ class GPT(Module):
 
     def loss(self, ids, targets):
         """Mean cross-entropy of the next-token predictions: ``targets`` (s, b) are the ids to predict (a
-        last part that is not the first takes the hidden states instead of ``ids``)."""
-        return self.builders.cross_entropy(self(ids), self.builders.tokens(targets))  # this rank's tokens' loss
+        last part that is not the first takes the hidden states instead of ``ids``); with experts, plus
+        every MoE block's ``aux_loss``."""
+        loss = self.builders.cross_entropy(self(ids), self.builders.tokens(targets))  # this rank's tokens' loss
+        for block in self.blocks:  # a mixture of experts adds its load-balancing (and z) loss
+            aux = getattr(block.mlp, "aux_loss", None)
+            if aux is not None:
+                loss = loss + aux
+        return loss
 
     def generate(self, ids, steps, temperature=1.0, rng=None):
         """Extend ``ids`` (s, b) by ``steps`` tokens -> (s + steps, b), on ``ids``'s own host/device.
