@@ -15,13 +15,14 @@ One file per family of ops; every name is used from here, ``from minitp import f
     masks           dropout, causal_mask
     embeddings      embedding
     loss            cross_entropy, reduce_loss, reduce_loss_backward
-    attention       attention_core: softmax(q kᵀ/√d) v, the attention that holds no weights
+    attention       attention_core: softmax(q kᵀ/√d) v, the attention that holds no weights (dense);
+                    attention: it or blockwise_attention, whichever is faster here
     blockwise_attention   the same, block by block with the online softmax (``online_softmax``: one
                     block, the merge, a block's backward -- shared with ring attention)
 and the helpers they share: operands (constants as tensors, ``unbroadcast``), checks (integer ids and
 targets, index ranges). These files import autograd, backend and rng, and each other, never above.
 """
-from minitp.functional.attention import attention_core
+from minitp.functional.attention import attention, attention_core
 from minitp.functional.blockwise_attention import BlockwiseAttention, blockwise_attention
 from minitp.functional.activations import GeLU, LogSoftmax, Softmax, gelu, log_softmax, softmax
 from minitp.functional.checks import check_indices, check_integer
@@ -41,8 +42,8 @@ __all__ = [
     "Add", "BlockwiseAttention", "Cat", "CausalMask", "CrossEntropy", "Div", "Dropout", "Embedding", "Exp", "GeLU",
     "GetItem", "LayerNorm", "Linear", "Log", "LogSoftmax", "MatMul", "Max", "Mean", "Mul", "Neg", "Pow", "Reshape",
     "Softmax", "Stack", "Sub", "Sum", "Tanh", "Transpose",
-    "add", "attention_core", "blockwise_attention", "cat", "causal_mask", "check_indices", "check_integer",
-    "cross_entropy", "div", "dropout", "embedding", "exp", "gelu", "getitem", "layer_norm", "linear", "log",
+    "add", "attention", "attention_core", "blockwise_attention", "cat", "causal_mask", "check_indices",
+    "check_integer", "cross_entropy", "div", "dropout", "embedding", "exp", "gelu", "getitem", "layer_norm", "linear", "log",
     "log_softmax", "matmul", "max", "mean", "mul", "neg", "pow", "reduce_loss", "reduce_loss_backward", "reshape",
     "softmax", "split", "stack", "sub", "sum", "tanh", "transpose", "unbroadcast",
 ]

@@ -4,7 +4,7 @@ Attention mixes tokens but never heads. So give each of the cp ranks every token
 ordinary attention core there, and give the tokens back:
 
     q, k, v (b, a, s/cp, d)  --all-to-all: split heads, gather the sequence-->  (b, a/cp, s, d)
-    attention_core (causal mask, dropout: all s tokens of a/cp heads, as serially)
+    attention (dense or blockwise; causal mask, dropout: all s tokens of a/cp heads, as serially)
     out (b, a/cp, s, d)      --all-to-all: split the sequence, gather heads-->  (b, a, s/cp, d)
 
 Each rank sends (cp - 1)/cp of what it holds in each all-to-all: q, k and v (one all-to-all of the
@@ -23,7 +23,7 @@ Ulysses needs no zigzag, since every rank attends all s queries of its heads -- 
 from minitp import comm
 from minitp import functional as F
 from minitp.autograd import Function
-from minitp.functional import attention_core
+from minitp.functional import attention
 from minitp.parallel.tensor import mappings
 
 BATCH, HEADS, SEQUENCE = 0, 1, 2  # of (b, a, s, d)
@@ -61,5 +61,5 @@ def ulysses_attention(q, k, v, group, causal=True, dropout=None, tag="attention"
     stacked = all_to_all(F.stack([q, k, v]), group, split_axis=1 + HEADS, concat_axis=1 + SEQUENCE,
                          tag=mappings.tag(tag, "Ulysses q,k,v"))
     q, k, v = (F.reshape(part, part.shape[1:]) for part in F.split(stacked, 3, axis=0))
-    out = attention_core(q, k, v, causal, dropout)  # (b, a/cp, s, d): every token, a/cp heads
+    out = attention(q, k, v, causal, dropout)  # (b, a/cp, s, d): every token, a/cp heads, dense or blockwise
     return all_to_all(out, group, split_axis=SEQUENCE, concat_axis=HEADS, tag=mappings.tag(tag, "Ulysses output"))
