@@ -104,12 +104,14 @@ def test_parallel_gpt_step_is_planned_to_the_byte():
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 4])
-def test_one_layer_with_recomputation_is_planned_to_the_byte():
+@pytest.mark.parametrize("s", [8, 136])
+def test_one_layer_with_recomputation_is_planned_to_the_byte(s):
     """The per-layer count of ``activations.layer_bytes`` (Korthikanti's table 2 as minitp keeps it) and the
-    layer's collectives, with no, selective and full recomputation, TP and TP+SP, dropout on."""
+    layer's collectives, with no, selective and full recomputation, TP and TP+SP, dropout on; at s = 136 the
+    attention runs blockwise (minitp's default from s > 128), keeping O and the lse instead of s×s arrays."""
     from minitp.parallel import ParallelTransformerBlock
 
-    s, b, h, a = 8, 2, 16, 4
+    b, h, a = 2, 16, 4
     t = WORLD.size
     group = comm.Group(WORLD.Split(color=0, key=WORLD.rank), "tp")
     model = Model(vocab=64, seq_len=s, hidden=h, heads=a, layers=1, dropout=0.1)
@@ -230,7 +232,8 @@ def test_korthikanti_table_2_identities(name):
     model = Model(vocab=51200, seq_len=s, hidden=h, heads=a, layers=l, dropout=0.1)
     for sp, recompute in itertools.product([False, True], [None, "selective"]):
         terms = activations.layer_terms(model, Mesh(tp=t), Choices(micro_batch=b, sequence_parallel=sp,
-                                                                   recompute=recompute, precision="bf16"))
+                                                                   recompute=recompute, precision="bf16",
+                                                                   attention="dense"))
         paper_terms = sum(v for k, v in terms.items() if "minitp only" not in k)
         assert paper_terms == pytest.approx(table2(s, b, h, a, t, sp, recompute), rel=1e-12)
 

@@ -24,11 +24,15 @@ with 2-byte activations and 1-byte dropout masks (s sequence, b microbatch, h hi
 - full recomputation keeps the layer's input alone: e·sbh (e·sbh/t under SP, where the input is a
   sequence shard); the paper's 2sbh is e·sbh at e = 2, without SP.
 
+Blockwise attention (minitp's default from s > 128 without context parallelism, ``Choices.attention``)
+keeps no s×s array: in place of the softmax output, the dropout's mask and dropped probabilities and
+the 1/√d constant it keeps the attention's output O (e·sbh/t) and one log-sum-exp per row (e·as·b/t).
+
 Context parallelism (c ranks) gives each rank s/c of the queries; every sequence-sized term is s/c. Its
 attention core (ring attention, Ulysses) keeps other things than the plain core's scores: modelled here as
 the plain core on s/c queries against s/c keys (ring: one block at a time) -- formula only, not measured.
 """
-from minitp.plan.shapes import ITEMSIZE
+from minitp.plan.shapes import BLOCKWISE_ABOVE, ITEMSIZE
 
 MASK = 1  # a dropout mask is a bool array: 1 byte per element (the paper's count)
 
@@ -77,7 +81,12 @@ def layer_terms(model, mesh, choices, b=None):
     }
     if dropout:
         terms["residual dropout masks, 2 per layer (1 byte each)"] = 2 * MASK * S_sp * b * h
-    if choices.recompute != "selective":
+    if choices.recompute != "selective" and blockwise(mesh, choices, S):
+        # with one head on the rank, the proj input is a view of O (the transpose moves a length-1 axis):
+        # track_saved counts that memory once, under the proj input above
+        terms["blockwise attention's output O (/t)"] = e * S * b * h // t if a // t > 1 else 0
+        terms["blockwise attention's log-sum-exp per row (a/t heads)"] = e * (a // t) * S * b
+    elif choices.recompute != "selective":
         heads = a // t
         terms["softmax output (a/t heads' s×s scores)"] = e * heads * S * keys * b
         if attention_dropout:
@@ -90,6 +99,14 @@ def layer_terms(model, mesh, choices, b=None):
         terms["GeLU input and fc2 input (2·sbf/t)"] = mlp * model.top_k
         terms["router probabilities (formula only)"] = e * S * b * model.experts
     return terms
+
+
+def blockwise(mesh, choices, local_seq):
+    """Whether the layer's attention runs blockwise: as asked, else minitp's default (F.attention on the
+    CPU: s > 128 positions, every key on this rank -- ring attention and Ulysses under cp keep their own)."""
+    if choices.attention is not None:
+        return choices.attention == "blockwise"
+    return mesh.cp == 1 and local_seq > BLOCKWISE_ABOVE
 
 
 def layer_bytes(model, mesh, choices, b=None):

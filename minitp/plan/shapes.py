@@ -16,6 +16,8 @@ activations and optimizer state all in that one dtype); bf16 and fp16 are mixed 
 
 MEASURED_PRECISIONS = ("float32", "float64")
 RECOMPUTE = (None, "selective", "full")
+ATTENTION = (None, "dense", "blockwise")
+BLOCKWISE_ABOVE = 128  # minitp.functional.blockwise_attention.BLOCK: F.attention's default from s > 128
 SCHEDULES = ("afab", "1f1b", "interleaved")
 CP_KINDS = ("ring", "zigzag", "ulysses")
 FORMULA_ONLY = "formula only: not yet measured against minitp"
@@ -97,7 +99,9 @@ class Choices:
     fp32 master weights and Adam moments: formula only). ``zero``: 0, 1 (minitp), 2 or 3 (formula only).
     ``bucket_bytes``: the gradient buckets (minitp's default 25 MiB; ZeRO pads each to a multiple of d).
     ``ids_itemsize``: bytes of a token id (numpy's int64 on 64-bit Linux): the embedding and the loss keep
-    the ids and targets for backward."""
+    the ids and targets for backward. ``attention``: "dense" (the paper's core, keeping the s×s scores),
+    "blockwise" (O and one lse per row), or None: minitp's default on the CPU (``F.attention``: blockwise
+    from s > 128 on a rank that holds every key, i.e. without context parallelism)."""
     micro_batch: int = 1
     global_batch: int = None
     seq: int = None
@@ -110,6 +114,7 @@ class Choices:
     bucket_bytes: int = 25 * 2 ** 20
     ids_itemsize: int = 8
     optimizer_buffers: int = 2  # AdamW: exp_avg and exp_avg_sq
+    attention: str = None
     extras: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -123,6 +128,8 @@ class Choices:
             raise ValueError(f"plan: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.cp_kind not in CP_KINDS:
             raise ValueError(f"plan: cp_kind must be one of {CP_KINDS}, got {self.cp_kind!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"plan: attention must be one of {ATTENTION}, got {self.attention!r}")
 
     @property
     def mixed(self):
