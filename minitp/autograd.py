@@ -33,6 +33,7 @@ from minitp.saved_bytes import open_trackers as _saved_trackers, record as _reco
 from minitp.saved_bytes import SavedBytes, track_saved  # noqa: F401 (still importable from here)
 
 _grad_enabled = True
+_saved_hooks = []  # (pack, unpack) pairs pushed by push_saved_hooks: the innermost packs what ops save
 _functional = None  # minitp.functional, once an operator (+, @, ...) first needs it
 
 
@@ -61,6 +62,21 @@ def enable_grad():
 
 def is_grad_enabled():
     return _grad_enabled
+
+
+def push_saved_hooks(pack, unpack):
+    """From now on, every op recorded keeps ``pack(array)`` for each array it saves, and its backward
+    reads ``unpack(packed)`` (torch's ``saved_tensors_hooks``); ``pop_saved_hooks()`` ends it.
+
+    ZeRO-3 needs it: a gathered parameter must be freed after its unit's forward, but an op that saved
+    it (a GEMM keeps its weight for dX) would keep the whole array alive. numpy cannot shrink an array
+    under its holders (FSDP frees with ``storage.resize_(0)``), so the graph keeps a name instead and
+    backward reads the array gathered again."""
+    _saved_hooks.append((pack, unpack))
+
+
+def pop_saved_hooks():
+    _saved_hooks.pop()
 
 
 class Tensor:
@@ -150,6 +166,8 @@ class Tensor:
             if fn is None:
                 _accumulate(tensor, grad)
                 continue
+            if fn.unpack is not None:  # its saved arrays were packed (push_saved_hooks): read them back
+                fn.saved = tuple(fn.unpack(array) for array in fn.saved)
             started = None if _trace.recording is None else _trace.now()
             total = _owned_total(fn, grad, grads, owned)
             if total is not None:
@@ -289,6 +307,7 @@ class Function:
     """
 
     saved = ()
+    unpack = None  # set when push_saved_hooks packed what this op saved
     fresh_gradients = False
     """True when ``backward`` always returns new arrays that no one else holds (the engine may add later
     gradients into them in place)."""
@@ -335,6 +354,9 @@ class Function:
             result._fn = fn
             if _saved_trackers:
                 _record_saved(fn, inputs)
+            if _saved_hooks:
+                pack, fn.unpack = _saved_hooks[-1]
+                fn.saved = tuple(pack(array) for array in fn.saved)
         else:
             fn.saved = ()  # nothing will call backward: keep nothing alive
         return result

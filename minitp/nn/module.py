@@ -8,7 +8,7 @@ stores and what a tensor-parallel layer uses to find the serial weight it cuts i
 import numpy
 
 from minitp import backend
-from minitp.autograd import Tensor
+from minitp.autograd import Tensor, _HookHandle
 
 
 class Parameter(Tensor):
@@ -52,11 +52,37 @@ class Module:
         self._modules.pop(name, None)
         object.__delattr__(self, name)
 
+    _forward_pre_hooks = ()  # a module's own lists once a hook is registered (torch's hooks of these names)
+    _forward_hooks = ()
+
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} has no forward")
 
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        for hook in self._forward_pre_hooks:
+            hook(self, args)
+        output = self.forward(*args, **kwargs)
+        for hook in self._forward_hooks:
+            replaced = hook(self, args, output)
+            if replaced is not None:
+                output = replaced
+        return output
+
+    def register_forward_pre_hook(self, hook):
+        """Call ``hook(module, args)`` before every forward (ZeRO-3 gathers a unit's parameters there).
+        Returns a handle: ``handle.remove()``."""
+        if not self._forward_pre_hooks:
+            object.__setattr__(self, "_forward_pre_hooks", [])
+        self._forward_pre_hooks.append(hook)
+        return _HookHandle(self._forward_pre_hooks, hook)
+
+    def register_forward_hook(self, hook):
+        """Call ``hook(module, args, output)`` after every forward; a result that is not None replaces the
+        output (ZeRO-3 frees the unit there and marks the output to gather it again for backward)."""
+        if not self._forward_hooks:
+            object.__setattr__(self, "_forward_hooks", [])
+        self._forward_hooks.append(hook)
+        return _HookHandle(self._forward_hooks, hook)
 
     # -- walking the tree ------------------------------------------------------------------------
     def named_modules(self, prefix=""):

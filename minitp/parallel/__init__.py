@@ -4,7 +4,7 @@ that chooses among them (the pipeline is ``minitp.pipeline``):
     tensor/    the tp axis: f, f̄, g, ḡ; column/row-parallel, vocab-parallel and sequence-parallel layers;
                the parallel MLP, attention and block; cutting serial weights into shards and back
     context/   the cp axis: ring (contiguous, zigzag) and Ulysses attention, the context-parallel layers
-    data/      the dp axis (× cp): the batch split, gradient buckets, ZeRO-1, global-norm clipping
+    data/      the dp axis (× cp): the batch split, gradient buckets, ZeRO-1/2/3, global-norm clipping
     gpt        ParallelGPT: the serial GPT built from the layers of the axes its mesh has
 
 Everything a user needs is importable from here: ``from minitp.parallel import ParallelGPT, f, g``.
@@ -45,3 +45,4 @@ from minitp.parallel.data.data_parallel import (
 from minitp.parallel.data.buckets import GradientBuckets
 from minitp.parallel.data.sync import AllReduceGradients, all_reduce_gradients
 from minitp.parallel.data.zero import ZeroOptimizer
+from minitp.parallel.data.zero3 import FullyShardedOptimizer

@@ -38,6 +38,13 @@ sums commute, but starting it from a hook would make the last stage wait, mid-ba
 stage's last backward -- which waits for the last stage's gradient sends: a deadlock.)
 
 Without overlap, ``wait()`` packs and reduces every bucket with the blocking collectives.
+
+**ZeRO-2** (``eager=True``, with ``shard``): each bucket is reduce-scattered from backward's hooks as soon
+as it is complete, blocking or (``overlap``) started, and its full gradient dies there -- the ``.grad``
+arrays at packing, the packed bucket when its reduce-scatter completes. With ``overlap`` at most two
+buckets are in flight: starting one waits for the one before. Without ``eager`` (ZeRO-1) the packed
+buckets of an overlapped step live until ``wait()``, and a blocking step keeps every ``.grad`` until
+then: the whole gradient exists at the end of backward, as in the paper's stage 1.
 """
 import math
 
@@ -102,10 +109,13 @@ class GradientBuckets:
     ``bucket_bytes`` > 0.
     """
 
-    def __init__(self, parameters, group, bucket_bytes=DEFAULT_BUCKET_BYTES, shard=False, overlap=False):
+    def __init__(self, parameters, group, bucket_bytes=DEFAULT_BUCKET_BYTES, shard=False, overlap=False,
+                 eager=False):
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, float)) or not bucket_bytes > 0:
             raise ValueError(f"the bucket size must be a positive number of bytes, not {bucket_bytes!r}")
-        self.group, self.shard, self.overlap = group, shard, overlap
+        if eager and not shard:
+            raise ValueError("eager reduction (ZeRO-2) is of sharded buckets: pass shard=True")
+        self.group, self.shard, self.overlap, self.eager = group, shard, overlap, eager
         parameters = [p for p in parameters if p.requires_grad]
         self.tied = [p for p in parameters if getattr(p, "tied_group", None) is not None]
         # the tied table last and alone: its bucket waits for the stages' sum (see the module docstring)
@@ -119,8 +129,10 @@ class GradientBuckets:
         self.grad_shards, self.received = [None] * len(self.buckets), [None] * len(self.buckets)
         self._arrived = [0] * len(self.buckets)
         self._pending = [None] * len(self.buckets)
+        self._done = [False] * len(self.buckets)  # ZeRO-2: reduced inside this step's backward
         self._hooks = []
-        if overlap and group.size > 1:
+        self._in_flight = None  # ZeRO-2 with overlap: the bucket started last, waited when the next starts
+        if (overlap or eager) and group.size > 1:
             self._hooks = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in self.parameters]
 
     def __len__(self):
@@ -157,11 +169,31 @@ class GradientBuckets:
         return flat
 
     def _start(self, index):
+        if self.eager:
+            return self._reduce_now(index)
         flat = self._packed(index)
         if self.shard:
             self._pending[index] = comm.ireduce_scatter(flat, self.group, tag=self._tag(index))
         else:
             self._pending[index] = comm.iall_reduce(flat, self.group, tag=self._tag(index))
+
+    def _reduce_now(self, index):
+        """ZeRO-2: this bucket's reduce-scatter, inside backward; its full gradient freed when it completes."""
+        flat = self._packed(index)
+        if not self.overlap:
+            self._finished(index, comm.reduce_scatter(flat, self.group, tag=self._tag(index)))
+            return
+        if self._in_flight is not None:  # at most two buckets' full gradients on the wire
+            before, self._in_flight = self._in_flight, None
+            self._finished(before, self._pending[before].wait())
+            self._pending[before] = None
+        self._pending[index] = comm.ireduce_scatter(flat, self.group, tag=self._tag(index))
+        self._in_flight = index
+
+    def _finished(self, index, reduced):
+        reduced /= self.group.size  # a new array: ours to scale in place
+        self.grad_shards[index] = reduced
+        self._done[index] = True
 
     def wait(self):
         """Finish every bucket's reduction (starting those not started); see the class docstring for
@@ -173,8 +205,12 @@ class GradientBuckets:
         if not self.shard and self.group.size == 1:
             self._arrived = [0] * len(self.buckets)
             return len(self.buckets)  # one replica: its gradient is the mean already
+        self._in_flight = None
         for index, bucket in enumerate(self.buckets):
             pending, self._pending[index] = self._pending[index], None
+            if self._done[index]:  # ZeRO-2: reduce-scattered during backward already
+                self._done[index], self._arrived[index] = False, 0
+                continue
             if pending is not None:
                 reduced = pending.wait()
             elif self.shard:

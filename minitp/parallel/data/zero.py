@@ -63,18 +63,28 @@ class ZeroOptimizer:
     counted once, and the table's gradient is summed over the two ends before it is reduce-scattered.
     """
 
-    def __init__(self, optimizer, mesh, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False):
-        self.optimizer, self.mesh = optimizer, mesh
+    stage = 1
+
+    def __init__(self, optimizer, mesh, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False, stage=1):
+        if stage not in (1, 2):
+            raise ValueError(f"ZeroOptimizer is ZeRO stage 1 or 2, not {stage!r} (stage 3: "
+                             "minitp.parallel.data.zero3.FullyShardedOptimizer)")
+        self.optimizer, self.mesh, self.stage = optimizer, mesh, stage
         self.group = replicas(mesh)  # dp, or dp × cp: every rank holding a copy of the parameters
         self.keys, self.params = optimizer.keys, optimizer.params
-        self.gradients = GradientBuckets(self.params, self.group, bucket_bytes, shard=True, overlap=overlap)
+        # stage 2: each bucket reduce-scattered inside backward as soon as it is complete (buckets.py)
+        self.gradients = GradientBuckets(self.params, self.group, bucket_bytes, shard=True, overlap=overlap,
+                                         eager=stage == 2)
+        self._setup()
+
+    def _setup(self):
         self.key_of = {id(p): key for key, p in zip(self.keys, self.params)}
         d, r = self.group.size, self.group.rank
         self.pieces = [bucket.pieces(r, d) for bucket in self.gradients.buckets]
         self.step_count = 0
         self.steps = {key: 0 for key in self.keys}  # every parameter's update count, on every rank
         self.state = {}  # key -> {buffer: this rank's slice of it, flat}, made at the first update
-        self.buffers = _buffer_names(optimizer)
+        self.buffers = _buffer_names(self.optimizer)
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -129,15 +139,10 @@ class ZeroOptimizer:
         """Update this rank's slice of every bucket, then all-gather the parameters over ``self.group``
         (with ``overlap``, each bucket's all-gather starts as soon as its slice is updated)."""
         self.step_count += 1
-        d, r = self.group.size, self.group.rank
         gathering = []  # per bucket: a function returning its gathered parameters
         for index, (bucket, pieces) in enumerate(zip(self.gradients.buckets, self.pieces)):
             received, shard_grad = self.gradients.received[index], self.gradients.grad_shards[index]
-            lo, hi = bucket.shard_range(r, d)
-            xp = backend.array_module(bucket.parameters[0].data)
-            shard = xp.zeros(hi - lo, dtype=bucket.dtype)
-            for i, a, b, s, e in pieces:
-                shard[s:e] = bucket.parameters[i].data.reshape(-1)[a:b]
+            shard = self._parameter_shard(index)
             for i, a, b, s, e in pieces:
                 if not received[i]:
                     continue  # no gradient reached this parameter: nn.AdamW skips it too
@@ -148,6 +153,8 @@ class ZeroOptimizer:
             for i, received_gradient in enumerate(received):
                 if received_gradient:
                     self.steps[self.key_of[id(bucket.parameters[i])]] += 1
+            if self.stage == 3:
+                continue  # the shard is the parameter: the next forward gathers it
             tag = f"parameters (bucket {index + 1}/{len(self.gradients.buckets)})"
             if self.gradients.overlap:  # gather this bucket while the next one is updated
                 gathering.append(comm.iall_gather(shard, self.group, tag=tag).wait)
@@ -156,6 +163,16 @@ class ZeroOptimizer:
         for bucket, gathered in zip(self.gradients.buckets, gathering):
             for p, value in zip(bucket.parameters, bucket.views(gathered())):
                 p.data[...] = value
+
+    def _parameter_shard(self, index):
+        """This rank's slice of bucket ``index``'s parameters, flat: copied out of the whole parameters
+        (stages 1 and 2 hold them whole; stage 3 holds the slice itself)."""
+        bucket, d, r = self.gradients.buckets[index], self.group.size, self.group.rank
+        lo, hi = bucket.shard_range(r, d)
+        shard = backend.array_module(bucket.parameters[0].data).zeros(hi - lo, dtype=bucket.dtype)
+        for i, a, b, s, e in self.pieces[index]:
+            shard[s:e] = bucket.parameters[i].data.reshape(-1)[a:b]
+        return shard
 
     @property
     def state_buffers(self):
