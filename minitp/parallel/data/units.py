@@ -23,9 +23,11 @@ Putting them in one "root" unit (FSDP's default for what no wrapped module owns)
 computation.
 
 **Tied embeddings.** With ``tie_embeddings`` the head multiplies by wteᵀ: the head's region also opens the
-embeddings unit. wte is one parameter with two uses, so its gradient is complete only after the
-embedding's backward, the last of the step: from the head's backward on, the embeddings unit stays
-gathered until then (FSDP keeps a shared parameter in the root unit for the same reason).
+embeddings unit, in forward and in backward, and frees it with its own. wte is one parameter with two
+uses, so its gradient is complete only after the embedding's backward, the last of the step; until then
+its two parts sum in the engine, not in the gathered table, which the embedding's backward gathers
+again. (FSDP puts a shared parameter in the root unit instead, gathered for the whole step: here it
+costs one more gather of the embeddings each way, and the table is held only while it is used.)
 """
 from minitp.nn.module import Module
 

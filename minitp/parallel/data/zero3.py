@@ -32,7 +32,7 @@ packs every saved array that is a gathered parameter (or its transpose: the tied
 **Bytes.** Per step, per rank, with the ring's (d-1)/d: forward gathers every unit once (Ψ), backward
 gathers every unit again (Ψ) and reduce-scatters every gradient (Ψ): 3·(d-1)/d·Ψ·e, 1.5 times one
 all-reduce's 2·(d-1)/d·Ψ·e (Ψ counted with each unit's padding). A tied head gathers the embeddings
-unit a second time in forward.
+unit a second time in forward and in backward (E more each way, E the embeddings unit): 3Ψ + 2E.
 
 **Exactness.** The gathered buffer holds exactly the numbers the replicas hold in plain data parallelism;
 each op computes with them as it would; dropout masks are a function of (seed, counter, index), not of
@@ -237,11 +237,30 @@ class ShardedUnits:
 
     def close(self, index, output):
         autograd.pop_saved_hooks()
+        self._release_views(index, output)
         for used in self.units[index].uses:
             self.free(used)
         if getattr(output, "requires_grad", False):
             return GatherForBackward.apply(output, units=self, index=index)
         return output
+
+    def _release_views(self, index, output):
+        """An op's output that is a view of a gathered parameter (the tied head's wteᵀ) stays in the graph
+        as the next op's input, and would keep the whole buffer alive: it becomes a placeholder of its
+        shape (no backward reads an input's array; what an op needs it saved, and that is packed). The
+        walk covers this unit's ops only: it stops at leaves and at the previous unit's mark."""
+        owners = {id(full if full.base is None else full.base) for full in
+                  (self.full[used] for used in self.units[index].uses) if full is not None}
+        stack, seen = [output], set()
+        while stack:
+            tensor = stack.pop()
+            fn = getattr(tensor, "_fn", None)
+            if fn is None or id(tensor) in seen or isinstance(fn, GatherForBackward):
+                continue
+            seen.add(id(tensor))
+            if tensor is not output and id(getattr(tensor.data, "base", None)) in owners:
+                tensor.data = self._placeholder(tensor)
+            stack.extend(fn.inputs)
 
     def _pack(self, array):
         key = _key(array)
@@ -274,11 +293,10 @@ class ShardedUnits:
         count = len(self.units[index].parameters)
         if self._arrived[index] % count:
             return
-        # this unit's backward (of one microbatch) is over: nothing reads its parameters until it reopens
-        if not any(index in self.units[other].uses and self.full[other] is not None and other != index
-                   and self._arrived[other] < len(self.units[other].parameters) * self.accumulations
-                   for other in range(len(self.units))):
-            self.free(index)
+        # this unit's backward (of one microbatch) is over: no op reads its parameters until it reopens
+        # (the tied head frees the embeddings unit too; the embedding's own backward gathers it again)
+        for used in self.units[index].uses:
+            self.free(used)
         if self._arrived[index] == count * self.accumulations:
             self._reduce(index)
 
@@ -295,9 +313,6 @@ class ShardedUnits:
             self._reducing = (index, comm.ireduce_scatter(flat, self.group, tag=tag))
         else:
             self._finished(index, comm.reduce_scatter(flat, self.group, tag=tag))
-        for used in self.units[index].uses:  # a tied head's embeddings unit: its own gradient is final now
-            if used != index and self._arrived[used] == len(self.units[used].parameters) * self.accumulations:
-                self.free(used)
 
     def _settle(self):
         if self._reducing is not None:
