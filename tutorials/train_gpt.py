@@ -10,6 +10,7 @@ serial model's training, step for step.
     mpirun -n 2 python tutorials/train_gpt.py --tp 2 --load gpt.npz      # resume on another mesh
     mpirun -n 4 python tutorials/train_gpt.py --pp 2 --tp 2 --microbatches 4 --schedule 1f1b --check
     mpirun -n 4 python tutorials/train_gpt.py --tp 2 --dp 2 --zero 1 --overlap --trace trace.json
+    mpirun -n 4 python tutorials/train_gpt.py --experts 4 --top-k 2 --ep 4 --capacity-factor 1.25 --check
 
 The ranks form a (dp × tp) grid (``comm.init``; tp ranks contiguous). Each group of tp ranks holds one
 copy of the model cut into shards -- the embedding and the LM head by vocabulary, attention by heads,
@@ -137,7 +138,10 @@ def build(args, vocab, mesh, dtype):
     (None serially, and under ZeRO, whose optimizer is its own)."""
     config = GPTConfig(vocab=vocab, seq_len=args.seq, hidden=args.hidden, heads=args.heads, layers=args.layers,
                        dropout=args.dropout, seed=args.seed, tie_embeddings=args.tie_embeddings, dtype=dtype,
-                       recompute=None if args.recompute == "none" else args.recompute)
+                       recompute=None if args.recompute == "none" else args.recompute,
+                       **(dict(experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
+                               aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef)
+                          if getattr(args, "experts", 0) else {}))
     if mesh is None:
         model = GPT(config)
     else:
@@ -303,7 +307,8 @@ def run(args, training):
         f"seq {args.seq}, global batch {args.batch} ({args.batch // mesh.dp_size} per replica), "
         f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}, zero={args.zero}, "
         f"overlap={args.overlap}"
-        f"{f', context parallel: {args.cp_kind}' if mesh.cp_size > 1 else ''}; "
+        f"{f', context parallel: {args.cp_kind}' if mesh.cp_size > 1 else ''}"
+        f"{f', {args.experts} experts, top-{args.top_k}, capacity factor {args.capacity_factor}' if args.experts else ''}; "
         f"{parameters:,} parameters per rank"
         + (f"; {args.schedule} schedule, {args.microbatches} microbatches" if pipelined(args) else ""))
     if args.load:
@@ -403,7 +408,9 @@ def run_check(args, mesh, overridden=()):
     context = f", context parallel: {args.cp_kind}" if mesh.cp_size > 1 else ""
     stages = (f", {args.schedule} schedule, {args.microbatches} microbatches, {args.virtual_stages} chunk(s) per "
               f"rank" if pipelined(args) else "")
-    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}{context}{stages}, zero={args.zero}, "
+    experts = (f", {args.experts} experts, top-{args.top_k}, capacity factor {args.capacity_factor}"
+               if args.experts else "")
+    say(f"check: {mesh}, sequence_parallel={args.sequence_parallel}{context}{stages}{experts}, zero={args.zero}, "
         f"overlap={args.overlap}, float64, dropout {args.dropout}")
     say(" step   parallel loss        serial loss      |difference|   grad norm (parallel, serial)")
     for step, (p, s, pn, sn) in enumerate(zip(result.parallel, result.serial, result.parallel_norms,
@@ -426,8 +433,8 @@ def main(argv=None):
     try:
         # errors of configuration are raised by every rank alike, before any training: rank 0 says why
         validate(args)
-        mesh = comm.init(tp=args.tp, dp=args.dp, cp=args.cp, pp=args.pp,
-                         checked=not args.unchecked)  # sizes ≠ ranks: ValueError
+        mesh = comm.init(tp=args.tp, dp=args.dp, cp=args.cp, pp=args.pp, ep=args.ep,
+                         checked=not args.unchecked)  # sizes ≠ ranks, ep not dividing dp: ValueError
         if args.check:
             proof = check_args_of(args, mesh.dp_size)  # the check's tiny model, on this mesh
             if pipelined(proof):

@@ -14,6 +14,9 @@ The options, by group:
   the data       --text: any UTF-8 file (unset: tutorials/data/corpus.txt, frozen, so that the figures
                  the README quotes stay true).
   the model      --seq, --hidden, --heads, --layers, --dropout, --tie-embeddings, --recompute, --dtype.
+  experts        --experts (0: the dense MLP), --top-k, --capacity-factor (unset: no drops),
+                 --aux-loss-coef, --z-loss-coef, and --ep: the experts spread over ep ranks carved out of
+                 dp (ep must divide dp).
   the training   --steps, --batch (global: split over dp, then into microbatches), --lr, --weight-decay
                  (AdamW), --max-norm (clipping), --seed (the weights, the dropout masks and the batches).
   data parallel  --zero 1 (ZeRO-1: the optimizer state sharded over dp), --overlap (the gradients
@@ -40,7 +43,13 @@ Why each refusal (``validate``) exists:
     interleaved schedule on 2 stages or more;
   * options that would be ignored in silence: --save-every without --save (it saved nothing), and with
     --check (which trains its own tiny model) --save, --load, --trace and --unchecked;
-  * --text and --load must be files, so that a typo is an error before any collective.
+  * --text and --load must be files, so that a typo is an error before any collective;
+  * experts: --top-k in [1, --experts] (each token picks k different experts), --capacity-factor > 0 (at
+    0 every token is dropped), --ep dividing --experts (E/ep each) and only with experts; not built with
+    experts: --pp/--microbatches (the aux loss would cross stages), --cp (its zigzag blocks are not one run
+    of the capacity's token order), --recompute full (the aux loss leaves the block beside its output),
+    --zero 1 with --ep > 1 (the experts reduce over expert-dp, ZeRO shards over dp), --save/--load with
+    --ep > 1 (the checkpoint does not yet merge the experts over ep).
 
 What depends on the mesh or on the text (a --batch that dp does not divide, a vocabulary that tp does
 not divide, a checkpoint of another model, a path that cannot be written) is refused by train_gpt.py's
@@ -73,6 +82,8 @@ def parse(argv=None):
     parser.add_argument("--microbatches", type=int, default=1, help="microbatches per step (through the stages)")
     parser.add_argument("--schedule", choices=pipeline.SCHEDULES, default="1f1b", help="the pipeline schedule")
     parser.add_argument("--virtual-stages", type=int, default=1, help="model chunks per rank (--schedule interleaved)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel ranks, carved out of dp: each holds experts/ep experts (needs --experts)")
     # the data, the model, the training
     parser.add_argument("--text", metavar="FILE",
                         help="train on this UTF-8 file (unset: tutorials/data/corpus.txt, the README and "
@@ -88,6 +99,12 @@ def parse(argv=None):
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
                         help="re-run in backward instead of keeping: the attention core (selective) or each block "
                              "(full); the same numbers, less activation memory (Korthikanti et al. 2022)")
+    parser.add_argument("--experts", type=int, default=0, help="experts per MoE MLP (0: the dense MLP)")
+    parser.add_argument("--top-k", type=int, default=1, help="experts per token (1: Switch, 2: Mixtral)")
+    parser.add_argument("--capacity-factor", type=float, default=None,
+                        help="each expert takes at most c·tokens·k/E (token, choice) pairs; unset: no drops")
+    parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="Switch's load-balancing loss coefficient")
+    parser.add_argument("--z-loss-coef", type=float, default=0.0, help="the router z-loss coefficient (ST-MoE)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm (> 0)")
@@ -124,7 +141,7 @@ def parse(argv=None):
 def validate(args):
     """Every value checked before any work: ``ValueError`` naming the option. The same on every rank,
     which all parse the same command line. Options that would be ignored in silence are refused too."""
-    positive = ["tp", "cp", "pp", "microbatches", "virtual_stages", "steps", "batch", "seq", "hidden", "heads",
+    positive = ["tp", "cp", "pp", "ep", "microbatches", "virtual_stages", "steps", "batch", "seq", "hidden", "heads",
                 "layers", "log_every", "trace_steps"]
     for name in positive + (["dp"] if args.dp is not None else []):
         if getattr(args, name) < 1:
@@ -159,10 +176,41 @@ def validate(args):
     if args.check and (args.save or args.load or args.trace or args.unchecked):
         raise ValueError("--check trains its own tiny model twice, checked, and saves, loads and traces nothing: "
                          "drop --save, --load, --trace and --unchecked, or run without --check")
+    validate_experts(args)
     for name in ("text", "load"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
             raise ValueError(f"--{name} {path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
+
+
+def validate_experts(args):
+    """The mixture-of-experts options (see the module docstring for why each refusal exists)."""
+    if args.experts < 0:
+        raise ValueError(f"--experts must be 0 (the dense MLP) or more, not {args.experts}")
+    if not args.experts:
+        if args.ep > 1:
+            raise ValueError(f"--ep {args.ep} spreads experts over ranks: pass --experts too")
+        return
+    if not 1 <= args.top_k <= args.experts:
+        raise ValueError(f"--top-k {args.top_k} must be in [1, --experts {args.experts}]: each token picks k "
+                         "different experts")
+    if args.capacity_factor is not None and not (math.isfinite(args.capacity_factor) and args.capacity_factor > 0):
+        raise ValueError(f"--capacity-factor must be a positive number (unset: no drops), not {args.capacity_factor}: "
+                         "at c <= 0 an expert has no slot and every token is dropped")
+    for name in ("aux_loss_coef", "z_loss_coef"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, not {getattr(args, name)}")
+    if args.experts % args.ep:
+        raise ValueError(f"--ep {args.ep} must divide --experts {args.experts}: each ep rank holds experts/ep of them")
+    refused = [(args.pp > 1 or args.microbatches > 1, "--pp/--microbatches (the aux loss would cross stages)"),
+               (args.cp > 1, "--cp (its blocks are not one run of the capacity's token order)"),
+               (args.recompute == "full", "--recompute full (the aux loss leaves the block beside its output)"),
+               (args.zero and args.ep > 1, "--zero 1 with --ep > 1 (experts reduce over expert-dp, ZeRO shards over dp)"),
+               ((args.save or args.load) and args.ep > 1, "--save/--load with --ep > 1 (the checkpoint does not "
+                                                          "merge the experts over ep yet)")]
+    for bad, what in refused:
+        if bad:
+            raise ValueError(f"--experts with {what}: not built")
 
 
 def fail(problem):
@@ -187,14 +235,16 @@ dp × microbatches divides. The buckets are small (2 KiB), so that a step has se
 
 def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, cp=1, cp_kind="zigzag",
                pp=1, microbatches=1, schedule="1f1b", virtual_stages=1, zero=0, overlap=False, recompute="none",
-               **overrides):
+               ep=1, experts=0, top_k=1, capacity_factor=None, aux_loss_coef=0.01, z_loss_coef=0.0, **overrides):
     """The configuration of the check (``CHECK_OVERRIDES``, the pipeline's needs, then ``overrides``)."""
     pipeline_needs = dict(batch=math.lcm(CHECK_OVERRIDES["batch"], dp * microbatches),
                           layers=max(CHECK_OVERRIDES["layers"], pp * virtual_stages))
     return argparse.Namespace(tp=tp, dp=dp, cp=cp, cp_kind=cp_kind, sequence_parallel=sequence_parallel,
                               tie_embeddings=tie_embeddings, text=text, pp=pp, microbatches=microbatches,
                               schedule=schedule, virtual_stages=virtual_stages, zero=zero, overlap=overlap,
-                              recompute=recompute, trace=None, **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
+                              recompute=recompute, trace=None, ep=ep, experts=experts, top_k=top_k,
+                              capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+                              **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
 
 
 def check_args_of(args, dp):
@@ -203,7 +253,9 @@ def check_args_of(args, dp):
     return check_args(args.tp, dp, args.sequence_parallel, args.tie_embeddings, text=args.text, cp=args.cp,
                       cp_kind=args.cp_kind, pp=args.pp, microbatches=args.microbatches, schedule=args.schedule,
                       virtual_stages=args.virtual_stages, zero=args.zero, overlap=args.overlap,
-                      recompute=args.recompute)
+                      recompute=args.recompute, ep=args.ep, experts=args.experts, top_k=args.top_k,
+                      capacity_factor=args.capacity_factor, aux_loss_coef=args.aux_loss_coef,
+                      z_loss_coef=args.z_loss_coef)
 
 
 def overridden_by_check(argv):

@@ -12,7 +12,8 @@ to call them:
     mesh.py         which ranks work together? ``init``, ``Mesh``, ``Group``, ``divide``
     collectives.py  what does each collective compute and cost? ``all_reduce``, ``all_gather``,
                     ``reduce_scatter``, ``broadcast``, ``split``
-    exchange.py     context parallelism's exchanges: ``sendrecv`` to ring neighbours, ``all_to_all``
+    exchange.py     context parallelism's exchanges: ``sendrecv`` to ring neighbours, ``all_to_all``;
+                    the experts' ``all_to_all_v`` (uneven rows per rank)
     p2p.py          how does one rank hand an array to another? ``send`` (non-blocking), ``recv``
     nonblocking.py  which collectives run while the rank computes, and what makes them progress?
                     ``iall_reduce``, ``ireduce_scatter``, ``iall_gather``, ``set_progress``
@@ -36,7 +37,7 @@ except (ImportError, RuntimeError) as error:
 
 from minitp.comm.checks import agree, agree_on_ids, checked, set_checked
 from minitp.comm.collectives import all_gather, all_reduce, broadcast, reduce_scatter, split
-from minitp.comm.exchange import all_to_all, sendrecv
+from minitp.comm.exchange import all_to_all, all_to_all_v, sendrecv
 from minitp.comm.log import CollectiveLog, CollectiveRecord, log_collectives
 from minitp.comm.mesh import Group, Mesh, divide, init
 from minitp.comm.failures import install_abort_handler
@@ -47,7 +48,7 @@ from minitp.comm.timeline import check_writable, record_timeline
 
 __all__ = [
     "init", "Mesh", "Group", "divide",
-    "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split", "sendrecv", "all_to_all",
+    "all_reduce", "all_gather", "reduce_scatter", "broadcast", "split", "sendrecv", "all_to_all", "all_to_all_v",
     "send", "recv", "wait_all", "PendingSend",
     "iall_reduce", "ireduce_scatter", "iall_gather", "Pending", "set_progress",
     "record_timeline", "check_writable",

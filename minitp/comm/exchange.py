@@ -18,6 +18,8 @@ While a trace is recorded (``minitp.trace``) each is a "comm" span named by its 
 collective's, with its group, bytes, ring_bytes and tag (``sendrecv``: and its two peers); a
 ``sendrecv`` to oneself, an ``all_to_all`` of one rank, sends nothing and is no span.
 """
+import numpy
+
 from minitp import backend, trace
 from minitp.comm import checks, log
 from minitp.comm.collectives import _axis, _buffer
@@ -102,3 +104,53 @@ def all_to_all(x, group, split_axis, concat_axis, tag=""):
     shape = list(received.shape[1:])
     shape[concat_axis] *= n
     return xp.ascontiguousarray(xp.moveaxis(received, 0, concat_axis)).reshape(shape)
+
+
+def all_to_all_v(x, group, send_counts, receive_counts, tag=""):
+    """Rows of uneven counts to every rank: the first ``send_counts[0]`` rows of ``x`` (along axis 0) go to
+    rank 0, the next ``send_counts[1]`` to rank 1, ...; returns the rows received, rank 0's first, then
+    rank 1's: ``sum(receive_counts)`` rows of ``x``'s trailing shape (MPI ``Alltoallv``, counts and
+    displacements in elements).
+
+    The expert dispatch and combine of a mixture of experts use it: a rank's tokens for each expert rank
+    are a different number each step, so the counts are exchanged first (an ``all_to_all`` of integers)
+    and every rank passes the ``receive_counts`` that exchange gave it -- no padding to a capacity, no
+    byte sent that is not a token.
+
+    Always refused (``ValueError``, no communication): counts that are not one per rank, negative, or
+    ``send_counts`` that do not add up to ``x``'s rows. Only in checked mode: ranks whose rows differ in
+    trailing shape or dtype, a rank calling another collective. Caught by no check: ``receive_counts``
+    that do not match what the others send (MPI truncates, or leaves rows unwritten). Bytes sent by this
+    rank: every row but those it sends to itself.
+    """
+    n = group.size
+    send_counts = [int(c) for c in send_counts]
+    receive_counts = [int(c) for c in receive_counts]
+    if len(send_counts) != n or len(receive_counts) != n or min(send_counts + receive_counts) < 0:
+        raise ValueError(f"all_to_all_v: one non-negative count per rank of {group.name} ({n}) is needed, got "
+                         f"send {send_counts} and receive {receive_counts}")
+    if sum(send_counts) != x.shape[0]:
+        raise ValueError(f"all_to_all_v: the send counts {send_counts} add up to {sum(send_counts)} rows, the "
+                         f"array has {x.shape[0]}")
+    if n > 1 and checks.checked():
+        checks.agree_on_array(group, "all_to_all_v", tag, x, axis=0)
+    row_bytes = x.nbytes // max(x.shape[0], 1) if x.shape[0] else x.dtype.itemsize * int(numpy.prod(x.shape[1:]))
+    sent = (sum(send_counts) - send_counts[group.rank]) * row_bytes
+    if log._active_logs:
+        log._record("all_to_all_v", group, x.shape, x.dtype, x.nbytes, sent, tag)
+    if n == 1:
+        return x
+    xp = backend.array_module(x)
+    send = _for_mpi(xp.ascontiguousarray(x))
+    received = backend.array_module(send).empty((sum(receive_counts),) + x.shape[1:], dtype=x.dtype)
+    row = int(numpy.prod(x.shape[1:]))
+    displacements = [sum(send_counts[:i]) * row for i in range(n)]
+    arrived = [sum(receive_counts[:i]) * row for i in range(n)]
+    datatype = _buffer(send)[1]
+    started = trace.now() if trace.recording is not None else None
+    group.comm.Alltoallv([send, ([c * row for c in send_counts], displacements), datatype],
+                         [received, ([c * row for c in receive_counts], arrived), datatype])
+    if started is not None:
+        trace.complete("all_to_all_v", "comm", started, dict(group=group.name, bytes=int(x.nbytes), ring_bytes=sent,
+                                                             tag=tag))
+    return _like(received, x)

@@ -74,12 +74,24 @@ class Mesh:
     (the parameters are replicated over both, so their gradients are reduced over both). Sizes default to
     1 and ``dp_size`` to whatever is left of the world; the product must be the world size, else
     ``ValueError`` (on every rank: each computes it from the same numbers).
+
+    **Expert parallelism** (``ep_size``) adds no ranks: as in Megatron-core it is carved out of the
+    data-parallel replicas, and ep must divide dp (``ValueError`` otherwise). The dp coordinate splits into
+    (expert-dp, ep), ep innermost: ``dp_rank = edp_rank·ep + ep_rank``. So
+
+    - ``ep``: ep consecutive dp replicas; together they hold all E experts, E/ep each, and their tokens
+      travel between them (the dispatch and combine all-to-alls);
+    - ``expert_dp``: the dp/ep replicas holding the same experts, whose expert gradients are reduced
+      together -- every other parameter is reduced over all of dp.
+
+    With ep = 1 (every mesh before experts) ``ep`` is this rank alone and ``expert_dp`` is ``dp`` itself: no
+    communicator is added.
     """
 
-    def __init__(self, tp_size=1, dp_size=None, pp_size=1, cp_size=1):
+    def __init__(self, tp_size=1, dp_size=None, pp_size=1, cp_size=1, ep_size=1):
         world = MPI.COMM_WORLD
         world_size = world.Get_size()
-        for name, size in (("tp_size", tp_size), ("pp_size", pp_size), ("cp_size", cp_size)):
+        for name, size in (("tp_size", tp_size), ("pp_size", pp_size), ("cp_size", cp_size), ("ep_size", ep_size)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be a positive integer, not {size!r}")
         inner = tp_size * cp_size * pp_size
@@ -92,7 +104,12 @@ class Mesh:
                 f"dp × pp × cp × tp must equal the number of ranks: {dp_size} × {pp_size} × {cp_size} × "
                 f"{tp_size} ≠ {world_size}. Launch a multiple of pp × cp × tp = {inner} ranks "
                 f"(mpirun -n {inner}, {2 * inner}, ...) or choose sizes among the divisors {divisors}")
+        if dp_size % ep_size:
+            raise ValueError(f"ep ({ep_size}) must divide dp ({dp_size}): expert parallelism is carved out of the "
+                             f"data-parallel replicas (ep consecutive replicas share the E experts, E/ep each); "
+                             f"choose ep among the divisors of dp, {[d for d in range(1, dp_size + 1) if dp_size % d == 0]}")
         self.sizes = dict(dp=dp_size, pp=pp_size, cp=cp_size, tp=tp_size)
+        self.ep_size = ep_size
         self.tp_size, self.dp_size, self.pp_size, self.cp_size = tp_size, dp_size, pp_size, cp_size
         rank = world.Get_rank()
         self.coordinates = self._coordinates(rank)
@@ -105,6 +122,13 @@ class Mesh:
         self.pp = self._group(world, ("pp",))
         self.dp = self._group(world, ("dp",))
         self.dp_cp = self._group(world, ("dp", "cp"), name="dp_cp")
+        self.ep_rank, self.edp_rank = self.dp_rank % ep_size, self.dp_rank // ep_size
+        if ep_size == 1:
+            self.ep, self.expert_dp = Group(MPI.COMM_SELF, "ep"), self.dp
+        else:
+            first = self.dp_rank - self.ep_rank  # the ep group: dp ranks first .. first + ep - 1
+            self.ep = Group(world.Split(color=self.rank_of(dp=first), key=self.ep_rank), "ep")
+            self.expert_dp = Group(world.Split(color=self.rank_of(dp=self.ep_rank), key=self.edp_rank), "expert_dp")
 
     def _coordinates(self, rank):
         """{axis: coordinate} of world rank ``rank``."""
@@ -145,13 +169,16 @@ class Mesh:
         shape = " × ".join(f"{axis} {self.sizes[axis]}" for axis in AXES if axis in ("dp", "tp") or self.sizes[axis] > 1)
         place = ", ".join(f"{axis}_rank {self.coordinates[axis]}" for axis in reversed(AXES)
                           if axis in ("dp", "tp") or self.sizes[axis] > 1)
+        if self.ep_size > 1:
+            shape += f" (dp = expert-dp {self.dp_size // self.ep_size} × ep {self.ep_size})"
+            place += f", ep_rank {self.ep_rank}"
         return f"Mesh(world {self.world.size} = {shape}; rank {self.rank} is {place})"
 
 
 _meshes = {}  # sizes -> Mesh: init() reuses communicators rather than splitting new ones each call
 
 
-def init(tp=1, dp=None, pp=1, cp=1, checked=None):
+def init(tp=1, dp=None, pp=1, cp=1, checked=None, ep=1):
     """The process mesh for ``tp`` × ``dp`` ranks, ready to use: call it first, on every rank, and pass
     its groups (``mesh.tp``, ``mesh.dp``) to every parallel layer and operator -- there is no global
     default, so each call shows which ranks talk.
@@ -159,13 +186,14 @@ def init(tp=1, dp=None, pp=1, cp=1, checked=None):
     Also installs the abort handler (an exception on one rank ends the job) and, when ranks on this
     node share its cores, limits each rank's BLAS to its share of them. Calling it again with the same
     sizes returns the same mesh. ``checked=True`` turns on checked mode (``checks.py``: every collective
-    first verifies that the ranks agree on shape and dtype); None leaves it as it is.
+    first verifies that the ranks agree on shape and dtype); None leaves it as it is. ``ep``: expert
+    parallelism, carved out of dp (``Mesh``).
     """
     install_abort_handler()
     if checked is not None:
         set_checked(checked)
-    key = (tp, dp, pp, cp)
+    key = (tp, dp, pp, cp) if ep == 1 else (tp, dp, pp, cp, ep)
     if key not in _meshes:
-        _meshes[key] = Mesh(tp, dp, pp, cp)
+        _meshes[key] = Mesh(tp, dp, pp, cp, ep)
         _limit_blas_threads()
     return _meshes[key]

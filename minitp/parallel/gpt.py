@@ -31,6 +31,7 @@ from minitp import backend, comm
 from minitp.nn.gpt import GPT, generate_tokens
 from minitp.nn.layers import Dropout
 from minitp.parallel.context.layers import context_layers
+from minitp.parallel.expert.layers import ExpertParallelLayers
 from minitp.parallel.tensor.shard import load_serial_state
 
 
@@ -60,8 +61,11 @@ class ParallelGPT(GPT):
         # the mesh's shape is checked here, before any layer is built: every rank raises the same error
         comm.divide(config.vocab, mesh.tp.size, "the vocabulary size (rows split over tp)")
         # seq_len: under SP a layer fed more than seq_len/t tokens (the full sequence) refuses it, always
-        super().__init__(config, layers=context_layers(mesh, context_parallel, sequence_parallel, config.heads,
-                                                       overlap, config.seq_len), blocks=blocks)
+        if config.experts:  # the experts spread over mesh.ep (refused with pp or cp, before any layer)
+            layers = ExpertParallelLayers(mesh, sequence_parallel, overlap, config.seq_len)
+        else:
+            layers = context_layers(mesh, context_parallel, sequence_parallel, config.heads, overlap, config.seq_len)
+        super().__init__(config, layers=layers, blocks=blocks)
         self.mesh, self.group, self.sequence_parallel = mesh, mesh.tp, sequence_parallel
         self.context_parallel = context_parallel
 

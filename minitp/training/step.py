@@ -37,9 +37,18 @@ def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch,
     - a synchronisation over another group than ``replicas(mesh)``: the gradient of the global batch is
       the mean over every rank holding a copy of the parameters -- dp, and with cp > 1 dp × cp (each cp
       rank holds other tokens); over dp alone the other cp ranks' tokens would be missing;
-    - a ``max_norm`` that is not positive.
+    - a ``max_norm`` that is not positive;
+    - an optimizer with its own synchronisation (ZeRO) on a model whose parameters reduce over another
+      group than the replicas (``p.replica_group``: a mixture's experts): it would shard them over the
+      wrong ranks (not built).
     """
     check_max_norm(max_norm)
+    if getattr(optimizer, "gradient_sync", None) is not None and mesh is not None:
+        expected = replicas(mesh)
+        if any(getattr(p, "replica_group", expected).ranks != expected.ranks for p in model.parameters()):
+            raise ValueError(f"{type(optimizer).__name__} shards every gradient over {expected.name}, but this model's "
+                             "expert weights are reduced over mesh.expert_dp (p.replica_group): ZeRO with experts "
+                             "spread over ep is not built; use AllReduceGradients")
     pipelined = getattr(forward_backward, "pipelined", False)
     if mesh is not None and mesh.pp_size > 1 and not pipelined:
         raise ValueError(f"a mesh with pp = {mesh.pp_size} holds pipeline stages: each rank has only its "

@@ -67,20 +67,39 @@ def grad_norm(module, mesh=None):
 
     Squares are summed in float64: split parameters' over the tp ranks, replicated parameters' once
     (every tp rank holds the same copy; adding them t times would count them t times), stages' over pp.
+    A mixture's experts (``p.expert_group``: ``mesh.ep``) are spread over the ep ranks, each holding
+    others: their squares (summed over tp first where split) are summed over ep too -- one more number in
+    the tp all-reduce and one all-reduce over ep, only for a model with experts.
     """
     split_squares, replicated_squares = 0.0, 0.0
+    expert_split, expert_replicated, experts = 0.0, 0.0, None
     for p in module.parameters():
         if p.grad is None or getattr(p, "tied_copy", False):
             continue
         grad = p.grad.astype(numpy.float64, copy=False)
         squares = float(backend.array_module(grad).vdot(grad.ravel(), grad.ravel()))
-        if split_axis(p) is None:
+        if getattr(p, "expert_group", None) is not None:
+            experts = p.expert_group
+            if split_axis(p) is None:
+                expert_replicated += squares
+            else:
+                expert_split += squares
+        elif split_axis(p) is None:
             replicated_squares += squares
         else:
             split_squares += squares
     if mesh is not None and mesh.tp_size > 1:
-        split_squares = float(comm.all_reduce(numpy.array([split_squares]), mesh.tp, tag="grad norm")[0])
+        if experts is None:
+            split_squares = float(comm.all_reduce(numpy.array([split_squares]), mesh.tp, tag="grad norm")[0])
+        else:
+            split_squares, expert_split = (float(v) for v in comm.all_reduce(
+                numpy.array([split_squares, expert_split]), mesh.tp, tag="grad norm"))
     squares = split_squares + replicated_squares
+    if experts is not None:
+        expert_squares = expert_split + expert_replicated
+        if experts.size > 1:
+            expert_squares = float(comm.all_reduce(numpy.array([expert_squares]), experts, tag="grad norm (experts)")[0])
+        squares += expert_squares
     if mesh is not None and mesh.pp_size > 1:
         squares = float(comm.all_reduce(numpy.array([squares]), mesh.pp, tag="grad norm (stages)")[0])
     return math.sqrt(squares)

@@ -31,22 +31,36 @@ class AllReduceGradients:
     ``replicas(mesh)`` (dp, or dp × cp), the mean of the replicas' gradients left in ``.grad``; clipping by
     ``data_parallel.clip_grad_norm``. ``overlap=True``: each bucket's all-reduce starts during backward,
     once its last microbatch's gradients are in. ``mesh=None``: a serial model, nothing to reduce (a
-    pipeline's tied table is still summed over its ends)."""
+    pipeline's tied table is still summed over its ends).
+
+    **Parameters with their own reduction group.** A parameter may say it is replicated over fewer ranks
+    than the model (``p.replica_group``: a mixture's experts, held by the dp/ep replicas of
+    ``mesh.expert_dp``). The parameters are grouped by that group (``replicas(mesh)`` for the rest), one set
+    of buckets each, reduced one set after the other in the same order on every rank. Every gradient is
+    still the mean over the ``replicas(mesh)`` ranks' equal shares of the batch, so a set reduced over g of
+    them is scaled by g/d after its mean over g: the sum over g ranks, divided by d (Megatron's
+    ``expert_gradient_scaling_factor``)."""
 
     def __init__(self, model, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False):
         self.model, self.mesh = model, mesh
         group = replicas(mesh)
         self.group = group
-        self.buckets = None if group is None else GradientBuckets(model.parameters(), group, bucket_bytes,
-                                                                 overlap=overlap)
+        self.sets = [] if group is None else [
+            (GradientBuckets(parameters, reduced_over, bucket_bytes, overlap=overlap), reduced_over.size / group.size)
+            for reduced_over, parameters in by_replica_group(model.parameters(), group)]
+        self.buckets = self.sets[0][0] if self.sets else None  # the model's (all of it, without experts)
 
     def start_step(self, microbatches=1):
-        if self.buckets is not None:
-            self.buckets.start_step(microbatches)
+        for buckets, _ in self.sets:
+            buckets.start_step(microbatches)
 
     def finish(self):
-        if self.buckets is not None:
-            self.buckets.wait()
+        for buckets, scale in self.sets:
+            buckets.wait()
+            if scale != 1:  # reduced over g of the d replicas: the mean over g, times g/d
+                for p in buckets.parameters:
+                    if p.grad is not None:
+                        p.grad = p.grad * scale
 
     def clip_grad_norm(self, max_norm):
         return clip_grad_norm(self.model, max_norm, self.mesh)
@@ -59,3 +73,14 @@ def all_reduce_gradients(model, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
     sync = AllReduceGradients(model, mesh, bucket_bytes)
     sync.finish()
     return 0 if sync.group is None or sync.group.size == 1 else len(sync.buckets)
+
+
+def by_replica_group(parameters, group):
+    """[(group, its parameters)]: ``parameters`` split by the group their gradient is reduced over --
+    ``p.replica_group`` where a parameter says so, else ``group`` (which comes first, and is always there)
+    -- each in model order. Groups are told apart by their ranks."""
+    found = {group.ranks: (group, [])}
+    for p in parameters:
+        own = getattr(p, "replica_group", None) or group
+        found.setdefault(own.ranks, (own, []))[1].append(p)
+    return list(found.values())

@@ -137,6 +137,13 @@ class TensorParallelLayers(SerialLayers):
             x = mappings.copy_to_tensor_parallel_region(x, self.group, "lm_head (tied)")
         return F.matmul(x, F.transpose(table))  # (s, b, h) @ (h, V/t): wte's rows as columns
 
+    def expert_range(self, experts):
+        """Experts are placed by ``minitp.parallel.expert.ExpertParallelLayers`` (``ParallelGPT`` takes it for
+        a config with experts): these layers know no ep axis, and would reduce nothing right."""
+        raise ValueError("a mixture of experts runs on ParallelGPT over a (dp, ep, tp) mesh "
+                         "(minitp.parallel.expert.ExpertParallelLayers): with pipeline stages or context "
+                         "parallelism it is not built")
+
     def cross_entropy(self, logits, targets):
         """The mean loss from vocabulary-split logits: three all-reduces of s×b numbers, never the logits."""
         return vocab_parallel_cross_entropy(logits, targets, self.group, tag="loss")
