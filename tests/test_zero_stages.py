@@ -6,6 +6,8 @@ and both Adam moments, gathered back to serial arrays, within 1e-12. The serial 
 ``nn.AdamW`` on one process: nothing of the sharded code computes the expected values. Overlap,
 recomputation and tied embeddings take turns across the runs.
 """
+import contextlib
+
 import numpy
 import pytest
 from mpi4py import MPI
@@ -115,3 +117,42 @@ def test_stage_3_refuses_pipeline_stages_and_a_foreign_optimizer_on_every_rank()
         FullyShardedOptimizer(AdamW(other.named_parameters(), lr=LR), model, mesh)
     with pytest.raises(ValueError, match="stage 1 or 2"):
         ZeroOptimizer(AdamW(model.named_parameters(), lr=LR), mesh, stage=3)
+
+
+def build(config, mesh, stage):
+    """A model and optimizer on ``mesh`` (None: serial) with ZeRO ``stage`` (0: none)."""
+    if mesh is None:
+        model = GPT(config)
+        return model, AdamW(model.named_parameters(), lr=LR)
+    model = ParallelGPT(config, mesh)
+    optimizer = AdamW(model.named_parameters(), lr=LR)
+    if stage == 3:
+        return model, FullyShardedOptimizer(optimizer, model, mesh)
+    return model, ZeroOptimizer(optimizer, mesh, BUCKET_BYTES, stage=stage) if stage else optimizer
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+def test_a_stage_3_checkpoint_holds_serial_arrays_and_resumes_exactly_on_any_mesh_and_stage(tmp_path):
+    from minitp import checkpoint
+    path = WORLD.bcast(str(tmp_path / "zero3.npz"), root=0)
+    config = GPTConfig(**CONFIG)
+    serial_losses, serial_state, _ = serial(config)  # 3 uninterrupted steps
+    tp = 2 if WORLD.size == 4 else 1
+    mesh = comm.init(tp=tp, dp=WORLD.size // tp)
+    model, optimizer = build(config, mesh, 3)
+    before = [train_step(model, optimizer, *batch_at(step), mesh, max_norm=MAX_NORM)[0] for step in range(2)]
+    checkpoint.save(path, model, optimizer, mesh, step=2)
+    saved = dict(numpy.load(path))
+    parallel_assert(all(not numpy.isnan(saved[name]).any() for name in serial_state), "placeholders were saved")
+    # resumed: on dp = the world with each stage, and serially; each third step equals the serial one's
+    for stage, where in [(3, comm.init(dp=WORLD.size)), (1, comm.init(dp=WORLD.size)), (2, mesh), (0, None)]:
+        model, optimizer = build(config, where, stage)
+        first = checkpoint.load(path, model, optimizer, where)
+        loss = train_step(model, optimizer, *batch_at(first), where, max_norm=MAX_NORM)[0]
+        whole = getattr(optimizer, "full_parameters", None)
+        with whole() if whole is not None else contextlib.nullcontext():
+            state = gather_serial_state(model, where.tp) if where is not None else model.state_dict()
+        error = max(float(numpy.abs(state[name] - value).max()) for name, value in serial_state.items())
+        parallel_assert(first == 2 and abs(loss - serial_losses[2]) <= SAME and error <= SAME,
+                        f"stage {stage} resumed on {where}: loss {loss} vs {serial_losses[2]}, parameters off by {error:.1e}")
+    parallel_assert(max(abs(a - b) for a, b in zip(before, serial_losses)) <= SAME, f"{before} vs {serial_losses}")

@@ -1,5 +1,6 @@
 """How is a checkpoint read? Rank 0 reads the whole file and checks it against the model (``fit.py``),
 broadcasts its verdict and then the arrays, and every rank cuts its own blocks out of them."""
+import contextlib
 import os
 
 import numpy
@@ -98,7 +99,9 @@ def _restore(full, model, optimizer, mesh):
     """Cut the full arrays into this rank's shards and load them."""
     group = mesh.tp if mesh is not None else None
     parameters = dict(model.named_parameters())
-    model.load_state_dict({name: _block(full[name], p, group) for name, p in parameters.items()})
+    whole = getattr(optimizer, "full_parameters", None)  # ZeRO-3: load whole, keep this rank's slices
+    with whole(write_back=True) if whole is not None else contextlib.nullcontext():
+        model.load_state_dict({name: _block(full[name], p, group) for name, p in parameters.items()})
     for name, dropout in dropouts(model):
         dropout.counter = int(full[f"dropout/{name}"])
     if optimizer is None:

@@ -1,5 +1,6 @@
 """How is a checkpoint written? Every shard gathered back to its serial array, pipeline stages merged on
 the first stage, and world rank 0 writing one ``.npz`` through a temporary file and an atomic rename."""
+import contextlib
 import glob
 import json
 import os
@@ -22,10 +23,12 @@ def save(path, model, optimizer=None, mesh=None, step=0, metadata=None):
     ``load(..., metadata=)`` requires to match.
     """
     arrays = None
+    whole = getattr(optimizer, "full_parameters", None)  # ZeRO-3: each dp rank holds 1/d of the parameters
     if optimizer is not None and hasattr(optimizer, "gathered"):
         optimizer = optimizer.gathered()  # ZeRO: each dp rank holds 1/d of the state; every rank gathers
-    if mesh is None or mesh.dp_rank == 0:
-        arrays = over_stages(_gather_everything(model, optimizer, mesh, step), mesh, merge_arrays)
+    with whole() if whole is not None else contextlib.nullcontext():  # every rank gathers
+        if mesh is None or mesh.dp_rank == 0:
+            arrays = over_stages(_gather_everything(model, optimizer, mesh, step), mesh, merge_arrays)
         if arrays is not None:  # the first stage, which holds the merged arrays
             arrays.update({f"metadata/{key}": numpy.array(str(value)) for key, value in (metadata or {}).items()})
     verdict = None
