@@ -61,9 +61,12 @@ def test_check_catches_gradients_summed_over_dp_instead_of_averaged(monkeypatch)
 
 
 @pytest.mark.parallel(nprocs=[2, 4])
-@pytest.mark.parametrize("zero,overlap,sequence_parallel", [(1, False, False), (0, True, True), (1, True, True)])
+@pytest.mark.parametrize("zero,overlap,sequence_parallel", [(1, False, False), (0, True, True), (1, True, True),
+                                                          (2, False, False), (2, True, True), (3, False, False),
+                                                          (3, True, True)])
 def test_check_mode_covers_zero_and_overlap(zero, overlap, sequence_parallel):
-    """--check with --zero 1 and/or --overlap on every (tp, dp) with dp > 1: the losses equal the serial run's."""
+    """--check with --zero 1, 2, 3 and/or --overlap on every (tp, dp) with dp > 1 (at 4 ranks dp 4 and tp 2 ×
+    dp 2): the losses equal the serial run's."""
     train_gpt = tutorial()
     for tp in (1, 2):
         dp = WORLD.size // tp

@@ -99,7 +99,8 @@ REFUSED = [
     (["--cp-kind", "spiral"], "argument --cp-kind: invalid choice: 'spiral'"),
     (["--schedule", "zigzag"], "argument --schedule: invalid choice: 'zigzag'"),
     (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
-    (["--zero", "2"], "argument --zero: invalid choice: 2"),
+    (["--zero", "4"], "argument --zero: invalid choice: 4"),
+    (["--zero", "3", "--microbatches", "2"], "--zero 3 with --pp 1 / --microbatches 2: each block's gradient"),
     # files: missing, a directory, empty, not what it should be
     (["--text", "{missing}"], "--text {missing}: no such file"),
     (["--text", "{dir}"], "--text {dir}: a directory, not a file"),

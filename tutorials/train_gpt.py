@@ -43,7 +43,7 @@ from mpi4py import MPI
 
 from minitp import checkpoint, comm, pipeline, trace_report
 from minitp.nn import GPT, AdamW, GPTConfig
-from minitp.parallel import AllReduceGradients, ParallelGPT, ZeroOptimizer
+from minitp.parallel import AllReduceGradients, FullyShardedOptimizer, ParallelGPT, ZeroOptimizer
 from minitp.training import Pipelined, train_step, whole_batch
 from minitp.report import say
 
@@ -126,7 +126,9 @@ def batch_at(data, step, batch, seq, seed=0):
 # whole model.
 # AdamW is built from named_parameters(): its state is keyed by the serial names, which is what lets a
 # checkpoint hold it in serial shapes.
-# --zero 1 shards that state over the dp replicas (ZeroOptimizer: each keeps 1/dp of it); --overlap
+# --zero 1 shards that state over the dp replicas (ZeroOptimizer: each keeps 1/dp of it), --zero 2 the
+# gradients too (each bucket reduce-scattered inside backward), --zero 3 the parameters too
+# (FullyShardedOptimizer: each block gathered for its forward and its backward, then freed); --overlap
 # reduces gradients during backward, bucket by bucket (AllReduceGradients' buckets, or ZeRO's own), and
 # reduces each column-parallel layer's dX during its dA GEMM.
 # ---------------------------------------------------------------------------------------------------
@@ -154,8 +156,10 @@ def build(args, vocab, mesh, dtype):
                                 overlap=args.overlap)
     optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gradients, bucket_bytes = None, args.bucket_mb * 2 ** 20
-    if mesh is not None and args.zero:  # reduce-scatters the gradients into the slices it updates
-        optimizer = ZeroOptimizer(optimizer, mesh, bucket_bytes, overlap=args.overlap)
+    if mesh is not None and args.zero == 3:  # every parameter 1/dp per rank, gathered block by block
+        optimizer = FullyShardedOptimizer(optimizer, model, mesh, overlap=args.overlap)
+    elif mesh is not None and args.zero:  # reduce-scatters the gradients into the slices it updates
+        optimizer = ZeroOptimizer(optimizer, mesh, bucket_bytes, overlap=args.overlap, stage=args.zero)
     elif mesh is not None:
         gradients = AllReduceGradients(model, mesh, bucket_bytes, overlap=args.overlap)
     return model, optimizer, gradients

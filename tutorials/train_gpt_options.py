@@ -19,8 +19,9 @@ The options, by group:
                  dp (ep must divide dp).
   the training   --steps, --batch (global: split over dp, then into microbatches), --lr, --weight-decay
                  (AdamW), --max-norm (clipping), --seed (the weights, the dropout masks and the batches).
-  data parallel  --zero 1 (ZeRO-1: the optimizer state sharded over dp), --overlap (the gradients
-                 reduced during backward), --bucket-mb (the size of the buckets they are reduced in).
+  data parallel  --zero 1|2|3 (ZeRO: the optimizer state, + the gradients, + the parameters sharded over
+                 dp), --overlap (the gradients reduced during backward; stage 3 also prefetches the next
+                 block's parameters), --bucket-mb (the size of the buckets they are reduced in).
   what is left   --log-every, --sample and --temperature (a text generated at the end), --save and
                  --save-every (a checkpoint, in serial names), --load (resume, on any mesh), --trace
                  and --trace-steps (a timeline of every rank).
@@ -119,8 +120,10 @@ def parse(argv=None):
     parser.add_argument("--save-every", type=int, default=0, help="... and every this many steps (0: only at the end)")
     parser.add_argument("--load", metavar="PATH", help="resume from this checkpoint (saved on any mesh)")
     # data parallelism's memory and overlap, and the timeline that shows it
-    parser.add_argument("--zero", type=int, choices=[0, 1], default=0,
-                        help="1: ZeRO-1, each dp replica keeps the optimizer state of 1/dp of the parameters")
+    parser.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0,
+                        help="ZeRO stage over the dp (× cp) replicas: 1 the optimizer state sharded, 2 also the "
+                             "gradients (reduce-scattered during backward), 3 also the parameters (gathered per "
+                             "block for its forward and again for its backward)")
     parser.add_argument("--overlap", action="store_true",
                         help="reduce gradients during backward, and each column-parallel dX during its dA GEMM")
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size, MiB")
@@ -168,6 +171,11 @@ def validate(args):
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), not {args.temperature}")
     if args.hidden % args.heads:
         raise ValueError(f"--heads {args.heads} must divide --hidden {args.hidden}")
+    if args.zero == 3 and (args.pp > 1 or args.microbatches > 1):
+        raise ValueError(f"--zero 3 with --pp {args.pp} / --microbatches {args.microbatches}: each block's gradient "
+                         "is then the sum of m microbatches' parts, complete only after the m-th backward, so it "
+                         "stays whole through the schedule (no 1/d gradient memory) or is reduce-scattered m times, "
+                         "and each block is gathered 2m times; use --zero 1 or 2 with pipelines")
     if args.virtual_stages > 1 and not (args.schedule == "interleaved" and args.pp > 1):
         raise ValueError(f"--virtual-stages {args.virtual_stages} cuts each pipeline stage into chunks: it needs "
                          f"--schedule interleaved and --pp 2 or more")
