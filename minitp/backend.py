@@ -79,6 +79,16 @@ def array_module(array):
     return numpy
 
 
+def compiles_kernels(array):
+    """Whether ``array`` lives on a GPU whose CuPy compiles kernels (``cupy.RawKernel``): the fused kernels
+    of ``minitp.kernels`` may run on it. False for numpy arrays, and for the tests' CuPy stand-in, which
+    has no compiler (so the numpy definitions run there)."""
+    if array_module(array) is numpy:
+        return False
+    import cupy
+    return hasattr(cupy, "RawKernel")
+
+
 def to_host(array):
     """A numpy copy of ``array`` (no copy if it already is one)."""
     if isinstance(array, (numpy.ndarray, numpy.generic)):

@@ -20,7 +20,7 @@ that turn consecutive inputs into statistically independent 64-bit outputs.
 """
 import numpy
 
-from minitp import backend
+from minitp import backend, kernels
 from minitp.blocks import blocks
 
 _MASK64 = (1 << 64) - 1
@@ -142,6 +142,9 @@ def keep_mask(shape, p, seed, counter, global_shape=None, offset=None, xp=None):
     index = global_flat_index(shape, global_shape, offset, xp).reshape(-1)  # a 0-d shape: one element
     xp = backend.array_module(index)
     key = numpy.uint64(stream_key(seed, counter))
+    if kernels.enabled(index):  # on a GPU: the hash and the threshold below in one pass (minitp.kernels)
+        from minitp.kernels.elementwise import keep_mask as fused
+        return fused(index, key, threshold).reshape(tuple(shape))
     keep = xp.empty(index.shape, dtype=bool)
     parts = blocks(index.size, xp)
     z, scratch = xp.empty_like(index[parts[0]]), xp.empty_like(index[parts[0]])

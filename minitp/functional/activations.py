@@ -4,7 +4,7 @@ import math
 
 import numpy
 
-from minitp import backend
+from minitp import backend, kernels
 from minitp.autograd import Function
 from minitp.blocks import blocks, row_blocks
 
@@ -43,6 +43,9 @@ class GeLU(Function):
         xp = backend.array_module(x)
         if approximate == "none":
             return 0.5 * x * (1 + backend.erf(x * (1 / math.sqrt(2))))
+        if kernels.enabled(x):  # on a GPU: the formula below in one pass (minitp.kernels)
+            from minitp.kernels.elementwise import bias_gelu_forward
+            return bias_gelu_forward(x)
         flat = x.reshape(-1)  # a 0-d x becomes (1,), so the in-place updates have a buffer
         y = xp.empty_like(flat)
         with numpy.errstate(over="ignore"):
@@ -59,6 +62,9 @@ class GeLU(Function):
         if self.approximate == "none":
             cdf = 0.5 * (1 + backend.erf(x * (1 / math.sqrt(2))))
             return grad * (cdf + x * xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi)))
+        if kernels.enabled(x):
+            from minitp.kernels.elementwise import bias_gelu_backward
+            return bias_gelu_backward(x, grad)
         shape, x, grad = x.shape, x.reshape(-1), grad.reshape(-1)  # (1,) for a 0-d x, as in forward
         grad_x = xp.empty_like(x)
         parts = blocks(x.size, xp)
@@ -97,6 +103,11 @@ class Softmax(Function):
     def forward(self, x, axis=-1):
         xp = backend.array_module(x)
         self.axis = axis
+        if kernels.enabled(x) and axis % x.ndim == x.ndim - 1:  # on a GPU: one pass per row
+            from minitp.kernels.rows import softmax_forward
+            y = softmax_forward(x)
+            self.save_for_backward(y)
+            return y
         rows = _rows(x, axis, xp)  # (rows, n): the softmax axis last
         y = xp.empty_like(rows)
         for part in row_blocks(*rows.shape, xp):
@@ -111,6 +122,9 @@ class Softmax(Function):
     def backward(self, grad):
         (y,) = self.saved
         xp = backend.array_module(y)
+        if kernels.enabled(y) and self.axis % y.ndim == y.ndim - 1:
+            from minitp.kernels.rows import softmax_backward
+            return softmax_backward(y, grad)
         y_rows, grad_rows = _rows(y, self.axis, xp), _rows(grad, self.axis, xp)
         grad_x = xp.empty_like(y_rows)
         for part in row_blocks(*y_rows.shape, xp):

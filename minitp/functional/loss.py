@@ -1,6 +1,6 @@
 """What is softmax cross-entropy's loss and gradient, and how are per-token losses reduced ("mean",
 "sum", "none")? ``reduce_loss`` and its backward are shared with the vocabulary-parallel loss."""
-from minitp import backend
+from minitp import backend, kernels
 from minitp.autograd import Function
 from minitp.functional.checks import check_indices, check_integer
 from minitp.functional.operands import raw_array
@@ -23,6 +23,12 @@ class CrossEntropy(Function):
             raise ValueError(f"targets of shape {targets.shape} for logits of shape {logits.shape}")
         xp = backend.array_module(logits)
         self.reduction = reduction
+        if kernels.enabled(logits):  # on a GPU: the formulas below, one pass per row (minitp.kernels)
+            from minitp.kernels.rows import cross_entropy_forward
+            losses, probs = cross_entropy_forward(logits, targets)
+            if self.needs_input_grad[0]:
+                self.save_for_backward(probs, targets)
+            return reduce_loss(losses, reduction)
         shifted = logits - logits.max(axis=-1, keepdims=True)
         target_logit = xp.take_along_axis(shifted, targets[..., None], axis=-1)
         exps = xp.exp(shifted, out=shifted)  # in place: the (s, b, v) logits are a GPT step's largest array

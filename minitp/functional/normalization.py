@@ -1,5 +1,5 @@
 """What is LayerNorm's closed-form backward, and why does it keep only x_hat and 1/std?"""
-from minitp import backend
+from minitp import backend, kernels
 from minitp.autograd import Function
 
 
@@ -22,6 +22,11 @@ class LayerNorm(Function):
 
     def forward(self, x, weight, bias, eps=1e-5):
         xp = backend.array_module(x)
+        if kernels.enabled(x):  # on a GPU: the formulas below, one pass per row (minitp.kernels)
+            from minitp.kernels.rows import layer_norm_forward
+            y, x_hat, rstd = layer_norm_forward(x, weight, bias, eps)
+            self.save_for_backward(x_hat, rstd, weight)
+            return y
         x_hat = x - x.mean(axis=-1, keepdims=True)  # centred, normalised in place below
         y = x_hat * x_hat  # the squares, in the array that becomes the output
         rstd = 1 / xp.sqrt(y.mean(axis=-1, keepdims=True) + eps)  # (..., 1)
@@ -42,7 +47,10 @@ class LayerNorm(Function):
             grad_bias = rows.sum(axis=0)
         if self.needs_input_grad[1]:
             grad_weight = product_rows.sum(axis=0)
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] and kernels.enabled(grad):
+            from minitp.kernels.rows import layer_norm_backward
+            grad_x = layer_norm_backward(grad, x_hat, rstd, weight)
+        elif self.needs_input_grad[0]:
             grad_x = grad * weight  # d, the gradient reaching x_hat; grad_x in place from here
             xp.multiply(grad_x, x_hat, out=product)
             mean_d_x_hat = product.mean(axis=-1, keepdims=True)

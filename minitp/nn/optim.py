@@ -12,7 +12,7 @@ import math
 
 import numpy
 
-from minitp import backend
+from minitp import backend, kernels
 from minitp.blocks import blocks
 from minitp.nn.module import Parameter
 
@@ -168,6 +168,10 @@ class AdamW(Optimizer):
         if "exp_avg" not in state:
             state["exp_avg"], state["exp_avg_sq"] = xp.zeros_like(param), xp.zeros_like(param)
         exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        if kernels.enabled(param):  # on a GPU: the passes below in one (minitp.kernels)
+            from minitp.kernels.elementwise import adamw
+            adamw(param, grad, exp_avg, exp_avg_sq, self.lr, self.betas, self.eps, self.weight_decay, t)
+            return
         # Each step below is one pass, in place or into a scratch block (torch's in-place mul_/addcmul_/
         # addcdiv_), over a block of the flattened arrays at a time, so that every pass after the first
         # reads from the L2 cache (minitp.blocks). The operations and their order are the
