@@ -3,6 +3,7 @@ parallel ranks; MPI all-reduce bandwidth. The entry point that runs the parts an
 
     speed_block.py          how fast is minitp's block (and a small GPT step) against PyTorch?
     speed_mlp.py            how fast is minitp's MLP alone against PyTorch, and against its GEMMs?
+    speed_torch.py          how does a PyTorch user write them (F.linear, SDPA)? the baseline of the ratios
     speed_blas.py           where does minitp's time go, and what could this machine's GEMMs do?
     speed_scaling.py        how much faster is the block on t = 1, 2, 4 tensor-parallel ranks?
     allreduce_bandwidth.py  how fast is ``comm.all_reduce``, by message size, on 2 and 4 ranks?
@@ -29,6 +30,7 @@ import speed_blas  # noqa: E402
 import speed_block  # noqa: E402
 import speed_mlp  # noqa: E402
 import speed_scaling  # noqa: E402
+import speed_torch  # noqa: E402
 
 WORKERS = {"scaling": speed_scaling.worker, "allreduce": allreduce_bandwidth.worker}
 
@@ -52,10 +54,15 @@ def serial(args):
     steps = {"minitp": step}
     steps.update(speed_blas.steps(xp, shape, dtype, 256 if args.quick else args.gemm_size, result))
     steps.update(speed_block.minitp_variants(shape, dtype))
-    torch = None if args.device == "gpu" else speed_block.import_torch(args, result)
+    torch = speed_block.import_torch(args, result)
+    synchronize = backend.synchronize
     if torch is not None:
-        steps.update(speed_block.torch_steps(torch, block, x, shape["a"], result))
-    result.update(harness.interleaved_best(steps, repeats, synchronize=backend.synchronize))
+        device = speed_torch.use_device(torch, args.device)
+        synchronize = speed_torch.synchronizer(torch, device)
+        steps.update(speed_block.torch_steps(torch, block, x, shape["a"], result, device))
+        if args.device == "cpu":
+            result["float64_differences"] = speed_torch.float64_differences(torch)
+    result.update(harness.interleaved_best(steps, repeats, synchronize=synchronize))
     speed_blas.machine_rate(result)
     result["faults"] = {"minitp": speed_blas.page_faults_per_step(step)}
     if torch is not None:
@@ -89,11 +96,20 @@ def render(r, scaling, bandwidth, out, command):
     if r["device"] == "gpu":
         lines += speed_blas.render_gpu(r)
     lines += speed_block.render_heading(r) + speed_blas.render_rate(r) + speed_block.render_table(r)
-    lines += speed_blas.render_share(r) + speed_block.render_no_torch(r) + speed_blas.render_faults(r)
+    lines += speed_blas.render_share(r) + speed_block.render_no_torch(r) + render_same_computation(r)
+    lines += speed_blas.render_faults(r)
     lines += speed_blas.render_profile(r) + speed_mlp.render(r) + speed_block.render_gpt(r)
     lines += speed_scaling.render(scaling) + allreduce_bandwidth.render(bandwidth)
     plot(scaling, bandwidth, out, lines)
     return "\n".join(lines)
+
+
+def render_same_computation(r):
+    differences = r.get("float64_differences")
+    if not differences:
+        return []
+    return ["The same computation: in float64 (random weights), idiomatic PyTorch minus minitp, largest "
+            "difference: " + ", ".join(f"{name} {value:.1e}" for name, value in differences.items()) + ".", ""]
 
 
 def plot(scaling, bandwidth, out, lines):
