@@ -5,7 +5,8 @@ clip by the global norm, the SGD step) on every mesh (dp, pp, cp, tp) ∈ {1, 2}
 (product = the world size: 1 mesh on 1 rank, 4 on 2, 6 on 4, 4 on 8 -- all 16 but (2, 2, 2, 2)), with
 
 - sequence parallelism on and off (where tp = 2),
-- ZeRO-1 on and off (``ZeroOptimizer`` around the SGD, or ``AllReduceGradients``),
+- ZeRO on and off (``ZeroOptimizer`` stage 1 or 2, or ``FullyShardedOptimizer`` -- stage 3, not on pipeline
+  stages -- around the SGD, taking turns; or ``AllReduceGradients``),
 - overlap on and off (the overlapped buckets of the synchronisation AND the asynchronous
   column-parallel backward of the model, together),
 - where pp = 2, each schedule: afab, 1f1b (2 microbatches, one chunk per stage) and interleaved
@@ -32,6 +33,7 @@ takes ~33 s (4 ranks ~10 s, 2 ranks ~3 s, 1 rank < 1 s). A failure lists every c
 differs, with its worst quantity.
 """
 import collections
+import contextlib
 import itertools
 import math
 import time
@@ -45,7 +47,7 @@ from minitp import comm
 from minitp import functional as F
 from minitp.nn import GPT, GPTConfig
 from minitp.nn.optim import SGD
-from minitp.parallel import AllReduceGradients, ParallelGPT, ZeroOptimizer
+from minitp.parallel import AllReduceGradients, FullyShardedOptimizer, ParallelGPT, ZeroOptimizer
 from minitp.parallel.context.layers import KINDS
 from minitp.parallel.tensor.shard import gather_serial_grads, gather_serial_state
 from minitp.pipeline import PipelineGPT
@@ -114,13 +116,16 @@ def combinations(world_size):
                              # recomputation takes turns too: the serial reference runs without it, so
                              # each run also proves that re-running in backward changes no number
                              recompute=RECOMPUTE[len(runs) % len(RECOMPUTE)]))
+            if zero:  # the ZeRO stage takes turns too; stage 3 shards no pipeline stage (zero3.check_mesh)
+                stages = (1, 2, 3) if pp == 1 else (1, 2)
+                runs[-1]["zero"] = stages[sum(1 for r in runs if r["zero"] and r["mesh"] == runs[-1]["mesh"]) % len(stages)]
     return runs
 
 
 def describe(run):
     dp, pp, cp, tp = run["mesh"]
     words = [f"dp{dp} pp{pp} cp{cp} tp{tp}", run["schedule"] or "whole batch", run["kind"] or "",
-             "SP" if run["sequence_parallel"] else "", "ZeRO-1" if run["zero"] else "all-reduce",
+             "SP" if run["sequence_parallel"] else "", f"ZeRO-{run['zero']}" if run["zero"] else "all-reduce",
              "overlap" if run["overlap"] else "", "tied" if run["tie_embeddings"] else "untied",
              f"recompute {run['recompute']}" if run["recompute"] else ""]
     return ", ".join(word for word in words if word)
@@ -141,13 +146,17 @@ def parallel_step(run, ids, targets, max_norm):
                             overlap=overlap)
         forward_backward = Pipelined(run["schedule"], MICROBATCHES)
     optimizer = SGD(model.named_parameters(), lr=LR)
-    if run["zero"]:
-        optimizer, gradients = ZeroOptimizer(optimizer, mesh, BUCKET_BYTES, overlap=overlap), None
+    if run["zero"] == 3:
+        optimizer, gradients = FullyShardedOptimizer(optimizer, model, mesh, overlap=overlap), None
+    elif run["zero"]:
+        optimizer, gradients = ZeroOptimizer(optimizer, mesh, BUCKET_BYTES, overlap=overlap, stage=run["zero"]), None
     else:
         gradients = AllReduceGradients(model, mesh, BUCKET_BYTES, overlap=overlap)
     loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=max_norm, gradients=gradients,
                             forward_backward=forward_backward)
-    return mesh, loss, norm, gather_serial_grads(model, mesh.tp), gather_serial_state(model, mesh.tp)
+    whole = getattr(optimizer, "full_parameters", None)  # ZeRO-3 holds 1/d of each parameter: gather them
+    with whole() if whole is not None else contextlib.nullcontext():
+        return mesh, loss, norm, gather_serial_grads(model, mesh.tp), gather_serial_state(model, mesh.tp)
 
 
 def errors(run, ids, targets, reference):
@@ -162,7 +171,7 @@ def errors(run, ids, targets, reference):
     for name, value in state.items():
         found[f"{name}"] = max_error(value, serial_state[name])
         grad = grads.get(name)
-        if run["zero"]:  # ZeRO-1 drops .grad after the reduce-scatter
+        if run["zero"]:  # ZeRO drops .grad after the reduce-scatter
             found[f"{name}.grad"] = 0.0 if grad is None else math.inf
         else:
             found[f"{name}.grad"] = math.inf if grad is None else max_error(grad, serial_grads[name])
