@@ -7,7 +7,8 @@
 #   make bench      activation memory, communication and speed against the papers and PyTorch, context
 #                   parallelism's bytes and balance, pipeline bubbles, and overlap (benchmarks/)
 #   make gpu-check  on a machine with a GPU: the suite on CuPy, the tutorials and --check on CuPy, the block's
-#                   FLOP/s, staged vs CUDA-aware MPI (WHEELS=DIR: no network there, MPI wheels carried)
+#                   FLOP/s, staged vs CUDA-aware MPI (WHEELS=DIR: no network there, MPI wheels carried);
+#                   QUICK=1: only the fused kernels' tests and the block and attention against PyTorch on CUDA
 # A system MPI instead of the PyPI one: make test MPI=system (mpi4py then builds against your mpicc).
 #   make test-debian-mpi MPI_PACKAGES=openmpi|mpich  (root, Debian/Ubuntu): install that MPI if missing,
 #                   run make test MPI=system in a fresh clone, remove what it installed.
@@ -79,6 +80,7 @@ bench: venv
 	$(BIN)/python benchmarks/context.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/overlap.py
 
 # CuPy: the one already installed where there is one (a GPU image usually has it), else cupy-cuda12x from
@@ -89,7 +91,7 @@ gpu-check:
 	@if [ -n "$(WHEELS)" ] && [ ! -e $(BIN)/.installed-$(MPI) ]; then benchmarks/gpu_venv.sh $(WHEELS); fi
 	@$(MAKE) --no-print-directory venv
 	@$(BIN)/python -c "import cupy" 2> /dev/null || $(BIN)/python -m pip install -q cupy-cuda12x
-	PYTHON=$(BIN)/python benchmarks/gpu_check.sh
+	QUICK=$(QUICK) PYTHON=$(BIN)/python benchmarks/gpu_check.sh
 
 # The suite against a Debian MPI, the way a new user meets it: .ci/debian-mpi installs the packages if
 # missing (root), runs make test MPI=system in a fresh clone of HEAD and removes what it installed.

@@ -13,7 +13,7 @@
 # on a machine without network (benchmarks/gpu_venv.sh). Writes benchmarks/results/gpu/*.md and a
 # log of everything to benchmarks/results/gpu/gpu_check.log. Exits non-zero if a required step fails.
 #
-# Usage: benchmarks/gpu_check.sh        (PYTHON and OUT may be set; defaults: the venv's. The launcher is
+# Usage: benchmarks/gpu_check.sh        (PYTHON, OUT and QUICK=1 -- step 0 only -- may be set; defaults: the venv's. The launcher is
 # minitp.launcher's, as everywhere: $MPIEXEC, else the venv's, else PATH's; then $MPIEXEC_FLAGS)
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -41,6 +41,18 @@ if ! "$PYTHON" -c "from minitp import backend; r = backend.gpu_unavailable_reaso
   exit 1
 fi
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+
+# 0. the quick step (issue 23), first, so that a short lease gets it: the fused kernels against their numpy
+# definitions (float32, float64), then the block at the issue's three shapes against PyTorch on CUDA (TF32
+# off) idiomatic (F.linear, SDPA) and as minitp writes it, and blockwise vs dense attention vs SDPA.
+# QUICK=1 stops after it (a few minutes).
+step "fused kernels against their definitions" yes "$PYTHON" -m pytest -q tests/test_kernels.py tests/test_blockwise_attention.py
+step "block at three shapes vs PyTorch on CUDA" yes "$PYTHON" benchmarks/speed_shapes.py --device gpu --repeats 5 --out "$OUT"
+step "blockwise vs dense attention vs SDPA" yes "$PYTHON" benchmarks/attention.py --device gpu --no-bytes --out "$OUT"
+if [ "${QUICK:-0}" = 1 ]; then
+  echo "QUICK=1: reports $OUT/speed_shapes.md, $OUT/attention.md; log: $LOG" | tee -a "$LOG"
+  exit $status
+fi
 
 # 1. the tests on the GPU: the device fixture runs every device-parametrized test on CuPy too (with a GPU
 # conftest.py uses real CuPy, not the stand-in). MINITP_DEVICE=gpu is not set: the tests that build
