@@ -5,7 +5,8 @@
 #   make tutorial   mpirun -n 4 python tutorials/mlp.py
 # and, not part of the tests:
 #   make bench      activation memory, communication and speed against the papers and PyTorch, context
-#                   parallelism's bytes and balance, pipeline bubbles, and overlap (benchmarks/)
+#                   parallelism's bytes and balance, pipeline bubbles, overlap, and the experts' all-to-all
+#                   bytes, load and drops (benchmarks/)
 #   make gpu-check  on a machine with a GPU: the suite on CuPy, the tutorials and --check on CuPy, the block's
 #                   FLOP/s, staged vs CUDA-aware MPI (WHEELS=DIR: no network there, MPI wheels carried);
 #                   QUICK=1: only the fused kernels' tests and the block and attention against PyTorch on CUDA
@@ -82,6 +83,7 @@ bench: venv
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/overlap.py
+	$(BIN)/python benchmarks/experts.py
 
 # CuPy: the one already installed where there is one (a GPU image usually has it), else cupy-cuda12x from
 # PyPI. On a GPU machine without network, WHEELS=DIR makes the venv from python3's own packages (CuPy,

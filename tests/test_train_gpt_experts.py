@@ -13,7 +13,11 @@ from tutorial_runner import launch, needs_mpiexec
 WORLD = MPI.COMM_WORLD
 
 RUNS = {2: [dict(tp=1, dp=2, ep=2, experts=4, top_k=2),
-            dict(tp=2, dp=1, ep=1, experts=2, top_k=1, capacity_factor=1.0)],
+            dict(tp=2, dp=1, ep=1, experts=2, top_k=1, capacity_factor=1.0),
+            # the README's composition row: tied embeddings, selective recomputation, ZeRO-1 at ep = 1
+            dict(tp=1, dp=2, ep=2, experts=4, top_k=2, capacity_factor=1.0, tie_embeddings=True),
+            dict(tp=1, dp=2, ep=2, experts=4, recompute="selective"),
+            dict(tp=1, dp=2, ep=1, experts=4, top_k=2, capacity_factor=1.0, zero=1, overlap=True)],
         4: [dict(tp=1, dp=4, ep=4, experts=4, top_k=2),  # ep 4
             dict(tp=1, dp=4, ep=2, experts=4, top_k=1, capacity_factor=1.0),  # ep 2 × expert-dp 2
             dict(tp=2, dp=2, ep=2, experts=4, top_k=2, capacity_factor=0.75),  # ep 2 × tp 2
