@@ -127,6 +127,15 @@ def test_collectives_bench_compares_every_op_with_raw_mpi(tmp_path):
     assert "Fixed cost per call" in report
 
 
+def test_zero_bench_matches_the_formulas(tmp_path):
+    """Every ZeRO stage's parameter, gradient, optimizer and wire bytes per rank equal their formulas at
+    d = 1, 2; stage 3 sends 1.5 times the all-reduce; the stage-3 step's gathers and frees are listed."""
+    report = run_bench("zero.py", tmp_path)
+    values = unexplained(report)
+    assert len(values) == 2 * 4 and set(values) == {"0"}, report
+    assert "stage 3 1.500×" in report and "G b0 F b0" in report, report
+
+
 def test_experts_bench_matches_the_formula(tmp_path):
     """The all-to-all bytes of a MoE layer equal 4·h·e·Σ_(i≠j) C[i, j] exactly (no unexplained byte)."""
     report = run_bench("experts.py", tmp_path)

@@ -1,5 +1,5 @@
-"""ZeRO-1: the optimizer state cut into d slices, the bytes of one all-reduce, and the gradient reductions
-hidden behind backward.
+"""ZeRO-1, 2 and 3: the optimizer state, then the gradients, then the parameters cut into d slices; the
+bytes of one all-reduce (1.5 for stage 3), and the gradient reductions hidden behind backward.
 
     mpirun -n 4 python tutorials/zero.py                  (any number of ranks; 4 shows it best, 3 the padding)
     mpirun -n 4 python tutorials/zero.py --png zero.png   (also draw the timeline as a picture)
@@ -11,6 +11,8 @@ dp = the ranks), each on its slice of the batch, and the story is what the repli
     2. reduce-scatter + all-gather moves the bytes of the one all-reduce it replaces -- exactly when d
        divides every bucket, else plus the padding that makes it divide
     3. the timeline: each bucket's reduction starts inside backward, behind the layers still to come
+    4. ZeRO-2: each bucket reduce-scattered inside backward, so the whole gradient never outlives it
+    5. ZeRO-3: what a rank holds before, during and after a block's forward and backward
 and ends with the check: after several AdamW steps in float64, ZeRO-1's parameters are plain data
 parallelism's (the same numbers, summed in another order), with 1/d of the state and the bytes of
 the formulas below, counted by hand from the bucket sizes and checked against the collective log.
@@ -28,6 +30,7 @@ from minitp.training import train_step
 from minitp.parallel.gpt import ParallelGPT
 from minitp.parallel.tensor.shard import gather_serial_state
 from minitp.parallel.data.zero import ZeroOptimizer
+from minitp.parallel.data.zero3 import FullyShardedOptimizer
 from minitp.report import banner, each_rank, indent, ranks, say, verdict
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -204,6 +207,76 @@ if timeline.trace is not None:  # rank 0 holds every rank's timeline
         say(f"   drew {options.png}")
 
 # ---------------------------------------------------------------------------------------------------
+# 4. ZeRO-2: the gradients sharded too.
+#
+# The paper's stage 1 keeps the whole gradient until the step (2Ψ bytes in fp16), stage 2 only its
+# slice. minitp's ZeRO-1 above already reduce-scatters, so after the reduction both keep 1/d; what
+# differs is when the whole gradient dies. Stage 1 keeps every .grad until backward is over and only then
+# packs and reduce-scatters; stage 2 (ZeroOptimizer(..., stage=2)) reduce-scatters each bucket from
+# backward's hooks the moment it is complete and drops its .grad there. Measured at the end of backward
+# (when finish() begins): the .grad arrays alive plus the slices already reduced.
+# ---------------------------------------------------------------------------------------------------
+say("\n4. ZeRO-2: the gradient alive at the end of backward, per rank (float64)")
+
+
+def gradient_at_end_of_backward(stage):
+    model = ParallelGPT(CONFIG, mesh)
+    optimizer = ZeroOptimizer(AdamW(model.named_parameters(), lr=1e-3), mesh, BUCKET_BYTES, stage=stage)
+    seen, finish = {}, optimizer.finish
+
+    def measured():
+        alive = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+        seen["bytes"] = alive + sum(g.nbytes for g in optimizer.gradients.grad_shards if g is not None)
+        return finish()
+    optimizer.finish = measured
+    train(model, optimizer, None, 1)
+    return seen["bytes"]
+
+
+stage1, stage2 = gradient_at_end_of_backward(1), gradient_at_end_of_backward(2)
+say(f"   stage 1: {stage1:,} B (Ψ·8 = {parameters * ITEMSIZE:,}: the whole gradient);  stage 2: {stage2:,} B "
+    f"(Σ⌈n/d⌉·8 = {sum(share) * ITEMSIZE:,}: its slices)")
+gradients_as_claimed = stage1 == parameters * ITEMSIZE and stage2 == sum(share) * ITEMSIZE
+
+# ---------------------------------------------------------------------------------------------------
+# 5. ZeRO-3: the parameters sharded too (FullyShardedOptimizer; FSDP).
+#
+# Each unit -- the embeddings, each transformer block, the head -- is one flat buffer of its parameters,
+# and rank r keeps only its slice. A unit is gathered before its forward and freed after it, gathered
+# again before its backward (the identity op on its output: its backward runs before any of the unit's
+# ops) and freed when its gradients are final, which are then reduce-scattered. Below, what one rank
+# holds around block 1: its slices between steps, + block 1 whole while block 1 computes, nothing else.
+# Per step that sends 3 · (d-1)/d · Σ d·⌈n/d⌉ · 8 B (gather, gather, reduce-scatter): 1.5 all-reduces.
+# ---------------------------------------------------------------------------------------------------
+say("\n5. ZeRO-3: parameter bytes held by rank 0 around block 1's forward and backward")
+fsdp_model = ParallelGPT(CONFIG, mesh)
+fsdp = FullyShardedOptimizer(AdamW(fsdp_model.named_parameters(), lr=1e-3), fsdp_model, mesh)
+moments = []
+block = fsdp_model.blocks[1]
+block.register_forward_pre_hook(lambda *_: moments.append(("block 1 forward begins", fsdp.held_bytes())))
+block.register_forward_hook(lambda *_: moments.append(("block 1 forward ended", fsdp.held_bytes())))
+first_weight = block.parameters()[-1]  # its gradient is the first of block 1's to be final
+first_weight.register_post_accumulate_grad_hook(lambda p: moments.append(("block 1 backward", fsdp.held_bytes())))
+moments.append(("before the step", fsdp.held_bytes()))
+with comm.log_collectives() as fsdp_log:
+    train(fsdp_model, fsdp, None, 1)
+moments.append(("after the step", fsdp.held_bytes()))
+slices = sum(a.nbytes for a in fsdp.gradients.shards)
+unit = fsdp.gradients.buckets[2].padded * ITEMSIZE  # blocks.1 is unit 2, after the embeddings and block 0
+for moment, held in moments:
+    say(f"   {moment:24s} {held:>9,} B" + (f"  = its slices + block 1 whole ({unit:,} B)" if held > slices else
+                                            "  = its slices only"))
+units_padded = sum(b.padded for b in fsdp.gradients.buckets)
+wire = sum(r.ring_bytes for r in fsdp_log if r.group == "dp" and r.tag.startswith(("gradients", "parameters")))
+say(f"   ZeRO-3 sent {wire:,.0f} B on dp; by hand 3 · (d-1)/d · Σ d·⌈n/d⌉ · 8 = "
+    f"{3 * (d - 1) * units_padded * ITEMSIZE / d:,.0f} B ({wire / max(all_reduce, 1e-9):.3f}× plain's all-reduce)")
+held_as_claimed = (all(held in (slices, slices + unit) for _, held in moments)
+                   and [held > slices for _, held in moments] == [False, True, False, True, False]
+                   and math.isclose(wire, 3 * (d - 1) * units_padded * ITEMSIZE / d, rel_tol=1e-12, abs_tol=1e-9))
+say("   memory per rank, float64 (Ψ parameters; 2Ψ moments):  stage 0  Ψ+Ψ+2Ψ   stage 1  Ψ+Ψ+2Ψ/d   "
+    "stage 2  Ψ+Ψ/d+2Ψ/d   stage 3  (Ψ+Ψ+2Ψ)/d  (+ padding; benchmarks/results/zero.md measures them)")
+
+# ---------------------------------------------------------------------------------------------------
 # The check. Train a fresh pair for several steps, plain and ZeRO-1, and compare every parameter. AdamW
 # is elementwise, so updating a slice is updating those elements; what differs is only the order in
 # which MPI adds the replicas' gradients (reduce-scatter vs all-reduce): rounding, ~1e-16.
@@ -214,12 +287,26 @@ train(plain_model, plain_optimizer, plain_buckets, STEPS, first=4)
 train(zero_model, zero_optimizer, None, STEPS, first=4)
 expected, actual = gather_serial_state(plain_model, mesh.tp), gather_serial_state(zero_model, mesh.tp)
 error = max(float(numpy.abs(actual[name] - expected[name]).max()) for name in expected)
+# stages 2 and 3 from the start, the same 4 + STEPS steps
+stage2_model = ParallelGPT(CONFIG, mesh)
+stage2 = ZeroOptimizer(AdamW(stage2_model.named_parameters(), lr=1e-3), mesh, BUCKET_BYTES, overlap=True, stage=2)
+train(stage2_model, stage2, None, 4 + STEPS)
+stage3_model = ParallelGPT(CONFIG, mesh)
+stage3 = FullyShardedOptimizer(AdamW(stage3_model.named_parameters(), lr=1e-3), stage3_model, mesh, overlap=True)
+train(stage3_model, stage3, None, 4 + STEPS)
+with stage3.full_parameters():
+    stage3_state = gather_serial_state(stage3_model, mesh.tp)
+for state in (gather_serial_state(stage2_model, mesh.tp), stage3_state):
+    error = max([error] + [float(numpy.abs(state[name] - expected[name]).max()) for name in expected])
 each_rank(f"max |ZeRO-1 - plain| over every parameter: {error:.1e}")
 worst = mesh.world.comm.allreduce(error, op=MPI.MAX)
 claims = {"state per rank 1/d (by hand, padding counted), all ranks together = plain": memory_as_claimed,
-          "reduce-scatter + all-gather bytes = all-reduce bytes + the padding's": bytes_as_claimed}
+          "reduce-scatter + all-gather bytes = all-reduce bytes + the padding's": bytes_as_claimed,
+          "stage 1 holds the whole gradient at the end of backward, stage 2 its slices": gradients_as_claimed,
+          "stage 3 holds its slices, + one unit while it computes; 3 halves of an all-reduce": held_as_claimed}
 failed = [claim for claim, holds in claims.items() if not mesh.world.comm.allreduce(holds, op=MPI.LAND)]
 verdict(worst <= 1e-12 and not failed,
         f"ZeRO-1 == plain data parallelism (max error {worst:.1e} after {STEPS + 4} steps; state 1/{d} per rank, "
-        f"the bytes of one all-reduce{' plus the padding' if padding else ''}) on {ranks(d)}",
+        f"the bytes of one all-reduce{' plus the padding' if padding else ''}), and so do ZeRO-2 (gradient 1/{d} "
+        f"at the end of backward) and ZeRO-3 (parameters 1/{d} + one block, 1.5 all-reduces) on {ranks(d)}",
         failure=f"max error {worst:.1e} (must be <= 1e-12); claims that do not hold: {failed}")

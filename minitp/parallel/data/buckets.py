@@ -132,7 +132,7 @@ class GradientBuckets:
         self._done = [False] * len(self.buckets)  # ZeRO-2: reduced inside this step's backward
         self._hooks = []
         self._in_flight = None  # ZeRO-2 with overlap: the bucket started last, waited when the next starts
-        if (overlap or eager) and group.size > 1:
+        if eager or (overlap and group.size > 1):  # ZeRO-2 reduces inside backward, even over one rank
             self._hooks = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in self.parameters]
 
     def __len__(self):
