@@ -27,6 +27,7 @@ from minitp.parallel.expert.layers import ExpertParallelLayers
 from minitp.parallel.tensor.shard import gather_serial_grads, gather_serial_state
 from minitp.testing import max_error
 from minitp.training import train_step
+from parallel_helpers import value_error
 
 WORLD = MPI.COMM_WORLD
 SAME = 1e-12
@@ -173,15 +174,6 @@ def test_moe_gpt_trains_as_serial():
     parallel_assert(not failures, f"{failures}")
 
 
-def refusal(build):
-    with comm.log_collectives() as log:
-        try:
-            build()
-        except ValueError as error:
-            return str(error), len(log)
-    return None, len(log)
-
-
 @pytest.mark.parallel(nprocs=[2, 4])
 def test_bad_input_is_refused_on_every_rank_before_any_collective():
     mesh = init(1, WORLD.size, WORLD.size)
@@ -194,7 +186,7 @@ def test_bad_input_is_refused_on_every_rank_before_any_collective():
         "ZeRO": (lambda: train_step(*zero_model(mesh), *next(batches()), mesh), "ZeRO with experts"),
     }
     for what, (build, words) in cases.items():
-        error, collectives = refusal(build)
+        error, collectives = value_error(build)
         parallel_assert(error is not None and words in error and collectives == 0, f"{what}: {error} ({collectives})")
 
 
