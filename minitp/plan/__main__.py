@@ -36,7 +36,7 @@ def parse(argv=None):
     add("--virtual-stages", type=int, default=1, help="v: model chunks per pipeline rank (interleaved)")
     add("--sp", action="store_true", help="sequence parallelism")
     add("--recompute", choices=["none", "selective", "full"], default="none")
-    add("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage (2, 3: formula only)")
+    add("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage (3 with pp > 1: formula only)")
     add("--dtype", choices=list(ITEMSIZE), default="float32", help="bf16/fp16: mixed precision (formula only)")
     add("--schedule", choices=["afab", "1f1b", "interleaved"], default="1f1b")
     add("--cp-kind", choices=["ring", "zigzag", "ulysses"], default="ring")

@@ -14,9 +14,15 @@ all-reduces 3 vectors of s·b numbers (max, target logit, sum of exponentials); 
 and the LM head's f (g) add one S-sized collective each way at the ends; the gradient norm one float64.
 Full recomputation re-runs the forward's collectives in backward (Korthikanti §5).
 
-**dp** (plain data parallelism): one all-reduce of each gradient bucket (2(d−1)/d·Ψe); ZeRO-1 (Rajbhandari
-et al. 2020 §7): a reduce-scatter of each bucket padded to d·⌈n/d⌉ and an all-gather of the parameters:
-the same bytes; ZeRO-3 gathers the parameters in forward and again in backward: 1.5× (formula only).
+**dp** (plain data parallelism): one all-reduce of each gradient bucket (2(d−1)/d·Ψe); ZeRO-1 and ZeRO-2
+(Rajbhandari et al. 2020 §7): a reduce-scatter of each bucket padded to d·⌈n/d⌉ and an all-gather of the
+parameters: one all-reduce's bytes, 2(d−1)/d·Σ_b d⌈n_b/d⌉e; ZeRO-3 (``parallel.data.zero3``) all-gathers
+each unit (padded to d⌈n_u/d⌉) before its forward and again before its backward, per microbatch, and
+reduce-scatters its gradient once: 3(d−1)/d·Σ_u d⌈n_u/d⌉e, 1.5× -- with tied embeddings the head's
+region gathers the embeddings unit E a second time each way, 3Ψ + 2E (minitp's units, not FSDP's root unit);
+under SP 3Ψ + E: the replicated LayerNorm weights' gradients pass an all-reduce over tp (f) that runs at the
+end of the backward, so no unit is freed inside backward and the embedding's backward finds E gathered.
+Measured byte for byte at pp = 1; ZeRO-3 with pp > 1, which minitp refuses, is formula only.
 
 **pp** (Narayanan et al. 2021 §2.2): each microbatch's activation (s·b·h·e, /t under SP) to the next stage
 and its gradient back, per model-chunk boundary; tied embeddings all-reduce the table's gradient between
@@ -27,7 +33,11 @@ forward, and K, V with their gradients backward (formula only); Ulysses (Jacobs 
 q, k, v and the output, (c−1)/c of (s/c)·b·h/t·e each, forward and backward (formula only).
 
 **ep** (Lepikhin et al. 2020, GShard; formula only): per MoE layer a dispatch and a combine all-to-all of the
-rank's s·b·k tokens of h, each way.
+rank's s·b·k tokens of h, each way -- the *evenly spread* figure, (ep−1)/ep of them leaving the rank. What
+minitp sends depends on where the router sends each token: ``benchmarks/experts.py`` measures 4·h·e·Σ_(i≠j)
+C[i,j] over the routing counts C (1.01-1.04× this figure there), plus the count exchanges and the
+all-gather of k·E choice counts over dp, none of which a plan made before the run can know. So this stays
+the formula, marked formula only; it is not pinned to a measurement.
 """
 from dataclasses import dataclass
 from fractions import Fraction
@@ -146,7 +156,8 @@ def context_parallel(model, mesh, choices, blocks, m):
 
 
 def experts(model, mesh, choices, blocks, m):
-    """Dispatch and combine all-to-alls of the MoE layers (formula only)."""
+    """Dispatch and combine all-to-alls of the MoE layers, as if the tokens spread evenly over the experts
+    (formula only: the bytes minitp sends follow the routing counts, unknown before a run; module docstring)."""
     if not model.experts or mesh.ep == 1:
         return []
     s = choices.seq or model.seq_len
@@ -177,25 +188,34 @@ def pipeline(model, mesh, choices, stage, m):
     return found
 
 
-def data_parallel(mesh, choices, bucket_sizes, tensors_elements):
-    """Gradient reduction over the replicas (dp, or dp × cp), the ZeRO step's gathers, the loss and the norm."""
+def data_parallel(mesh, choices, groups, m=1, gathers=None):
+    """Gradient reduction over the replicas (dp, or dp × cp), the ZeRO step's gathers, the loss and the norm.
+    ``groups``: the element count of each gradient bucket (stages 0-2) or ZeRO-3 unit; ``gathers``: ZeRO-3's
+    all-gathers of each unit per microbatch (2: forward and backward; for the embeddings unit with a tied
+    head 4, or 3 under SP)."""
     d = mesh.dp * mesh.cp
     group = "dp" if mesh.cp == 1 else "dp_cp"
     e = ITEMSIZE[choices.precision]
     found = []
     if choices.zero == 0:
-        found += [Message(group, d, "all_reduce", n, e, 1, "gradients, one all-reduce per bucket") for n in bucket_sizes]
+        found += [Message(group, d, "all_reduce", n, e, 1, "gradients, one all-reduce per bucket") for n in groups]
     elif choices.zero in (1, 2):
-        for n in bucket_sizes:
+        for n in groups:
             padded = -(-n // d) * d
             found += [Message(group, d, "reduce_scatter", padded, e, 1,
-                              f"ZeRO-{choices.zero}: gradients reduce-scattered (bucket padded to d·⌈n/d⌉)", choices.zero == 1),
-                      Message(group, d, "all_gather", padded, e, 1, f"ZeRO-{choices.zero}: parameters all-gathered",
-                              choices.zero == 1)]
+                              f"ZeRO-{choices.zero}: gradients reduce-scattered (bucket padded to d·⌈n/d⌉)"),
+                      Message(group, d, "all_gather", padded, e, 1, f"ZeRO-{choices.zero}: parameters all-gathered")]
     else:
-        found += [Message(group, d, "all_gather", tensors_elements, e, 2,
-                          "ZeRO-3: parameters gathered in forward and again in backward (formula only)", False),
-                  Message(group, d, "reduce_scatter", tensors_elements, e, 1, "ZeRO-3: gradients (formula only)", False)]
+        measured = mesh.pp == 1  # minitp refuses ZeRO-3 on pipeline stages
+        note = "" if measured else " (formula only: minitp refuses ZeRO-3 with pp > 1)"
+        for n, times in zip(groups, gathers or [2] * len(groups)):
+            padded = -(-n // d) * d
+            why = ("ZeRO-3: a unit gathered before its forward and again before its backward" if times == 2 else
+                   "ZeRO-3: the embeddings unit, gathered for its own forward and backward and the tied head's "
+                   "(under SP still gathered when the embedding's backward comes)")
+            found += [Message(group, d, "all_gather", padded, e, times * m, why + note, measured),
+                      Message(group, d, "reduce_scatter", padded, e, 1, "ZeRO-3: a unit's gradients" + note,
+                              measured)]
     if choices.zero:
         found.append(Message(group, d, "all_reduce", 2, FLOAT64, 1, "gradient norm of the ZeRO slices"))
     found.append(Message(group, d, "all_reduce", 1, FLOAT64, 1, "the step's loss, averaged"))

@@ -1,7 +1,7 @@
 """``plan(model, mesh, choices)``: every figure for every pipeline stage, each with its formula and source.
 
-One ``StagePlan`` per pipeline stage (the tp, cp and dp ranks of a stage hold the same, but for ZeRO-1's
-padding, which gives the last dp ranks a few elements less: ``optimizer_state_of(dp_rank)``).
+One ``StagePlan`` per pipeline stage (the tp, cp and dp ranks of a stage hold the same, but for ZeRO's
+padding, which gives the last dp ranks a few elements of optimizer state less: ``optimizer_state_of(dp_rank)``).
 """
 from dataclasses import dataclass, field
 
@@ -31,7 +31,7 @@ class StagePlan:
     messages: list = field(default_factory=list)     # communication.Message
     held: int = 0
     activation_per_chunk: dict = field(default_factory=dict)  # model chunk -> bytes per microbatch (track_saved)
-    optimizer_state_of: object = None                # dp rank -> bytes (ZeRO-1's padding)
+    optimizer_state_of: object = None                # dp rank -> bytes (ZeRO 1-3: the padding)
 
     @property
     def total(self):
@@ -89,8 +89,8 @@ def plan(model, mesh, choices):
     notes = []
     if not measured:
         notes.append(f"mixed precision ({choices.precision}, fp32 master weights and moments)")
-    if choices.zero >= 2:
-        notes.append(f"ZeRO-{choices.zero}")
+    if choices.zero == 3 and p > 1:
+        notes.append("ZeRO-3 with pp > 1 (minitp refuses it: zero3.check_mesh)")
     if model.experts:
         notes.append("experts and ep")
     if mesh.cp > 1:
@@ -103,13 +103,13 @@ def plan(model, mesh, choices):
         sp = StagePlan(r, _holds(model, mesh, r), psi)
         # model states
         model_states = states.model_states(psi, tensors, d, 0, choices)
-        formula_only = not measured or choices.zero >= 2 or model.experts
+        formula_only = not measured or (choices.zero == 3 and p > 1) or model.experts
         for name, (value, source) in model_states.items():
             sp.memory[name] = Figure(value, source, "Rajbhandari et al. 2020 §5.1", not formula_only)
-        if choices.zero == 1 and not choices.mixed:
-            sizes = states.buckets(tensors, e, choices.bucket_bytes)
-            sp.optimizer_state_of = lambda rank, sizes=sizes: (states.zero1_elements(sizes, d, rank)
-                                                               * choices.optimizer_buffers * e)
+        if choices.zero and not choices.mixed:
+            groups = states.sharded_groups(tensors, choices, d)
+            sp.optimizer_state_of = lambda rank, groups=groups: (states.zero1_elements(groups, d, rank)
+                                                                 * choices.optimizer_buffers * e)
         # activations at the schedule's peak
         chunk_of = {k: k * p + r for k in range(v)}
         sp.activation_per_chunk = {c: activations.chunk_bytes(model, mesh, choices, c) for c in chunk_of.values()}
@@ -130,9 +130,32 @@ def plan(model, mesh, choices):
                                               "s·b·V/t·e, alive until the loss has its softmax",
                                               "Megatron's vocab-parallel loss (Shoeybi et al. 2019 §3)")
         sizes = states.buckets(tensors, e, choices.bucket_bytes)
+        found_units = states.units(tensors)
+        gathers = [2] * len(found_units)
+        if choices.zero == 3:
+            sizes = [n for _, n in found_units]
+            whole = [-(-n // d) * d * e for n in sizes]  # a unit gathered: d·⌈n_u/d⌉·e
+            tied_here = model.tie_embeddings and found_units[0][0] == "embeddings" and found_units[-1][0] == "head"
+            if tied_here:
+                # the tied head's wteᵀ: the embeddings unit gathered again in forward and in backward -- but
+                # under SP the replicated LayerNorm weights' gradients become final only at the end of the
+                # backward (their f all-reduces over tp run last), so no unit is freed inside backward and
+                # the embedding's backward finds the table still gathered: 3 gathers, not 4
+                gathers[0] = 3 if choices.sequence_parallel else 4
+                whole[-1] += whole[0]
+            if choices.sequence_parallel:
+                sp.temporaries["gathered units"] = Figure(
+                    sum(-(-n // d) * d * e for n in sizes), "every unit gathered by the end of backward, "
+                    "d·Σ_u⌈n_u/d⌉·e: under SP each unit's gradient is final (and the unit freed) only after the "
+                    "LayerNorms' f all-reduces, which run last", "minitp.parallel.data.zero3", False)
+            else:
+                sp.temporaries["gathered unit"] = Figure(max(whole), "the largest unit gathered whole, d·⌈n_u/d⌉·e "
+                                                         "(the tied head: + the embeddings unit)",
+                                                         "minitp.parallel.data.zero3 (FSDP, Zhao et al. 2023)", False)
         if d > 1:
-            sp.temporaries["gradient bucket"] = Figure(max(sizes) * e, "the largest bucket's packed copy, n·e",
-                                                       "minitp.parallel.data.buckets")
+            padded = -(-max(sizes) // d) * d if choices.zero else max(sizes)
+            sp.temporaries["gradient bucket"] = Figure(padded * e, "the largest bucket's (ZeRO-3: unit's) packed copy, "
+                                                       "n·e (ZeRO: padded, d·⌈n/d⌉·e)", "minitp.parallel.data.buckets")
         # communication
         blocks = sum(len(parameters.chunk_layers(model, p, v, c)) for c in chunk_of.values())
         first = any(0 in parameters.chunk_layers(model, p, v, c) for c in chunk_of.values())
@@ -141,7 +164,7 @@ def plan(model, mesh, choices):
         msgs += communication.context_parallel(model, mesh, choices, blocks, m)
         msgs += communication.experts(model, mesh, choices, blocks, m)
         msgs += communication.pipeline(model, mesh, choices, r, m)
-        msgs += communication.data_parallel(mesh, choices, sizes if choices.zero != 3 else [], psi)
+        msgs += communication.data_parallel(mesh, choices, sizes, m, gathers)
         sp.messages = msgs
         stages.append(sp)
     B = m * choices.micro_batch * mesh.dp

@@ -96,7 +96,7 @@ class Choices:
     ``micro_batch`` b: sequences per microbatch per replica; ``global_batch`` B (default d·b: one microbatch
     per step); m = B/(d·b) microbatches. ``seq``: the batch's sequence length (default the model's seq_len).
     ``precision``: "float32"/"float64" (minitp: everything in that dtype) or "bf16"/"fp16" (mixed precision,
-    fp32 master weights and Adam moments: formula only). ``zero``: 0, 1 (minitp), 2 or 3 (formula only).
+    fp32 master weights and Adam moments: formula only). ``zero``: 0-3 (minitp's stages; 3 with pp > 1 formula only).
     ``bucket_bytes``: the gradient buckets (minitp's default 25 MiB; ZeRO pads each to a multiple of d).
     ``ids_itemsize``: bytes of a token id (numpy's int64 on 64-bit Linux): the embedding and the loss keep
     the ids and targets for backward. ``attention``: "dense" (the paper's core, keeping the s×s scores),

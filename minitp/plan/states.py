@@ -12,14 +12,30 @@ weights, momentum and variance per parameter):
 
 Their example, Ψ = 7.5B, N_d = 64: 120 GB, 31.4 GB, 16.6 GB, 1.9 GB (GB = 1e9 bytes). ``zero_paper``.
 
-**What minitp runs** (``minitp.parallel.data.zero``, measured byte for byte by ``ZeroOptimizer.state_bytes``):
-one dtype for everything (float32 or float64: no master copy, K = 2e for AdamW's two moments), and ZeRO
-stage 1 over the *flat gradient buckets*: a bucket of n elements is padded to d·⌈n/d⌉ and rank r keeps the
-moments of [r·⌈n/d⌉, (r+1)·⌈n/d⌉) ∩ [0, n) -- the padding has no state, so the last ranks may hold fewer
-elements (``zero1_elements``). The paper's KΨ/N_d is that without the padding rule.
+**What minitp runs** (``minitp.parallel.data.zero`` and ``zero3``; ``tests/test_plan.py`` measures every
+figure below byte for byte at 1, 2 and 4 ranks): one dtype for everything (float32 or float64: no master
+copy, K = 2e for AdamW's two moments). Stages 1 and 2 shard the *flat gradient buckets*
+(``parallel.buckets._layout``); stage 3 shards *units* (``parallel.data.units``: the embeddings wte + wpe,
+each transformer block, the head ln_f (+ lm_head)). A bucket or unit of n elements is padded to d·⌈n/d⌉
+and rank r keeps [r·⌈n/d⌉, (r+1)·⌈n/d⌉). Per rank:
 
-Stages 2 and 3 and mixed precision are not built in minitp: their figures here are the paper's formulas
-(formula only: not yet measured against minitp).
+    stage   parameters            gradients (end of backward)   optimizer state
+    0       Ψe                    Ψe                            2eΨ
+    1       Ψe                    Ψe (reduce-scattered after)   2e·|[r⌈n/d⌉, (r+1)⌈n/d⌉) ∩ [0, n)| per bucket
+    2       Ψe                    Σ_b ⌈n_b/d⌉·e                 the same, per bucket
+    3       Σ_u ⌈n_u/d⌉·e + e     Σ_u ⌈n_u/d⌉·e                 the same, per unit
+
+The padding has no optimizer state, so the last ranks may hold fewer elements (``zero1_elements``); the
+gradient slices and stage 3's parameter slices are ⌈n/d⌉ long on every rank, padding included. Stage 3's
+"+ e": a freed parameter is a read-only broadcast of one NaN of its shape (``zero3.ShardedUnits
+._placeholder``), one element per dtype. Stage 1's whole gradient is alive until the end of backward
+(reduce-scattered in ``finish``); stage 2 reduce-scatters each bucket inside backward as soon as it is
+complete and drops its ``.grad``. The paper's KΨ/N_d, (2 + K)Ψ/N_d, (2 + 2 + K)Ψ/N_d are these without the
+padding rule and the placeholder. Stage 3 with pipeline stages (pp > 1) is refused by minitp
+(``zero3.check_mesh``): there the planner gives the same per-stage formula, marked formula only.
+
+Mixed precision (bf16/fp16 with fp32 master weights and moments) is not built in minitp: its figures are
+the paper's formulas (formula only: not yet measured against minitp).
 """
 import math
 
@@ -56,6 +72,36 @@ def zero1_elements(bucket_sizes, d, rank):
     return total
 
 
+def units(tensors):
+    """minitp's ZeRO-3 units (``parallel.data.units.gpt_units``) of one rank's ``tensors`` (model order):
+    [(name, elements)] -- "embeddings" (wte, wpe), "blocks.i" each, "head" (ln_f, lm_head; on a last pipeline
+    stage also the tied table's copy, a layout minitp does not run: it refuses ZeRO-3 with pp > 1)."""
+    found = []
+    for tensor in tensors:
+        if tensor.name.startswith("blocks."):
+            name = ".".join(tensor.name.split(".")[:2])
+        elif tensor.name in ("wte.weight", "wpe.weight"):
+            name = "embeddings"
+        else:
+            name = "head"
+        if not found or found[-1][0] != name:
+            found.append([name, 0])
+        found[-1][1] += tensor.elements
+    return [tuple(unit) for unit in found]
+
+
+def padded_slices(sizes, d):
+    """Σ ⌈n/d⌉: the elements of one rank's slices of buckets or units of ``sizes``, padding included."""
+    return sum(-(-n // d) for n in sizes)
+
+
+def sharded_groups(tensors, choices, d):
+    """The element counts ZeRO shards: the gradient buckets (stages 1, 2) or the units (stage 3)."""
+    if choices.zero == 3:
+        return [n for _, n in units(tensors)]
+    return buckets(tensors, ITEMSIZE[choices.precision], choices.bucket_bytes)
+
+
 def model_states(psi, tensors, d, dp_rank, choices):
     """{parameters, gradients, optimizer, master weights: (bytes, source)} on one rank holding ``psi``
     parameters (``tensors``, in model order), d = the ranks its parameters are replicated over."""
@@ -64,19 +110,24 @@ def model_states(psi, tensors, d, dp_rank, choices):
         e = ITEMSIZE[choices.precision]
         K = choices.optimizer_buffers * e
         states = {"parameters": (psi * e, "Ψ·e (one dtype, as minitp runs)"),
-                  "gradients": (psi * e, "Ψ·e: .grad in the parameters' dtype")}
+                  "gradients": (psi * e, "Ψ·e: .grad in the parameters' dtype, whole at the end of backward")}
         if zero == 0:
             states["optimizer state"] = (psi * K, "AdamW's 2 moments: 2Ψ·e (nn.AdamW)")
-        elif zero == 1:
-            sizes = buckets(tensors, e, choices.bucket_bytes)
-            states["optimizer state"] = (zero1_elements(sizes, d, dp_rank) * K,
-                                         "ZeRO-1 over the padded buckets: 2e·|[r⌈n/d⌉, (r+1)⌈n/d⌉) ∩ [0, n)| "
-                                         "per bucket (minitp.parallel.data.zero; Rajbhandari et al. 2020 §5.1: KΨ/N_d)")
-        else:  # formula only
-            states["optimizer state"] = (psi * K / d, f"KΨ/N_d, Rajbhandari et al. 2020 §5.1 (formula only)")
-            states["gradients"] = (psi * e / d, "ZeRO-2/3: Ψe/N_d, Rajbhandari et al. 2020 §5.2 (formula only)")
-            if zero == 3:
-                states["parameters"] = (psi * e / d, "ZeRO-3: Ψe/N_d, Rajbhandari et al. 2020 §5.3 (formula only)")
+            return states
+        groups = sharded_groups(tensors, choices, d)
+        what = "unit" if zero == 3 else "bucket"
+        states["optimizer state"] = (zero1_elements(groups, d, dp_rank) * K,
+                                     f"ZeRO-{zero} over the padded {what}s: 2e·|[r⌈n/d⌉, (r+1)⌈n/d⌉) ∩ [0, n)| "
+                                     f"per {what} (minitp.parallel.data.zero{'3' if zero == 3 else ''}; "
+                                     "Rajbhandari et al. 2020 §5.1: KΨ/N_d)")
+        if zero >= 2:
+            states["gradients"] = (padded_slices(groups, d) * e,
+                                   f"ZeRO-{zero}: Σ⌈n/d⌉·e, this rank's reduce-scattered slice of each {what} "
+                                   "(Rajbhandari et al. 2020 §5.2: Ψe/N_d)")
+        if zero == 3:
+            states["parameters"] = (padded_slices(groups, d) * e + e,
+                                    "ZeRO-3: Σ_u⌈n_u/d⌉·e + e, this rank's slice of each unit and the freed "
+                                    "parameters' one-element placeholder (Rajbhandari et al. 2020 §5.3: Ψe/N_d)")
         return states
     # mixed precision (formula only): 2-byte parameters and gradients, fp32 master + 2 fp32 moments (K = 12)
     cite = "Rajbhandari et al. 2020 §5.1, mixed precision (formula only)"
