@@ -20,6 +20,8 @@ alone would leave the others waiting in their next collective.
 ``each_rank`` and ``verdict`` are collective over ``MPI.COMM_WORLD``: call them on every rank, in the
 same order. ``say`` and ``banner`` may be called anywhere, and print only on rank 0.
 """
+import sys
+
 from mpi4py import MPI
 
 from minitp import backend, comm
@@ -74,3 +76,23 @@ def verdict(ok, message, failure=None):
         return
     say(f"check: FAILED: {message if failure is None else failure}")
     raise SystemExit(1)
+
+
+_progress_shown = False
+
+
+def progress(text):
+    """Rewrite one line in place ("\\r"), from rank 0, only when stdout is a terminal: a long run shows
+    every step without filling the screen, and a log file gets no carriage returns."""
+    global _progress_shown
+    if MPI.COMM_WORLD.Get_rank() == 0 and sys.stdout.isatty():
+        print(f"\r{text}\033[K", end="", flush=True)
+        _progress_shown = True
+
+
+def end_progress():
+    """Clear the progress line, if one is shown, so that the next line printed starts at column 0."""
+    global _progress_shown
+    if _progress_shown:
+        print("\r\033[K", end="", flush=True)
+        _progress_shown = False

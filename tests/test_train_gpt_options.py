@@ -85,6 +85,17 @@ REFUSED = [
     (["--sample", HUGE], "--sample must be at most 100,000 characters"),
     (["--save-every", "-1"], "--save-every must be 0 or more, not -1"),
     (["--save-every", "2"], "--save-every 2 saves to the --save path: pass --save PATH too"),  # saved nothing
+    # the lr schedule and the held-out loss
+    *[(["--warmup", value], f"--warmup must be in [0, --steps 1), not {value}") for value in ("-1", "1")],
+    (["--warmup", "1.5"], "argument --warmup: invalid int value: '1.5'"),
+    *[(["--lr-min", value], f"--lr-min must be a finite number in [0, --lr 0.003], not {value}")
+      for value in ("-1", "nan", "inf", "0.004")],
+    (["--eval-every", "-1"], "--eval-every must be 0 or more, not -1"),
+    *[(["--eval-batches", value], f"--eval-batches must be a positive integer, not {value}") for value in ("0", "-1")],
+    (["--text", "{five}", "--seq", "40"], "the held-out last 10% of the text has 20 characters: too few for "
+                                          "windows of --seq 40 + 1"),
+    (["--text", "{five}", "--seq", "185"], "the text has 200 characters, 180 of them for training (the last 10% "
+                                           "held out): too few for windows of --seq 185 + 1"),
     # floats: 0, negative, NaN, inf, the wrong type
     *[(["--dropout", value], f"--dropout must be in [0, 1), not {value}") for value in ("-0.1", "1", "nan", "inf")],
     *[(["--lr", value], f"--lr must be a finite positive number, not {value}") for value in ("0", "-1", "nan", "inf")],
@@ -139,6 +150,16 @@ def test_edges_that_are_not_errors_do_what_they_say(train_gpt, tmp_path, capsys)
     assert status == 0 and saved.is_file() and out.count(f"saved {saved}") == 1, out
     status, out, _ = outcome(train_gpt, ["--bucket-mb", "inf"], capsys)
     assert status == 0, out
+    # a text too short to hold out a window trains without evaluating, when asked; --warmup 0 and --lr-min
+    # equal to --lr: a constant lr; --warmup --steps - 1: the last step at --lr
+    status, out, _ = outcome(train_gpt, ["--text", str(tmp_path / "five.txt"), "--seq", "40", "--eval-every", "0"],
+                             capsys) if (tmp_path / "five.txt").write_text("abcde" * 40) else (None,) * 3
+    assert status == 0 and "held-out loss" not in out, out
+    status, out, _ = outcome(train_gpt, ["--steps", "3", "--log-every", "1", "--warmup", "0", "--lr-min", "3e-3"],
+                             capsys)
+    assert status == 0 and re.findall(r"lr (\S+)  ", out) == ["3.00e-03"] * 3, out
+    status, out, _ = outcome(train_gpt, ["--steps", "3", "--log-every", "1", "--warmup", "2"], capsys)
+    assert status == 0 and re.findall(r"lr (\S+)  ", out) == ["1.50e-03", "3.00e-03", "3.00e-03"], out
     status, out, _ = outcome(train_gpt, ["--steps", "3", "--trace", str(tmp_path / "t.json"), "--trace-steps", HUGE],
                              capsys)
     assert status == 0 and "traced steps 2..3 into" in out and "trained steps 1..3" in out, out

@@ -41,11 +41,14 @@ from pathlib import Path
 import numpy
 from mpi4py import MPI
 
-from minitp import checkpoint, comm, pipeline, trace_report
+from minitp import backend, checkpoint, comm, pipeline, trace_report
 from minitp.nn import GPT, AdamW, GPTConfig
+from minitp.nn.schedule import warmup_cosine
 from minitp.parallel import AllReduceGradients, FullyShardedOptimizer, ParallelGPT, ZeroOptimizer
 from minitp.training import Pipelined, train_step, whole_batch
-from minitp.report import say
+from minitp.training.evaluate import evaluate_loss
+from minitp.training.throughput import machine_gemm_rate, step_flops
+from minitp.report import end_progress, progress, say
 
 # the command line (section 6): this file's sibling, found because Python puts the folder of the script
 # it runs first on sys.path
@@ -67,6 +70,17 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------------
 VOCAB_MULTIPLE = 8
 CORPUS = REPOSITORY / "tutorials" / "data" / "corpus.txt"
+HELD_OUT = 0.1
+"""The share of the text, at its END, that no training batch ever reads: the held-out loss measures what
+the model learned about text it has not seen (on this small corpus a falling training loss with a rising
+held-out loss is overfitting, invisible otherwise). The end rather than random windows: windows drawn
+anywhere would overlap the training windows by all but a few characters."""
+
+
+def split_held_out(data):
+    """(training characters, held-out characters): the first 90% and the last 10% of ``data``."""
+    cut = len(data) - int(len(data) * HELD_OUT)
+    return data[:cut], data[cut:]
 
 
 def read_corpus(comm=MPI.COMM_WORLD, path=None):
@@ -192,8 +206,10 @@ def pipelined(args):
 
 def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=None):
     """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses and their
-    gradient norms (before clipping). ``report(step, loss, norm, seconds)`` is called after each step
-    (on every rank). With ``--trace``, ``--trace-steps`` steps after the first are recorded into one
+    gradient norms (before clipping). Each step's lr is set first: warmup, then cosine decay
+    (``minitp.nn.schedule``), a function of the step alone, so a resumed run uses the uninterrupted
+    run's lrs; ``optimizer.lr`` is AdamW's own, or ZeRO's, which is the wrapped AdamW's.
+    ``report(step, loss, norm, seconds)`` is called after each step (on every rank). With ``--trace``, ``--trace-steps`` steps after the first are recorded into one
     timeline of every rank."""
     # the whole batch at once, or m microbatches through the stages by the schedule (the serial model of
     # the check takes the whole batch: the microbatches' masks are blocks of the step's one mask)
@@ -204,6 +220,7 @@ def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=No
         losses, norms = [], []
         for step in range(first, last):
             ids, targets = batch_at(data, step, args.batch, args.seq, args.seed)
+            optimizer.lr = warmup_cosine(step, args.lr, args.lr_min, args.warmup, args.steps)
             started = time.perf_counter()
             loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm,
                                     gradients=gradients, forward_backward=forward_backward)
@@ -244,7 +261,8 @@ class Training:
     """What ``setup`` prepares: the mesh, the text, the model and its optimizer, the step to start at."""
     mesh: object
     characters: Characters
-    data: numpy.ndarray
+    data: numpy.ndarray  # the training characters (``split_held_out``'s first part)
+    held_out: numpy.ndarray  # the last HELD_OUT of them, never in a training batch
     model: object
     optimizer: object
     gradients: object
@@ -292,7 +310,32 @@ def setup(args, mesh):
         if first_step == args.steps:  # a run that would train nothing, save the same weights and say nothing
             raise ValueError(f"the checkpoint {args.load} is at step {first_step} and --steps is {args.steps}: "
                              f"nothing to train; pass --steps larger than {first_step}")
-    return Training(mesh, characters, characters.encode(text), model, optimizer, gradients, first_step, text)
+    data, held_out = split_held_out(characters.encode(text))
+    if len(data) <= args.seq + 1:
+        raise ValueError(f"the text has {len(text)} characters, {len(data)} of them for training (the last "
+                         f"{HELD_OUT:.0%} held out): too few for windows of --seq {args.seq} + 1")
+    if args.eval_every and len(held_out) <= args.seq + 1:
+        raise ValueError(f"the held-out last {HELD_OUT:.0%} of the text has {len(held_out)} characters: too few for "
+                         f"windows of --seq {args.seq} + 1; pass a longer --text, a shorter --seq, or --eval-every 0")
+    return Training(mesh, characters, data, held_out, model, optimizer, gradients, first_step, text)
+
+
+def gpu_sharing(mesh):
+    """A note for the banner when ranks share a GPU (MINITP_DEVICE=gpu, more ranks than GPUs on a
+    machine), else None. Not a silent change of device: the user chose it, and at large sizes it wins."""
+    if backend.device() != "gpu":
+        return None
+    import cupy
+    places = mesh.world.comm.allgather((MPI.Get_processor_name(), cupy.cuda.Device().id))
+    most = max(places.count(place) for place in places)
+    if most == 1:
+        return None
+    return (f"note: {most} ranks share one GPU. They take turns on it, and small GEMMs leave it mostly idle: "
+            f"measured on one H200 (issue 24), the tutorial's default model ran at 4,271 tokens/s on 4 ranks "
+            f"sharing the GPU against 62,454 on 4 CPU ranks (15x slower) and 21,464 on 1 GPU rank; the large "
+            f"model (--hidden 1024 --heads 16 --layers 4 --seq 512 --batch 16) ran at 46,925 tokens/s on 1 GPU "
+            f"rank, 14,531 on 4 sharing it, 1,015 on 4 CPU ranks. Small models: run on the CPU (unset "
+            f"MINITP_DEVICE); large ones: one rank per GPU")
 
 
 def metadata(characters, text):
@@ -306,7 +349,7 @@ def run(args, training):
     model, optimizer, first_step = training.model, training.optimizer, training.first_step
     parameters = sum(math.prod(p.shape) for p in model.parameters())
     source = args.text or CORPUS.relative_to(REPOSITORY)
-    say(f"{mesh}\n{len(data):,} characters of {source}, vocabulary {len(characters.chars)} "
+    say(f"{mesh}\n{len(training.text):,} characters of {source}, vocabulary {len(characters.chars)} "
         f"(padded to {characters.vocab}); {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
         f"seq {args.seq}, global batch {args.batch} ({args.batch // mesh.dp_size} per replica), "
         f"{args.dtype}, dropout {args.dropout}, sequence_parallel={args.sequence_parallel}, zero={args.zero}, "
@@ -317,9 +360,29 @@ def run(args, training):
         + (f"; {args.schedule} schedule, {args.microbatches} microbatches" if pipelined(args) else ""))
     if args.load:
         say(f"resumed from {args.load} at step {first_step}")
+    say(f"lr: warmup to {args.lr:g} over {args.warmup} steps, cosine decay to {args.lr_min:g} at step {args.steps}; "
+        f"{len(data):,} characters for training, the last {len(training.held_out):,} held out"
+        + (f" (their loss every {args.eval_every} steps, {args.eval_batches} batches)" if args.eval_every else ""))
+    shared = gpu_sharing(mesh)
+    if shared:
+        say(shared)
+    # MFU's denominator: every rank times a GEMM at once (minitp.training.throughput)
+    gemm = machine_gemm_rate(numpy.dtype(args.dtype), mesh.world.comm)
+    flops = step_flops(args.batch, args.seq, args.layers, args.hidden, characters.vocab,
+                       top_k=args.top_k if args.experts else 1)
+    say(f"measured GEMM rate {gemm / 1e9:,.1f} GFLOP/s ({args.dtype}, all {mesh.world.size} ranks at once); "
+        f"{flops / 1e9:,.2f} GFLOP of model flops per step (minitp.plan.flops, Narayanan et al. eq. 3)")
 
     tokens_per_step = args.seq * args.batch
     window = {"seconds": 0.0, "steps": 0, "loss": 0.0}
+    held_out = [batch_at(training.held_out, i, args.batch, args.seq, args.seed)  # the same batches every time
+                for i in range(args.eval_batches if args.eval_every else 0)]
+    forward = dict(schedule=args.schedule, microbatches=args.microbatches) if pipelined(args) else {}
+
+    def evaluate(step):
+        losses = [evaluate_loss(model, ids, targets, mesh, **forward) for ids, targets in held_out]
+        say(f"held-out loss {sum(losses) / len(losses):.4f} at step {step + 1}/{args.steps} "
+            f"(mean of {len(losses)} fixed batches of the last {HELD_OUT:.0%} of the text)")
 
     def report(step, loss, norm, seconds):
         if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every rank: every rank stops
@@ -332,10 +395,17 @@ def run(args, training):
         if (step + 1) % args.log_every == 0 or step == first_step or step + 1 == args.steps:
             # one batch's loss is noisy: print the mean since the last line
             speed = window["steps"] * tokens_per_step / window["seconds"]
+            mfu = window["steps"] * flops / window["seconds"] / gemm
             mean = window["loss"] / window["steps"]
+            end_progress()
             say(f"step {step + 1:4d}/{args.steps}  loss {mean:.4f} (mean of {window['steps']:3d})  "
-                f"grad norm {norm:6.3f}  {speed:8,.0f} tokens/s")
+                f"grad norm {norm:6.3f}  lr {optimizer.lr:.2e}  {speed:8,.0f} tokens/s  MFU {mfu:5.1%}")
             window.update(seconds=0.0, steps=0, loss=0.0)
+        else:  # a terminal sees every step on one line, rewritten (nothing when the output is a file)
+            progress(f"step {step + 1:4d}/{args.steps}  loss {loss:.4f}  lr {optimizer.lr:.2e}")
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            end_progress()
+            evaluate(step)
         if args.save and args.save_every and (step + 1) % args.save_every == 0:
             checkpoint.save(args.save, model, optimizer, mesh, step=step + 1,
                             metadata=metadata(characters, training.text))
@@ -399,7 +469,7 @@ def check(args, mesh):
     same on every rank."""
     text = read_corpus(mesh.world.comm, args.text)
     characters = Characters(text)
-    data = characters.encode(text)
+    data, _ = split_held_out(characters.encode(text))  # what the run trains on
     parallel = train(*build(args, characters.vocab, mesh, numpy.float64), data, args, mesh)
     serial = train(*build(args, characters.vocab, None, numpy.float64), data, args, None)
     return CheckResult(parallel[0], serial[0], parallel[1], serial[1])

@@ -18,7 +18,13 @@ The options, by group:
                  --aux-loss-coef, --z-loss-coef, and --ep: the experts spread over ep ranks carved out of
                  dp (ep must divide dp).
   the training   --steps, --batch (global: split over dp, then into microbatches), --lr, --weight-decay
-                 (AdamW), --max-norm (clipping), --seed (the weights, the dropout masks and the batches).
+                 (AdamW), --max-norm (clipping), --seed (the weights, the dropout masks and the batches);
+                 --warmup and --lr-min: the lr ramps up linearly over --warmup steps, then decays along
+                 a cosine to --lr-min at the last step (minitp.nn.schedule; --warmup 0 --lr-min = --lr:
+                 a constant lr). --microbatches m at --pp 1 is gradient accumulation: the same step as
+                 the whole batch (the microbatches' dropout masks are blocks of the step's one mask).
+  held out       the last ``HELD_OUT`` (10%) of the text's characters are never in a training batch;
+                 every --eval-every steps (0: never) the loss on --eval-batches fixed batches of them.
   data parallel  --zero 1|2|3 (ZeRO: the optimizer state, + the gradients, + the parameters sharded over
                  dp), --overlap (the gradients reduced during backward; stage 3 also prefetches the next
                  block's parameters), --bucket-mb (the size of the buckets they are reduced in).
@@ -35,6 +41,9 @@ Why each refusal (``validate``) exists:
     at its first step), and a negative count means nothing; --sample above ``MAX_SAMPLE``: each
     character is one forward pass;
   * --dropout must be in [0, 1): at 1 nothing is kept;
+  * --warmup must be in [0, --steps): a warmup as long as the run never trains at --lr; --lr-min in
+    [0, --lr]: a floor above the peak would make the "decay" a rise; --eval-every >= 0 and
+    --eval-batches >= 1 (0 batches would average nothing);
   * --lr, --weight-decay, --max-norm and --temperature must be finite and of the right sign: a NaN or
     inf poisons every weight at the first step; a negative --max-norm would ascend the gradient and 0
     zero it; lr × weight decay must stay below 1, since AdamW multiplies every weight by 1 - lr·wd each
@@ -107,12 +116,19 @@ def parse(argv=None):
     parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="Switch's load-balancing loss coefficient")
     parser.add_argument("--z-loss-coef", type=float, default=0.0, help="the router z-loss coefficient (ST-MoE)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's learning rate")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="steps of linear warmup to --lr, then a cosine decay to --lr-min at the last step "
+                             "(unset: a tenth of --steps)")
+    parser.add_argument("--lr-min", type=float, default=None, help="the floor of the cosine decay (unset: --lr / 10)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm (> 0)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
     parser.add_argument("--seed", type=int, default=0, help="weights, dropout and batches")
     # what the run leaves: log lines, a sample, checkpoints
     parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    parser.add_argument("--eval-every", type=int, default=100,
+                        help="steps between losses on the held-out last 10%% of the text (0: never)")
+    parser.add_argument("--eval-batches", type=int, default=4, help="fixed held-out batches per evaluation")
     parser.add_argument("--sample", type=int, default=200,
                         help=f"characters to generate at the end (0: none; at most {MAX_SAMPLE:,})")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
@@ -138,18 +154,25 @@ def parse(argv=None):
                              "at 1 rank")
     parser.add_argument("--check", action="store_true",
                         help="prove it: 10 steps in float64 with dropout, losses and gradient norms against serial")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # the schedule's defaults follow --steps and --lr: a tenth of the run warms up (nanoGPT warms up over
+    # 2,000 of 600,000 steps; a short tutorial run needs relatively more), the floor is --lr / 10 (nanoGPT's)
+    if args.warmup is None:
+        args.warmup = max(args.steps, 0) // 10
+    if args.lr_min is None:
+        args.lr_min = args.lr / 10
+    return args
 
 
 def validate(args):
     """Every value checked before any work: ``ValueError`` naming the option. The same on every rank,
     which all parse the same command line. Options that would be ignored in silence are refused too."""
     positive = ["tp", "cp", "pp", "ep", "microbatches", "virtual_stages", "steps", "batch", "seq", "hidden", "heads",
-                "layers", "log_every", "trace_steps"]
+                "layers", "log_every", "trace_steps", "eval_batches"]
     for name in positive + (["dp"] if args.dp is not None else []):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(args, name)}")
-    for name in ("sample", "save_every", "seed"):  # numpy's generators take no negative seed
+    for name in ("sample", "save_every", "seed", "eval_every"):  # numpy's generators take no negative seed
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
     if args.sample > MAX_SAMPLE:
@@ -159,6 +182,7 @@ def validate(args):
         raise ValueError(f"--dropout must be in [0, 1), not {args.dropout}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite positive number, not {args.lr}")
+    validate_schedule(args)
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ValueError(f"--weight-decay must be a finite number >= 0, not {args.weight_decay}")
     if args.lr * args.weight_decay >= 1:
@@ -189,6 +213,17 @@ def validate(args):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
             raise ValueError(f"--{name} {path}: {'a directory, not a file' if Path(path).is_dir() else 'no such file'}")
+
+
+def validate_schedule(args):
+    """--warmup and --lr-min (``parse`` fills them when unset), by ``schedule.check_schedule``'s rules,
+    named by option."""
+    if not 0 <= args.warmup < args.steps:
+        raise ValueError(f"--warmup must be in [0, --steps {args.steps}), not {args.warmup}: a warmup as long as "
+                         "the run never trains at --lr")
+    if not (math.isfinite(args.lr_min) and 0 <= args.lr_min <= args.lr):
+        raise ValueError(f"--lr-min must be a finite number in [0, --lr {args.lr:g}], not {args.lr_min:g}: the "
+                         "floor of the decay from --lr")
 
 
 def validate_experts(args):
@@ -234,11 +269,13 @@ def fail(problem):
 
 
 CHECK_OVERRIDES = dict(steps=10, seq=8, batch=4, hidden=16, heads=4, layers=2, dropout=0.1, lr=3e-3,
-                       weight_decay=0.01, max_norm=0.5, seed=0, dtype="float64", bucket_mb=2 / 1024)
+                       weight_decay=0.01, max_norm=0.5, seed=0, dtype="float64", bucket_mb=2 / 1024,
+                       warmup=3, lr_min=3e-4, eval_every=0, eval_batches=1)
 """What ``--check`` sets, whatever the command line says: a tiny float64 model with dropout on, divisible
 by tp <= 4 and dp <= 2; its 8 tokens by 2·cp zigzag chunks for cp <= 4 (s/cp by tp under SP), its 4
 heads by cp·tp under Ulysses; with pipeline stages, a block per chunk (at least 2) and a batch that
-dp × microbatches divides. The buckets are small (2 KiB), so that a step has several and ZeRO pads some."""
+dp × microbatches divides. The buckets are small (2 KiB), so that a step has several and ZeRO pads some.
+The lr warms up and decays (every step's lr differs): a wrapper that kept its own lr (ZeRO) would differ."""
 
 
 def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, cp=1, cp_kind="zigzag",

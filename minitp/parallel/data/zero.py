@@ -93,6 +93,17 @@ class ZeroOptimizer:
         """ZeRO-1's gradients are reduce-scattered into the slices its step updates: it is its own sync."""
         return self
 
+    @property
+    def lr(self):
+        """The wrapped optimizer's learning rate: its ``_update`` is what runs on the slices, and it reads
+        its own ``lr``. One place holds it, so a schedule setting ``optimizer.lr`` every step (ZeRO or
+        not) changes the rate the update uses, and a checkpoint of either has nothing extra to keep."""
+        return self.optimizer.lr
+
+    @lr.setter
+    def lr(self, value):
+        self.optimizer.lr = value
+
     def start_step(self, microbatches=1):
         self.gradients.start_step(microbatches)
 
