@@ -17,12 +17,14 @@ from minitp.pipeline.schedules import SCHEDULES
 from minitp.pipeline.training import check_step, forward_backward
 
 
-def whole_batch(model, ids, targets, mesh=None):
-    """Forward and backward of this replica's slice of the batch at once; returns this rank's loss."""
+def whole_batch(model, ids, targets, mesh=None, scale=None):
+    """Forward and backward of this replica's slice of the batch at once; returns this rank's loss.
+    ``scale``: backward from loss · scale (a loss scaler's S, ``minitp.nn.loss_scale``), every gradient
+    S times larger; the loss returned is the unscaled one."""
     with trace.span("forward", "phase"):
         loss = model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
     with trace.span("backward", "phase"):
-        loss.backward()  # overlapped buckets start their reductions in here
+        (loss if scale is None else loss * scale).backward()  # overlapped buckets start their reductions in here
     return loss.item()
 
 

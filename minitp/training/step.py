@@ -18,6 +18,8 @@ overlaps stage 0's draining backwards.
 or ``overlap``), or an optimizer that brings its own (``optimizer.gradient_sync``: ZeRO-1's
 ``ZeroOptimizer``). Without either, a blocking ``AllReduceGradients`` is made for the call.
 """
+import numpy
+
 from minitp import trace
 from minitp.nn.optim import check_max_norm
 from minitp.parallel.data.data_parallel import average_over_data_parallel, replicas
@@ -74,7 +76,7 @@ def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch,
 
 
 def train_step(model, optimizer, ids, targets, mesh=None, *, max_norm=None, gradients=None,
-               forward_backward=whole_batch):
+               forward_backward=whole_batch, scaler=None):
     """One step on the global batch ``ids``, ``targets`` (s, B), every rank passing the same arrays;
     returns (the global batch's loss, the gradient norm before clipping), the same on every rank.
 
@@ -82,17 +84,38 @@ def train_step(model, optimizer, ids, targets, mesh=None, *, max_norm=None, grad
     ``PipelineGPT`` stage with ``forward_backward=Pipelined(schedule, m)``. ``gradients``: the
     synchronisation (module docstring). What would go wrong is refused first (``check_train_step``).
     While a trace is recorded, the step and its phases are "phase" spans.
+
+    ``scaler``: a ``minitp.nn.loss_scale.DynamicLossScaler`` beside a ``MasterWeights`` optimizer (mixed
+    precision): backward from the scaled loss, the gradients unscaled into the master dtype after their
+    synchronisation and before the clip; a gradient that is inf or NaN on any rank skips the step (the
+    norm returned is then inf, and nothing changed). Whole batches only (not built: pipelines, ZeRO).
     """
     check_train_step(model, optimizer, gradients, forward_backward, mesh, ids.shape[1], max_norm)
+    if scaler is not None and (getattr(forward_backward, "pipelined", False) or
+                               getattr(optimizer, "gradient_sync", None) is not None):
+        raise ValueError("loss scaling is built for the whole-batch step with AllReduceGradients: not with a "
+                         "pipeline schedule or microbatches (each backward would need the scale), nor ZeRO (its "
+                         "gradient slices would need unscaling and its update the master weights)")
     if gradients is None:
         gradients = getattr(optimizer, "gradient_sync", None) or AllReduceGradients(model, mesh)
     with trace.span("step", "phase"):
         optimizer.zero_grad()
         gradients.start_step(forward_backward.microbatches)
-        loss = forward_backward(model, ids, targets, mesh)
+        if scaler is None:
+            loss = forward_backward(model, ids, targets, mesh)
+        else:  # an overflow is expected now and then: the scaler finds it and skips the step, numpy need not warn
+            with numpy.errstate(over="ignore", invalid="ignore"):
+                loss = forward_backward(model, ids, targets, mesh, scale=scaler.scale)
         with trace.span("optimizer", "phase"):
             with trace.span("gradients: finish", "compute"):
                 gradients.finish()
+            if scaler is not None:
+                overflow = scaler.unscale(list(model.parameters()), optimizer.master_dtype,
+                                          None if mesh is None else mesh.world.comm)
+                scaler.update(overflow)
+                if overflow:  # every rank alike: skip the step, the scale already halved
+                    optimizer.zero_grad()
+                    return average_over_data_parallel(loss, mesh), float("inf")
             with trace.span("clip_grad_norm", "compute"):
                 norm = gradients.clip_grad_norm(max_norm)
             with trace.span("optimizer.step", "compute"):
