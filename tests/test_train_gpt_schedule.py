@@ -103,3 +103,13 @@ def test_the_held_out_loss_is_the_serial_eval_loss_on_every_mesh(where):
     expected = serial_eval_loss(ids, targets, layers)
     parallel_assert(abs(loss - expected) <= EXACT, f"{where}: {loss} vs serial {expected}")
     parallel_assert(model.training, "back in training mode")
+
+
+def test_fp16_trains_with_master_weights_and_the_loss_scaler(train_gpt, capsys):
+    """--dtype fp16: the model in fp16, AdamW's masters and moments in fp32, the loss scaled; at the tiny
+    size it trains (20 steps: the mean loss of the last 5 below the first) and no step is skipped."""
+    status, out, _ = outcome(train_gpt, ["--dtype", "fp16", "--steps", "20", "--log-every", "5", "--batch", "8",
+                                         "--seq", "16", "--hidden", "32"], capsys)
+    assert status == 0 and "fp16" in out and "skipped" not in out, out
+    first, last = re.search(r"loss (\S+) \(first step\) -> (\S+)", out).groups()
+    assert float(last) < float(first) - 0.3, out

@@ -43,6 +43,8 @@ from mpi4py import MPI
 
 from minitp import backend, checkpoint, comm, pipeline, trace_report
 from minitp.nn import GPT, AdamW, GPTConfig
+from minitp.nn.loss_scale import DynamicLossScaler
+from minitp.nn.master_weights import MasterWeights
 from minitp.nn.schedule import warmup_cosine
 from minitp.parallel import AllReduceGradients, FullyShardedOptimizer, ParallelGPT, ZeroOptimizer
 from minitp.training import Pipelined, train_step, whole_batch
@@ -148,6 +150,16 @@ def batch_at(data, step, batch, seq, seed=0):
 # ---------------------------------------------------------------------------------------------------
 
 
+LOW_PRECISION = {"fp16": numpy.float16}
+"""--dtype's mixed-precision policies: the model's dtype; the optimizer keeps fp32 master weights and
+moments (``MasterWeights``), and fp16 scales the loss (``DynamicLossScaler``: its gradients underflow)."""
+
+
+def model_dtype(args):
+    """The dtype the model's parameters, activations and gradients are in."""
+    return LOW_PRECISION.get(args.dtype) or numpy.dtype(args.dtype).type
+
+
 def build(args, vocab, mesh, dtype):
     """(model, optimizer, gradients): this rank's ParallelGPT (or PipelineGPT stage) on ``mesh``, or with
     ``mesh=None`` the serial nn.GPT; ``gradients`` the gradient synchronisation of plain data parallelism
@@ -169,6 +181,8 @@ def build(args, vocab, mesh, dtype):
             model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel, context_parallel=context,
                                 overlap=args.overlap)
     optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.dtype in LOW_PRECISION:  # fp32 master weights and moments, the model in fp16 (validate: dp/tp only)
+        optimizer = MasterWeights(optimizer, numpy.float32)
     gradients, bucket_bytes = None, args.bucket_mb * 2 ** 20
     if mesh is not None and args.zero == 3:  # every parameter 1/dp per rank, gathered block by block
         optimizer = FullyShardedOptimizer(optimizer, model, mesh, overlap=args.overlap)
@@ -215,6 +229,7 @@ def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=No
     # the check takes the whole batch: the microbatches' masks are blocks of the step's one mask)
     forward_backward = Pipelined(args.schedule, args.microbatches) if mesh is not None and pipelined(args) \
         else whole_batch
+    scaler = DynamicLossScaler() if getattr(args, "dtype", None) == "fp16" else None  # fp16 gradients underflow
 
     def steps(first, last):
         losses, norms = [], []
@@ -223,7 +238,9 @@ def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=No
             optimizer.lr = warmup_cosine(step, args.lr, args.lr_min, args.warmup, args.steps)
             started = time.perf_counter()
             loss, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=args.max_norm,
-                                    gradients=gradients, forward_backward=forward_backward)
+                                    gradients=gradients, forward_backward=forward_backward, scaler=scaler)
+            if scaler is not None and not math.isfinite(norm) and math.isfinite(loss):
+                norm = SKIPPED  # an overflow: the scaler skipped the step and halved its scale
             losses.append(loss)
             norms.append(norm)
             if report is not None:
@@ -250,6 +267,10 @@ def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=No
 # ---------------------------------------------------------------------------------------------------
 # 4. The run: train, log on rank 0, save, and write a little text.
 # ---------------------------------------------------------------------------------------------------
+
+
+SKIPPED = -1.0
+"""The gradient norm ``train`` reports for a step that fp16's loss scaler skipped (an inf or NaN gradient)."""
 
 
 class Diverged(ValueError):
@@ -296,7 +317,7 @@ def setup(args, mesh):
                          f"{characters.vocab}: --tp must divide it (the embedding and the LM head are split by "
                          f"vocabulary), tp ∈ {{{', '.join(map(str, allowed))}}}, not {mesh.tp_size}")
     try:
-        model, optimizer, gradients = build(args, characters.vocab, mesh, numpy.dtype(args.dtype).type)
+        model, optimizer, gradients = build(args, characters.vocab, mesh, model_dtype(args))
     except MemoryError as error:  # numpy refuses an impossible allocation at once, the same on every rank
         raise ValueError(f"the model does not fit in memory ({error}): make --hidden, --layers or --seq "
                          f"smaller, or split it over more --tp or --pp ranks") from None
@@ -367,7 +388,7 @@ def run(args, training):
     if shared:
         say(shared)
     # MFU's denominator: every rank times a GEMM at once (minitp.training.throughput)
-    gemm = machine_gemm_rate(numpy.dtype(args.dtype), mesh.world.comm)
+    gemm = machine_gemm_rate(numpy.dtype(model_dtype(args)), mesh.world.comm)
     flops = step_flops(args.batch, args.seq, args.layers, args.hidden, characters.vocab,
                        top_k=args.top_k if args.experts else 1)
     say(f"measured GEMM rate {gemm / 1e9:,.1f} GFLOP/s ({args.dtype}, all {mesh.world.size} ranks at once); "
@@ -389,6 +410,8 @@ def run(args, training):
             raise Diverged(f"the loss is {loss} and the gradient norm {norm} at step {step + 1}: the training "
                            f"diverged (its weights are not saved); try a smaller --lr (now {args.lr}) or "
                            f"--weight-decay (now {args.weight_decay})")
+        if norm == SKIPPED:
+            window["skipped"] = window.get("skipped", 0) + 1
         window["seconds"] += seconds
         window["steps"] += 1
         window["loss"] += loss
@@ -399,8 +422,9 @@ def run(args, training):
             mean = window["loss"] / window["steps"]
             end_progress()
             say(f"step {step + 1:4d}/{args.steps}  loss {mean:.4f} (mean of {window['steps']:3d})  "
-                f"grad norm {norm:6.3f}  lr {optimizer.lr:.2e}  {speed:8,.0f} tokens/s  MFU {mfu:5.1%}")
-            window.update(seconds=0.0, steps=0, loss=0.0)
+                f"grad norm {norm:6.3f}  lr {optimizer.lr:.2e}  {speed:8,.0f} tokens/s  MFU {mfu:5.1%}"
+                + (f"  ({window['skipped']} skipped by the loss scaler)" if window.get("skipped") else ""))
+            window.update(seconds=0.0, steps=0, loss=0.0, skipped=0)
         else:  # a terminal sees every step on one line, rewritten (nothing when the output is a file)
             progress(f"step {step + 1:4d}/{args.steps}  loss {loss:.4f}  lr {optimizer.lr:.2e}")
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):

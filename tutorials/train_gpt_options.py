@@ -13,7 +13,8 @@ The options, by group:
                  refuses another product); --dp unset fills what the others leave.
   the data       --text: any UTF-8 file (unset: tutorials/data/corpus.txt, frozen, so that the figures
                  the README quotes stay true).
-  the model      --seq, --hidden, --heads, --layers, --dropout, --tie-embeddings, --recompute, --dtype.
+  the model      --seq, --hidden, --heads, --layers, --dropout, --tie-embeddings, --recompute, --dtype
+                 (float32, float64, or fp16: mixed precision).
   experts        --experts (0: the dense MLP), --top-k, --capacity-factor (unset: no drops),
                  --aux-loss-coef, --z-loss-coef, and --ep: the experts spread over ep ranks carved out of
                  dp (ep must divide dp).
@@ -54,6 +55,9 @@ Why each refusal (``validate``) exists:
   * options that would be ignored in silence: --save-every without --save (it saved nothing), and with
     --check (which trains its own tiny model) --save, --load, --trace and --unchecked;
   * --text and --load must be files, so that a typo is an error before any collective;
+  * --dtype fp16 (mixed precision: fp16 model, fp32 master weights and moments, dynamic loss scaling) is
+    built for the plain dp/tp(/SP) step; not built with --zero, --pp/--microbatches, --cp, --experts,
+    --save/--load, and --check proves in float64 (the policy's exactness: tests/test_mixed_precision.py);
   * experts: --top-k in [1, --experts] (each token picks k different experts), --capacity-factor > 0 (at
     0 every token is dropped), --ep dividing --experts (E/ep each) and only with experts; not built with
     experts: --pp/--microbatches (the aux loss would cross stages), --cp (its zigzag blocks are not one run
@@ -122,7 +126,9 @@ def parse(argv=None):
     parser.add_argument("--lr-min", type=float, default=None, help="the floor of the cosine decay (unset: --lr / 10)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm (> 0)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameters and activations")
+    parser.add_argument("--dtype", choices=["float32", "float64", "fp16"], default="float32",
+                        help="parameters and activations; fp16: mixed precision (fp32 master weights and moments, "
+                             "dynamic loss scaling), on the dp/tp path")
     parser.add_argument("--seed", type=int, default=0, help="weights, dropout and batches")
     # what the run leaves: log lines, a sample, checkpoints
     parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
@@ -209,6 +215,7 @@ def validate(args):
         raise ValueError("--check trains its own tiny model twice, checked, and saves, loads and traces nothing: "
                          "drop --save, --load, --trace and --unchecked, or run without --check")
     validate_experts(args)
+    validate_precision(args)
     for name in ("text", "load"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
@@ -224,6 +231,23 @@ def validate_schedule(args):
     if not (math.isfinite(args.lr_min) and 0 <= args.lr_min <= args.lr):
         raise ValueError(f"--lr-min must be a finite number in [0, --lr {args.lr:g}], not {args.lr_min:g}: the "
                          "floor of the decay from --lr")
+
+
+def validate_precision(args):
+    """--dtype fp16 is built for the plain dp/tp(/SP) step: refused where its parts are not built."""
+    if args.dtype != "fp16":
+        return
+    refused = [(args.zero, f"--zero {args.zero} (its slices would need unscaling, and its update the master weights)"),
+               (args.pp > 1 or args.microbatches > 1, "--pp/--microbatches (each microbatch's backward would need "
+                                                      "the loss scale)"),
+               (args.cp > 1, "--cp (ring attention's merge is not checked in fp16)"),
+               (args.experts, "--experts (the router is not checked in fp16)"),
+               (args.save or args.load, "--save/--load (a checkpoint would have to hold the fp32 master weights)"),
+               (args.check, "--check (it proves the parallel run in float64; the policy's machinery is proven "
+                            "exact in tests/test_mixed_precision.py)")]
+    for bad, what in refused:
+        if bad:
+            raise ValueError(f"--dtype fp16 with {what}: not built")
 
 
 def validate_experts(args):
