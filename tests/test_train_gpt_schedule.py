@@ -15,6 +15,7 @@ from minitp.parallel import ParallelGPT, ZeroOptimizer
 from minitp.training.evaluate import evaluate_loss
 from test_train_gpt import tutorial
 from test_train_gpt_options import TINY, outcome
+from tutorial_runner import launch, needs_mpiexec
 
 WORLD = MPI.COMM_WORLD
 EXACT = 1e-12
@@ -113,3 +114,15 @@ def test_fp16_trains_with_master_weights_and_the_loss_scaler(train_gpt, capsys):
     assert status == 0 and "fp16" in out and "skipped" not in out, out
     first, last = re.search(r"loss (\S+) \(first step\) -> (\S+)", out).groups()
     assert float(last) < float(first) - 0.3, out
+
+
+@needs_mpiexec
+def test_the_banner_says_when_ranks_share_a_gpu():
+    """MINITP_DEVICE=gpu (the CuPy stand-in, 2 "GPUs"): 3 ranks put ranks 0 and 2 on GPU 0 -- the banner
+    says so, with the issue's measured figures; 2 ranks, one GPU each, get no note."""
+    runs = {ranks: launch("train_gpt.py", *TINY, "--steps", "1", "--batch", "6", ranks=ranks, device="gpu", timeout=120,
+                          env=dict(CUPY_STANDIN_DEVICES="2")) for ranks in (3, 2)}
+    for ranks, run in runs.items():
+        assert run.returncode == 0, run.stdout + run.stderr
+    assert runs[3].stdout.count("note: 2 ranks share one GPU") == 1 and "15x slower" in runs[3].stdout, runs[3].stdout
+    assert "share one GPU" not in runs[2].stdout, runs[2].stdout
