@@ -209,6 +209,124 @@ def test_pipeline_stages_are_planned_to_the_byte():
     parallel_assert(not failures, f"{failures[:3]}")
 
 
+def _measured_step(model, optimizer, mesh, seq, batch, scaler=None):
+    """track_saved around the loss, the gradients alive at the end of backward, the collective log of one
+    ``train_step`` with 2 KiB buckets."""
+    from minitp.parallel.data.data_parallel import split_batch
+    from minitp.parallel.data.sync import AllReduceGradients
+    from minitp.training import train_step
+
+    rng = numpy.random.default_rng(0)
+    ids, targets = rng.integers(0, 64, (seq, batch)), rng.integers(0, 64, (seq, batch))
+    with track_saved() as saved:
+        model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
+    gradients, seen = AllReduceGradients(model, mesh, 2048), {}
+    measure_gradients_at_finish(model, gradients, seen)
+    with comm.log_collectives() as log:
+        train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients, scaler=scaler)
+    return saved.total, seen["gradients"], logged(log)
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+def test_context_parallel_step_is_planned_to_the_byte():
+    """cp 2 and 4 (with tp 2 at 4 ranks, SP on and off): ring, zigzag and Ulysses, no/selective/full
+    recomputation, dropout on; s = 16 (dense cores) and, without recomputation, s = 136 (Ulysses' core on all s
+    keys runs blockwise). Ring keeps q, k, v, O and one lse per row; Ulysses the plain core of a/(t·c) heads
+    over all s tokens; the cp log: ring 2(c−1) + 4(c−1) blocks in 2c−1 sendrecvs per layer, Ulysses 2
+    all-to-alls each way; recomputation re-runs the core's forward collectives in backward."""
+    from minitp.parallel.gpt import ParallelGPT
+
+    failures, checked = [], 0
+    for cp, tp in [(c, t) for c, t in ((2, 1), (4, 1), (2, 2)) if WORLD.size % (c * t) == 0]:
+        mesh = comm.init(tp=tp, cp=cp, dp=WORLD.size // (cp * tp))
+        cases = [(kind, sp, seq, recompute) for kind, sp, seq, recompute in
+                 itertools.product(["ring", "zigzag", "ulysses"], [False, True], [16, 136], [None, "selective", "full"])
+                 if (tp > 1 or not sp) and (seq == 16 or recompute is None)]
+        for kind, sp, seq, recompute in cases:
+            config = GPTConfig(vocab=64, seq_len=seq, hidden=16, heads=4, layers=2, dropout=0.1, dtype="float32",
+                               recompute=recompute)
+            model = ParallelGPT(config, mesh, sequence_parallel=sp, context_parallel=kind)
+            saved, _, log = _measured_step(model, AdamW(model.named_parameters()), mesh, seq, 4)
+            stage = plan(Model.of(config), Mesh(dp=mesh.dp_size, cp=cp, tp=tp),
+                         Choices(micro_batch=4 // mesh.dp_size, sequence_parallel=sp, cp_kind=kind, recompute=recompute,
+                                 bucket_bytes=2048)).stages[0]
+            found = differences(by_group_op(stage.messages), log)
+            if stage.memory["activations"].value != saved:
+                found["activations"] = (stage.memory["activations"].value, saved)
+            if found or not stage.memory["activations"].measured:
+                failures.append(((cp, tp, kind, sp, seq, recompute), found))
+            checked += 1
+    parallel_assert(not failures, f"planned != measured: {failures[:3]}")
+    parallel_assert(checked >= 9)
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+def test_fp16_with_master_weights_is_planned_to_the_byte():
+    """``--dtype fp16``: the model and its gradients in fp16 (2Ψ each), ``MasterWeights``' fp32 copies (4Ψ)
+    and AdamW moments (8Ψ), fp16 activations and the log of a loss-scaled step, tp × dp, SP, tied."""
+    from minitp.nn.loss_scale import DynamicLossScaler
+    from minitp.nn.master_weights import MasterWeights
+    from minitp.parallel.gpt import ParallelGPT
+
+    failures = []
+    for tp in [t for t in (1, 2, 4) if WORLD.size % t == 0]:
+        mesh = comm.init(tp=tp)
+        for sp, tie in [(False, False), (tp > 1, True)]:
+            config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, dropout=0.1, tie_embeddings=tie,
+                               dtype="float16")
+            model = ParallelGPT(config, mesh, sequence_parallel=sp)
+            optimizer = MasterWeights(AdamW(model.named_parameters()), numpy.float32)
+            saved, grads, log = _measured_step(model, optimizer, mesh, 8, 4, DynamicLossScaler(2.0 ** 10))
+            psi = sum(p.data.size for p in model.parameters())  # the elements, to write the formulas out
+            masters = sum(a.nbytes for a in optimizer.master.values())
+            stage = plan(Model.of(config), Mesh(dp=mesh.dp_size, tp=tp),
+                         Choices(micro_batch=4 // mesh.dp_size, sequence_parallel=sp, precision="fp16",
+                                 bucket_bytes=2048)).stages[0]
+            memory = {name: figure.value for name, figure in stage.memory.items()}
+            found = {key: pair for key, pair in {
+                "parameters": (memory["parameters"], sum(p.data.nbytes for p in model.parameters()), 2 * psi),
+                "gradients": (memory["gradients"], grads, 2 * psi),
+                "master weights": (memory["master weights"], masters, 4 * psi),
+                "optimizer state": (memory["optimizer state"], optimizer.state_bytes() - masters, 8 * psi),
+                "activations": (memory["activations"], saved, saved)}.items() if len(set(pair)) > 1}
+            found.update(differences(by_group_op(stage.messages), log))
+            if found or not all(figure.measured for figure in stage.memory.values()):
+                failures.append(((tp, sp, tie), found))
+    parallel_assert(not failures, f"planned != measured: {failures[:3]}")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+def test_experts_states_are_planned_to_the_byte():
+    """Experts over ep (carved out of dp), each split over tp: the rank's parameters (E/ep experts, the
+    replicated h×E router), gradients and AdamW state. The all-to-all bytes stay formula only."""
+    from minitp.parallel.gpt import ParallelGPT
+
+    failures = []
+    for tp, ep in [(t, e) for t in (1, 2) for e in (1, 2, 4) if WORLD.size % (t * e) == 0]:
+        mesh = comm.init(tp=tp, ep=ep)
+        for experts, top_k, tie, sp in [(4, 1, False, False), (4, 2, True, tp > 1)]:
+            config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, experts=experts, top_k=top_k,
+                               tie_embeddings=tie, dtype="float32")
+            model = ParallelGPT(config, mesh, sequence_parallel=sp)
+            optimizer = AdamW(model.named_parameters())
+            _, grads, _ = _measured_step(model, optimizer, mesh, 8, 4)
+            h, f, V, E = 16, 64, 64, experts  # per block: 4h LayerNorms, attention /t, router hE, E/ep experts /t
+            block = 4 * h + (3 * h * h + 3 * h + h * h) // tp + h + h * E + E // ep * ((h * f + f + f * h) // tp + h)
+            psi = V // tp * h + 8 * h + 2 * block + 2 * h + (0 if tie else h * V // tp)
+            stage = plan(Model.of(config), Mesh(dp=mesh.dp_size, tp=tp, ep=ep),
+                         Choices(micro_batch=4 // mesh.dp_size, sequence_parallel=sp)).stages[0]
+            state = sum(a.nbytes for entry in optimizer.state.values() for k, a in entry.items() if k != "step")
+            found = {key: pair for key, pair in {
+                "parameters": (stage.memory["parameters"].value, sum(p.data.nbytes for p in model.parameters()), 4 * psi),
+                "gradients": (stage.memory["gradients"].value, grads, 4 * psi),
+                "optimizer state": (stage.memory["optimizer state"].value, state, 8 * psi)}.items() if len(set(pair)) > 1}
+            if found or not stage.memory["parameters"].measured or stage.memory["activations"].measured:
+                failures.append(((tp, ep, experts, top_k, tie, sp), found))
+            if ep > 1 and any(message.measured for message in stage.messages if message.group == "ep"):
+                failures.append(((tp, ep), "the expert all-to-all is marked measured"))
+    parallel_assert(not failures, f"planned != measured: {failures[:3]}")
+
+
 def test_the_schedules_replay_is_minitps_plan():
     """``plan.schedule.order`` and ``held`` are minitp.pipeline.schedules' plans and peaks, action for action."""
     from minitp.pipeline import schedules

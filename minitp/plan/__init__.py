@@ -12,10 +12,11 @@ Pure Python: nothing here imports MPI or builds a model (``Model.of(config)`` re
 Each figure names its formula and its paper; where minitp's code departs from the paper (LayerNorm's 1/std,
 ZeRO's padded buckets and units, ZeRO-3's placeholder, the tied table's view, the vocabulary padded by
 ``train_gpt.py``) the figure is what the code does, and the module that computes it says how it departs.
-What minitp runs today is exact to the byte at small scale (``tests/test_plan.py`` measures it, ZeRO 0-3
-included); mixed precision (bf16/fp16 with fp32 master weights), experts (ep), ZeRO-3 with pp > 1 (which
-minitp refuses) and context parallelism's attention core are the papers' formulas, marked "formula only:
-not yet measured against minitp".
+What minitp runs today is exact to the byte at small scale (``tests/test_plan.py`` measures it: ZeRO 0-3,
+context parallelism's ring, zigzag and Ulysses, fp16 with master weights, the experts' states); bf16, mixed
+precision with ZeRO or pipelines, ZeRO-3 with pp > 1 (which minitp refuses) and the experts' activations
+and all-to-alls (they follow the routing counts) are the papers' formulas, marked "formula only: not yet
+measured against minitp".
 
     shapes          Model, Mesh, Choices: what is planned
     parameters      the tensors each rank holds; Narayanan et al.'s parameter count

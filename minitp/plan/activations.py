@@ -28,9 +28,10 @@ Blockwise attention (minitp's default from s > 128 without context parallelism, 
 keeps no s×s array: in place of the softmax output, the dropout's mask and dropped probabilities and
 the 1/√d constant it keeps the attention's output O (e·sbh/t) and one log-sum-exp per row (e·as·b/t).
 
-Context parallelism (c ranks) gives each rank s/c of the queries; every sequence-sized term is s/c. Its
-attention core (ring attention, Ulysses) keeps other things than the plain core's scores: modelled here as
-the plain core on s/c queries against s/c keys (ring: one block at a time) -- formula only, not measured.
+Context parallelism (c ranks) gives each rank s/c of the queries; every sequence-sized term is s/c. Ring
+attention (``RingAttention``) keeps q, k, v, its output (the proj input's memory) and one lse per row of
+its a/t heads: no s×s block, no dropout mask (drawn again in backward). Ulysses keeps the plain core of
+a/(t·c) heads over all s tokens ((a/t)·(s/c)·s scores; blockwise from s > 128). Measured.
 """
 from minitp.plan.shapes import BLOCKWISE_ABOVE, ITEMSIZE
 
@@ -81,14 +82,22 @@ def layer_terms(model, mesh, choices, b=None):
     }
     if dropout:
         terms["residual dropout masks, 2 per layer (1 byte each)"] = 2 * MASK * S_sp * b * h
-    if choices.recompute != "selective" and blockwise(mesh, choices, S):
+    ring = mesh.cp > 1 and choices.cp_kind in ("ring", "zigzag")
+    ulysses = mesh.cp > 1 and choices.cp_kind == "ulysses"
+    if ulysses:
+        keys = S * mesh.cp  # a/(t·c) heads × all s tokens: (a/t)·(s/c)·s scores, as many as a/t × s/c × s
+    if choices.recompute != "selective" and ring:
+        # ring attention (RingAttention) keeps q, k, v, O and the lse only: no s×s block, no dropout mask
+        # (drawn again in backward), no 1/√d constant; O is the proj input's memory, counted above
+        terms["ring attention's log-sum-exp per row (a/t heads)"] = e * (a // t) * S * b
+    elif choices.recompute != "selective" and blockwise(mesh, choices, keys):
         # with one head on the rank, the proj input is a view of O (the transpose moves a length-1 axis):
         # track_saved counts that memory once, under the proj input above
         terms["blockwise attention's output O (/t)"] = e * S * b * h // t if a // t > 1 else 0
         terms["blockwise attention's log-sum-exp per row (a/t heads)"] = e * (a // t) * S * b
     elif choices.recompute != "selective":
         heads = a // t
-        terms["softmax output (a/t heads' s×s scores)"] = e * heads * S * keys * b
+        terms["softmax output (a/t heads' s×s scores; Ulysses: a/(tc) heads × s×s)"] = e * heads * S * keys * b
         if attention_dropout:
             terms["attention dropout mask and dropped probabilities"] = (e + MASK) * heads * S * keys * b
         terms["the 0-d constant 1/sqrt(d) kept by attention's Mul (minitp only: +e)"] = e
@@ -106,7 +115,7 @@ def blockwise(mesh, choices, local_seq):
     CPU: s > 128 positions, every key on this rank -- ring attention and Ulysses under cp keep their own)."""
     if choices.attention is not None:
         return choices.attention == "blockwise"
-    return mesh.cp == 1 and local_seq > BLOCKWISE_ABOVE
+    return (mesh.cp == 1 or choices.cp_kind == "ulysses") and local_seq > BLOCKWISE_ABOVE
 
 
 def layer_bytes(model, mesh, choices, b=None):

@@ -28,9 +28,11 @@ Measured byte for byte at pp = 1; ZeRO-3 with pp > 1, which minitp refuses, is f
 and its gradient back, per model-chunk boundary; tied embeddings all-reduce the table's gradient between
 the first and the last stage.
 
-**cp**: ring attention (Liu et al. 2023) passes K and V around the ring, c−1 steps of 2·(s/c)·b·h/t·e each
-forward, and K, V with their gradients backward (formula only); Ulysses (Jacobs et al. 2023) all-to-alls
-q, k, v and the output, (c−1)/c of (s/c)·b·h/t·e each, forward and backward (formula only).
+**cp** (measured): ring attention (Liu et al. 2023; contiguous or zigzag, the same bytes) passes K and V
+around the ring, c−1 sendrecvs of 2·(s/c)·b·h/t·e forward; backward K, V first, then K, V with the
+travelling dK, dV (4 blocks, c−2 times), and the accumulator home (2 blocks): 4(c−1) blocks in c sendrecvs.
+Ulysses (Jacobs et al. 2023) all-to-alls q, k, v stacked (3 blocks) and the output (1), forward, and their
+gradients backward, (c−1)/c of each. Selective and full recomputation re-run the core's forward exchanges.
 
 **ep** (Lepikhin et al. 2020, GShard; formula only): per MoE layer a dispatch and a combine all-to-all of the
 rank's s·b·k tokens of h, each way -- the *evenly spread* figure, (ep−1)/ep of them leaving the rank. What
@@ -141,18 +143,27 @@ def tensor_parallel(model, mesh, choices, blocks, first, last, m):
 
 
 def context_parallel(model, mesh, choices, blocks, m):
-    """Ring attention's K/V passes or Ulysses' all-to-alls (formula only: not yet measured against minitp)."""
+    """Ring attention's K/V passes (contiguous or zigzag: the same) or Ulysses' all-to-alls, as minitp sends
+    them (``parallel.context.ring``, ``ulysses``): measured byte for byte by ``tests/test_plan.py``."""
     c, t, e = mesh.cp, mesh.tp, ITEMSIZE[choices.precision]
     if c == 1:
         return []
     s = choices.seq or model.seq_len
     block = (s // c) * choices.micro_batch * model.hidden // t  # one of q, k, v on this rank
+    again = 2 if choices.recompute else 1  # selective and full recomputation re-run the core's forward in backward
     if choices.cp_kind == "ulysses":
-        return [Message("cp", c, "all_to_all", block, e, 4 * blocks * m * 2,
-                        "Ulysses: q, k, v to heads and the output back, forward and backward (formula only)", False)]
-    return [Message("cp", c, "sendrecv", 2 * block, e, (c - 1) * blocks * m, "ring: K and V, c−1 steps forward (formula only)", False),
-            Message("cp", c, "sendrecv", 4 * block, e, (c - 1) * blocks * m,
-                    "ring backward: K, V and dK, dV travel (formula only)", False)]
+        return [Message("cp", c, "all_to_all", 3 * block, e, (again + 1) * blocks * m,
+                        "Ulysses: q, k, v stacked to a/c heads × s, forward; their gradients back"),
+                Message("cp", c, "all_to_all", block, e, (again + 1) * blocks * m,
+                        "Ulysses: the output back to s/c tokens, forward; its gradient, backward")]
+    found = [Message("cp", c, "sendrecv", 2 * block, e, again * (c - 1) * blocks * m,
+                     "ring: K and V, c−1 steps forward (again in backward under recomputation)"),
+             Message("cp", c, "sendrecv", 2 * block, e, 2 * blocks * m,
+                     "ring backward: K, V at the first step, the dK, dV accumulator home after the last")]
+    if c > 2:
+        found.append(Message("cp", c, "sendrecv", 4 * block, e, (c - 2) * blocks * m,
+                             "ring backward: K, V with the travelling dK, dV, steps 2 .. c−1"))
+    return found
 
 
 def experts(model, mesh, choices, blocks, m):

@@ -89,13 +89,14 @@ def plan(model, mesh, choices):
     notes = []
     if not measured:
         notes.append(f"mixed precision ({choices.precision}, fp32 master weights and moments)")
+    elif choices.mixed and (choices.zero or p > 1):
+        notes.append("fp16 with ZeRO or pipeline stages (minitp's fp16 refuses both)")
+        measured = False
     if choices.zero == 3 and p > 1:
         notes.append("ZeRO-3 with pp > 1 (minitp refuses it: zero3.check_mesh)")
     if model.experts:
-        notes.append("experts and ep")
-    if mesh.cp > 1:
-        notes.append("context parallelism's activations and communication (the layer's count at s/c tokens; "
-                     "ring attention's and Ulysses' own buffers not yet pinned)")
+        notes.append("experts' activations and communication: the all-to-all bytes follow the routing counts, "
+                     "unknown before a run (GShard's even spread here); their parameter and optimizer bytes are measured")
     stages = []
     for r in range(p):
         tensors = parameters.stage_tensors(model, mesh, r)
@@ -103,7 +104,7 @@ def plan(model, mesh, choices):
         sp = StagePlan(r, _holds(model, mesh, r), psi)
         # model states
         model_states = states.model_states(psi, tensors, d, 0, choices)
-        formula_only = not measured or (choices.zero == 3 and p > 1) or model.experts
+        formula_only = not measured or (choices.zero == 3 and p > 1) or (model.experts and (choices.zero or p > 1))
         for name, (value, source) in model_states.items():
             sp.memory[name] = Figure(value, source, "Rajbhandari et al. 2020 §5.1", not formula_only)
         if choices.zero and not choices.mixed:
@@ -122,7 +123,7 @@ def plan(model, mesh, choices):
                 "(Narayanan et al. 2021 §2.2)")
         sp.memory["activations"] = Figure(peak, f"{sp.held} microbatch-chunk(s) held at the peak "
                                                 f"({schedule_name}), {', '.join(f'{b:,}' for b in sp.activation_per_chunk.values())} B each",
-                                          cite, measured and not model.experts and mesh.cp == 1)
+                                          cite, measured and not model.experts)
         # temporaries we can bound
         s = choices.seq or model.seq_len
         if model.layers - 1 in parameters.chunk_layers(model, p, v, chunk_of[v - 1]):

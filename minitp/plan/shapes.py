@@ -12,9 +12,11 @@ from dataclasses import dataclass, field, replace
 
 ITEMSIZE = {"float64": 8, "float32": 4, "bf16": 2, "fp16": 2}
 """Bytes per element of each precision. float32 and float64 are what minitp runs (parameters, gradients,
-activations and optimizer state all in that one dtype); bf16 and fp16 are mixed precision -- formula only."""
+activations and optimizer state all in that one dtype); fp16 is mixed precision as ``train_gpt.py --dtype fp16``
+runs it (an fp16 model, ``MasterWeights``: fp32 masters and moments; measured without ZeRO and pipelines, which
+minitp's fp16 refuses); bf16 is formula only (numpy has no bfloat16)."""
 
-MEASURED_PRECISIONS = ("float32", "float64")
+MEASURED_PRECISIONS = ("float32", "float64", "fp16")
 RECOMPUTE = (None, "selective", "full")
 ATTENTION = (None, "dense", "blockwise")
 BLOCKWISE_ABOVE = 128  # minitp.functional.blockwise_attention.BLOCK: F.attention's default from s > 128
@@ -61,7 +63,7 @@ class Model:
         """The shapes of a ``minitp.nn.GPTConfig`` (or an object or mapping with its field names)."""
         get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
         fields = {key: get(key) for key in ("vocab", "seq_len", "hidden", "heads", "layers", "ffn_hidden", "dropout",
-                                            "attention_dropout", "tie_embeddings")}
+                                            "attention_dropout", "tie_embeddings", "experts", "top_k")}
         fields = {key: value for key, value in fields.items() if value is not None}
         return cls(**{**fields, **overrides})
 
@@ -96,7 +98,7 @@ class Choices:
     ``micro_batch`` b: sequences per microbatch per replica; ``global_batch`` B (default d·b: one microbatch
     per step); m = B/(d·b) microbatches. ``seq``: the batch's sequence length (default the model's seq_len).
     ``precision``: "float32"/"float64" (minitp: everything in that dtype) or "bf16"/"fp16" (mixed precision,
-    fp32 master weights and Adam moments: formula only). ``zero``: 0-3 (minitp's stages; 3 with pp > 1 formula only).
+    fp32 master weights and Adam moments: fp16 measured at zero 0, pp 1; bf16 formula only). ``zero``: 0-3 (minitp's stages; 3 with pp > 1 formula only).
     ``bucket_bytes``: the gradient buckets (minitp's default 25 MiB; ZeRO pads each to a multiple of d).
     ``ids_itemsize``: bytes of a token id (numpy's int64 on 64-bit Linux): the embedding and the loss keep
     the ids and targets for backward. ``attention``: "dense" (the paper's core, keeping the s×s scores),

@@ -34,8 +34,12 @@ complete and drops its ``.grad``. The paper's KΨ/N_d, (2 + K)Ψ/N_d, (2 + 2 + K
 padding rule and the placeholder. Stage 3 with pipeline stages (pp > 1) is refused by minitp
 (``zero3.check_mesh``): there the planner gives the same per-stage formula, marked formula only.
 
-Mixed precision (bf16/fp16 with fp32 master weights and moments) is not built in minitp: its figures are
-the paper's formulas (formula only: not yet measured against minitp).
+Mixed precision without ZeRO is what ``train_gpt.py --dtype fp16`` runs (``nn.master_weights.MasterWeights``:
+2Ψ fp16 parameters, 2Ψ fp16 gradients, 4Ψ fp32 master copies, 8Ψ fp32 moments; measured byte for byte).
+With ZeRO (which minitp's fp16 refuses) the figures are the paper's formulas, formula only; so is bf16.
+
+Experts (``Model.experts``, ``Mesh.ep``): a rank holds its E/ep experts (each split over tp) and the
+replicated router (h·E, no bias); its parameters, gradients and AdamW state are measured at zero 0, pp 1.
 """
 import math
 
@@ -129,7 +133,15 @@ def model_states(psi, tensors, d, dp_rank, choices):
                                     "ZeRO-3: Σ_u⌈n_u/d⌉·e + e, this rank's slice of each unit and the freed "
                                     "parameters' one-element placeholder (Rajbhandari et al. 2020 §5.3: Ψe/N_d)")
         return states
-    # mixed precision (formula only): 2-byte parameters and gradients, fp32 master + 2 fp32 moments (K = 12)
+    # mixed precision: 2-byte parameters and gradients, fp32 master + 2 fp32 moments (K = 12). Without ZeRO
+    # this is what minitp's fp16 runs (MasterWeights: master copies 4Ψ, AdamW's moments 8Ψ; measured by
+    # tests/test_plan.py); with ZeRO (refused by minitp's fp16) and bf16 it is the paper's formula only
+    if zero == 0:
+        cite = "Rajbhandari et al. 2020 §5.1, mixed precision (minitp.nn.master_weights.MasterWeights)"
+        return {"parameters": (2 * psi, f"2Ψ (the model in fp16), {cite}"),
+                "gradients": (2 * psi, f"2Ψ (.grad in fp16), {cite}"),
+                "master weights": (4 * psi, f"4Ψ (fp32 copies), {cite}"),
+                "optimizer state": (choices.optimizer_buffers * 4 * psi, f"8Ψ (AdamW's 2 fp32 moments), {cite}")}
     cite = "Rajbhandari et al. 2020 §5.1, mixed precision (formula only)"
     states = {"parameters": (2 * psi / (d if zero >= 3 else 1), f"2Ψ{'/N_d' if zero >= 3 else ''}, {cite}"),
               "gradients": (2 * psi / (d if zero >= 2 else 1), f"2Ψ{'/N_d' if zero >= 2 else ''}, {cite}"),
