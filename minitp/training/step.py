@@ -27,10 +27,11 @@ from minitp.parallel.data.sync import AllReduceGradients
 from minitp.training.forward_backward import whole_batch
 
 
-def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch, max_norm=None):
+def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch, max_norm=None, scaler=None):
     """``ValueError`` -- the same on every rank, since every rank checks the same objects and numbers --
     for a step that would run silently wrong or hang, before anything is sent:
 
+    - a ``max_norm`` that is not positive;
     - a mesh with pp > 1 run as a whole batch: a stage holds only its layers, and needs a schedule
       (``Pipelined``) to receive its inputs from the stage before;
     - a schedule that cannot run this batch on this mesh (``pipeline.check_step``);
@@ -39,32 +40,27 @@ def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch,
     - a synchronisation over another group than ``replicas(mesh)``: the gradient of the global batch is
       the mean over every rank holding a copy of the parameters -- dp, and with cp > 1 dp × cp (each cp
       rank holds other tokens); over dp alone the other cp ranks' tokens would be missing;
-    - a ``max_norm`` that is not positive;
     - an optimizer with its own synchronisation (ZeRO) on a model whose parameters reduce over another
       group than the replicas (``p.replica_group``: a mixture's experts): it would shard them over the
-      wrong ranks (not built).
+      wrong ranks (not built);
+    - loss scaling beside a schedule or ZeRO (not built).
     """
     check_max_norm(max_norm)
-    if getattr(optimizer, "gradient_sync", None) is not None and mesh is not None:
-        expected = replicas(mesh)
-        if any(getattr(p, "replica_group", expected).ranks != expected.ranks for p in model.parameters()):
-            raise ValueError(f"{type(optimizer).__name__} shards every gradient over {expected.name}, but this model's "
-                             "expert weights are reduced over mesh.expert_dp (p.replica_group): ZeRO with experts "
-                             "spread over ep is not built; use AllReduceGradients")
     pipelined = getattr(forward_backward, "pipelined", False)
+    own = getattr(optimizer, "gradient_sync", None)
+    expected = replicas(mesh)
     if mesh is not None and mesh.pp_size > 1 and not pipelined:
         raise ValueError(f"a mesh with pp = {mesh.pp_size} holds pipeline stages: each rank has only its "
                          "layers and receives its input from the stage before, so the step needs a "
                          "schedule: forward_backward=Pipelined(schedule, microbatches)")
     if pipelined:
         forward_backward.check(model, mesh, batch)
-    own = getattr(optimizer, "gradient_sync", None)
     if gradients is not None and own is not None:
         raise ValueError(f"gradients= is for a plain optimizer: {type(optimizer).__name__} synchronises the "
                          "gradients itself (ZeRO-1 reduce-scatters them into the slices it updates), and the "
                          "two would take the same .grad")
     sync = gradients if gradients is not None else own
-    group, expected = getattr(sync, "group", None), replicas(mesh)
+    group = getattr(sync, "group", None)
     if sync is not None and (group is None) != (expected is None) or (
             group is not None and expected is not None and group.ranks != expected.ranks):
         where = "one process (mesh=None)" if expected is None else f"{expected.name} (world ranks {list(expected.ranks)})"
@@ -73,6 +69,15 @@ def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch,
                          f"are replicated over {where}: the gradient of the global batch is the mean over "
                          "every rank holding a copy -- dp, and with cp > 1 dp × cp (each cp rank holds other "
                          "tokens). Build it on the step's mesh")
+    if own is not None and expected is not None and any(
+            getattr(p, "replica_group", expected).ranks != expected.ranks for p in model.parameters()):
+        raise ValueError(f"{type(optimizer).__name__} shards every gradient over {expected.name}, but this model's "
+                         "expert weights are reduced over mesh.expert_dp (p.replica_group): ZeRO with experts "
+                         "spread over ep is not built; use AllReduceGradients")
+    if scaler is not None and (pipelined or own is not None):
+        raise ValueError("loss scaling is built for the whole-batch step with AllReduceGradients: not with a "
+                         "pipeline schedule or microbatches (each backward would need the scale), nor ZeRO (its "
+                         "gradient slices would need unscaling and its update the master weights)")
 
 
 def train_step(model, optimizer, ids, targets, mesh=None, *, max_norm=None, gradients=None,
@@ -90,12 +95,7 @@ def train_step(model, optimizer, ids, targets, mesh=None, *, max_norm=None, grad
     synchronisation and before the clip; a gradient that is inf or NaN on any rank skips the step (the
     norm returned is then inf, and nothing changed). Whole batches only (not built: pipelines, ZeRO).
     """
-    check_train_step(model, optimizer, gradients, forward_backward, mesh, ids.shape[1], max_norm)
-    if scaler is not None and (getattr(forward_backward, "pipelined", False) or
-                               getattr(optimizer, "gradient_sync", None) is not None):
-        raise ValueError("loss scaling is built for the whole-batch step with AllReduceGradients: not with a "
-                         "pipeline schedule or microbatches (each backward would need the scale), nor ZeRO (its "
-                         "gradient slices would need unscaling and its update the master weights)")
+    check_train_step(model, optimizer, gradients, forward_backward, mesh, ids.shape[1], max_norm, scaler)
     if gradients is None:
         gradients = getattr(optimizer, "gradient_sync", None) or AllReduceGradients(model, mesh)
     with trace.span("step", "phase"):
