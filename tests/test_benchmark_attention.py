@@ -1,20 +1,7 @@
 """The attention and block-shapes benchmarks run (--quick), and the attention bytes equal their formulas."""
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-from minitp import launcher
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def run(script, tmp_path, *args):
-    environment = launcher.environment(dict(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(tmp_path), *args],
-                          capture_output=True, text=True, env=environment, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return (tmp_path / script.replace(".py", ".md")).read_text()
+from test_benchmarks import run_bench as run  # the --quick driver in a subprocess, its report read back
 
 
 def test_attention_bytes_are_the_formulas(tmp_path):
