@@ -25,7 +25,6 @@ unit); wire 2(d-1)/d·Ψe (0: all-reduce), 2(d-1)/d·Σ_b d⌈n_b/d⌉e (1, 2: r
 """
 import argparse
 import sys
-import time
 import tracemalloc
 
 import numpy
@@ -238,5 +237,4 @@ def main():
 
 
 if __name__ == "__main__":
-    started = time.perf_counter()
     sys.exit(main())
