@@ -60,16 +60,17 @@ def _end_nothing():
     pass
 
 
-def _begin(op, group, x, tag, shape, payload_bytes, ring_bytes):
+def _begin(op, group, x, tag, shape, payload_bytes, ring_bytes, uneven_axis=None):
     """What every collective does before MPI runs it: checked mode's test that the ranks pass the same
-    shape and dtype (``checks.py``), its record in the open collective logs (``shape``: the logged, full
-    array), and the start of its "comm" span when a trace is recorded. Returns the function that ends
-    the span, to call once MPI has returned. With none of the three on -- the default -- this is three
-    tests of a flag: a collective's fixed cost is a few microseconds of Python over MPI's own."""
+    shape and dtype (``checks.py``; ``uneven_axis``: except along that axis, as ``all_to_all_v``'s rows),
+    its record in the open collective logs (``shape``: the logged, full array), and the start of its
+    "comm" span when a trace is recorded. Returns the function that ends the span, to call once MPI has
+    returned. With none of the three on -- the default -- this is three tests of a flag: a collective's
+    fixed cost is a few microseconds of Python over MPI's own. (``exchange.py``'s all-to-alls use it too.)"""
     if not (checks.checked() or log._active_logs or trace.recording is not None):
         return _end_nothing  # the default: nothing watches
     if group.size > 1 and checks.checked():
-        checks.agree_on_array(group, op, tag, x)
+        checks.agree_on_array(group, op, tag, x, axis=uneven_axis)
     if log._active_logs:
         log._record(op, group, shape, x.dtype, payload_bytes, ring_bytes, tag)
     if trace.recording is None:

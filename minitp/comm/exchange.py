@@ -21,8 +21,8 @@ collective's, with its group, bytes, ring_bytes and tag (``sendrecv``: and its t
 import numpy
 
 from minitp import backend, trace
-from minitp.comm import checks, log
-from minitp.comm.collectives import _axis, _buffer
+from minitp.comm import log
+from minitp.comm.collectives import _axis, _begin, _buffer
 from minitp.comm.mesh import divide
 from minitp.comm.runtime import _for_mpi, _like
 
@@ -83,10 +83,7 @@ def all_to_all(x, group, split_axis, concat_axis, tag=""):
     n = group.size
     split_axis, concat_axis = _axis(x, split_axis), _axis(x, concat_axis)
     block = divide(x.shape[split_axis], n, f"all_to_all: the length of axis {split_axis} of an array of shape {x.shape}")
-    if n > 1 and checks.checked():
-        checks.agree_on_array(group, "all_to_all", tag, x)
-    if log._active_logs:
-        log._record("all_to_all", group, x.shape, x.dtype, x.nbytes, (n - 1) * x.nbytes / n, tag)
+    end = _begin("all_to_all", group, x, tag, x.shape, x.nbytes, (n - 1) * x.nbytes / n)
     if n == 1:
         return x
     xp = backend.array_module(x)
@@ -94,11 +91,8 @@ def all_to_all(x, group, split_axis, concat_axis, tag=""):
     blocks = xp.moveaxis(x.reshape(x.shape[:split_axis] + (n, block) + x.shape[split_axis + 1:]), split_axis, 0)
     send = _for_mpi(blocks)
     received = backend.array_module(send).empty_like(send)
-    started = trace.now() if trace.recording is not None else None
     group.comm.Alltoall(_buffer(send), _buffer(received))
-    if started is not None:
-        trace.complete("all_to_all", "comm", started, dict(group=group.name, bytes=int(x.nbytes),
-                                                           ring_bytes=(n - 1) * x.nbytes / n, tag=tag))
+    end()
     received = _like(received, x)
     # (n, ..., k, ...) from ranks 0..n-1 -> rank i's block at [i·m, (i+1)·m) along concat_axis
     shape = list(received.shape[1:])
@@ -132,25 +126,18 @@ def all_to_all_v(x, group, send_counts, receive_counts, tag=""):
     if sum(send_counts) != x.shape[0]:
         raise ValueError(f"all_to_all_v: the send counts {send_counts} add up to {sum(send_counts)} rows, the "
                          f"array has {x.shape[0]}")
-    if n > 1 and checks.checked():
-        checks.agree_on_array(group, "all_to_all_v", tag, x, axis=0)
-    row_bytes = x.nbytes // max(x.shape[0], 1) if x.shape[0] else x.dtype.itemsize * int(numpy.prod(x.shape[1:]))
-    sent = (sum(send_counts) - send_counts[group.rank]) * row_bytes
-    if log._active_logs:
-        log._record("all_to_all_v", group, x.shape, x.dtype, x.nbytes, sent, tag)
+    row = int(numpy.prod(x.shape[1:]))  # elements of one row: MPI's counts and displacements are in elements
+    sent = (sum(send_counts) - send_counts[group.rank]) * row * x.dtype.itemsize
+    end = _begin("all_to_all_v", group, x, tag, x.shape, x.nbytes, sent, uneven_axis=0)
     if n == 1:
         return x
     xp = backend.array_module(x)
     send = _for_mpi(xp.ascontiguousarray(x))
     received = backend.array_module(send).empty((sum(receive_counts),) + x.shape[1:], dtype=x.dtype)
-    row = int(numpy.prod(x.shape[1:]))
     displacements = [sum(send_counts[:i]) * row for i in range(n)]
     arrived = [sum(receive_counts[:i]) * row for i in range(n)]
     datatype = _buffer(send)[1]
-    started = trace.now() if trace.recording is not None else None
     group.comm.Alltoallv([send, ([c * row for c in send_counts], displacements), datatype],
                          [received, ([c * row for c in receive_counts], arrived), datatype])
-    if started is not None:
-        trace.complete("all_to_all_v", "comm", started, dict(group=group.name, bytes=int(x.nbytes), ring_bytes=sent,
-                                                             tag=tag))
+    end()
     return _like(received, x)
