@@ -135,3 +135,20 @@ def test_refuses_mismatched_shapes():
     q, k, v = tensors((1, 2, 4, 3), 9)
     with pytest.raises(ValueError, match="one shape"):
         blockwise_attention(q, Tensor(k.data[:, :, :3]), v)
+
+
+def test_attention_picks_the_core_the_benchmark_measured_faster(monkeypatch):
+    """``F.attention``'s default (``default_kind``): blockwise only where it skips blocks on numpy (causal,
+    two blocks or more); ``MINITP_ATTENTION`` overrides it, and a kind it does not know is refused."""
+    from minitp.functional.attention import default_kind
+    monkeypatch.delenv("MINITP_ATTENTION", raising=False)
+    assert default_kind(BLOCK + 1, True, numpy) == "blockwise"
+    assert default_kind(BLOCK, True, numpy) == default_kind(4 * BLOCK, False, numpy) == "dense"
+    monkeypatch.setenv("MINITP_ATTENTION", "dense")
+    assert default_kind(4 * BLOCK, True, numpy) == "dense"
+    monkeypatch.setenv("MINITP_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="MINITP_ATTENTION"):
+        default_kind(4 * BLOCK, True, numpy)
+    q, k, v = tensors((1, 1, 4, 2), 10)
+    with pytest.raises(ValueError, match="attention kind"):
+        F.attention(q, k, v, True, None, kind="flash")
