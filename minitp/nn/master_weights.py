@@ -19,18 +19,22 @@ with float64 as both the "low" and the master dtype, it must equal the plain opt
 import numpy
 
 from minitp import backend
+from minitp.nn.optim import Optimizer
 
 
-class MasterWeights:
+class MasterWeights(Optimizer):
     """``optimizer``'s update applied to ``master_dtype`` copies of its parameters, rounded down to the
     parameters' own dtype after each step. Gradients may be in either dtype (a loss scaler's unscaled
-    gradients are already in the master dtype: ``loss_scale.DynamicLossScaler.unscale``)."""
+    gradients are already in the master dtype: ``loss_scale.DynamicLossScaler.unscale``).
+
+    An ``Optimizer`` over the same keys and parameters: its ``step`` (the skip of a parameter without a
+    gradient, the step counts, the per-key state) is the plain one; only what one parameter's update
+    writes differs (``_update_parameter``)."""
 
     def __init__(self, optimizer, master_dtype=numpy.float32):
+        super().__init__(zip(optimizer.keys, optimizer.params))
         self.optimizer, self.master_dtype = optimizer, numpy.dtype(master_dtype)
-        self.keys, self.params = optimizer.keys, optimizer.params
         self.master = {key: p.data.astype(self.master_dtype) for key, p in zip(self.keys, self.params)}  # copies
-        self.state, self.step_count = {}, 0
 
     @property
     def lr(self):
@@ -40,20 +44,16 @@ class MasterWeights:
     def lr(self, value):
         self.optimizer.lr = value
 
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
+    def _update_parameter(self, key, p, state):
+        master = self.master[key]
+        self.optimizer._update(master, p.grad.astype(self.master_dtype, copy=False), state)
+        p.data[...] = master.astype(p.dtype, copy=False)
 
-    def step(self):
-        self.step_count += 1
-        for key, p in zip(self.keys, self.params):
-            if p.grad is None:
-                continue  # no gradient reached it: the plain optimizers skip it too
-            state = self.state.setdefault(key, {"step": 0})
-            state["step"] += 1
-            master = self.master[key]
-            self.optimizer._update(master, p.grad.astype(self.master_dtype, copy=False), state)
-            p.data[...] = master.astype(p.dtype, copy=False)
+    def load_state_dict(self, state_dict):
+        """Refused: the plain one would load the moments in the model's dtype and leave the master copies
+        as they were built, so the next step would write stale weights back (checkpoints of the masters:
+        not built)."""
+        raise NotImplementedError("MasterWeights.load_state_dict: resuming with master weights is not built")
 
     def state_bytes(self):
         """Bytes this wrapper keeps beyond the model: the master copies and the moments (the K·Ψ of the

@@ -75,7 +75,12 @@ class Optimizer:
                                  f"{key!r} of shape {p.shape}")
             state = self.state.setdefault(key, {"step": 0})
             state["step"] += 1
-            self._update(p.data, p.grad, state)
+            self._update_parameter(key, p, state)
+
+    def _update_parameter(self, key, p, state):
+        """Update the Parameter ``p`` from its ``.grad``. Here ``_update`` on ``p``'s own array; a wrapper
+        that keeps another copy of the weights (``master_weights.MasterWeights``) updates that one instead."""
+        self._update(p.data, p.grad, state)
 
     def _update(self, param, grad, state):
         """Update the array ``param`` in place from ``grad`` (read only) and this parameter's ``state``
