@@ -84,7 +84,6 @@ class ZeroOptimizer:
         self.step_count = 0
         self.steps = {key: 0 for key in self.keys}  # every parameter's update count, on every rank
         self.state = {}  # key -> {buffer: this rank's slice of it, flat}, made at the first update
-        self.buffers = _buffer_names(self.optimizer)
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -189,7 +188,7 @@ class ZeroOptimizer:
     def state_buffers(self):
         """The arrays kept per parameter, as the wrapped optimizer's ``state_buffers`` (a checkpoint
         must hold each of them, or none)."""
-        return tuple(self.buffers)
+        return tuple(self.optimizer.state_buffers)
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -207,7 +206,7 @@ class ZeroOptimizer:
         state = {key: {"step": self.steps[key]} for key in self.keys if self.steps[key]}
         for index, (bucket, pieces) in enumerate(zip(self.gradients.buckets, self.pieces)):
             lo, hi = bucket.shard_range(r, d)
-            for name in self.buffers:
+            for name in self.state_buffers:
                 shard = backend.array_module(bucket.parameters[0].data).zeros(hi - lo, dtype=bucket.dtype)
                 for i, a, b, s, e in pieces:
                     entry = self.state.get(self.key_of[id(bucket.parameters[i])], {})
@@ -251,10 +250,3 @@ class ZeroOptimizer:
                                    for name, array in entry.items() if name != "step"}
         self.step_count = int(state_dict["step"])
 
-
-def _buffer_names(optimizer):
-    """The names of the per-parameter buffers ``optimizer`` keeps (AdamW: exp_avg, exp_avg_sq), found by
-    letting it update a one-element parameter once: the optimizers make them at the first update."""
-    probe = {"step": 1}
-    optimizer._update(numpy.zeros(1), numpy.zeros(1), probe)
-    return [name for name in probe if name != "step"]
