@@ -6,9 +6,12 @@ loss scaling (minitp.nn.loss_scale) through the one training step.
 - Master weights matter: fp16 updates of 1e-4 on a weight of 1.0 vanish (fp16's spacing there is 2^-11);
   through fp32 masters they add up.
 - The scaler works: a gradient that underflows to 0 in fp16 survives with S = 2^16; an overflow skips the
-  step (no weight moves) and halves S; S doubles after growth_interval clean steps."""
+  step (no weight moves) and halves S; S doubles after growth_interval clean steps; an overflow on one
+  rank (a tensor-parallel rank holds other slices of the gradient) is found on every rank."""
 import numpy
 import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
 
 from minitp import Tensor
 from minitp.nn import GPT, SGD, AdamW, GPTConfig, Module, Parameter
@@ -100,6 +103,18 @@ def test_an_overflow_skips_the_step_and_halves_the_scale_and_clean_steps_grow_it
     assert scaler.skipped == 9 and (model.w.data < 1).all()
     train_step(model, optimizer, ZEROS, ZEROS, scaler=scaler)
     assert scaler.scale == 2.0 ** 7
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_an_overflow_on_one_rank_is_found_on_every_rank():
+    """Rank 0's gradient holds an inf, rank 1's does not: both must skip (else rank 1 would step alone and
+    the ranks' weights would part), and neither unscales."""
+    world = MPI.COMM_WORLD
+    w = Parameter(numpy.ones(2, dtype=numpy.float16))
+    w.grad = numpy.array([numpy.inf if world.rank == 0 else 1.0, 1.0], dtype=numpy.float16)
+    found = DynamicLossScaler(2.0 ** 4).unscale([w], world=world)
+    parallel_assert(found, f"rank {world.rank}: the overflow was not found")
+    parallel_assert(w.grad.dtype == numpy.float16, f"rank {world.rank}: unscaled although the step is skipped")
 
 
 @pytest.mark.parametrize("kwargs", [dict(scale=0), dict(growth=1), dict(backoff=1), dict(growth_interval=0)])
