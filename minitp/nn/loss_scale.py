@@ -48,7 +48,8 @@ class DynamicLossScaler:
         if not found:
             for p in params:
                 if p.grad is not None:
-                    p.grad = p.grad.astype(dtype) / numpy.dtype(dtype).type(self.scale)
+                    p.grad = p.grad.astype(dtype)  # a new array (the engine's may be shared): divided in place
+                    p.grad /= numpy.dtype(dtype).type(self.scale)
         return found
 
     def update(self, found_inf):
