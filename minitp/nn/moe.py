@@ -168,31 +168,30 @@ class MoE(Module):
         token, choice, expert = token[order], choice[order], expert[order]
         counts = numpy.bincount(expert, minlength=self.num_experts).astype(numpy.int64)
         xp = backend.array_module(tokens.data)
-        send = F.getitem(tokens, xp.asarray(token))  # (N, h): a token picked k times gets its k gradients summed
+        token_here = xp.asarray(token)  # on the tokens' device, once: three ops index by it
+        send = F.getitem(tokens, token_here)  # (N, h): a token picked k times gets its k gradients summed
         received, arrived = self.builders.dispatch(send, counts)  # arrived (sources, E/ep): rows per source, expert
         outputs = self._local_experts(received, arrived)
         back = self.builders.combine(outputs, counts, arrived)  # (N, h), in the order sent
-        weight = F.reshape(F.getitem(gates, (xp.asarray(token), xp.asarray(choice))), (-1, 1))
-        return routing.scatter_add_rows(back * weight, token, T)
+        weight = F.reshape(F.getitem(gates, (token_here, xp.asarray(choice))), (-1, 1))
+        return routing.scatter_add_rows(back * weight, token_here, T)
 
     def _local_experts(self, received, arrived):
         """Run expert l on its rows of ``received`` (source-major: from each source, its rows for each local
         expert) and put the outputs back in that order. Every expert runs, on 0 rows too: its weights then
         get a zero gradient, as on the replicas where it did get tokens."""
         sources, local = arrived.shape
-        starts = numpy.cumsum(arrived.reshape(-1)) - arrived.reshape(-1)
-        rows = [numpy.concatenate([numpy.arange(starts[i * local + l], starts[i * local + l] + arrived[i, l])
-                                   for i in range(sources)]).astype(numpy.int64) for l in range(local)]
+        # the local expert of each received row; a stable sort makes the rows expert-major, source-major within
+        expert_of_row = numpy.repeat(numpy.tile(numpy.arange(local), sources), arrived.reshape(-1))
+        order = numpy.argsort(expert_of_row, kind="stable")
+        rows = numpy.split(order, numpy.cumsum(arrived.sum(axis=0))[:-1])  # expert l's rows of ``received``
         xp = backend.array_module(received.data)
         h = received.shape[-1]
         outputs = []
         for expert, picked in zip(self.experts, rows):
             x = F.reshape(F.getitem(received, xp.asarray(picked)), (len(picked), 1, h))  # (n_l, 1, h): an MLP's (s, b, h)
             outputs.append(F.reshape(expert(x), (len(picked), h)))
-        grouped = F.cat(outputs, axis=0)
-        inverse = numpy.empty(received.shape[0], dtype=numpy.int64)
-        inverse[numpy.concatenate(rows)] = numpy.arange(received.shape[0])
-        return F.getitem(grouped, xp.asarray(inverse))
+        return F.getitem(F.cat(outputs, axis=0), xp.asarray(numpy.argsort(order)))  # back to the order received
 
     def extra_repr(self):
         here = f" ({len(self.experts)} here)" if len(self.experts) != self.num_experts else ""
