@@ -169,12 +169,14 @@ def test_mixtral_gates_sum_to_one_and_switch_gate_is_the_probability():
 
 
 def test_aux_loss_is_alpha_at_perfect_balance():
-    """f_e = P_e = 1/E: α·E·E·(1/E²) = α. A zero router gives uniform probabilities; the stable top-1
-    then sends every token to expert 0, so f is set by hand through the formula's counts."""
-    T, k = 8, 1
-    f = numpy.full(E, 1 / E)
-    P = numpy.full(E, 1 / E)
-    assert abs(0.1 * E * float(f @ P) - 0.1) < 1e-15
+    """P_e = 1/E: α·E·Σ f_e/E = α, whatever the choices, since f (pairs over T·k) sums to 1. A zero router
+    gives uniform probabilities -- the layer's own aux loss, at k = 2 so that f's T·k is tested too (the
+    stable top-k sends every token to experts 0 and 1; f = 1/E is the counts' case, checked below)."""
+    moe = MoE(H, E, top_k=2, ffn_hidden=F_HIDDEN, aux_loss_coef=0.1, dtype=numpy.float64, seed=3)
+    moe.router.weight.data[...] = 0
+    moe(Tensor(numpy.random.default_rng(7).standard_normal((5, 2, H))))
+    assert abs(moe.aux_loss.item() - 0.1) < 1e-15
+    T = 8
     assert routing.counts(numpy.arange(T)[:, None] % E, E).tolist() == [[2, 2, 2, 2]]
 
 
