@@ -8,7 +8,7 @@ Nothing here imports minitp's model or MPI: ``Model.of(config)`` reads the field
 object or mapping with the same names), so a plan can be made on a laptop for a model that only a cluster
 could build.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 ITEMSIZE = {"float64": 8, "float32": 4, "bf16": 2, "fp16": 2}
 """Bytes per element of each precision. float32 and float64 are what minitp runs (parameters, gradients,
@@ -30,8 +30,11 @@ class Model:
     """A GPT-2 as minitp builds it (``minitp.nn.GPT``): learned positions, pre-LayerNorm blocks, an MLP of
     width ``ffn_hidden`` (default 4h), an LM head of V columns (or the tied embedding table).
 
-    ``experts`` > 0 replaces every MLP by that many expert MLPs with a top-``top_k`` router (formula only:
-    minitp has no experts yet)."""
+    ``experts`` > 0 replaces every MLP by that many expert MLPs with a top-``top_k`` router (``minitp.nn.moe``:
+    its states per rank measured at ZeRO-0 without pipelines; its activations and all-to-alls formula only).
+
+    Not ``GPTConfig`` itself: that also says how a model runs (seed, dtype, recompute), which a plan takes
+    from ``Choices``, and importing it imports the whole engine; ``Model.of`` copies the shared fields."""
     vocab: int
     seq_len: int
     hidden: int
@@ -62,10 +65,9 @@ class Model:
     def of(cls, config, **overrides):
         """The shapes of a ``minitp.nn.GPTConfig`` (or an object or mapping with its field names)."""
         get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
-        fields = {key: get(key) for key in ("vocab", "seq_len", "hidden", "heads", "layers", "ffn_hidden", "dropout",
-                                            "attention_dropout", "tie_embeddings", "experts", "top_k")}
-        fields = {key: value for key, value in fields.items() if value is not None}
-        return cls(**{**fields, **overrides})
+        shared = {f.name: get(f.name) for f in fields(cls)}
+        shared = {key: value for key, value in shared.items() if value is not None}
+        return cls(**{**shared, **overrides})
 
 
 @dataclass(frozen=True)
