@@ -17,7 +17,6 @@ Rajbhandari et al. 2020 §5.1 (the 7.5B example), Narayanan et al. 2021 eq. (3) 
 import itertools
 import subprocess
 import sys
-from fractions import Fraction
 
 import numpy
 import pytest
@@ -29,20 +28,9 @@ from minitp.autograd import Tensor
 from minitp.nn import AdamW, GPTConfig
 from minitp.plan import Choices, Mesh, Model, plan
 from minitp.plan import activations, flops, parameters, schedule, states
-from minitp.plan.communication import by_group_op, tensor_parallel
+from minitp.plan.communication import by_group_op, logged_by_group_op as logged, tensor_parallel
 
 WORLD = MPI.COMM_WORLD
-
-
-def logged(log):
-    """The collective log as {(group, op): (count, payload bytes, ring bytes)}, groups of 2+ ranks."""
-    table = {}
-    for r in log:
-        if r.group_size < 2:
-            continue
-        n, payload, ring = table.get((r.group, r.op), (0, 0, Fraction(0)))
-        table[r.group, r.op] = (n + 1, payload + r.payload_bytes, ring + Fraction(r.ring_bytes))
-    return table
 
 
 def differences(predicted, measured):

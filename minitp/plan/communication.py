@@ -87,6 +87,18 @@ def by_group_op(messages):
     return table
 
 
+def logged_by_group_op(log):
+    """``by_group_op``'s form of what ran: a ``comm.log_collectives()`` log (read, not imported: any records
+    with ``group``, ``op``, ``group_size``, ``payload_bytes`` and ``ring_bytes``)."""
+    table = {}
+    for record in log:
+        if record.group_size < 2:  # a collective over one rank sends nothing
+            continue
+        n, payload, ring = table.get((record.group, record.op), (0, 0, Fraction(0)))
+        table[record.group, record.op] = (n + 1, payload + record.payload_bytes, ring + Fraction(record.ring_bytes))
+    return table
+
+
 def per_axis(messages):
     """{axis: ring bytes sent per step} (exact)."""
     axes = {}
