@@ -51,9 +51,11 @@ def rank_lines(stdout):
     return [int(r) for r in re.findall(r"^   rank (\d+): ", stdout, re.M)]
 
 
-def assert_stops_before_any_collective(completed, ranks):
+def assert_stops_before_any_collective(completed, ranks, why=None):
     """Sizes that do not divide over ``ranks``: every rank stopped (no hang: the launch's timeout would
-    fail the test) with a non-zero status, rank 0 said why once, and no check ran."""
+    fail the test) with a non-zero status, rank 0 said why once (``why``; by default "is not divisible by
+    <ranks>"), and no check ran."""
     assert completed.returncode != 0, completed.stdout + completed.stderr
-    assert completed.stdout.count(f"is not divisible by {ranks}") == 1, completed.stdout + completed.stderr
+    why = why or f"is not divisible by {ranks}"
+    assert completed.stdout.count(why) == 1, completed.stdout + completed.stderr
     assert "check:" not in completed.stdout, completed.stdout
