@@ -45,18 +45,20 @@ say(f"\n2. causal attention at s={s}, b={b}, a={a}, d={d}, float64, both ways:")
 pairs = block_pairs(s, 128, causal=True)
 say(f"   blockwise, blocks of 128: {sum(len(keys) for _, keys in pairs)} of {len(pairs) ** 2} block pairs "
     "computed (those above the diagonal are wholly in the future: skipped)")
-results = {}
+results, kept = {}, {}
 for kind in ("dense", "blockwise"):
     leaves = [Tensor(x, requires_grad=True) for x in (q, k, v)]
     with track_saved() as saved:
         output = F.attention(*leaves, True, None, kind=kind)
     output.backward(upstream)
-    results[kind] = [output.data] + [leaf.grad for leaf in leaves]
+    results[kind], kept[kind] = [output.data] + [leaf.grad for leaf in leaves], saved.total
     say(f"   {kind:9s} keeps {saved.total:>12,} B for backward: {saved.by_op}")
 errors = [max_error(x, y) for x, y in zip(results["blockwise"], results["dense"])]
 say(f"   blockwise vs dense: output {errors[0]:.1e}, dq {errors[1]:.1e}, dk {errors[2]:.1e}, dv {errors[3]:.1e}")
-say(f"   dense keeps e(3sbh + as²b) + e = {8 * (3 * s * b * a * d + a * s * s * b) + 8:,} B; blockwise "
-    f"e(4sbh + asb) = {8 * (4 * s * b * a * d + a * s * b):,} B")
+# the formulas, e = 8 bytes in float64, h = a·d: dense keeps q, k, v, the s×s probabilities and 1/√d;
+# blockwise keeps q, k, v, O and one log-sum-exp per row
+formula = {"dense": 8 * (3 * s * b * a * d + a * s * s * b) + 8, "blockwise": 8 * (4 * s * b * a * d + a * s * b)}
+say(f"   dense keeps e(3sbh + as²b) + e = {formula['dense']:,} B; blockwise e(4sbh + asb) = {formula['blockwise']:,} B")
 
 # ---------------------------------------------------------------------------------------------------
 # 3. Dropout: the mask is a function of each element's global (batch, head, query, key) index, so the
@@ -70,5 +72,6 @@ say(f"\n3. with attention dropout 0.1: blockwise vs dense {dropout_error:.1e} (t
 say("\nminitp's default (F.attention, default_kind): blockwise for causal attention longer than 128 positions")
 say("on the CPU, where it measured faster (benchmarks/attention.py); the dense core otherwise")
 worst = max(errors + [merge_error, dropout_error])
-verdict(worst <= 1e-12, f"blockwise attention == dense attention (max error {worst:.1e}, output and gradients, "
-        "dropout included)")
+verdict(worst <= 1e-12 and kept == formula,
+        f"blockwise attention == dense attention (max error {worst:.1e}, output and gradients, dropout "
+        f"included; the bytes kept == their formulas)", f"errors {worst:.1e}, kept {kept} vs formulas {formula}")
