@@ -14,8 +14,9 @@ For each action of this rank's plan (``schedules.py``), model chunk c = k·p + r
                      the output's values, so the Tensor keeps only its shape (a zero-stride view of one
                      number) and the s·b·h activation is gone as soon as the send completes.
     B(i, k)  input   the last model chunk starts from d(step loss)/d(loss_i) = 1/m (the step's loss is
-                     the mean of the m microbatch means); any other receives the gradient of its output
-                     from stage (r+1) mod p.
+                     the mean of the m microbatch means) -- S/m under loss scaling (``scale=S``: the seed
+                     is the step loss · S's, so every gradient is S times larger, and the losses reported
+                     stay unscaled); any other receives the gradient of its output from stage (r+1) mod p.
              compute backward through the chunk; parameter gradients add up in ``.grad`` over the m
                      microbatches.
              output  the gradient of the input, sent to stage (r-1) mod p.
@@ -28,6 +29,7 @@ tag names (kind, sending chunk, microbatch), so it meets exactly its receive.
 reports the peak over the step, in bytes and in microbatch-chunks: m on every stage for AFAB,
 min(p - r, m) on stage r for 1F1B (``schedules.expected_in_flight``).
 """
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -86,15 +88,36 @@ def _free(tensor):
     tensor.data = xp.broadcast_to(xp.zeros((), dtype=tensor.data.dtype), tensor.data.shape)
 
 
-def run(model, actions, ids, targets, microbatches, deallocate=True):
+def check_scale(scale, microbatches, dtype):
+    """``ValueError`` unless the last stage's backward seed S/m (``scale`` S, m ``microbatches``) is a
+    positive NORMAL number of the model's ``dtype``: the seed is made in that dtype, and in fp16 (normal
+    from 2^-14 ≈ 6.1e-5 to 65,504) an S/m beyond the largest would seed inf -- every step skipped, for
+    ever, the scaler halving S only after the overflow -- and one below the smallest normal would lose
+    bits (or become 0). Within the normal range fl(S/m) = S · fl(1/m) exactly for a power-of-two S, so
+    the scaled gradients are exactly S times the unscaled ones. Every rank checks the same numbers, so
+    every rank raises, before anything is sent. ``scale=None``: nothing to check (the seed is 1/m)."""
+    if scale is None:
+        return
+    info = numpy.finfo(numpy.dtype(dtype))
+    if not (math.isfinite(scale) and float(info.tiny) <= scale / microbatches <= float(info.max)):
+        raise ValueError(f"the loss scale {scale} over {microbatches} microbatches seeds the last stage's backward "
+                         f"with {scale / microbatches:g}, which {numpy.dtype(dtype).name} cannot hold as a normal "
+                         f"number ({float(info.tiny):g} to {float(info.max):g}): choose a scale between "
+                         f"{float(info.tiny) * microbatches:g} and {float(info.max) * microbatches:g}")
+
+
+def run(model, actions, ids, targets, microbatches, deallocate=True, scale=None):
     """Run this rank's ``actions`` on its ``PipelineGPT`` stage ``model`` for the (s, b) ``ids`` and
     ``targets`` of this data-parallel replica, cut into ``microbatches``; returns a ``StageRun``.
+    ``scale``: a loss scaler's S -- the last stage's seed is S/m instead of 1/m (``check_scale`` first),
+    every gradient S times larger; ``StageRun.loss`` is the unscaled loss all the same.
     Gradients accumulate into the parameters' ``.grad`` (zero them before). Every rank passes the same
     shapes: a batch that ``microbatches`` does not divide, or longer than seq_len, is refused on every
     rank before any send. Returns only when every send this rank posted has completed: a send's buffer
     must outlive MPI's reading of it, and above MPI's eager limit that reading ends only when the
     receiver has taken the data -- after this rank's last action."""
-    stage = _Stage(model, ids, targets, microbatches, deallocate)
+    check_scale(scale, microbatches, model.config.dtype)
+    stage = _Stage(model, ids, targets, microbatches, deallocate, 1.0 if scale is None else scale)
     # in a trace: the whole schedule, sends' completion included, is one "pipeline" phase span; what
     # trace_report needs for the bubble formula and to find the rank's pipeline rides in its args
     pp = model.mesh.pp
@@ -116,8 +139,9 @@ def run(model, actions, ids, targets, microbatches, deallocate=True):
 class _Stage:
     """One rank's state during a step: what it holds for backward, its sends in flight, its losses."""
 
-    def __init__(self, model, ids, targets, microbatches, deallocate):
+    def __init__(self, model, ids, targets, microbatches, deallocate, scale=1.0):
         self.model, self.ids, self.targets, self.m, self.deallocate = model, ids, targets, microbatches, deallocate
+        self.scale = scale  # S of a loss scaler (1: none): the last chunk's seed is S/m
         columns = microbatch_size(ids.shape[1], microbatches, "the batch of a data-parallel replica")
         self.shape, self.dtype = activation_shape(model, ids.shape[0], columns), numpy.dtype(model.config.dtype)
         self.pp = model.mesh.pp
@@ -161,8 +185,8 @@ class _Stage:
         """B of microbatch ``i`` through the rank's chunk ``k``; returns when its compute started."""
         c, m = self.model.model_chunks[k], self.m
         x, y, nbytes = self.held.pop((i, k))
-        if c == self.last:  # d(step loss)/d(loss_i): the step's loss is the mean of the m microbatch means
-            grad = backend.array_module(y.data).full(y.shape, 1.0 / m, dtype=y.dtype)
+        if c == self.last:  # d(S · step loss)/d(loss_i): the step's loss is the mean of the m microbatch means
+            grad = backend.array_module(y.data).full(y.shape, self.scale / m, dtype=y.dtype)
         else:
             grad = comm.recv(self.shape, self.dtype, self.pp, self.neighbour(+1), _match("B", c + 1, i, m),
                              tag=f"pipeline: gradient {i}, chunk {c + 1}->{c}")

@@ -33,15 +33,19 @@ def check_step(mesh, batch, schedule, microbatches, virtual_stages=1):
     microbatch_size(replica, microbatches, "the batch of a data-parallel replica")
 
 
-def forward_backward(model, ids, targets, mesh, schedule="1f1b", microbatches=1, deallocate=True):
+def forward_backward(model, ids, targets, mesh, schedule="1f1b", microbatches=1, deallocate=True, scale=None):
     """Run ``schedule`` on this rank's stage ``model`` (a ``PipelineGPT``) for the global batch ``ids``,
     ``targets`` (s, B), every rank passing the same arrays: this replica's columns, m microbatches.
     Returns the ``engine.StageRun``, its ``loss`` (this replica's mean) set on every stage. Gradients
     accumulate into ``.grad``; nothing is reduced over dp yet. ``deallocate=False`` keeps each sent
-    output's values until its backward (to see what freeing saves)."""
+    output's values until its backward (to see what freeing saves). ``scale``: a loss scaler's S, the
+    last stage's backward seeded with S/m (``engine.run``): every gradient S times larger, the loss
+    returned unscaled; an S/m that the model's dtype cannot hold is refused on every rank first."""
     check_step(mesh, ids.shape[1], schedule, microbatches, model.virtual_stages)
+    engine.check_scale(scale, microbatches, model.config.dtype)
     actions = plan(schedule, mesh.pp_size, microbatches, model.virtual_stages, mesh.pp_rank)
-    run = engine.run(model, actions, split_batch(ids, mesh), split_batch(targets, mesh), microbatches, deallocate)
+    run = engine.run(model, actions, split_batch(ids, mesh), split_batch(targets, mesh), microbatches, deallocate,
+                     scale)
     loss = numpy.array([run.loss if run.loss is not None else 0.0])
     run.loss = float(comm.broadcast(loss, mesh.pp, root=mesh.pp_size - 1, tag="loss (from the last stage)")[0])
     return run

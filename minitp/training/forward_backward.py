@@ -10,6 +10,10 @@ to know when a gradient is final.
 - ``Pipelined(schedule, microbatches)``: m microbatches through the stages of a ``PipelineGPT`` by AFAB,
   1F1B or interleaved (``minitp.pipeline``); the loss is the last stage's, broadcast over pp. With pp = 1
   it is gradient accumulation.
+
+Both take ``scale=S`` (a loss scaler's, ``minitp.nn.loss_scale``): every gradient S times larger, the
+loss returned unscaled. The whole batch multiplies the loss by S before its backward; the pipeline seeds
+its last stage's backward with S/m instead of 1/m -- the same gradient, without a scaled loss tensor.
 """
 from minitp import trace
 from minitp.parallel.data.data_parallel import split_batch
@@ -33,7 +37,8 @@ whole_batch.pipelined = False
 
 
 class Pipelined:
-    """m microbatches through this rank's pipeline stage by ``schedule`` ("afab", "1f1b", "interleaved")."""
+    """m microbatches through this rank's pipeline stage by ``schedule`` ("afab", "1f1b", "interleaved");
+    ``scale``: a loss scaler's S, seeding the last stage's backward with S/m (``pipeline.engine``)."""
 
     pipelined = True
 
@@ -46,8 +51,8 @@ class Pipelined:
         """``ValueError`` on every rank unless ``batch`` sequences can run by this schedule on ``mesh``."""
         check_step(mesh, batch, self.schedule, self.microbatches, model.virtual_stages)
 
-    def __call__(self, model, ids, targets, mesh):
-        return forward_backward(model, ids, targets, mesh, self.schedule, self.microbatches).loss
+    def __call__(self, model, ids, targets, mesh, scale=None):
+        return forward_backward(model, ids, targets, mesh, self.schedule, self.microbatches, scale=scale).loss
 
     def __repr__(self):
         return f"Pipelined({self.schedule!r}, microbatches={self.microbatches})"

@@ -75,7 +75,7 @@ def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch,
         raise ValueError(f"{type(optimizer).__name__} shards every gradient over {expected.name}, but this model's "
                          "expert weights are reduced over mesh.expert_dp (p.replica_group): ZeRO with experts "
                          "spread over ep is not built; use AllReduceGradients")
-    if scaler is not None and (pipelined or own is not None):
+    if scaler is not None and own is not None:
         raise ValueError("loss scaling is built for the whole-batch step with AllReduceGradients: not with a "
                          "pipeline schedule or microbatches (each backward would need the scale), nor ZeRO (its "
                          "gradient slices would need unscaling and its update the master weights)")
