@@ -126,9 +126,9 @@ def parse(argv=None):
     parser.add_argument("--lr-min", type=float, default=None, help="the floor of the cosine decay (unset: --lr / 10)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm (> 0)")
-    parser.add_argument("--dtype", choices=["float32", "float64", "fp16"], default="float32",
-                        help="parameters and activations; fp16: mixed precision (fp32 master weights and moments, "
-                             "dynamic loss scaling), on the dp/tp path")
+    parser.add_argument("--dtype", choices=["float32", "float64", "fp16", "bf16"], default="float32",
+                        help="parameters and activations; fp16 and bf16: mixed precision (fp32 master weights and "
+                             "moments; fp16 also dynamic loss scaling)")
     parser.add_argument("--seed", type=int, default=0, help="weights, dropout and batches")
     # what the run leaves: log lines, a sample, checkpoints
     parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
@@ -159,7 +159,8 @@ def parse(argv=None):
                              "at --tp 2 --dp 2 (12.5 instead of 8.8 steps/s, 4 ranks on 2 busy cores); nothing "
                              "at 1 rank")
     parser.add_argument("--check", action="store_true",
-                        help="prove it: 10 steps in float64 with dropout, losses and gradient norms against serial")
+                        help="prove it: 10 steps in float64 with dropout, losses and gradient norms against serial "
+                             "(with --dtype fp16/bf16: in that policy, within a derived bound)")
     args = parser.parse_args(argv)
     # the schedule's defaults follow --steps and --lr: a tenth of the run warms up (nanoGPT warms up over
     # 2,000 of 600,000 steps; a short tutorial run needs relatively more), the floor is --lr / 10 (nanoGPT's)
@@ -234,20 +235,16 @@ def validate_schedule(args):
 
 
 def validate_precision(args):
-    """--dtype fp16 is built for the plain dp/tp(/SP) step: refused where its parts are not built."""
-    if args.dtype != "fp16":
+    """--dtype fp16/bf16 (mixed precision): refused where its parts are not built."""
+    if args.dtype not in ("fp16", "bf16"):
         return
     refused = [(args.zero, f"--zero {args.zero} (its slices would need unscaling, and its update the master weights)"),
-               (args.pp > 1 or args.microbatches > 1, "--pp/--microbatches (each microbatch's backward would need "
-                                                      "the loss scale)"),
                (args.cp > 1, "--cp (ring attention's merge is not checked in fp16)"),
                (args.experts, "--experts (the router is not checked in fp16)"),
-               (args.save or args.load, "--save/--load (a checkpoint would have to hold the fp32 master weights)"),
-               (args.check, "--check (it proves the parallel run in float64; the policy's machinery is proven "
-                            "exact in tests/test_mixed_precision.py)")]
+               (args.save or args.load, "--save/--load (a checkpoint would have to hold the fp32 master weights)")]
     for bad, what in refused:
         if bad:
-            raise ValueError(f"--dtype fp16 with {what}: not built")
+            raise ValueError(f"--dtype {args.dtype} with {what}: not built")
 
 
 def validate_experts(args):
@@ -324,10 +321,14 @@ def check_args_of(args, dp):
                       virtual_stages=args.virtual_stages, zero=args.zero, overlap=args.overlap,
                       recompute=args.recompute, ep=args.ep, experts=args.experts, top_k=args.top_k,
                       capacity_factor=args.capacity_factor, aux_loss_coef=args.aux_loss_coef,
-                      z_loss_coef=args.z_loss_coef)
+                      z_loss_coef=args.z_loss_coef,
+                      # a mixed-precision policy is checked in that policy, against its own derived bound
+                      **({"dtype": args.dtype} if args.dtype in ("fp16", "bf16") else {}))
 
 
-def overridden_by_check(argv):
-    """The options given on the command line that ``--check`` replaces with its own values."""
+def overridden_by_check(argv, args=None):
+    """The options given on the command line that ``--check`` replaces with its own values (not --dtype
+    fp16/bf16: the check runs in that policy)."""
     given = {word.split("=")[0][2:].replace("-", "_") for word in (argv or sys.argv[1:]) if word.startswith("--")}
-    return [f"--{name.replace('_', '-')}" for name in CHECK_OVERRIDES if name in given]
+    kept = {"dtype"} if args is not None and args.dtype in ("fp16", "bf16") else set()
+    return [f"--{name.replace('_', '-')}" for name in CHECK_OVERRIDES if name in given - kept]
