@@ -89,6 +89,16 @@ def compiles_kernels(array):
     return hasattr(cupy, "RawKernel")
 
 
+def check_dtype(dtype):
+    """``ValueError`` when arrays of ``dtype`` cannot live on the current device: CuPy has no bfloat16
+    (ml_dtypes' bfloat16 is a numpy dtype only), so a bfloat16 model is refused on the GPU when its
+    parameters are made, before any work. float16 runs on both (on numpy, products accumulate in fp32:
+    ``minitp.functional.precision``)."""
+    if _device == "gpu" and numpy.dtype(dtype).name == "bfloat16":
+        raise ValueError("bfloat16 is not supported on the GPU (CuPy has no bfloat16 dtype): use float16 "
+                         "or float32 there, or bfloat16 on the CPU (MINITP_DEVICE=cpu)")
+
+
 def to_host(array):
     """A numpy copy of ``array`` (no copy if it already is one)."""
     if isinstance(array, (numpy.ndarray, numpy.generic)):

@@ -3,12 +3,14 @@ its bias added in place)?"""
 from minitp import backend
 from minitp.autograd import Function
 from minitp.functional.operands import tensor_pair, unbroadcast
+from minitp.functional.precision import product
 
 
 class MatMul(Function):
     """``a @ b`` for operands of two or more dimensions, batched and broadcast as in numpy.
 
     Backward of C = A B: dA = dC B^T and dB = A^T dC, each summed over broadcast batch dimensions.
+    Each of the three products follows ``precision.product``'s rule for 2-byte floats.
     A weight shared by every batch entry, (s, b, h) @ (h, n), is one GEMM of (s*b, h) @ (h, n), not
     s GEMMs of (b, h) @ (h, n): BLAS is fastest on one large product.
     """
@@ -30,9 +32,9 @@ class MatMul(Function):
         if a is not None:
             if len(self.shapes[1]) == 2:
                 # dW = A^T dC summed over every leading dimension: (k, s*b) @ (s*b, n)
-                grad_b = a.reshape(-1, a.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
+                grad_b = product(a.reshape(-1, a.shape[-1]).T, grad.reshape(-1, grad.shape[-1]))
             else:
-                grad_b = unbroadcast(xp.swapaxes(a, -1, -2) @ grad, self.shapes[1])
+                grad_b = unbroadcast(product(xp.swapaxes(a, -1, -2), grad), self.shapes[1])
         return grad_a, grad_b
 
 
@@ -58,10 +60,11 @@ class Linear(MatMul):
 
 
 def _gemm(a, b):
-    """``a @ b``, folding the leading dimensions of ``a`` into one GEMM when ``b`` is a matrix."""
+    """``a @ b``, folding the leading dimensions of ``a`` into one GEMM when ``b`` is a matrix. 2-byte
+    floats accumulate in fp32 and are rounded once (``precision.product``)."""
     if b.ndim == 2 and a.ndim > 2:
-        return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
-    return a @ b
+        return product(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+    return product(a, b)
 
 
 def matmul(a, b):

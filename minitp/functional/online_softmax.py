@@ -21,6 +21,7 @@ dP is dropped too, and lse stays the undropped one (as in FlashAttention).
 import numpy
 
 from minitp import backend
+from minitp.functional.precision import product
 
 
 def attend(scaled_q, k, v, future=None, keep=None):
@@ -30,7 +31,7 @@ def attend(scaled_q, k, v, future=None, keep=None):
     block straddles the diagonal). ``keep``: None, or the block's dropout mask already scaled by
     1/(1 - p), (..., lq, lk). Every row must keep at least one key (the caller's blocks see to it)."""
     xp = backend.array_module(scaled_q)
-    scores = scaled_q @ xp.swapaxes(k, -1, -2)  # (..., lq, lk), a fresh buffer: worked in place below
+    scores = product(scaled_q, xp.swapaxes(k, -1, -2))  # (..., lq, lk), a fresh buffer: worked in place below
     if future is not None:
         scores += future
     top = scores.max(axis=-1, keepdims=True)
@@ -39,7 +40,7 @@ def attend(scaled_q, k, v, future=None, keep=None):
     total = scores.sum(axis=-1, keepdims=True)
     if keep is not None:
         scores *= keep
-    out = scores @ v
+    out = product(scores, v)
     out /= total  # normalise the (lq, d) output rather than the (lq, lk) probabilities: the same numbers
     xp.log(total, out=total)
     total += top
@@ -65,24 +66,24 @@ def attend_backward(scaled_q, k, v, grad_out, lse, delta, scale, future=None, ke
     """(dq, dk, dv) of one block, from the row's final ``lse`` and ``delta`` = rowsum(dO ∘ O), both
     (..., lq); ``scale`` = 1/√d (dq = dS k·scale; dk = dSᵀ scaled_q already carries it)."""
     xp = backend.array_module(scaled_q)
-    probs = scaled_q @ xp.swapaxes(k, -1, -2)
+    probs = product(scaled_q, xp.swapaxes(k, -1, -2))
     if future is not None:
         probs += future
     probs -= lse[..., None]
     xp.exp(probs, out=probs)  # P = e^(s - lse): the probabilities, recomputed
-    grad_probs = grad_out @ xp.swapaxes(v, -1, -2)  # dP = dO vᵀ
+    grad_probs = product(grad_out, xp.swapaxes(v, -1, -2))  # dP = dO vᵀ
     if keep is not None:
         grad_probs *= keep
         dropped = probs * keep
-        grad_v = xp.swapaxes(dropped, -1, -2) @ grad_out
+        grad_v = product(xp.swapaxes(dropped, -1, -2), grad_out)
         del dropped
     else:
-        grad_v = xp.swapaxes(probs, -1, -2) @ grad_out
+        grad_v = product(xp.swapaxes(probs, -1, -2), grad_out)
     grad_probs -= delta[..., None]
     grad_probs *= probs  # dS = P ∘ (dP - Δ), in dP's buffer
-    grad_q = grad_probs @ k
+    grad_q = product(grad_probs, k)
     grad_q *= scale
-    return grad_q, xp.swapaxes(grad_probs, -1, -2) @ scaled_q, grad_v
+    return grad_q, product(xp.swapaxes(grad_probs, -1, -2), scaled_q), grad_v
 
 
 def future_bias(q_run, k_run, xp, dtype):

@@ -64,6 +64,7 @@ CHUNK = 1 << 15
 def _draw(global_shape, seed, dtype, axis, index, parts, transform):
     """Block ``index`` of ``parts`` along ``axis`` of the tensor whose elements are ``transform(bits)``,
     computed chunk by chunk of rows (the first axis) on the host, then moved to the device."""
+    backend.check_dtype(dtype)
     shape, offset = block(global_shape, axis, index, parts)
     out = numpy.empty(shape, dtype=dtype)
     if out.size:
@@ -94,10 +95,12 @@ def normal(global_shape, std, seed, dtype, axis=None, index=0, parts=1):
 
 
 def zeros(shape, dtype):
+    backend.check_dtype(dtype)
     return backend.xp.zeros(shape, dtype=dtype)
 
 
 def ones(shape, dtype):
+    backend.check_dtype(dtype)
     return backend.xp.ones(shape, dtype=dtype)
 
 

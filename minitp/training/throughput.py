@@ -17,6 +17,7 @@ import numpy
 from mpi4py import MPI
 
 from minitp import backend
+from minitp.functional.precision import product
 from minitp.plan.flops import model_flops
 
 
@@ -26,8 +27,9 @@ def gemm_rate(dtype, n=None, repeats=8):
     by it; a rate measured while other processes ran is too low, and the MFU against it too high -- above
     100% says so). n unset: 1024 on the CPU (a few tens of milliseconds each), 4096 on a GPU."""
     gpu = backend.device() == "gpu"
-    # numpy multiplies fp16 without BLAS, ~100x slower than fp32: a smaller product keeps the startup short
-    n = n or (4096 if gpu else 1024 if numpy.dtype(dtype).itemsize >= 4 else 256)
+    # a 2-byte float on numpy multiplies as the model's products do (precision.product: fp32 BLAS, one
+    # rounding), so the rate is the model's own; numpy's fp16 @ alone would be ~100x slower than fp32
+    n = n or (4096 if gpu else 1024)
     xp = backend.array_module(backend.from_host(numpy.zeros(1)))
     a = xp.asarray(numpy.random.default_rng(0).standard_normal((n, n)).astype(dtype))
     b = a.T.copy()
@@ -35,7 +37,7 @@ def gemm_rate(dtype, n=None, repeats=8):
     for attempt in range(repeats + 1):
         backend.synchronize()
         started = time.perf_counter()
-        a @ b
+        product(a, b)
         backend.synchronize()
         if attempt:  # the first one loads the BLAS, warms the caches, compiles
             best = min(best, time.perf_counter() - started)

@@ -20,6 +20,7 @@ moves a non-blocking collective only inside MPI calls).
 """
 from minitp import comm
 from minitp.autograd import Function
+from minitp.functional.precision import product
 from minitp.parallel.tensor import mappings
 
 SEQUENCE_AXIS = 0
@@ -40,7 +41,7 @@ class LinearWithAsyncGradReduce(Function):
         self.save_for_backward(x, weight)
         if sequence_parallel:
             x = comm.all_gather(x, group, axis=SEQUENCE_AXIS, tag=mappings.tag(tag, "g forward"))
-        return (x.reshape(-1, x.shape[-1]) @ weight).reshape(x.shape[:-1] + weight.shape[-1:])
+        return product(x.reshape(-1, x.shape[-1]), weight).reshape(x.shape[:-1] + weight.shape[-1:])
 
     def backward(self, grad):
         x, weight = self.saved
@@ -51,7 +52,7 @@ class LinearWithAsyncGradReduce(Function):
         reducing = None
         if self.needs_input_grad[0]:
             # (s*b, out/t) @ (out/t, in): this rank's part of dX, summed (and re-split under SP) on the wire
-            partial = (grad_rows @ weight.T).reshape(grad.shape[:-1] + weight.shape[:1])
+            partial = product(grad_rows, weight.T).reshape(grad.shape[:-1] + weight.shape[:1])
             if self.sequence_parallel:
                 reducing = comm.ireduce_scatter(partial, self.group, tag=mappings.tag(self.tag, "g backward"))
             else:
@@ -59,6 +60,6 @@ class LinearWithAsyncGradReduce(Function):
         grad_weight = None
         if self.needs_input_grad[1]:
             full_x = gathering.wait() if gathering is not None else x
-            grad_weight = full_x.reshape(-1, full_x.shape[-1]).T @ grad_rows  # while dX is on the wire
+            grad_weight = product(full_x.reshape(-1, full_x.shape[-1]).T, grad_rows)  # while dX is on the wire
         grad_x = reducing.wait() if reducing is not None else None
         return grad_x, grad_weight

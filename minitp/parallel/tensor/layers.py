@@ -26,6 +26,7 @@ import numpy
 from minitp import comm
 from minitp import functional as F
 from minitp.autograd import Function
+from minitp.functional.precision import product
 from minitp.nn.layers import Linear
 from minitp.parallel.tensor import mappings
 from minitp.parallel.tensor.async_linear import LinearWithAsyncGradReduce
@@ -50,7 +51,7 @@ class LinearWithSequenceGather(Function):
         self.save_for_backward(x_shard, weight)
         x = comm.all_gather(x_shard, group, axis=0, tag=mappings.tag(tag, "g forward"))
         # (s, b, in) @ (in, out/t) = (s, b, out/t), as one GEMM over the s*b tokens
-        return (x.reshape(-1, x.shape[-1]) @ weight).reshape(x.shape[:-1] + weight.shape[-1:])
+        return product(x.reshape(-1, x.shape[-1]), weight).reshape(x.shape[:-1] + weight.shape[-1:])
 
     def backward(self, grad):
         x_shard, weight = self.saved
@@ -58,12 +59,12 @@ class LinearWithSequenceGather(Function):
         grad_x = grad_weight = None
         if self.needs_input_grad[0]:
             # (s*b, out/t) @ (out/t, in) = (s*b, in): this rank's part of dX, summed and re-split by g's backward
-            partial = (grad_rows @ weight.T).reshape(grad.shape[:-1] + weight.shape[:1])
+            partial = product(grad_rows, weight.T).reshape(grad.shape[:-1] + weight.shape[:1])
             grad_x = comm.reduce_scatter(partial, self.group, axis=0, tag=mappings.tag(self.tag, "g backward"))
         if self.needs_input_grad[1]:
             x = comm.all_gather(x_shard, self.group, axis=0,
                                 tag=mappings.tag(self.tag, "g backward: re-gather X for dA"))
-            grad_weight = x.reshape(-1, x.shape[-1]).T @ grad_rows  # (in, s*b) @ (s*b, out/t)
+            grad_weight = product(x.reshape(-1, x.shape[-1]).T, grad_rows)  # (in, s*b) @ (s*b, out/t)
         return grad_x, grad_weight
 
 

