@@ -13,7 +13,8 @@ Each figure names its formula and its paper; where minitp's code departs from th
 ZeRO's padded buckets and units, ZeRO-3's placeholder, the tied table's view, the vocabulary padded by
 ``train_gpt.py``) the figure is what the code does, and the module that computes it says how it departs.
 What minitp runs today is exact to the byte at small scale (``tests/test_plan.py`` measures it: ZeRO 0-3,
-context parallelism's ring, zigzag and Ulysses, fp16 with master weights, the experts' states); bf16, mixed
+context parallelism's ring, zigzag and Ulysses, alone, with ZeRO 1-3 over dp × cp and on pipeline
+stages (``tests/test_plan_context.py``), fp16 with master weights, the experts' states); bf16, mixed
 precision with ZeRO or pipelines, ZeRO-3 with pp > 1 (which minitp refuses) and the experts' activations
 and all-to-alls (they follow the routing counts) are the papers' formulas, marked "formula only: not yet
 measured against minitp".

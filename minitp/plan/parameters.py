@@ -22,11 +22,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Tensor:
     """One parameter on one rank: its serial name, the elements this rank holds, and whether it is split
-    over tp (a split tensor's gradient-norm squares are summed over tp; a replicated one's counted once)."""
+    over tp (a split tensor's gradient-norm squares are summed over tp; a replicated one's counted once);
+    ``tied``: the token table shared by the first and last pipeline stage (pp > 1, tied embeddings), which
+    the gradient buckets put last and alone (``states.buckets``)."""
     name: str
     elements: int
     split: bool
     expert: bool = False
+    tied: bool = False
 
 
 def narayanan_parameters(l, h, V, s):
@@ -71,7 +74,8 @@ def chunk_tensors(model, mesh, chunk):
     experts_here = model.experts // mesh.ep if model.experts else 0
     found = []
     if first or (last and model.tie_embeddings):
-        found.append(Tensor("wte.weight" + ("" if first else " (tied copy)"), V // t * h, True))
+        found.append(Tensor("wte.weight" + ("" if first else " (tied copy)"), V // t * h, True,
+                            tied=model.tie_embeddings and p > 1))
     if first:
         found.append(Tensor("wpe.weight", model.seq_len * h, False))
     for i in blocks:

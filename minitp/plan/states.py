@@ -53,17 +53,23 @@ def zero_paper(psi, nd, stage, K=12):
 
 
 def buckets(tensors, itemsize, bucket_bytes):
-    """minitp's bucket layout (``parallel.buckets._layout``): consecutive parameters in model order, at most
-    ``bucket_bytes`` each (a larger parameter alone). Returns the element count of each bucket."""
-    sizes, current = [], 0
-    for tensor in tensors:
-        nbytes = tensor.elements * itemsize
-        if not sizes or current + nbytes > bucket_bytes:
-            sizes.append(0)
-            current = 0
-        sizes[-1] += tensor.elements
-        current += nbytes
-    return sizes
+    """minitp's bucket layout (``parallel.data.buckets._layout``): consecutive parameters in model order, at
+    most ``bucket_bytes`` each (a larger parameter alone). Returns the element count of each bucket.
+
+    The token table tied across pipeline stages (``Tensor.tied``) goes last, in a bucket of its own
+    (``GradientBuckets``: its gradient must first be summed over the two ends); measured with dp·cp > 1 by
+    tests/test_plan_context.py, where the plan had counted it in the first bucket."""
+    def layout(run):
+        sizes, current = [], 0
+        for tensor in run:
+            nbytes = tensor.elements * itemsize
+            if not sizes or current + nbytes > bucket_bytes:
+                sizes.append(0)
+                current = 0
+            sizes[-1] += tensor.elements
+            current += nbytes
+        return sizes
+    return layout([t for t in tensors if not t.tied]) + layout([t for t in tensors if t.tied])
 
 
 def zero1_elements(bucket_sizes, d, rank):
