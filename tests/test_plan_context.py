@@ -7,10 +7,10 @@ On 4 ranks (tiny sizes: s 8, h 16, 4 heads, float32):
   docstring), so each rank's parameter, gradient and optimizer bytes (per dp·cp rank: the padding rule),
   its activations and the collective log of a whole ``train_step`` equal the plan's, byte for byte;
 - pp 2 × cp 2 (``PipelineGPT(..., context_parallel=kind)``; ring, zigzag and Ulysses; AFAB, 1F1B and
-  interleaved; tied and untied): each stage's parameters, gradients (after the dp × cp all-reduce), AdamW
-  state, the microbatch-chunks and bytes it holds at its peak and every forward's saved bytes
-  (``StageRun``), and the log of a whole pipelined ``train_step`` (cp's ring or
-  all-to-alls, pp's sends, the dp × cp all-reduces).
+  interleaved; tied and untied; ZeRO 0, 1 and 2 with 2 KiB buckets): each stage's parameters, gradients
+  (at the end of backward), AdamW state (ZeRO: per dp·cp rank), the microbatch-chunks and bytes it holds
+  at its peak and every forward's saved bytes (``StageRun``), and the log of a whole pipelined
+  ``train_step`` (cp's ring or all-to-alls, pp's sends, the dp × cp all-reduces).
 """
 import numpy
 import pytest
@@ -77,13 +77,16 @@ def test_zero_over_dp_times_cp_is_planned_to_the_byte():
 def test_pipeline_with_context_parallelism_is_planned_to_the_byte():
     from minitp import pipeline
     from minitp.parallel.data.sync import AllReduceGradients
+    from minitp.parallel.data.zero import ZeroOptimizer
     from minitp.training import Pipelined, train_step
 
     failures = []
     mesh = comm.init(pp=2, cp=2)
-    for kind, name, m, v, tie, dropout in [("ring", "1f1b", 4, 1, True, 0.1), ("zigzag", "afab", 2, 1, False, 0.1),
-                                           ("ulysses", "interleaved", 2, 2, True, 0.0),
-                                           ("ring", "interleaved", 4, 2, False, 0.1)]:
+    for kind, name, m, v, tie, dropout, zero in [("ring", "1f1b", 4, 1, True, 0.1, 0),
+                                                 ("zigzag", "afab", 2, 1, False, 0.1, 0),
+                                                 ("ulysses", "interleaved", 2, 2, True, 0.0, 0),
+                                                 ("ring", "interleaved", 4, 2, False, 0.1, 0),
+                                                 ("zigzag", "1f1b", 2, 1, True, 0.1, 1), ("ring", "afab", 2, 1, True, 0.0, 2)]:
         config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=4 * v, dropout=dropout,
                            tie_embeddings=tie, dtype="float32")
         model = pipeline.PipelineGPT(config, mesh, False, v, context_parallel=kind)
@@ -92,13 +95,18 @@ def test_pipeline_with_context_parallelism_is_planned_to_the_byte():
         rng = numpy.random.default_rng(0)
         ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
         run = pipeline.forward_backward(model, ids, targets, mesh, name, m)  # the StageRun: what it held
-        gradients, seen = AllReduceGradients(model, mesh), {}
-        measure_gradients_at_finish(model, gradients, seen)
+        if zero:
+            optimizer, gradients = ZeroOptimizer(optimizer, mesh, 2048, stage=zero), None
+        else:
+            gradients = AllReduceGradients(model, mesh, 2048)
+        seen = {}
+        measure_gradients_at_finish(model, gradients or optimizer, seen)
         with comm.log_collectives() as log:  # the whole step: schedule, tied table, dp × cp, norm, loss
             train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients,
                        forward_backward=Pipelined(name, m))
         predicted = plan(Model.of(config), Mesh(pp=2, cp=2, virtual_stages=v),
-                         Choices(micro_batch=batch // m, global_batch=batch, schedule=name, cp_kind=kind))
+                         Choices(micro_batch=batch // m, global_batch=batch, schedule=name, cp_kind=kind,
+                                 zero=zero, bucket_bytes=2048))
         stage = predicted.stages[mesh.pp_rank]
         chunk_bytes = [stage.activation_per_chunk[k * 2 + mesh.pp_rank] for kind_, _, k in
                        schedule.order(name, 2, m, v, mesh.pp_rank) if kind_ == "F"]
@@ -107,10 +115,12 @@ def test_pipeline_with_context_parallelism_is_planned_to_the_byte():
                  "saved per forward": (chunk_bytes, run.saved_bytes),
                  "parameters": (stage.memory["parameters"].value, sum(p.data.nbytes for p in model.parameters())),
                  "gradients": (stage.memory["gradients"].value, seen["gradients"]),
-                 "optimizer state": (stage.memory["optimizer state"].value, _adamw_state(optimizer))}
+                 "optimizer state": ((stage.optimizer_state_of(mesh.dp_cp.rank) if zero else
+                                      stage.memory["optimizer state"].value),
+                                     optimizer.state_bytes() if zero else _adamw_state(optimizer))}
         found = {key: pair for key, pair in found.items() if pair[0] != pair[1]}
         found.update(differences(by_group_op(stage.messages), logged(log)))
         unmarked = [key for key, figure in stage.memory.items() if not figure.measured]
         if found or unmarked:
-            failures.append(((kind, name, m, v, tie), found, unmarked))
+            failures.append(((kind, name, m, v, tie, zero), found, unmarked))
     parallel_assert(not failures, f"planned != measured: {failures[:3]}")

@@ -30,9 +30,11 @@ gradient slices and stage 3's parameter slices are ⌈n/d⌉ long on every rank,
 "+ e": a freed parameter is a read-only broadcast of one NaN of its shape (``zero3.ShardedUnits
 ._placeholder``), one element per dtype. Stage 1's whole gradient is alive until the end of backward
 (reduce-scattered in ``finish``); stage 2 reduce-scatters each bucket inside backward as soon as it is
-complete and drops its ``.grad``. The paper's KΨ/N_d, (2 + K)Ψ/N_d, (2 + 2 + K)Ψ/N_d are these without the
-padding rule and the placeholder. Stage 3 with pipeline stages (pp > 1) is refused by minitp
-(``zero3.check_mesh``): there the planner gives the same per-stage formula, marked formula only.
+complete and drops its ``.grad`` -- but for the table tied across pipeline stages, last and alone in its
+bucket, whose whole gradient waits for the two ends' sum after backward. The paper's KΨ/N_d,
+(2 + K)Ψ/N_d, (2 + 2 + K)Ψ/N_d are these without the padding rule and the placeholder. Stage 3 with
+pipeline stages (pp > 1) is refused by minitp (``zero3.check_mesh``): there the planner gives the same
+per-stage formula, marked formula only.
 
 Mixed precision without ZeRO is what ``train_gpt.py --dtype fp16`` runs (``nn.master_weights.MasterWeights``:
 2Ψ fp16 parameters, 2Ψ fp16 gradients, 4Ψ fp32 master copies, 8Ψ fp32 moments; measured byte for byte).
@@ -133,6 +135,14 @@ def model_states(psi, tensors, d, dp_rank, choices):
         if zero >= 2:
             states["gradients"] = (padded_slices(groups, d) * e,
                                    f"ZeRO-{zero}: Σ⌈n/d⌉·e, this rank's reduce-scattered slice of each {what} "
+                                   "(Rajbhandari et al. 2020 §5.2: Ψe/N_d)")
+        tied = sum(tensor.elements for tensor in tensors if tensor.tied)
+        if zero == 2 and tied:
+            # the tied table's bucket (the last) is reduced only after backward, once the two ends have summed
+            # it (parallel.data.buckets): its whole gradient is alive then, not a slice (measured, pp × cp)
+            states["gradients"] = ((padded_slices(groups[:-1], d) + tied) * e,
+                                   "ZeRO-2: Σ⌈n/d⌉·e over the buckets but the tied table's, whole (n·e): it is "
+                                   "summed over the two ends after backward, then reduce-scattered "
                                    "(Rajbhandari et al. 2020 §5.2: Ψe/N_d)")
         if zero == 3:
             states["parameters"] = (padded_slices(groups, d) * e + e,
