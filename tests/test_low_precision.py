@@ -16,8 +16,10 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
+from minitp import comm
 from minitp import functional as F
 from minitp.autograd import Tensor
+from minitp.comm import collectives, exchange, nonblocking, p2p
 from minitp.functional import precision
 
 BF16, F16, F32 = numpy.dtype(ml_dtypes.bfloat16), numpy.dtype(numpy.float16), numpy.dtype(numpy.float32)
@@ -101,3 +103,102 @@ def test_float32_and_float64_products_are_numpys_own():
 def test_finfo_knows_bfloat16():
     assert precision.finfo(BF16).eps == 2.0 ** -7 and precision.finfo(F16).eps == 2.0 ** -10
     assert precision.UNIT_ROUNDOFF[BF16] == precision.finfo(BF16).eps / 2
+
+
+# -- (b, c) collectives and point-to-point of 2-byte floats ----------------------------------------
+
+
+@pytest.fixture(params=["bf16", "fp16 emulated"])
+def half(request, monkeypatch):
+    """bfloat16 (no MPI has a datatype for it), or float16 forced onto the same 2-byte-word path, as an
+    MPI without MPI_FLOAT16 (Open MPI 4.1 may lack it) would take it: the datatype table says so."""
+    if request.param == "bf16":
+        return BF16
+    monkeypatch.setitem(collectives._DATATYPES, F16, collectives._Words(F16))
+    return F16
+
+
+def integers(shape, seed, dtype):
+    """Small integers (|v| <= 8, sums over 4 ranks below 2^8): exact in bf16 and fp16 whatever the order
+    of the additions, so every rank count and algorithm gives the same bits."""
+    return numpy.random.default_rng(seed).integers(-8, 9, shape).astype(dtype)
+
+
+def everyone(shape, dtype, n):
+    """Every rank's input, rank r's drawn from seed r: each rank can compute the expected result."""
+    return [integers(shape, r, dtype) for r in range(n)]
+
+
+@pytest.mark.parallel([2, 3, 4])
+def test_collectives_of_2_byte_floats_are_exact_and_send_2_bytes_an_element(half):
+    group = comm.init(tp=WORLD.size, checked=True).tp
+    n, r = group.size, group.rank
+    inputs = everyone((2 * n, 3), half, n)
+    x = inputs[r]
+    exact = sum(v.astype(numpy.float64) for v in inputs)  # exact: small integers
+    with comm.log_collectives() as log:
+        reduced = comm.all_reduce(x, group)
+        peak = comm.all_reduce(x, group, op="max")
+        in_place = x.copy()
+        comm.all_reduce(in_place, group, out=in_place)
+        scattered = comm.reduce_scatter(x, group)
+        scattered_columns = comm.reduce_scatter(numpy.tile(x, (1, n)), group, axis=1)  # block r: x itself
+        gathered = comm.all_gather(x, group, axis=1)
+        broadcast = comm.broadcast(x, group, root=n - 1)
+        started = (nonblocking.iall_reduce(x, group), nonblocking.ireduce_scatter(x, group),
+                   nonblocking.iall_gather(x, group))
+        nonblocking_results = [pending.wait() for pending in started]
+        ring = exchange.sendrecv(x, group, (r + 1) % n, (r - 1) % n)
+        swapped = exchange.all_to_all(x, group, split_axis=0, concat_axis=0)
+    block = slice(2 * r, 2 * r + 2)
+    checks = {
+        "all_reduce": same(reduced, exact.astype(half)),
+        "all_reduce max": same(peak, numpy.max(inputs, axis=0).astype(half)),
+        "all_reduce in place": same(in_place, exact.astype(half)),
+        "reduce_scatter": same(scattered, exact[block].astype(half)),
+        "reduce_scatter axis 1": same(scattered_columns, exact.astype(half)),
+        "all_gather": same(gathered, numpy.concatenate(inputs, axis=1)),
+        "broadcast": same(broadcast, inputs[n - 1]),
+        "iall_reduce": same(nonblocking_results[0], exact.astype(half)),
+        "ireduce_scatter": same(nonblocking_results[1], exact[block].astype(half)),
+        "iall_gather": same(nonblocking_results[2], numpy.concatenate(inputs, axis=0)),
+        "sendrecv": same(ring, inputs[(r - 1) % n]),
+        "all_to_all": same(swapped, numpy.concatenate([inputs[j][block] for j in range(n)])),
+        "the input untouched": same(x, inputs[r]),
+    }
+    parallel_assert(all(checks.values()), f"{half}: wrong {[name for name, ok in checks.items() if not ok]}")
+    per_element = {record.op: record.payload_bytes / numpy.prod(record.shape) for record in log}
+    parallel_assert(all(record.dtype == half.name for record in log) and len(log) == 12, log.table())
+    parallel_assert(set(per_element.values()) == {2.0}, f"bytes per element {per_element}")
+
+
+@pytest.mark.parallel([2, 3, 4])
+def test_point_to_point_and_all_to_all_v_of_2_byte_floats(half):
+    group = comm.init(tp=WORLD.size).tp
+    n, r = group.size, group.rank
+    inputs = everyone((5, 2), half, n)
+    with comm.log_collectives() as log:
+        pending = p2p.send(inputs[r], group, (r + 1) % n, match=7)
+        received = p2p.recv((5, 2), half, group, (r - 1) % n, match=7)
+        pending.wait()
+        counts = [(r + j) % 3 for j in range(n)]  # rank r sends (r + j) % 3 rows to rank j
+        rows = integers((sum(counts), 2), 100 + r, half)
+        arrived = exchange.all_to_all_v(rows, group, counts, [(j + r) % 3 for j in range(n)])
+    expected_rows = []
+    for j in range(n):
+        theirs = integers((sum((j + k) % 3 for k in range(n)), 2), 100 + j, half)
+        start = sum((j + k) % 3 for k in range(r))
+        expected_rows.append(theirs[start:start + (j + r) % 3])
+    parallel_assert(same(received, inputs[(r - 1) % n]), f"recv {received} from rank {(r - 1) % n}")
+    parallel_assert(same(arrived, numpy.concatenate(expected_rows)), "all_to_all_v")
+    parallel_assert(all(record.payload_bytes == 2 * numpy.prod(record.shape) for record in log
+                        if record.op in ("send", "recv")), log.table())
+
+
+@pytest.mark.parallel(1)
+def test_the_sum_of_2_byte_words_is_one_op_per_dtype_and_only_sum_and_max():
+    words = collectives._Words(BF16)
+    assert words.op("sum") is words.op("sum") and words.op("max") is not words.op("sum")
+    assert collectives._datatype(BF16) is collectives._datatype(BF16)
+    with pytest.raises(ValueError, match="op must be one of"):
+        comm.all_reduce(numpy.ones(2, BF16), comm.init().tp, op="min")

@@ -42,18 +42,80 @@ from minitp.comm.mesh import divide
 from minitp.comm.runtime import _for_mpi, _like
 
 
-_DATATYPES = {}  # numpy dtype -> MPI datatype, read once per dtype (the lookup costs a microsecond)
+_DATATYPES = {}  # numpy dtype -> MPI datatype (or _Words), read once per dtype (the lookup costs a microsecond)
+
+
+class _Words:
+    """A 2-byte float that this MPI has no datatype for -- bfloat16 everywhere (no MPI defines one), float16
+    where the MPI lacks MPI_FLOAT16 (Open MPI 4.1 may) -- crosses as 2-byte words (``MPI.UINT16_T``): the
+    bytes on the wire stay 2 per element, as the collective log records. Reductions cannot add words, so
+    they use a user-defined commutative MPI op per (dtype, op), created once on first use, that views
+    the two buffers as ``dtype`` and adds (or takes the maximum) with numpy: one rounding per addition,
+    as MPI's own float16 sum does. Only the ops of ``_REDUCE_OPS`` exist (sum, max)."""
+
+    datatype = MPI.UINT16_T
+
+    def __init__(self, dtype):
+        self.dtype, self._ops = numpy.dtype(dtype), {}
+
+    def op(self, name):
+        if name not in self._ops:
+            dtype, ufunc = self.dtype, _UFUNCS[name]
+
+            def reduce(inbuf, inoutbuf, datatype):  # MPI: inoutbuf = inbuf (op) inoutbuf, elementwise
+                into = numpy.frombuffer(inoutbuf, dtype=dtype)
+                ufunc(numpy.frombuffer(inbuf, dtype=dtype), into, out=into)
+
+            self._ops[name] = MPI.Op.Create(reduce, commute=True)
+        return self._ops[name]
+
+
+_UFUNCS = {"sum": numpy.add, "max": numpy.maximum}
+
+
+def _datatype(dtype):
+    """The MPI datatype of a numpy dtype, or a ``_Words`` for a 2-byte float the MPI has no type for."""
+    datatype = _DATATYPES.get(dtype)
+    if datatype is None:
+        dtype = numpy.dtype(dtype)
+        code = dtype.char
+        fromcode = getattr(MPI.Datatype, "fromcode", None)  # mpi4py >= 4; older versions keep a dict
+        try:
+            datatype = fromcode(code) if fromcode is not None else MPI._typedict[code]
+        except (KeyError, ValueError):
+            if not (dtype.itemsize == 2 and (dtype.kind == "f" or dtype.name == "bfloat16")):
+                raise ValueError(f"MPI has no datatype for {dtype} (code {code!r})") from None
+            datatype = _Words(dtype)
+        _DATATYPES[dtype] = datatype
+    return datatype
 
 
 def _buffer(array):
     """An mpi4py buffer specification: the memory and its MPI datatype, read from the numpy dtype.
-    (Naming the datatype is also faster than letting mpi4py discover it from the buffer each call.)"""
+    (Naming the datatype is also faster than letting mpi4py discover it from the buffer each call.)
+    A 2-byte float without an MPI datatype (``_Words``) is handed over as 2-byte words: a numpy array as
+    its uint16 view (numpy cannot export bfloat16 through the buffer protocol), a device array as is."""
     datatype = _DATATYPES.get(array.dtype)
     if datatype is None:
-        code = numpy.dtype(array.dtype).char
-        fromcode = getattr(MPI.Datatype, "fromcode", None)  # mpi4py >= 4; older versions keep a dict
-        datatype = _DATATYPES[array.dtype] = fromcode(code) if fromcode is not None else MPI._typedict[code]
+        datatype = _datatype(array.dtype)
+    if type(datatype) is _Words:
+        return [array.view(numpy.uint16) if type(array) is numpy.ndarray else array, datatype.datatype]
     return [array, datatype]
+
+
+def _reduce_op(name, dtype):
+    """The MPI op of ``name`` ("sum", "max") for arrays of ``dtype``: MPI's own, or a ``_Words``' user op."""
+    datatype = _datatype(dtype)
+    return datatype.op(name) if type(datatype) is _Words else _REDUCE_OPS[name]
+
+
+def _for_reduction(array):
+    """``_for_mpi`` for a reduction's buffer: a ``_Words`` dtype is summed by numpy code inside MPI's
+    user op, which cannot read device memory, so a CuPy array of one is always staged through the host."""
+    array = _for_mpi(array)
+    if type(array) is not numpy.ndarray and type(_datatype(array.dtype)) is _Words:
+        return backend.to_host(array)
+    return array
 
 
 def _end_nothing():
@@ -123,16 +185,16 @@ def all_reduce(x, group, tag="", op="sum", out=None):
             return x
         out[...] = x
         return out
-    send = _for_mpi(x)
-    if out is not None and _for_mpi(out) is out:  # MPI can write into out itself
+    send, mpi_op = _for_reduction(x), _reduce_op(op, x.dtype)
+    if out is not None and _for_reduction(out) is out:  # MPI can write into out itself
         if out is x:
-            group.comm.Allreduce(MPI.IN_PLACE, _buffer(out), op=_REDUCE_OPS[op])
+            group.comm.Allreduce(MPI.IN_PLACE, _buffer(out), op=mpi_op)
         else:
-            group.comm.Allreduce(_buffer(send), _buffer(out), op=_REDUCE_OPS[op])
+            group.comm.Allreduce(_buffer(send), _buffer(out), op=mpi_op)
         end()
         return out
     total = backend.array_module(send).empty_like(send)
-    group.comm.Allreduce(_buffer(send), _buffer(total), op=_REDUCE_OPS[op])
+    group.comm.Allreduce(_buffer(send), _buffer(total), op=mpi_op)
     end()
     if out is not None:  # a non-contiguous out, or a CuPy one staged through the host: one copy in
         out[...] = _like(total, out)
@@ -199,9 +261,9 @@ def reduce_scatter(x, group, axis=0, tag=""):
     if axis != 0:
         # (..., n*k, ...) -> (..., n, k, ...) -> (n, ..., k, ...): each rank's block contiguous (a copy)
         rank_major = xp.moveaxis(x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:]), axis, 0)
-    send = _for_mpi(rank_major)
+    send = _for_reduction(rank_major)
     mine = backend.array_module(send).empty(block_shape, dtype=send.dtype)
-    group.comm.Reduce_scatter_block(_buffer(send), _buffer(mine), op=MPI.SUM)
+    group.comm.Reduce_scatter_block(_buffer(send), _buffer(mine), op=_reduce_op("sum", send.dtype))
     end()
     return _like(mine, x)
 

@@ -136,8 +136,8 @@ def all_to_all_v(x, group, send_counts, receive_counts, tag=""):
     received = backend.array_module(send).empty((sum(receive_counts),) + x.shape[1:], dtype=x.dtype)
     displacements = [sum(send_counts[:i]) * row for i in range(n)]
     arrived = [sum(receive_counts[:i]) * row for i in range(n)]
-    datatype = _buffer(send)[1]
-    group.comm.Alltoallv([send, ([c * row for c in send_counts], displacements), datatype],
-                         [received, ([c * row for c in receive_counts], arrived), datatype])
+    (send_words, datatype), (received_words, _) = _buffer(send), _buffer(received)  # bfloat16: as 2-byte words
+    group.comm.Alltoallv([send_words, ([c * row for c in send_counts], displacements), datatype],
+                         [received_words, ([c * row for c in receive_counts], arrived), datatype])
     end()
     return _like(received, x)

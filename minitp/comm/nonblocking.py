@@ -42,11 +42,9 @@ import os
 import threading
 import time
 
-from mpi4py import MPI
-
 from minitp import backend, trace
 from minitp.comm import checks, log
-from minitp.comm.collectives import _buffer
+from minitp.comm.collectives import _buffer, _for_reduction, _reduce_op
 from minitp.comm.mesh import divide
 from minitp.comm.runtime import _for_mpi, _like
 
@@ -128,7 +126,7 @@ def _start(op, group, x, result_shape, payload_bytes, ring_bytes, tag, call):
                     ring_bytes, tag, blocking=False)
     if group.size == 1:
         return _Done(x)
-    send = _for_mpi(x)
+    send = _for_mpi(x) if op == "all_gather" else _for_reduction(x)  # a sum of _Words: on the host
     receive = backend.array_module(send).empty(result_shape, dtype=send.dtype)
     with _lock:
         request = call(_buffer(send), _buffer(receive))
@@ -159,7 +157,7 @@ def iall_reduce(x, group, tag=""):
     another collective."""
     n = group.size
     return _start("all_reduce", group, x, x.shape, x.nbytes, 2 * (n - 1) * x.nbytes / n, tag,
-                  lambda send, receive: group.comm.Iallreduce(send, receive, op=MPI.SUM))
+                  lambda send, receive: group.comm.Iallreduce(send, receive, op=_reduce_op("sum", x.dtype)))
 
 
 def ireduce_scatter(x, group, tag=""):
@@ -170,7 +168,7 @@ def ireduce_scatter(x, group, tag=""):
     n = group.size
     block = divide(x.shape[0], n, f"ireduce_scatter: the length of axis 0 of an array of shape {x.shape}")
     return _start("reduce_scatter", group, x, (block,) + x.shape[1:], x.nbytes, (n - 1) * x.nbytes / n, tag,
-                  lambda send, receive: group.comm.Ireduce_scatter_block(send, receive, op=MPI.SUM))
+                  lambda send, receive: group.comm.Ireduce_scatter_block(send, receive, op=_reduce_op("sum", x.dtype)))
 
 
 def iall_gather(x, group, tag=""):
