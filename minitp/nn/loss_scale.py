@@ -15,8 +15,16 @@ large as it can:
 
 bf16 needs none of this: its exponent is fp32's (smallest normal 1e-38), it loses mantissa, not range.
 
-The inf/NaN test must agree on every rank (a tensor-parallel rank holds other slices of the gradient):
-``unscale`` takes a ``world`` communicator and ORs the finding over it, so every rank skips alike.
+The inf/NaN test must agree on every rank (a tensor-parallel rank holds other slices of the gradient,
+a ZeRO rank other slices of the flat buckets): ``unscale`` takes a ``world`` communicator and ORs the
+finding over it, so every rank skips alike.
+
+**Where the gradients are.** ``unscale`` works on a gradient synchronisation (``minitp.parallel.data.sync``:
+``final_gradients()``, ``map_gradients(fn)``) after its ``finish()``: the ``.grad`` arrays of plain data
+parallelism, or this rank's slices of ZeRO's buckets (stages 1, 2 and 3) -- so ``train_step`` calls it the
+same way for every optimizer. A plain list of parameters is accepted too (their ``.grad``). It runs after
+the reduction: an fp16 sum over the replicas can overflow where no single gradient did, and that step
+must be skipped as well.
 """
 import numpy
 from mpi4py import MPI
@@ -37,19 +45,24 @@ class DynamicLossScaler:
         self.max_scale = max_scale
         self.clean_steps, self.skipped = 0, 0
 
-    def unscale(self, params, dtype=numpy.float32, world=None):
-        """Replace every ``.grad`` of ``params`` by ``grad / S`` in ``dtype`` (the master dtype: in fp16 the
-        division would underflow again); True when some gradient -- on any rank of ``world`` -- is inf or
-        NaN (then the gradients are left as they are: the step is to be skipped)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        found = any(not bool(backend.array_module(g).isfinite(g).all()) for g in grads)
+    def unscale(self, gradients, dtype=numpy.float32, world=None):
+        """Replace every final gradient of ``gradients`` -- a synchronisation after its ``finish()`` (module
+        docstring), or a list of parameters (their ``.grad``) -- by ``gradient / S`` in ``dtype`` (the master
+        dtype: in fp16 the division would underflow again); True when some gradient -- on any rank of
+        ``world`` -- is inf or NaN (then the gradients are left as they are: the step is to be skipped).
+        One all-reduce of one flag over ``world``, on every rank, found or not."""
+        sync = gradients if hasattr(gradients, "map_gradients") else _ParameterGradients(gradients)
+        found = any(not bool(backend.array_module(g).isfinite(g).all()) for g in sync.final_gradients())
         if world is not None and world.Get_size() > 1:
             found = bool(world.allreduce(found, op=MPI.LOR))
         if not found:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = p.grad.astype(dtype)  # a new array (the engine's may be shared): divided in place
-                    p.grad /= numpy.dtype(dtype).type(self.scale)
+            scale = numpy.dtype(dtype).type(self.scale)
+
+            def unscaled(g):
+                g = g.astype(dtype)  # a new array (the engine's may be shared, a bucket's view): divided in place
+                g /= scale
+                return g
+            sync.map_gradients(unscaled)
         return found
 
     def update(self, found_inf):
@@ -62,3 +75,18 @@ class DynamicLossScaler:
         if self.clean_steps == self.growth_interval:
             self.scale = min(self.scale * self.growth, self.max_scale)
             self.clean_steps = 0
+
+
+class _ParameterGradients:
+    """The synchronisation interface over a list of parameters: their ``.grad`` arrays."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def final_gradients(self):
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def map_gradients(self, fn):
+        for p in self.params:
+            if p.grad is not None:
+                p.grad = fn(p.grad)

@@ -43,7 +43,8 @@ def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch,
     - an optimizer with its own synchronisation (ZeRO) on a model whose parameters reduce over another
       group than the replicas (``p.replica_group``: a mixture's experts): it would shard them over the
       wrong ranks (not built);
-    - loss scaling beside a schedule or ZeRO (not built).
+    - loss scaling beside an optimizer without master weights (``master_dtype``): the unscaled
+      gradients need a dtype wider than the model's (in fp16 the division would underflow again).
     """
     check_max_norm(max_norm)
     pipelined = getattr(forward_backward, "pipelined", False)
@@ -75,10 +76,10 @@ def check_train_step(model, optimizer, gradients, forward_backward, mesh, batch,
         raise ValueError(f"{type(optimizer).__name__} shards every gradient over {expected.name}, but this model's "
                          "expert weights are reduced over mesh.expert_dp (p.replica_group): ZeRO with experts "
                          "spread over ep is not built; use AllReduceGradients")
-    if scaler is not None and own is not None:
-        raise ValueError("loss scaling is built for the whole-batch step with AllReduceGradients: not with a "
-                         "pipeline schedule or microbatches (each backward would need the scale), nor ZeRO (its "
-                         "gradient slices would need unscaling and its update the master weights)")
+    if scaler is not None and getattr(optimizer, "master_dtype", None) is None:
+        raise ValueError(f"loss scaling needs master weights to unscale into: {type(optimizer).__name__} has none "
+                         "(MasterWeights(optimizer, numpy.float32), or ZeroOptimizer / FullyShardedOptimizer "
+                         "with master_dtype=numpy.float32)")
 
 
 def train_step(model, optimizer, ids, targets, mesh=None, *, max_norm=None, gradients=None,
@@ -92,9 +93,10 @@ def train_step(model, optimizer, ids, targets, mesh=None, *, max_norm=None, grad
     While a trace is recorded, the step and its phases are "phase" spans.
 
     ``scaler``: a ``minitp.nn.loss_scale.DynamicLossScaler`` beside a ``MasterWeights`` optimizer (mixed
-    precision): backward from the scaled loss, the gradients unscaled into the master dtype after their
-    synchronisation and before the clip; a gradient that is inf or NaN on any rank skips the step (the
-    norm returned is then inf, and nothing changed). Whole batches only (not built: pipelines, ZeRO).
+    precision), or a ZeRO optimizer of any stage with ``master_dtype``: backward from the scaled loss, the
+    gradients unscaled into the master dtype after their synchronisation (the ``.grad`` arrays, or ZeRO's
+    slices: ``gradients.map_gradients``) and before the clip; a gradient that is inf or NaN on any rank
+    skips the step on every rank (the norm returned is then inf, and nothing changed).
     """
     check_train_step(model, optimizer, gradients, forward_backward, mesh, ids.shape[1], max_norm, scaler)
     if gradients is None:
@@ -110,9 +112,8 @@ def train_step(model, optimizer, ids, targets, mesh=None, *, max_norm=None, grad
         with trace.span("optimizer", "phase"):
             with trace.span("gradients: finish", "compute"):
                 gradients.finish()
-            if scaler is not None:
-                overflow = scaler.unscale(list(model.parameters()), optimizer.master_dtype,
-                                          None if mesh is None else mesh.world.comm)
+            if scaler is not None:  # the final gradients of any synchronisation: .grad, or ZeRO's slices
+                overflow = scaler.unscale(gradients, optimizer.master_dtype, None if mesh is None else mesh.world.comm)
                 scaler.update(overflow)
                 if overflow:  # every rank alike: skip the step, the scale already halved
                     optimizer.zero_grad()

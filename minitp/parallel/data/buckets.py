@@ -39,6 +39,14 @@ stage's last backward -- which waits for the last stage's gradient sends: a dead
 
 Without overlap, ``wait()`` packs and reduces every bucket with the blocking collectives.
 
+**The dtype on the wire** (``reduce_dtype``). A bucket is packed, reduced and averaged in the parameters'
+dtype by default -- fp16 gradients cross the wire as fp16, 2 bytes per element, as Megatron's do. With
+``reduce_dtype=numpy.float32`` the low-precision gradients are widened as they are packed (exact: every
+fp16 is an fp32), summed and averaged in fp32 (4 bytes per element on the wire: twice the bytes, no
+rounding of the sum to fp16), and what is left is fp32: the ``.grad`` views (plain) or the slices
+(``grad_shards``, ZeRO). On one replica nothing is reduced, but the gradients are still left in
+``reduce_dtype``, so what follows sees one dtype whatever the mesh.
+
 **ZeRO-2** (``eager=True``, with ``shard``): each bucket is reduce-scattered from backward's hooks as soon
 as it is complete, blocking or (``overlap``) started, and its full gradient dies there -- the ``.grad``
 arrays at packing, the packed bucket when its reduce-scatter completes. With ``overlap`` at most two
@@ -47,6 +55,8 @@ buckets of an overlapped step live until ``wait()``, and a blocking step keeps e
 then: the whole gradient exists at the end of backward, as in the paper's stage 1.
 """
 import math
+
+import numpy
 
 from minitp import backend, comm, trace
 
@@ -83,10 +93,11 @@ class Bucket:
                 found.append((index, lo - offset, hi - offset, lo - first, hi - first))
         return found
 
-    def pack(self, arrays):
-        """One flat buffer of ``arrays`` (one per parameter, or None: zeros there), padding zeroed."""
+    def pack(self, arrays, dtype=None):
+        """One flat buffer of ``arrays`` (one per parameter, or None: zeros there), padding zeroed, in
+        ``dtype`` (None: the parameters' own)."""
         xp = backend.array_module(next((a for a in arrays if a is not None), backend.xp.zeros(0)))
-        flat = xp.zeros(self.padded, dtype=self.dtype)
+        flat = xp.zeros(self.padded, dtype=self.dtype if dtype is None else dtype)
         for array, p, offset in zip(arrays, self.parameters, self.offsets):
             if array is not None:  # a copy into its slot: a gradient may be a read-only broadcast view
                 flat[offset:offset + p.size].reshape(p.shape)[...] = array
@@ -105,17 +116,19 @@ class GradientBuckets:
     ``received[i]`` says which of its parameters had a gradient; the ``.grad`` arrays are dropped as
     soon as they are packed (the mean exists only as slices, and a whole gradient left in ``.grad``
     would be this replica's alone). ``overlap=True``: reductions start
-    during backward. ``ValueError`` (on every rank: every rank checks the same number) unless
+    during backward. ``reduce_dtype``: the dtype the buckets are packed, reduced and left in (None: the
+    parameters'; module docstring). ``ValueError`` (on every rank: every rank checks the same number) unless
     ``bucket_bytes`` > 0.
     """
 
     def __init__(self, parameters, group, bucket_bytes=DEFAULT_BUCKET_BYTES, shard=False, overlap=False,
-                 eager=False):
+                 eager=False, reduce_dtype=None):
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, float)) or not bucket_bytes > 0:
             raise ValueError(f"the bucket size must be a positive number of bytes, not {bucket_bytes!r}")
         if eager and not shard:
             raise ValueError("eager reduction (ZeRO-2) is of sharded buckets: pass shard=True")
         self.group, self.shard, self.overlap, self.eager = group, shard, overlap, eager
+        self.reduce_dtype = None if reduce_dtype is None else numpy.dtype(reduce_dtype)
         parameters = [p for p in parameters if p.requires_grad]
         self.tied = [p for p in parameters if getattr(p, "tied_group", None) is not None]
         # the tied table last and alone: its bucket waits for the stages' sum (see the module docstring)
@@ -162,7 +175,7 @@ class GradientBuckets:
         bucket = self.buckets[index]
         self.received[index] = [p.grad is not None for p in bucket.parameters]
         with trace.span("pack bucket", "compute"):
-            flat = bucket.pack([p.grad for p in bucket.parameters])
+            flat = bucket.pack([p.grad for p in bucket.parameters], self.reduce_dtype)
         if self.shard:  # this replica's whole gradients are in the bucket now, and no one needs them after it
             for p in bucket.parameters:
                 p.grad = None
@@ -203,6 +216,10 @@ class GradientBuckets:
             if p.grad is not None:
                 p.grad = comm.all_reduce(p.grad, p.tied_group, tag="tied embedding")
         if not self.shard and self.group.size == 1:
+            if self.reduce_dtype is not None:  # nothing to reduce, but the dtype promised all the same
+                for p in self.parameters:
+                    if p.grad is not None:
+                        p.grad = p.grad.astype(self.reduce_dtype, copy=False)
             self._arrived = [0] * len(self.buckets)
             return len(self.buckets)  # one replica: its gradient is the mean already
         self._in_flight = None

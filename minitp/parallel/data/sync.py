@@ -8,6 +8,10 @@ the gradient of the loss over the global batch, and measures it for clipping:
                            for each parameter's m-th gradient -- its last microbatch's
     finish()               after the last backward: the tied table summed over the pipeline's ends, then
                            every bucket's reduction over the replicas completed
+    final_gradients()      the arrays that hold the final gradient after finish(): the ``.grad`` of
+                           every parameter (plain), or this rank's slices (ZeRO's ``grad_shards``)
+    map_gradients(fn)      replace each of those arrays by fn(it): how a loss scaler unscales them
+                           (``minitp.nn.loss_scale``), whatever the synchronisation
     clip_grad_norm(max)    the global norm of the whole (serial) model's gradient -- each parameter
                            counted once across tp, pp and the replicas -- and the clip by it
 
@@ -41,12 +45,13 @@ class AllReduceGradients:
     them is scaled by g/d after its mean over g: the sum over g ranks, divided by d (Megatron's
     ``expert_gradient_scaling_factor``)."""
 
-    def __init__(self, model, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False):
+    def __init__(self, model, mesh=None, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False, reduce_dtype=None):
         self.model, self.mesh = model, mesh
         group = replicas(mesh)
         self.group = group
         self.sets = [] if group is None else [
-            (GradientBuckets(parameters, reduced_over, bucket_bytes, overlap=overlap), reduced_over.size / group.size)
+            (GradientBuckets(parameters, reduced_over, bucket_bytes, overlap=overlap, reduce_dtype=reduce_dtype),
+             reduced_over.size / group.size)
             for reduced_over, parameters in by_replica_group(model.parameters(), group)]
         self.buckets = self.sets[0][0] if self.sets else None  # the model's (all of it, without experts)
 
@@ -61,6 +66,16 @@ class AllReduceGradients:
                 for p in buckets.parameters:
                     if p.grad is not None:
                         p.grad = p.grad * scale
+
+    def final_gradients(self):
+        """The final gradients after ``finish()``: every parameter's ``.grad`` (None ones left out)."""
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def map_gradients(self, fn):
+        """Every ``.grad`` replaced by ``fn(.grad)`` (a new array: ``.grad`` may be a view of a bucket)."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad = fn(p.grad)
 
     def clip_grad_norm(self, max_norm):
         return clip_grad_norm(self.model, max_norm, self.mesh)

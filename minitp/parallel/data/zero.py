@@ -36,6 +36,29 @@ in which MPI adds the replicas' gradients (rounding, ~1e-16).
 takes its parameters, keys (the serial names) and its elementwise update, and keeps the state itself.
 Checkpoints hold the full state under the serial names (``gathered()``: an all-gather over the group), and
 ``load_state_dict`` takes full arrays and keeps this rank's slices: a run resumes on any dp and tp.
+
+**Mixed precision** (``master_dtype``; Micikevicius et al. 2018, and the ZeRO paper's own setting). The
+model is in a low precision (fp16 or bf16), and each rank keeps an fp32 MASTER copy of its slice only --
+an optimizer state buffer ``"master"`` beside the moments, made at the slice's first update from the
+slice of the parameter, so ``gathered()``, ``state_dict()``, ``load_state_dict()`` and checkpoints hold it
+as they hold the moments; the moments are in the master dtype too (the state's dtype is the master
+dtype, not the bucket's). The step, per slice:
+
+    reduce-scatter the gradients     in the model's dtype (2 bytes per fp16 element on the wire), or in
+                                     ``reduce_dtype`` (fp32: 4 bytes) -- ``buckets.py``
+    unscale                          a loss scaler divides the slices by S into fp32 (``map_gradients``)
+    clip                             by the norm of the unscaled gradient
+    update the fp32 master slice     the wrapped optimizer's update, moments in fp32
+    round it to the model dtype      the low-precision slice rewritten from the master
+    all-gather the parameters        in the model's dtype (2 bytes per fp16 element); stage 3: nothing
+
+Memory per rank, Ψ parameters over N_d replicas, K = 12 (fp32 master + AdamW's two fp32 moments) -- the
+ZeRO paper's formulas: stage 1 2Ψ + 2Ψ + KΨ/N_d, stage 2 2Ψ + (2+K)Ψ/N_d, stage 3 (2+2+K)Ψ/N_d (plus the
+padding, fewer than N_d elements per bucket, which the paper does not count).
+
+Say it with ``master_dtype=numpy.float32`` on the plain optimizer (``ZeroOptimizer(AdamW(...), mesh,
+master_dtype=numpy.float32)``). A ``MasterWeights`` optimizer is refused: it keeps master copies of every
+parameter, Ψ of them, where ZeRO keeps Ψ/N_d.
 """
 import math
 import types
@@ -43,6 +66,7 @@ import types
 import numpy
 
 from minitp import backend, comm
+from minitp.nn.master_weights import MasterWeights
 from minitp.nn.optim import check_max_norm, clip_coefficient
 from minitp.parallel.data.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
 from minitp.parallel.data.data_parallel import replicas
@@ -61,21 +85,42 @@ class ZeroOptimizer:
     ``minitp.training.train_step`` does exactly that. On a pipeline stage it holds that stage's
     parameters: the norm adds the stages' squares over pp, the tied table's copy on the last stage
     counted once, and the table's gradient is summed over the two ends before it is reduce-scattered.
+
+    ``master_dtype`` (e.g. ``numpy.float32`` for an fp16 model): the update runs on a master copy of this
+    rank's slice, kept in the optimizer state as ``"master"`` (module docstring); None: on the slice of
+    the parameters itself. ``reduce_dtype``: the gradients reduce-scattered in that dtype, and their
+    slices left in it (None: the parameters' dtype).
     """
 
     stage = 1
 
-    def __init__(self, optimizer, mesh, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False, stage=1):
+    def __init__(self, optimizer, mesh, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False, stage=1,
+                 master_dtype=None, reduce_dtype=None):
         if stage not in (1, 2):
             raise ValueError(f"ZeroOptimizer is ZeRO stage 1 or 2, not {stage!r} (stage 3: "
                              "minitp.parallel.data.zero3.FullyShardedOptimizer)")
+        self._precision(optimizer, master_dtype)
         self.optimizer, self.mesh, self.stage = optimizer, mesh, stage
         self.group = replicas(mesh)  # dp, or dp × cp: every rank holding a copy of the parameters
         self.keys, self.params = optimizer.keys, optimizer.params
         # stage 2: each bucket reduce-scattered inside backward as soon as it is complete (buckets.py)
         self.gradients = GradientBuckets(self.params, self.group, bucket_bytes, shard=True, overlap=overlap,
-                                         eager=stage == 2)
+                                         eager=stage == 2, reduce_dtype=reduce_dtype)
         self._setup()
+
+    def _precision(self, optimizer, master_dtype):
+        """``self.master_dtype``; ``ValueError`` (every rank checks the same object) for a ``MasterWeights``
+        optimizer, whose whole-model masters ZeRO would not shard."""
+        if isinstance(optimizer, MasterWeights):
+            raise ValueError(f"{type(self).__name__} shards the master weights itself (1/d of them per rank): "
+                             "wrap the plain optimizer and pass master_dtype=, e.g. "
+                             f"{type(self).__name__}(AdamW(...), ..., master_dtype=numpy.float32), "
+                             "not MasterWeights(AdamW(...)), which holds a master copy of every parameter")
+        self.master_dtype = None if master_dtype is None else numpy.dtype(master_dtype)
+
+    def _state_dtype(self, bucket):
+        """The dtype of the optimizer state of ``bucket``'s slice: the master dtype, else the bucket's."""
+        return bucket.dtype if self.master_dtype is None else self.master_dtype
 
     def _setup(self):
         self.key_of = {id(p): key for key, p in zip(self.keys, self.params)}
@@ -111,8 +156,19 @@ class ZeroOptimizer:
         self.gradients.wait()
 
     def zero_grad(self):
+        """Drop every ``.grad`` and the last step's slices: kept until the next ``finish()``, they would sit
+        beside the next backward's gradients (and, unscaled, in the master dtype: 4 bytes per element)."""
         for p in self.params:
             p.grad = None
+        self.gradients.grad_shards = [None] * len(self.gradients.grad_shards)
+
+    def final_gradients(self):
+        """The final gradients after ``finish()`` (``sync.py``'s interface): this rank's slices."""
+        return [shard for shard in self.gradients.grad_shards if shard is not None]
+
+    def map_gradients(self, fn):
+        """Each slice of the mean gradient replaced by ``fn(slice)`` (a loss scaler's unscaling)."""
+        self.gradients.grad_shards = [None if shard is None else fn(shard) for shard in self.gradients.grad_shards]
 
     def clip_grad_norm(self, max_norm, eps=1e-6):
         """The 2-norm of the whole (serial) model's mean gradient, from this rank's slices; scale the
@@ -147,7 +203,9 @@ class ZeroOptimizer:
 
     def step(self):
         """Update this rank's slice of every bucket, then all-gather the parameters over ``self.group``
-        (with ``overlap``, each bucket's all-gather starts as soon as its slice is updated)."""
+        (with ``overlap``, each bucket's all-gather starts as soon as its slice is updated). With
+        ``master_dtype`` the update is of the master slice, and the parameters' slice its rounding; the
+        all-gather is in the parameters' dtype either way."""
         self.step_count += 1
         gathering = []  # per bucket: a function returning its gathered parameters
         for index, (bucket, pieces) in enumerate(zip(self.gradients.buckets, self.pieces)):
@@ -159,7 +217,13 @@ class ZeroOptimizer:
                 key = self.key_of[id(bucket.parameters[i])]
                 state = self.state.setdefault(key, {})
                 state["step"] = self.steps[key] + 1  # the update count, this update included
-                self.optimizer._update(shard[s:e], shard_grad[s:e], state)
+                if self.master_dtype is None:
+                    self.optimizer._update(shard[s:e], shard_grad[s:e], state)
+                    continue
+                master = self._master(state, shard[s:e])
+                # widening an fp16 gradient is exact; a scaler's unscaled slice is in the master dtype already
+                self.optimizer._update(master, shard_grad[s:e].astype(self.master_dtype, copy=False), state)
+                shard[s:e] = master  # rounded to the model's dtype: what is gathered (stage 3: kept)
             for i, received_gradient in enumerate(received):
                 if received_gradient:
                     self.steps[self.key_of[id(bucket.parameters[i])]] += 1
@@ -174,6 +238,14 @@ class ZeroOptimizer:
             for p, value in zip(bucket.parameters, bucket.views(gathered())):
                 p.data[...] = value
 
+    def _master(self, state, piece):
+        """The master copy of one parameter's piece of this rank's slice, made at its first update from
+        the piece of the parameter and kept from then on: the small updates add up in it (an fp16 weight
+        of 1.0 does not move by 1e-4; its fp32 master does)."""
+        if "master" not in state:
+            state["master"] = piece.astype(self.master_dtype)  # a copy, even in the same dtype
+        return state["master"]
+
     def _parameter_shard(self, index):
         """This rank's slice of bucket ``index``'s parameters, flat: copied out of the whole parameters
         (stages 1 and 2 hold them whole; stage 3 holds the slice itself)."""
@@ -187,8 +259,8 @@ class ZeroOptimizer:
     @property
     def state_buffers(self):
         """The arrays kept per parameter, as the wrapped optimizer's ``state_buffers`` (a checkpoint
-        must hold each of them, or none)."""
-        return tuple(self.optimizer.state_buffers)
+        must hold each of them, or none), and ``"master"`` with a ``master_dtype``."""
+        return tuple(self.optimizer.state_buffers) + (() if self.master_dtype is None else ("master",))
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -207,7 +279,7 @@ class ZeroOptimizer:
         for index, (bucket, pieces) in enumerate(zip(self.gradients.buckets, self.pieces)):
             lo, hi = bucket.shard_range(r, d)
             for name in self.state_buffers:
-                shard = backend.array_module(bucket.parameters[0].data).zeros(hi - lo, dtype=bucket.dtype)
+                shard = backend.array_module(bucket.parameters[0].data).zeros(hi - lo, dtype=self._state_dtype(bucket))
                 for i, a, b, s, e in pieces:
                     entry = self.state.get(self.key_of[id(bucket.parameters[i])], {})
                     if name in entry:
@@ -227,7 +299,11 @@ class ZeroOptimizer:
 
     def load_state_dict(self, state_dict):
         """Take this rank's slices of the full state ``state_dict`` ({"step", "state": {key: {"step",
-        buffer: array of the parameter's (tp-local) shape}}}). No communication."""
+        buffer: array of the parameter's (tp-local) shape}}}), in the state's dtype (the master dtype, or the
+        parameters'). Buffers other than ``state_buffers`` are left out: a ``"master"`` loaded without a
+        ``master_dtype`` would never be read (the parameters, rounded from it, are the weights then).
+        ``ValueError`` with a ``master_dtype`` for an updated parameter whose state has no ``"master"``.
+        No communication."""
         params = dict(zip(self.keys, self.params))
         for key, entry in state_dict["state"].items():
             if key not in params:
@@ -236,6 +312,12 @@ class ZeroOptimizer:
                 if name != "step" and tuple(array.shape) != params[key].shape:
                     raise ValueError(f"ZeroOptimizer.load_state_dict: {name} of parameter {key!r} has shape "
                                      f"{tuple(array.shape)}, the parameter {params[key].shape}")
+        missing = [key for key, entry in state_dict["state"].items()
+                   if self.master_dtype is not None and "master" not in entry and int(entry.get("step", 0))]
+        if missing:  # MasterWeights' rule too: remade from the rounded weights, the run would drift
+            raise ValueError(f"ZeroOptimizer.load_state_dict: no master weights for parameter(s) {missing[:4]} (a "
+                             "plain optimizer's state?): with master_dtype they would be remade from the rounded "
+                             "weights")
         self.steps = {key: int(state_dict["state"].get(key, {}).get("step", 0)) for key in self.keys}
         self.state = {}
         for bucket, pieces in zip(self.gradients.buckets, self.pieces):
@@ -246,7 +328,7 @@ class ZeroOptimizer:
                     continue
                 xp = backend.array_module(bucket.parameters[i].data)
                 self.state[key] = {name: xp.array(backend.to_host(array) if xp is numpy else array,
-                                                  dtype=bucket.dtype).reshape(-1)[a:b].copy()
-                                   for name, array in entry.items() if name != "step"}
+                                                  dtype=self._state_dtype(bucket)).reshape(-1)[a:b].copy()
+                                   for name, array in entry.items() if name in self.state_buffers}
         self.step_count = int(state_dict["step"])
 

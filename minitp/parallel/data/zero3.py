@@ -39,6 +39,12 @@ each op computes with them as it would; dropout masks are a function of (seed, c
 where the weights came from, and recomputation re-runs a region from inside the unit's backward, when
 it is gathered. So the step equals the serial step up to the order of the replicas' sum (~1e-16).
 
+**Mixed precision** (``master_dtype``, ``reduce_dtype``: ``zero.py``'s). The slice a rank keeps IS the
+parameters' storage, in the model's low precision: that is what is all-gathered (2 bytes per fp16
+element). The fp32 master slice is extra optimizer state (``"master"``); after each update the
+low-precision slice is rewritten from it. The gradients are reduce-scattered in the model's dtype, or in
+``reduce_dtype``. Per rank: (2 + 2 + K)·Ψ/d bytes between steps, K = 12 with fp32 AdamW.
+
 **What it composes with.** tp, SP, cp (sharded over ``replicas(mesh)``: dp, or dp × cp), recomputation,
 overlap, tied embeddings. Pipeline stages (pp > 1) are refused: see ``check_mesh``.
 """
@@ -85,14 +91,16 @@ class FullyShardedOptimizer(ZeroOptimizer):
     ``clip_grad_norm``), so ``minitp.training.train_step`` runs it unchanged; ``step`` updates the slices
     only. ``full_parameters()`` gathers everything (checkpoints, comparisons); ``gathered()``,
     ``state_dict`` and ``load_state_dict`` are ZeRO-1's (the optimizer state, full or this rank's slices).
+    ``master_dtype`` and ``reduce_dtype``: mixed precision, as ``ZeroOptimizer``'s (module docstring).
     ``ValueError`` for a mesh ``check_mesh`` refuses, a model that is not a GPT, or an optimizer that does
-    not hold exactly the model's parameters.
+    not hold exactly the model's parameters (or is a ``MasterWeights``).
     """
 
     stage = 3
 
-    def __init__(self, optimizer, model, mesh, overlap=False):
+    def __init__(self, optimizer, model, mesh, overlap=False, master_dtype=None, reduce_dtype=None):
         check_mesh(mesh)
+        self._precision(optimizer, master_dtype)
         found = gpt_units(model)
         in_units = {id(p) for unit, _, _ in found for p in unit.parameters}
         if in_units != {id(p) for p in optimizer.params} or len(in_units) != len(optimizer.params):
@@ -101,7 +109,7 @@ class FullyShardedOptimizer(ZeroOptimizer):
         self.optimizer, self.mesh, self.model = optimizer, mesh, model
         self.group = replicas(mesh)
         self.keys, self.params = optimizer.keys, optimizer.params
-        self.gradients = ShardedUnits(found, self.group, overlap)
+        self.gradients = ShardedUnits(found, self.group, overlap, reduce_dtype)
         self._setup()
 
     def _parameter_shard(self, index):
@@ -132,10 +140,11 @@ class FullyShardedOptimizer(ZeroOptimizer):
 class ShardedUnits:
     """The units of one model over ``group``: their slices (``shards``), gathering and freeing, and the
     gradient synchronisation's side of ZeRO-1's interface (``buckets``, ``grad_shards``, ``received``,
-    ``start_step``, ``wait``), so that ``ZeroOptimizer``'s norm, update and state code serve stage 3."""
+    ``start_step``, ``wait``), so that ``ZeroOptimizer``'s norm, update and state code serve stage 3.
+    ``reduce_dtype``: the gradients packed, reduce-scattered and sliced in it (None: the parameters')."""
 
-    def __init__(self, found, group, overlap):
-        self.group, self.overlap = group, overlap
+    def __init__(self, found, group, overlap, reduce_dtype=None):
+        self.group, self.overlap, self.reduce_dtype = group, overlap, reduce_dtype
         d, r = group.size, group.rank
         self.units = [unit for unit, _, _ in found]
         self.buckets = [Bucket(unit.parameters, d) for unit in self.units]
@@ -304,7 +313,7 @@ class ShardedUnits:
         """Unit ``index``'s gradients reduce-scattered; the full ones dropped (ZeRO-2's rule, per unit)."""
         bucket = self.buckets[index]
         self.received[index] = [p.grad is not None for p in bucket.parameters]
-        flat = bucket.pack([p.grad for p in bucket.parameters])
+        flat = bucket.pack([p.grad for p in bucket.parameters], self.reduce_dtype)
         for p in bucket.parameters:
             p.grad = None
         tag = f"gradients: reduce-scatter {self.units[index].name}"
