@@ -13,6 +13,14 @@ of ``.npy`` files, readable with nothing but ``numpy.load`` -- keyed by the seri
     checkpoint/config                                   the model's GPTConfig as JSON (models that have one)
     metadata/<key>                                      strings the caller passes (``metadata=``), e.g. the
                                                         vocabulary and a hash of the corpus, checked at load
+    scaler/scale, scaler/clean_steps, scaler/skipped    a loss scaler's state (``scaler=``: mixed precision)
+
+**Mixed precision.** With ``MasterWeights`` (an fp16 model, fp32 masters) the masters are optimizer state,
+saved as ``optimizer/master/<name>`` in fp32 beside the fp32 moments, and loaded back in the master dtype
+exactly: the master weights are what is saved, the fp16 parameters in the file are their rounding. The
+``DynamicLossScaler``'s state is no model or optimizer state, so ``save`` and ``load`` take it as
+``scaler=`` (a resumed run must scale its loss by the same S, or its gradients round differently and it
+skips other steps): with both, a resumed fp16 run takes exactly the steps the uninterrupted one takes.
 
 ``load`` cuts the file for any mesh: a checkpoint saved at tp=4 resumes at tp=2, or serially, and takes
 exactly the steps the uninterrupted run takes. A ZeRO-1 optimizer (``minitp.parallel.data.zero``) is saved

@@ -15,6 +15,13 @@ NaN, a parameter whose optimizer state was dropped restarts its moments at zero 
     checkpoint/step             one integer >= 0
     checkpoint/config           one string: the JSON object of the model's configuration
     metadata/<key>              one string
+    scaler/scale                one floating-point number, finite and > 0       (with ``load(scaler=)``:
+    scaler/clean_steps          one integer, 0 <= it < the scaler's growth_interval   all three needed;
+    scaler/skipped              one integer >= 0                                      without: ignored)
+
+Buffers are floating point of any width: a float32 checkpoint loads into a float64 run and back, and
+each is cast to the dtype its optimizer keeps it in at load (``Optimizer.state_dtype``: ``MasterWeights``
+keeps its masters and moments in the master dtype, not the model's).
 
 "One integer": a 0-d array of an integer dtype (``save`` writes int64) -- a float 3.0 or a bool is not
 one, nor a value beyond int64.
@@ -27,6 +34,7 @@ PARAMETER_ERRORS_SHOWN = 8  # a checkpoint of another model fails on every name:
 INT64_MAX = int(numpy.iinfo(numpy.int64).max)  # save writes every integer as int64
 # buffers that are means of squares: a negative one is no state AdamW can reach, and its sqrt is NaN
 NONNEGATIVE_BUFFERS = ("exp_avg_sq",)
+SCALER_ENTRIES = ("scaler/scale", "scaler/clean_steps", "scaler/skipped")  # a DynamicLossScaler's state
 
 
 def misfits(arrays, expected, with_optimizer):
@@ -89,6 +97,9 @@ def misfits(arrays, expected, with_optimizer):
             pass  # checked above, and by _config_problems
         elif key.startswith("metadata/"):
             metadata_ok[key] = is_string(key)
+        elif key in SCALER_ENTRIES:
+            if expected.get("scaler") is not None:  # else not loaded: nothing to check
+                _scaler_entry(key, arrays[key], expected["scaler"], integer, problems)
         elif key.startswith("dropout/"):
             if key[len("dropout/"):] not in dropout_names:
                 problems.append(f"unexpected entry {key!r}: the model has no dropout {key[len('dropout/'):]!r}")
@@ -133,11 +144,31 @@ def misfits(arrays, expected, with_optimizer):
         elif metadata_ok[stored] and str(arrays[stored]) != value:
             problems.append(f"the checkpoint was saved with another {key}: {_shorten(str(arrays[stored]))} "
                             f"there, {_shorten(value)} here")
+    if expected.get("scaler") is not None:
+        problems += [f"the loss scaler's state {key!r} is missing (saved without scaler=?)"
+                     for key in SCALER_ENTRIES if key not in arrays]
     if with_optimizer:
         if "optimizer/step" not in arrays:
             problems.append("the optimizer's state ('optimizer/step') is missing")
         problems += _optimizer_state_problems(arrays, optimized, expected["buffers"], optimizer_step)
     return problems
+
+
+def _scaler_entry(key, array, scaler, integer, problems):
+    """A loss scaler's entry: the scale one positive finite float, the counters integers >= 0, and
+    clean_steps below the scaler's growth_interval (its update grows S when the count reaches it: at or
+    beyond, S would never grow again)."""
+    if key == "scaler/scale":
+        if array.shape != () or array.dtype.kind != "f":
+            problems.append(f"{key!r} must be one floating-point number, the checkpoint holds {array.dtype} "
+                            f"of shape {array.shape}")
+        elif not (numpy.isfinite(array) and array > 0):
+            problems.append(f"{key!r} is {float(array)}: a loss scale is positive and finite")
+        return
+    value = integer(key, 0, "a loss scaler's step count")
+    if key == "scaler/clean_steps" and value is not None and value >= scaler["growth_interval"]:
+        problems.append(f"{key!r} is {value}, not below this scaler's growth_interval {scaler['growth_interval']}: "
+                        "its scale would never grow again")
 
 
 def _optimizer_state_problems(arrays, optimized, buffers, optimizer_step):

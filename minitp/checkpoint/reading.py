@@ -12,7 +12,7 @@ from minitp.checkpoint.fit import PARAMETER_ERRORS_SHOWN, misfits
 from minitp.parallel.tensor.shard import split_axis
 
 
-def load(path, model, optimizer=None, mesh=None, metadata=None):
+def load(path, model, optimizer=None, mesh=None, metadata=None, scaler=None):
     """Load the checkpoint at ``path`` into ``model`` (and ``optimizer``), cut for this rank's place in
     ``mesh``; returns the step stored by ``save``. Call on every rank.
 
@@ -27,6 +27,15 @@ def load(path, model, optimizer=None, mesh=None, metadata=None):
     * ``optimizer/step`` n > 0: every optimized parameter's state, whole -- its update count, from 1 to
       n, and each buffer the optimizer keeps (AdamW: ``exp_avg`` and ``exp_avg_sq``, finite, the second
       >= 0) -- and no buffer it does not keep.
+
+    Each buffer is loaded in the dtype the optimizer keeps it in (``optimizer.state_dtype``): the
+    parameter's, or for ``MasterWeights`` the master dtype -- its fp32 masters come back exactly, not
+    rounded to the fp16 model's dtype, and the parameters are then written from them.
+
+    With ``scaler`` (a ``DynamicLossScaler``), its state too: ``scaler/scale`` one positive finite number,
+    ``scaler/clean_steps`` an integer from 0 to below the scaler's ``growth_interval`` (at or beyond it,
+    the scale would never grow again), ``scaler/skipped`` an integer >= 0; a file saved without
+    ``scaler=`` is refused. Without ``scaler``, the file's scaler state (if any) is not loaded.
 
     That is what ``save`` writes: a parameter has state from its first update on, and every parameter
     of these models gets a gradient at every step. A parameter whose state is gone would restart from
@@ -43,6 +52,7 @@ def load(path, model, optimizer=None, mesh=None, metadata=None):
     expected = over_stages(expected_contents(model, optimizer, mesh), mesh, merge_expected)
     if expected is not None:  # the first stage, which checks for every stage
         expected["metadata"] = {key: str(value) for key, value in (metadata or {}).items()}
+        expected["scaler"] = None if scaler is None else {"growth_interval": scaler.growth_interval}
     arrays, message = None, None
     if world.Get_rank() == 0:
         arrays, message = _read_and_check(path, expected, optimizer is not None)
@@ -60,6 +70,9 @@ def load(path, model, optimizer=None, mesh=None, metadata=None):
         # reshaped: a 0-d array (a counter, a step) travels as shape (1,)
         full[key] = comm.broadcast(array, world_group, root=0, tag=f"checkpoint: {key}").reshape(shape)
     _restore(full, model, optimizer, mesh)
+    if scaler is not None:  # fit.py checked all three
+        scaler.scale, scaler.clean_steps = float(full["scaler/scale"]), int(full["scaler/clean_steps"])
+        scaler.skipped = int(full["scaler/skipped"])
     return int(full["checkpoint/step"])
 
 

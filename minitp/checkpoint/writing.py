@@ -13,14 +13,20 @@ from minitp.checkpoint.contents import (dropouts, merge_arrays, model_config, op
 from minitp.parallel.tensor.shard import split_axis
 
 
-def save(path, model, optimizer=None, mesh=None, step=0, metadata=None):
+def save(path, model, optimizer=None, mesh=None, step=0, metadata=None, scaler=None):
     """Write ``model`` (and ``optimizer``'s state) as one full checkpoint at ``path``; call on every rank.
 
     ``mesh``: the run's mesh (``None``: a serial model on one process). The shards
     are all-gathered over tp by the first data-parallel replica (the others hold the same values);
     world rank 0 writes. ``OSError`` on every rank if the write fails; the file at ``path`` is then
     the previous checkpoint, untouched. ``metadata``: {key: string} stored beside the model, which
-    ``load(..., metadata=)`` requires to match.
+    ``load(..., metadata=)`` requires to match. ``scaler``: a ``DynamicLossScaler`` whose state -- the
+    scale S, its clean steps since the last change, the steps it skipped -- is saved too
+    (``scaler/<name>``): without it a resumed fp16 run would start from another S and scale differently.
+
+    With ``MasterWeights`` the optimizer's state holds the fp32 masters (``optimizer/master/<name>``) and
+    fp32 moments, written in their own dtype: the master weights are what is saved; the parameters are
+    written in the model's dtype (the masters rounded).
     """
     arrays = None
     whole = getattr(optimizer, "full_parameters", None)  # ZeRO-3: each dp rank holds 1/d of the parameters
@@ -31,6 +37,8 @@ def save(path, model, optimizer=None, mesh=None, step=0, metadata=None):
             arrays = over_stages(_gather_everything(model, optimizer, mesh, step), mesh, merge_arrays)
         if arrays is not None:  # the first stage, which holds the merged arrays
             arrays.update({f"metadata/{key}": numpy.array(str(value)) for key, value in (metadata or {}).items()})
+            if scaler is not None:  # the same on every rank: its overflow test is ORed over the world
+                arrays.update(scaler_arrays(scaler))
     verdict = None
     if world_comm(mesh).Get_rank() == 0:
         verdict = _write_atomically(path, arrays)
@@ -50,7 +58,7 @@ def _gather_everything(model, optimizer, mesh, step):
             for buffer, value in optimizer.state.get(key, {}).items():
                 if buffer == "step":
                     arrays[f"optimizer/step/{name}"] = numpy.int64(value)
-                else:
+                else:  # in the buffer's own dtype: MasterWeights' fp32 masters and moments stay fp32
                     arrays[f"optimizer/{buffer}/{name}"] = _full(value, parameter, group, f"{buffer} of {name}")
     for name, dropout in dropouts(model):
         arrays[f"dropout/{name}"] = numpy.int64(dropout.counter)
@@ -59,6 +67,13 @@ def _gather_everything(model, optimizer, mesh, step):
     if config is not None:
         arrays["checkpoint/config"] = numpy.array(json.dumps(config))  # a unicode array: no pickle needed
     return arrays
+
+
+def scaler_arrays(scaler):
+    """A loss scaler's state as checkpoint entries: ``scaler/scale`` (float64: every power of two a scaler
+    reaches is exact in it), ``scaler/clean_steps`` and ``scaler/skipped`` (int64)."""
+    return {"scaler/scale": numpy.float64(scaler.scale), "scaler/clean_steps": numpy.int64(scaler.clean_steps),
+            "scaler/skipped": numpy.int64(scaler.skipped)}
 
 
 def _full(array, parameter, group, name):

@@ -12,9 +12,19 @@ every weight in fp32, the MASTER weights, with the optimizer's moments beside th
 The small updates accumulate in w32 until they cross a step of w16's grid.
 
 ``MasterWeights`` wraps an optimizer built as usual on the model's parameters (like ZeRO's wrappers: it
-takes its keys and its elementwise ``_update``, and keeps the state itself, in ``master_dtype``). ``lr``
-reads and writes the wrapped optimizer's, so a schedule sets it the same way. Its exactness is testable:
-with float64 as both the "low" and the master dtype, it must equal the plain optimizer to the last bit.
+takes its keys and its elementwise ``_update``). ``lr`` reads and writes the wrapped optimizer's, so a
+schedule sets it the same way. Its exactness is testable: with float64 as both the "low" and the master
+dtype, it must equal the plain optimizer to the last bit.
+
+**The masters are optimizer state.** Each parameter's master copy is a state buffer named "master", in
+``state[key]`` beside the moments (all in ``master_dtype``), so ``state_dict()`` returns it and a
+checkpoint saves it (``minitp.checkpoint``: ``optimizer/master/<name>``, fp32) -- the master weights are
+what is saved; the model's fp16 weights are only their rounding. It is made at the parameter's first
+update from ``p.data.astype(master_dtype)``, like the moments. That equals a copy made at construction:
+nothing but this optimizer changes the weights before their first update (and a checkpoint loaded
+without optimizer state writes the weights that the copy is then made from). ``load_state_dict`` keeps
+every buffer in ``master_dtype`` (``state_dtype``: the base class would cast to the parameters' fp16,
+rounding the masters away) and writes the parameters from the loaded masters, so model and masters agree.
 """
 import numpy
 
@@ -34,7 +44,6 @@ class MasterWeights(Optimizer):
     def __init__(self, optimizer, master_dtype=numpy.float32):
         super().__init__(zip(optimizer.keys, optimizer.params))
         self.optimizer, self.master_dtype = optimizer, numpy.dtype(master_dtype)
-        self.master = {key: p.data.astype(self.master_dtype) for key, p in zip(self.keys, self.params)}  # copies
 
     @property
     def lr(self):
@@ -44,20 +53,49 @@ class MasterWeights(Optimizer):
     def lr(self, value):
         self.optimizer.lr = value
 
+    @property
+    def state_buffers(self):
+        """The arrays kept per parameter: the wrapped optimizer's and the master copy (a checkpoint must
+        hold each of them, or none)."""
+        return tuple(getattr(self.optimizer, "state_buffers", ())) + ("master",)
+
+    def state_dtype(self, param):
+        """Every buffer -- the master and the moments -- is kept in the master dtype, whatever ``param``'s."""
+        return self.master_dtype
+
+    @property
+    def master(self):
+        """{key: master copy} (read only): the state's "master" buffer of each updated parameter; for one
+        not updated yet, its weights widened -- what its master will be made from at its first update."""
+        return {key: self.state[key]["master"] if "master" in self.state.get(key, {})
+                else p.data.astype(self.master_dtype) for key, p in zip(self.keys, self.params)}
+
     def _update_parameter(self, key, p, state):
-        master = self.master[key]
+        if "master" not in state:  # the first update: the weights, widened (exact), as at construction
+            state["master"] = p.data.astype(self.master_dtype)
+        master = state["master"]
         self.optimizer._update(master, p.grad.astype(self.master_dtype, copy=False), state)
         p.data[...] = master.astype(p.dtype, copy=False)
 
     def load_state_dict(self, state_dict):
-        """Refused: the plain one would load the moments in the model's dtype and leave the master copies
-        as they were built, so the next step would write stale weights back (checkpoints of the masters:
-        not built)."""
-        raise NotImplementedError("MasterWeights.load_state_dict: resuming with master weights is not built")
+        """Restore what ``state_dict()`` returned, every buffer in the master dtype, then write each
+        parameter from its master (rounded to the parameter's dtype: what a step writes). ``ValueError``,
+        before anything is loaded, for a parameter whose state has no "master" (a plain optimizer's
+        state): its master would be remade from the rounded weights, and the run would drift from the
+        one that saved it."""
+        missing = [key for key, entry in state_dict["state"].items() if "master" not in entry]
+        if missing:
+            raise ValueError(f"MasterWeights.load_state_dict: no master weights for parameter(s) {missing[:4]}"
+                             + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+                             + " (a plain optimizer's state?): they would be remade from the rounded weights")
+        super().load_state_dict(state_dict)  # each buffer a copy in state_dtype: the master dtype
+        for key, p in zip(self.keys, self.params):
+            if key in self.state:
+                p.data[...] = self.state[key]["master"].astype(p.dtype, copy=False)
 
     def state_bytes(self):
         """Bytes this wrapper keeps beyond the model: the master copies and the moments (the K·Ψ of the
-        ZeRO paper's 2Ψ + 2Ψ + KΨ, K = 12 for fp32 AdamW over an fp16 model)."""
-        arrays = list(self.master.values()) + [a for entry in self.state.values() for name, a in entry.items()
-                                              if name != "step"]
+        ZeRO paper's 2Ψ + 2Ψ + KΨ, K = 12 for fp32 AdamW over an fp16 model), once every parameter has
+        been updated (each parameter's buffers are made at its first update)."""
+        arrays = [a for entry in self.state.values() for name, a in entry.items() if name != "step"]
         return sum(int(backend.array_module(a).asarray(a).nbytes) for a in arrays)

@@ -97,8 +97,15 @@ class Optimizer:
                 "state": {key: {name: value if name == "step" else value.copy() for name, value in entry.items()}
                           for key, entry in self.state.items()}}
 
+    def state_dtype(self, param):
+        """The dtype this optimizer keeps ``param``'s state buffers in: the parameter's own (a wrapper that
+        keeps them wider, ``master_weights.MasterWeights``, says its master dtype). ``load_state_dict``
+        casts every loaded buffer to it."""
+        return param.dtype
+
     def load_state_dict(self, state_dict):
-        """Restore what ``state_dict()`` returned; unknown keys or wrong shapes raise ValueError."""
+        """Restore what ``state_dict()`` returned, each buffer a copy in ``state_dtype``; unknown keys or
+        wrong shapes raise ValueError."""
         params = dict(zip(self.keys, self.params))
         state = {}
         for key, entry in state_dict["state"].items():
@@ -115,7 +122,7 @@ class Optimizer:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: {name} of parameter {key!r} "
                                      f"has shape {tuple(array.shape)}, the parameter {param.shape}")
                 array = backend.to_host(array) if xp is numpy else array
-                state[key][name] = xp.array(array, dtype=param.dtype)  # a copy on the parameter's device
+                state[key][name] = xp.array(array, dtype=self.state_dtype(param))  # a copy on the parameter's device
         self.step_count = int(state_dict["step"])
         self.state = state
 
