@@ -338,3 +338,40 @@ def test_the_state_dict_holds_fp32_masters_and_moments_and_loads_back():
                                               for k, e in saved["state"].items()}}
     with pytest.raises(ValueError, match="no master weights"):
         other.load_state_dict(plain)
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_checkpoint_saves_the_fp32_masters_and_resumes_the_fp16_run_exactly(tmp_path, stage):
+    """2 steps, saved, loaded into a fresh model and optimizer, a 3rd step: bit for bit the uninterrupted
+    run's 3rd step (the masters come back in fp32; rounded fp16 weights would lose their small updates).
+    In the file: optimizer/master/<name> in float32, the parameters their fp16 rounding."""
+    from minitp import checkpoint
+    path = WORLD.bcast(str(tmp_path / "mixed.npz"), root=0)
+    mesh = comm.init(dp=WORLD.size)
+
+    def run(first, steps, model, optimizer, loss_scaler):
+        return [train_step(model, optimizer, *batch_at(step), mesh, max_norm=MAX_NORM, scaler=loss_scaler)
+                for step in range(first, first + steps)]
+
+    model, optimizer = build(stage, mesh, "float16", master_dtype=numpy.float32)
+    loss_scaler = DynamicLossScaler(2.0 ** 8)
+    run(0, 2, model, optimizer, loss_scaler)
+    checkpoint.save(path, model, optimizer, mesh, step=2, scaler=loss_scaler)
+    uninterrupted = run(2, 1, model, optimizer, loss_scaler)
+    expected = serial_state(model, optimizer, mesh)
+
+    saved = dict(numpy.load(path))
+    masters = {key[len("optimizer/master/"):]: a for key, a in saved.items() if key.startswith("optimizer/master/")}
+    rounded = all(masters[name].dtype == numpy.float32 and saved[name].dtype == numpy.float16
+                  and numpy.array_equal(saved[name], masters[name].astype(numpy.float16)) for name in masters)
+    parallel_assert(len(masters) == len(list(model.parameters())) and rounded,
+                    f"masters in the file: {sorted((k, str(a.dtype)) for k, a in masters.items())[:3]}")
+
+    model, optimizer = build(stage, mesh, "float16", master_dtype=numpy.float32)
+    loss_scaler = DynamicLossScaler(2.0 ** 8)
+    first = checkpoint.load(path, model, optimizer, mesh, scaler=loss_scaler)
+    resumed = run(first, 1, model, optimizer, loss_scaler)
+    state = serial_state(model, optimizer, mesh)
+    same = resumed == uninterrupted and all(numpy.array_equal(state[k], v) for k, v in expected.items())
+    parallel_assert(first == 2 and same, f"stage {stage}: resumed {resumed} vs {uninterrupted}")

@@ -118,9 +118,13 @@ class ZeroOptimizer:
                              "not MasterWeights(AdamW(...)), which holds a master copy of every parameter")
         self.master_dtype = None if master_dtype is None else numpy.dtype(master_dtype)
 
+    def state_dtype(self, param):
+        """The dtype ``param``'s state buffers are kept in (``Optimizer.state_dtype``'s question): the master
+        dtype, else the parameter's."""
+        return param.dtype if self.master_dtype is None else self.master_dtype
+
     def _state_dtype(self, bucket):
-        """The dtype of the optimizer state of ``bucket``'s slice: the master dtype, else the bucket's."""
-        return bucket.dtype if self.master_dtype is None else self.master_dtype
+        return self.state_dtype(bucket.parameters[0])  # one dtype per bucket
 
     def _setup(self):
         self.key_of = {id(p): key for key, p in zip(self.keys, self.params)}
