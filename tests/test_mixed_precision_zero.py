@@ -7,8 +7,9 @@ through any synchronisation, the gradient reduction in the model's dtype or in f
   power-of-two S overflows these gradients).
 - Memory, measured per rank, byte for byte the ZeRO paper's mixed-precision formulas (fp16 model, fp32
   masters, K = 12), with sizes where d divides every bucket (no padding, which the paper does not count).
-- Wire: the gradients cross in fp16 (2 bytes per element) by default, in fp32 (4) with reduce_dtype; the
-  parameters are all-gathered in fp16 either way.
+- Wire: the gradients cross in fp16 or bf16 (2 bytes per element) by default, in fp32 (4) with
+  reduce_dtype; the parameters are all-gathered in the low precision either way.
+- Checkpoints: the fp32 masters are saved, and an fp16 run resumes bit for bit.
 - Each check is watched failing on a planted bug.
 """
 import numpy
@@ -196,18 +197,19 @@ def test_planted_last_steps_slices_kept_beside_the_next_backward(monkeypatch):
 
 # -- (c) the wire: fp16 or fp32 gradients ----------------------------------------------------------------
 
-def logged_step(kind, reduce_dtype):
-    """One fp16 step with fp32 masters: ``kind`` is "plain" (AllReduceGradients + MasterWeights) or a ZeRO
-    stage; returns the log, the elements each reduced buffer holds (padded) and the gradient dtype left."""
+def logged_step(kind, reduce_dtype, dtype="float16"):
+    """One ``dtype`` step with fp32 masters: ``kind`` is "plain" (AllReduceGradients + MasterWeights) or a
+    ZeRO stage; returns the log, the elements each reduced buffer holds (padded), the gradient dtypes left
+    and the norm."""
     mesh = comm.init(dp=WORLD.size)
     scaler = DynamicLossScaler(2.0 ** 8)
     if kind == "plain":
-        model = ParallelGPT(GPTConfig(**CONFIG, dtype="float16"), mesh)
+        model = ParallelGPT(GPTConfig(**CONFIG, dtype=dtype), mesh)
         optimizer = MasterWeights(AdamW(model.named_parameters(), lr=LR), numpy.float32)
         gradients = AllReduceGradients(model, mesh, BUCKET_BYTES, reduce_dtype=reduce_dtype)
         sizes = [b.padded for b in gradients.buckets.buckets]
     else:
-        model, optimizer = build(kind, mesh, "float16", master_dtype=numpy.float32, reduce_dtype=reduce_dtype)
+        model, optimizer = build(kind, mesh, dtype, master_dtype=numpy.float32, reduce_dtype=reduce_dtype)
         gradients, sizes = None, [b.padded for b in optimizer.gradients.buckets]
     sync = gradients or optimizer
     left, finish = {}, sync.finish
@@ -223,28 +225,29 @@ def logged_step(kind, reduce_dtype):
 
 
 @pytest.mark.parallel(nprocs=[1, 2, 4])
-@pytest.mark.parametrize("kind", ["plain", 1, 2, 3])
-def test_gradients_cross_the_wire_in_fp16_or_in_fp32_and_parameters_in_fp16(kind):
+@pytest.mark.parametrize("kind, low", [("plain", "float16"), (1, "float16"), (2, "float16"), (3, "float16"),
+                                       (1, "bfloat16")])
+def test_gradients_cross_the_wire_in_the_low_precision_or_in_fp32_and_parameters_in_the_low_precision(kind, low):
     failures, d = [], WORLD.size
     for reduce_dtype, itemsize in ((None, 2), (numpy.float32, 4)):
-        log, sizes, dtypes, norm = logged_step(kind, reduce_dtype)
+        log, sizes, dtypes, norm = logged_step(kind, reduce_dtype, low)
         op = "all_reduce" if kind == "plain" else "reduce_scatter"
         records = log.select(op, "gradients")
         # one replica: plain data parallelism reduces nothing; ZeRO's reduce-scatter over one rank is logged
         expected = [] if kind == "plain" and d == 1 else [itemsize * n for n in sizes]
         seen = sorted(r.payload_bytes for r in records)
         wire = {r.dtype for r in records}
-        if seen != sorted(expected) or wire - {"float16" if itemsize == 2 else "float32"}:
+        if seen != sorted(expected) or wire - {low if itemsize == 2 else "float32"}:
             failures.append(f"reduce {reduce_dtype}: gradients {seen} B in {wire}, expected {sorted(expected)} B")
-        if dtypes != {"float16" if itemsize == 2 else "float32"} and not (kind == "plain" and d == 1 and itemsize == 2):
+        if dtypes != {low if itemsize == 2 else "float32"}:
             failures.append(f"reduce {reduce_dtype}: gradients left in {dtypes}")
         gathered = log.select("all_gather", "parameters")
         if kind != "plain":
             parameters = sum(r.payload_bytes for r in gathered)
             passes = 2 if kind == 3 else 1  # ZeRO-3 gathers every unit in forward and again in backward
-            if parameters != passes * 2 * sum(sizes) or {r.dtype for r in gathered} != {"float16"}:
+            if parameters != passes * 2 * sum(sizes) or {r.dtype for r in gathered} != {low}:
                 failures.append(f"reduce {reduce_dtype}: parameters gathered {parameters} B, expected "
-                                f"{passes * 2 * sum(sizes)} B in float16")
+                                f"{passes * 2 * sum(sizes)} B in {low}")
         if not numpy.isfinite(norm):
             failures.append(f"reduce {reduce_dtype}: the step overflowed")
     parallel_assert(not failures, f"{kind}: " + "\n".join(failures))
