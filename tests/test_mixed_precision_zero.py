@@ -378,3 +378,27 @@ def test_a_checkpoint_saves_the_fp32_masters_and_resumes_the_fp16_run_exactly(tm
     state = serial_state(model, optimizer, mesh)
     same = resumed == uninterrupted and all(numpy.array_equal(state[k], v) for k, v in expected.items())
     parallel_assert(first == 2 and same, f"stage {stage}: resumed {resumed} vs {uninterrupted}")
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_float64_policy_under_zero_on_pipeline_stages_is_the_plain_zero_step(stage):
+    """pp = 2 where the world allows (dp = the rest), 1F1B over 2 microbatches: ZeRO with float64 masters
+    and the scaler (its S seeded into the last stage's backward) equals plain ZeRO on the same mesh."""
+    from minitp.pipeline import PipelineGPT
+    from minitp.training import Pipelined
+    pp = 2 if WORLD.size % 2 == 0 else 1
+    mesh = comm.init(dp=WORLD.size // pp, pp=pp)
+    runs = []
+    for mixed in (False, True):
+        model = PipelineGPT(GPTConfig(**{**CONFIG, "dtype": "float64", "layers": 2}), mesh)
+        optimizer = ZeroOptimizer(AdamW(model.named_parameters(), lr=LR), mesh, BUCKET_BYTES, stage=stage,
+                                  master_dtype=numpy.float64 if mixed else None)
+        loss_scaler = scaler() if mixed else None
+        losses = [train_step(model, optimizer, *batch_at(step), mesh, max_norm=MAX_NORM, scaler=loss_scaler,
+                             forward_backward=Pipelined("1f1b", 2))[0] for step in range(3)]
+        runs.append((losses, {name: p.data.copy() for name, p in model.named_parameters()}))
+    (plain_losses, plain), (mixed_losses, mixed) = runs
+    worst = max([abs(a - b) for a, b in zip(plain_losses, mixed_losses)]
+                + [float(numpy.abs(plain[name] - mixed[name]).max()) for name in plain])
+    parallel_assert(worst <= SAME, f"pp {pp} stage {stage}: off by {worst:.1e}; losses {mixed_losses} vs {plain_losses}")
