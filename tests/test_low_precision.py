@@ -20,6 +20,10 @@ from minitp import comm
 from minitp import functional as F
 from minitp.autograd import Tensor
 from minitp.comm import collectives, exchange, nonblocking, p2p
+from minitp.nn import GPT, AdamW, GPTConfig
+from minitp.parallel.data.data_parallel import clip_grad_norm
+from minitp.parallel.gpt import ParallelGPT
+from minitp.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
 from minitp.functional import precision
 
 BF16, F16, F32 = numpy.dtype(ml_dtypes.bfloat16), numpy.dtype(numpy.float16), numpy.dtype(numpy.float32)
@@ -202,3 +206,77 @@ def test_the_sum_of_2_byte_words_is_one_op_per_dtype_and_only_sum_and_max():
     assert collectives._datatype(BF16) is collectives._datatype(BF16)
     with pytest.raises(ValueError, match="op must be one of"):
         comm.all_reduce(numpy.ones(2, BF16), comm.init().tp, op="min")
+
+
+# -- (d) a bf16 GPT ----------------------------------------------------------------------------------
+
+U = precision.UNIT_ROUNDOFF[BF16]  # 2^-8
+GPT_CONFIG = dict(vocab=24, seq_len=12, hidden=24, heads=12, layers=2, dropout=0.0, seed=5)
+LOSS_BOUND = 4 * U
+"""Relative: one rounding of the loss itself (u) plus the error the logits carry in (cross-entropy moves
+by at most 2·max|Δlogit|, and every rounded stage -- products, sums, GeLU, LayerNorm -- adds about u of
+the logits' small size: a few u in all). Measured: at most 0.7u over 6 seeds."""
+
+
+def windows(seed=0):
+    w = numpy.random.default_rng(seed).integers(0, GPT_CONFIG["vocab"], (GPT_CONFIG["seq_len"] + 1, 3))
+    return w[:-1], w[1:]
+
+
+@pytest.mark.parallel(1)
+def test_a_bf16_gpt_runs_in_bf16_and_its_loss_is_the_float32_loss_within_a_few_u():
+    ids, targets = windows()
+    model = GPT(GPTConfig(**GPT_CONFIG, dtype=BF16))
+    reference = GPT(GPTConfig(**GPT_CONFIG, dtype=F32))
+    reference.load_state_dict({name: value.astype(F32) for name, value in model.state_dict().items()})  # exact
+    logits = model(ids)
+    loss = F.cross_entropy(logits, targets)
+    expected = F.cross_entropy(reference(ids), targets).item()
+    assert logits.dtype == BF16 and loss.dtype == BF16
+    assert abs(loss.item() - expected) <= LOSS_BOUND * expected, (loss.item(), expected)
+    loss.backward()
+    assert all(p.grad.dtype == BF16 and numpy.isfinite(p.grad.astype(F32)).all() for p in model.parameters())
+    before = {name: p.data.copy() for name, p in model.named_parameters()}
+    AdamW(model.named_parameters(), lr=1e-2).step()
+    moved = [name for name, p in model.named_parameters() if not numpy.array_equal(p.data, before[name])]
+    assert all(p.dtype == BF16 for p in model.parameters()) and len(moved) == len(before)
+
+
+@pytest.mark.parallel(2)
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_a_tensor_parallel_bf16_step_is_close_to_the_serial_bf16_step(sequence_parallel):
+    """tp = 2: the row-parallel products are rounded to bf16 on each rank before their all-reduce, and the
+    vocabulary's sums come in two halves: other roundings than serial's, so the loss and the gradient
+    norm agree within LOSS_BOUND (a few u), not bit for bit."""
+    ids, targets = windows(1)
+    serial = GPT(GPTConfig(**GPT_CONFIG, dtype=BF16))
+    serial_loss = F.cross_entropy(serial(ids), targets)
+    serial_loss.backward()
+    serial_norm = clip_grad_norm(serial, 1e9)
+    mesh = comm.init(tp=2, checked=True)
+    model = ParallelGPT(GPTConfig(**GPT_CONFIG, dtype=BF16), mesh, sequence_parallel=sequence_parallel)
+    optimizer = AdamW(model.named_parameters(), lr=1e-2)
+    loss = vocab_parallel_cross_entropy(model(ids), targets, group=mesh.tp)
+    loss.backward()
+    norm = clip_grad_norm(model, 1e9, mesh)
+    optimizer.step()
+    parallel_assert(loss.dtype == BF16 and all(p.dtype == BF16 and p.grad.dtype == BF16 for p in model.parameters()),
+                    "every parameter and gradient in bf16")
+    parallel_assert(abs(loss.item() - serial_loss.item()) <= LOSS_BOUND * serial_loss.item(),
+                    f"loss {loss.item()} vs serial {serial_loss.item()}")
+    parallel_assert(abs(norm - serial_norm) <= LOSS_BOUND * serial_norm, f"gradient norm {norm} vs {serial_norm}")
+    finite = all(numpy.isfinite(p.data.astype(F32)).all() for p in model.parameters())
+    parallel_assert(finite, "the step's weights are finite")
+
+
+# -- (e) no bfloat16 on the GPU ------------------------------------------------------------------------
+
+
+@pytest.mark.parallel(1)
+def test_a_bf16_model_on_the_gpu_is_refused_when_it_is_built(device):
+    if device == "cpu":
+        assert GPT(GPTConfig(**GPT_CONFIG, dtype=BF16)).wte.weight.dtype == BF16
+        return
+    with pytest.raises(ValueError, match="bfloat16 is not supported on the GPU"):
+        GPT(GPTConfig(**GPT_CONFIG, dtype=BF16))
+    assert GPT(GPTConfig(**GPT_CONFIG, dtype=F16)).wte.weight.dtype == F16  # float16 is fine there

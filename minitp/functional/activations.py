@@ -7,6 +7,7 @@ import numpy
 from minitp import backend, kernels
 from minitp.autograd import Function
 from minitp.blocks import blocks, row_blocks
+from minitp.functional.precision import total
 
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
@@ -114,7 +115,7 @@ class Softmax(Function):
             x_, y_ = rows[part], y[part]
             xp.subtract(x_, x_.max(axis=-1, keepdims=True), out=y_)
             xp.exp(y_, out=y_)
-            y_ /= y_.sum(axis=-1, keepdims=True)
+            y_ /= total(y_, axis=-1, keepdims=True)
         y = _unrows(y, x.shape, axis, xp)
         self.save_for_backward(y)
         return y
@@ -130,7 +131,7 @@ class Softmax(Function):
         for part in row_blocks(*y_rows.shape, xp):
             y_, g_, out = y_rows[part], grad_rows[part], grad_x[part]
             xp.multiply(g_, y_, out=out)
-            xp.subtract(g_, out.sum(axis=-1, keepdims=True), out=out)  # g - sum(g y)
+            xp.subtract(g_, total(out, axis=-1, keepdims=True), out=out)  # g - sum(g y)
             out *= y_
         return _unrows(grad_x, y.shape, self.axis, xp)
 
@@ -157,14 +158,14 @@ class LogSoftmax(Function):
         xp = backend.array_module(x)
         self.axis = axis
         shifted = x - x.max(axis=axis, keepdims=True)
-        y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        y = shifted - xp.log(total(xp.exp(shifted), axis=axis, keepdims=True))
         self.save_for_backward(y)
         return y
 
     def backward(self, grad):
         (y,) = self.saved
         xp = backend.array_module(y)
-        return grad - xp.exp(y) * grad.sum(axis=self.axis, keepdims=True)
+        return grad - xp.exp(y) * total(grad, axis=self.axis, keepdims=True)
 
 
 def _exp_of_minus_2u(x, out, xp):

@@ -26,6 +26,7 @@ of (seed, counter, global index) (``minitp.rng``), so backward draws it again in
 from minitp import backend
 from minitp.autograd import Function
 from minitp.functional.online_softmax import attend, attend_backward, future_bias, merge
+from minitp.functional.precision import total
 
 BLOCK = 128
 """Positions per block. Measured on the CPU (benchmarks/attention.py): 128 gives a (b, a, 128, 128) score
@@ -68,7 +69,7 @@ class BlockwiseAttention(Function):
         q, k, v, out, lse = self.saved
         xp = backend.array_module(q)
         scaled = q * self.scale
-        delta = (grad * out).sum(axis=-1)  # Δ_i = dO_i·O_i = Σ_j P_ij dP_ij, dropout included
+        delta = total(grad * out, axis=-1)  # Δ_i = dO_i·O_i = Σ_j P_ij dP_ij, dropout included
         grad_q, grad_k, grad_v = xp.zeros_like(scaled), xp.zeros_like(scaled), xp.zeros_like(scaled)
         for q_run, k_runs in self.pairs:
             rows = slice(*q_run)

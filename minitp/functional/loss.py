@@ -4,6 +4,7 @@ from minitp import backend, kernels
 from minitp.autograd import Function
 from minitp.functional.checks import check_indices, check_integer
 from minitp.functional.operands import raw_array
+from minitp.functional.precision import average, total
 
 
 class CrossEntropy(Function):
@@ -32,7 +33,7 @@ class CrossEntropy(Function):
         shifted = logits - logits.max(axis=-1, keepdims=True)
         target_logit = xp.take_along_axis(shifted, targets[..., None], axis=-1)
         exps = xp.exp(shifted, out=shifted)  # in place: the (s, b, v) logits are a GPT step's largest array
-        sum_exps = exps.sum(axis=-1, keepdims=True)
+        sum_exps = total(exps, axis=-1, keepdims=True)
         losses = (xp.log(sum_exps) - target_logit)[..., 0]
         if self.needs_input_grad[0]:
             exps /= sum_exps  # now the softmax
@@ -54,7 +55,7 @@ def reduce_loss(losses, reduction):
     """Per-token ``losses`` (...) -> their "mean", their "sum", or themselves ("none")."""
     if reduction == "none":
         return losses
-    return losses.sum() if reduction == "sum" else losses.mean()
+    return total(losses) if reduction == "sum" else average(losses)
 
 
 def reduce_loss_backward(grad_logits, grad, reduction):

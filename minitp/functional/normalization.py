@@ -1,6 +1,7 @@
 """What is LayerNorm's closed-form backward, and why does it keep only x_hat and 1/std?"""
 from minitp import backend, kernels
 from minitp.autograd import Function
+from minitp.functional.precision import average, total
 
 
 class LayerNorm(Function):
@@ -27,9 +28,9 @@ class LayerNorm(Function):
             y, x_hat, rstd = layer_norm_forward(x, weight, bias, eps)
             self.save_for_backward(x_hat, rstd, weight)
             return y
-        x_hat = x - x.mean(axis=-1, keepdims=True)  # centred, normalised in place below
+        x_hat = x - average(x, axis=-1, keepdims=True)  # centred, normalised in place below
         y = x_hat * x_hat  # the squares, in the array that becomes the output
-        rstd = 1 / xp.sqrt(y.mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+        rstd = 1 / xp.sqrt(average(y, axis=-1, keepdims=True) + eps)  # (..., 1)
         x_hat *= rstd
         xp.multiply(x_hat, weight, out=y)
         y += bias
@@ -44,17 +45,17 @@ class LayerNorm(Function):
         product = grad * x_hat  # scratch for the two products with x_hat below
         rows, product_rows = grad.reshape(-1, hidden), product.reshape(-1, hidden)
         if self.needs_input_grad[2]:
-            grad_bias = rows.sum(axis=0)
+            grad_bias = total(rows, axis=0)
         if self.needs_input_grad[1]:
-            grad_weight = product_rows.sum(axis=0)
+            grad_weight = total(product_rows, axis=0)
         if self.needs_input_grad[0] and kernels.enabled(grad):
             from minitp.kernels.rows import layer_norm_backward
             grad_x = layer_norm_backward(grad, x_hat, rstd, weight)
         elif self.needs_input_grad[0]:
             grad_x = grad * weight  # d, the gradient reaching x_hat; grad_x in place from here
             xp.multiply(grad_x, x_hat, out=product)
-            mean_d_x_hat = product.mean(axis=-1, keepdims=True)
-            grad_x -= grad_x.mean(axis=-1, keepdims=True)
+            mean_d_x_hat = average(product, axis=-1, keepdims=True)
+            grad_x -= average(grad_x, axis=-1, keepdims=True)
             xp.multiply(x_hat, mean_d_x_hat, out=product)
             grad_x -= product
             grad_x *= rstd

@@ -21,6 +21,7 @@ dP is dropped too, and lse stays the undropped one (as in FlashAttention).
 import numpy
 
 from minitp import backend
+from minitp.functional import precision
 from minitp.functional.precision import product
 
 
@@ -37,7 +38,7 @@ def attend(scaled_q, k, v, future=None, keep=None):
     top = scores.max(axis=-1, keepdims=True)
     scores -= top
     xp.exp(scores, out=scores)  # e^(s - m): unnormalised probabilities
-    total = scores.sum(axis=-1, keepdims=True)
+    total = precision.total(scores, axis=-1, keepdims=True)
     if keep is not None:
         scores *= keep
     out = product(scores, v)

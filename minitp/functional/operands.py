@@ -6,6 +6,7 @@ broadcasting, shared by every op that broadcasts its operands.
 """
 from minitp import backend
 from minitp.autograd import Tensor
+from minitp.functional.precision import total
 
 
 def constant_like(value, like):
@@ -40,4 +41,4 @@ def unbroadcast(grad, shape):
         return grad
     extra = grad.ndim - len(shape)
     axes = tuple(range(extra)) + tuple(i + extra for i, n in enumerate(shape) if n == 1 and grad.shape[i + extra] != 1)
-    return grad.sum(axis=axes, keepdims=True).reshape(shape) if axes else grad.reshape(shape)
+    return total(grad, axis=axes, keepdims=True).reshape(shape) if axes else grad.reshape(shape)

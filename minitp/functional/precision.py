@@ -28,6 +28,10 @@ before (one test of the item size, then ``a @ b``: no copy). On CuPy, float16 ru
 accumulates fp16 GEMMs in fp32 on tensor cores); CuPy has no bfloat16, which ``backend.check_dtype``
 refuses when a model's parameters are made.
 
+**Sums.** ``total`` and ``average`` are the same rule for a reduction (softmax's and LayerNorm's sums,
+the loss's mean, a bias gradient): accumulated in fp32, rounded once -- as GPU kernels (and PyTorch's
+reductions of bf16) do.
+
 ``finfo`` answers numpy.finfo's question for every float dtype, bfloat16 included (ml_dtypes').
 """
 import ml_dtypes
@@ -50,6 +54,24 @@ def product(a, b):
     if a.dtype not in HALF_DTYPES:
         return a @ b
     return numpy.matmul(a.astype(numpy.float32), b.astype(numpy.float32)).astype(a.dtype)
+
+
+def total(x, axis=None, keepdims=False):
+    """``x.sum(axis)`` under the same rule: 2-byte floats on numpy are summed in fp32 and rounded once.
+    numpy adds bfloat16 one element after another in bfloat16 (a custom dtype gets no pairwise sum): once
+    the running total is 2^8 times an addend, the addend vanishes -- a softmax over 50k logits, a loss
+    averaged over thousands of tokens, a bias gradient summed over every position would stall. float16
+    reductions along an inner axis round at every step too. float32/float64: ``x.sum`` as it is."""
+    if x.dtype.itemsize != 2 or type(x) is not numpy.ndarray or x.dtype not in HALF_DTYPES:
+        return x.sum(axis=axis, keepdims=keepdims)
+    return x.sum(axis=axis, dtype=numpy.float32, keepdims=keepdims).astype(x.dtype)
+
+
+def average(x, axis=None, keepdims=False):
+    """``x.mean(axis)`` under the rule of ``total``: 2-byte floats on numpy accumulate in fp32, rounded once."""
+    if x.dtype.itemsize != 2 or type(x) is not numpy.ndarray or x.dtype not in HALF_DTYPES:
+        return x.mean(axis=axis, keepdims=keepdims)
+    return x.mean(axis=axis, dtype=numpy.float32, keepdims=keepdims).astype(x.dtype)
 
 
 def finfo(dtype):

@@ -3,6 +3,7 @@ import builtins
 
 from minitp import backend
 from minitp.autograd import Function
+from minitp.functional import precision
 
 # This module defines differentiable sum and max; the axis check below needs Python's own max.
 _python_max = builtins.max
@@ -32,7 +33,7 @@ class Sum(Function):
     def forward(self, x, axis=None, keepdims=False):
         self.shape = x.shape
         self.axes = _axes(axis, x.ndim)
-        return x.sum(axis=self.axes, keepdims=keepdims)
+        return precision.total(x, axis=self.axes, keepdims=keepdims)
 
     def backward(self, grad):
         xp = backend.array_module(grad)
@@ -49,7 +50,7 @@ class Mean(Function):
         self.count = 1
         for a in self.axes:
             self.count *= x.shape[a]
-        return x.mean(axis=self.axes, keepdims=keepdims)
+        return precision.average(x, axis=self.axes, keepdims=keepdims)
 
     def backward(self, grad):
         xp = backend.array_module(grad)

@@ -19,6 +19,7 @@ import numpy
 
 from minitp import backend
 from minitp.autograd import Function
+from minitp.functional.precision import total
 
 
 def top_k(scores, k):
@@ -95,9 +96,9 @@ class LogSumExp(Function):
         self.axis = axis
         m = x.max(axis=axis, keepdims=True)
         e = xp.exp(x - m)
-        total = e.sum(axis=axis, keepdims=True)
-        self.save_for_backward(e / total)
-        return (m + xp.log(total)).squeeze(axis)
+        summed = total(e, axis=axis, keepdims=True)
+        self.save_for_backward(e / summed)
+        return (m + xp.log(summed)).squeeze(axis)
 
     def backward(self, grad):
         (softmax,) = self.saved

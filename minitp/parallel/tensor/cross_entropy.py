@@ -34,6 +34,7 @@ shard, which is what the column-parallel layer before it needs: no communication
 from minitp import backend, comm
 from minitp import functional as F
 from minitp.autograd import Function, Tensor
+from minitp.functional.precision import total
 from minitp.parallel.tensor import mappings
 from minitp.parallel.tensor.embedding import ids_in_range
 
@@ -71,7 +72,7 @@ class VocabParallelCrossEntropy(Function):
 
         # 3. Σ exp(z - m) over the whole vocabulary: the ranks' partial sums over their blocks, summed
         exps = xp.exp(shifted, out=shifted)  # in place: the shifted logits are not needed any more
-        sum_exps = comm.all_reduce(exps.sum(axis=-1).reshape(positions), group,
+        sum_exps = comm.all_reduce(total(exps, axis=-1).reshape(positions), group,
                                    tag=mappings.tag(tag, "sum of exponentials (all-reduce SUM)")).reshape(positions)
 
         losses = xp.log(sum_exps) - target_logit  # log Σ exp(z - m) - (z_y - m): m cancels
