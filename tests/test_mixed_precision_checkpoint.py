@@ -190,3 +190,31 @@ def test_what_would_resume_wrongly_is_refused(tmp_path):
         checkpoint.load(with_scaler, plain_model, plain)
     # without scaler=, the file's scaler state is not loaded, and the rest loads
     assert checkpoint.load(with_scaler, fresh[0], fresh[1]) == SAVED_AT and fresh[2].scale == 2.0 ** 17
+
+
+@pytest.mark.parallel(nprocs=[2])
+def test_zeros_fp32_master_slices_are_the_same_file_and_load_into_master_weights(tmp_path):
+    """ZeRO-1 with ``master_dtype`` keeps each rank's slice of the masters as the same state buffer
+    "master": gathered at save, the file holds the same fp32 ``optimizer/master/<name>`` as
+    MasterWeights', and a serial MasterWeights resumes from it with those masters exactly."""
+    from minitp.parallel.data.zero import ZeroOptimizer
+
+    path = rank0_path(tmp_path, "zero_fp16.npz")
+    mesh = comm.init(dp=2)
+    model = ParallelGPT(GPTConfig(**CONFIG), mesh)
+    optimizer = ZeroOptimizer(AdamW(model.named_parameters(), lr=1e-2), mesh, master_dtype=numpy.float32)
+    scaler = DynamicLossScaler(2.0 ** 17, growth_interval=2, max_scale=2.0 ** 17)
+    train(model, optimizer, scaler, mesh, 0, SAVED_AT)
+    checkpoint.save(path, model, optimizer, mesh, step=SAVED_AT, scaler=scaler)
+    full = optimizer.state_dict()["state"]  # collective: every rank gathers
+    masters = {name: full[name]["master"] for name, _ in model.named_parameters()}
+
+    serial, serial_optimizer, serial_scaler = build(None)
+    checkpoint.load(path, serial, serial_optimizer, scaler=serial_scaler)
+    loaded = serial_optimizer.master
+    parallel_assert(same(loaded, masters) and all(a.dtype == numpy.float32 for a in loaded.values()),
+                    "the ZeRO masters, loaded into MasterWeights, are not the saved ones")
+    parallel_assert(all(numpy.array_equal(p.data, masters[name].astype(numpy.float16))
+                        for name, p in serial.named_parameters()), "the weights are the masters rounded")
+    parallel_assert((serial_scaler.scale, serial_scaler.clean_steps) == (scaler.scale, scaler.clean_steps),
+                    "the scaler's state")
