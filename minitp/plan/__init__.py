@@ -14,15 +14,18 @@ ZeRO's padded buckets and units, ZeRO-3's placeholder, the tied table's view, th
 ``train_gpt.py``) the figure is what the code does, and the module that computes it says how it departs.
 What minitp runs today is exact to the byte at small scale (``tests/test_plan.py`` measures it: ZeRO 0-3,
 context parallelism's ring, zigzag and Ulysses, alone, with ZeRO 1-3 over dp × cp and on pipeline
-stages (``tests/test_plan_context.py``), fp16 with master weights, the experts' states); bf16, mixed
-precision with ZeRO or pipelines, ZeRO-3 with pp > 1 (which minitp refuses) and the experts' activations
-and all-to-alls (they follow the routing counts) are the papers' formulas, marked "formula only: not yet
+stages (``tests/test_plan_context.py``), fp16 with master weights, the experts' states, and their
+activations and all-to-alls given the routing counts a run observed, ``Choices.routing``:
+``tests/test_plan_experts.py``); bf16, mixed precision with ZeRO or pipelines, ZeRO-3 with pp > 1 (which
+minitp refuses), the experts' activations and all-to-alls planned ahead (GShard's even spread: they follow
+the routing counts) and their tp all-reduces are the papers' formulas, marked "formula only: not yet
 measured against minitp".
 
     shapes          Model, Mesh, Choices: what is planned
     parameters      the tensors each rank holds; Narayanan et al.'s parameter count
     activations     Korthikanti et al.'s table 2, and minitp's count to the byte
     states          parameters, gradients, optimizer state, master weights; ZeRO stages, padded buckets
+    experts         a mixture's activations and all-to-alls: from a run's routing counts, or evenly spread
     communication   every collective of a step, per axis, in ring bytes
     schedule        microbatches held at the peak, the bubble
     flops           Narayanan et al.'s eq. (3), with and without recomputation

@@ -40,7 +40,7 @@ def parse(argv=None):
     add("--dtype", choices=list(ITEMSIZE), default="float32", help="bf16/fp16: mixed precision (formula only)")
     add("--schedule", choices=["afab", "1f1b", "interleaved"], default="1f1b")
     add("--cp-kind", choices=["ring", "zigzag", "ulysses"], default="ring")
-    add("--experts", type=int, default=0, help="MoE experts per layer (formula only)")
+    add("--experts", type=int, default=0, help="MoE experts per layer (activations and all-to-alls evenly spread: formula only)")
     add("--top-k", type=int, default=1)
     add("--bucket-mb", type=float, default=25.0, help="gradient bucket size, MiB")
     add("--gpu-memory", type=float, default=80.0, help="GiB per GPU")

@@ -32,6 +32,10 @@ Context parallelism (c ranks) gives each rank s/c of the queries; every sequence
 attention (``RingAttention``) keeps q, k, v, its output (the proj input's memory) and one lse per row of
 its a/t heads: no s×s block, no dropout mask (drawn again in backward). Ulysses keeps the plain core of
 a/(t·c) heads over all s tokens ((a/t)·(s/c)·s scores; blockwise from s > 128). Measured.
+
+A mixture of experts (``Model.experts``) keeps, in place of the MLP's fc1 input, GeLU input and fc2 input,
+its router's, its gates' and its experts' arrays on the rows they got: ``plan.experts`` (exact from a
+run's routing counts, else evenly spread, formula only).
 """
 from minitp.plan.shapes import BLOCKWISE_ABOVE, ITEMSIZE
 
@@ -62,8 +66,9 @@ def element_bytes(choices):
     return ITEMSIZE[choices.precision]
 
 
-def layer_terms(model, mesh, choices, b=None):
-    """{what is kept: bytes} for one transformer layer on one rank, minitp's count (see the module doc)."""
+def layer_terms(model, mesh, choices, b=None, layer=0):
+    """{what is kept: bytes} for transformer layer ``layer`` on one rank, minitp's count (see the module doc;
+    the layers differ only in a mixture of experts' routing, ``plan.experts``)."""
     e, t = element_bytes(choices), mesh.tp
     b = choices.micro_batch if b is None else b
     h, a, f = model.hidden, model.heads, model.ffn_hidden
@@ -102,11 +107,11 @@ def layer_terms(model, mesh, choices, b=None):
             terms["attention dropout mask and dropped probabilities"] = (e + MASK) * heads * S * keys * b
         terms["the 0-d constant 1/sqrt(d) kept by attention's Mul (minitp only: +e)"] = e
     if model.experts:
-        # formula only: each token's MLP activations are those of its top-k experts, spread over ep ranks;
-        # the router keeps its input (the fc1 input above) and its s·b·E probabilities
-        mlp = 2 * e * S * b * f // t
-        terms["GeLU input and fc2 input (2·sbf/t)"] = mlp * model.top_k
-        terms["router probabilities (formula only)"] = e * S * b * model.experts
+        # the MoE in place of the MLP: the router keeps the fc1 input's place, the experts their rows
+        from minitp.plan.experts import activation_terms
+        terms["qkv and fc1 inputs (replicated under TP, s/t under SP)"] = e * S_sp * b * h  # qkv's alone
+        del terms["GeLU input and fc2 input (2·sbf/t)"]
+        terms.update(activation_terms(model, mesh, choices, layer))
     return terms
 
 
@@ -118,9 +123,9 @@ def blockwise(mesh, choices, local_seq):
     return (mesh.cp == 1 or choices.cp_kind == "ulysses") and local_seq > BLOCKWISE_ABOVE
 
 
-def layer_bytes(model, mesh, choices, b=None):
-    """The bytes one transformer layer keeps for backward on one rank (minitp's ``track_saved`` count)."""
-    return sum(layer_terms(model, mesh, choices, b).values())
+def layer_bytes(model, mesh, choices, b=None, layer=0):
+    """The bytes transformer layer ``layer`` keeps for backward on one rank (minitp's ``track_saved`` count)."""
+    return sum(layer_terms(model, mesh, choices, b, layer).values())
 
 
 def first_terms(model, mesh, choices, b=None):
@@ -164,7 +169,7 @@ def chunk_bytes(model, mesh, choices, chunk, b=None):
     forward, as ``pipeline.StageRun.saved_bytes`` and ``ParallelGPT.loss`` measure it)."""
     from minitp.plan.parameters import chunk_layers
     blocks = chunk_layers(model, mesh.pp, mesh.virtual_stages, chunk)
-    total = len(blocks) * layer_bytes(model, mesh, choices, b)
+    total = sum(layer_bytes(model, mesh, choices, b, i) for i in blocks)
     if 0 in blocks:
         total += sum(first_terms(model, mesh, choices, b).values())
     if model.layers - 1 in blocks:

@@ -34,12 +34,12 @@ travelling dK, dV (4 blocks, c−2 times), and the accumulator home (2 blocks): 
 Ulysses (Jacobs et al. 2023) all-to-alls q, k, v stacked (3 blocks) and the output (1), forward, and their
 gradients backward, (c−1)/c of each. Selective and full recomputation re-run the core's forward exchanges.
 
-**ep** (Lepikhin et al. 2020, GShard; formula only): per MoE layer a dispatch and a combine all-to-all of the
-rank's s·b·k tokens of h, each way -- the *evenly spread* figure, (ep−1)/ep of them leaving the rank. What
-minitp sends depends on where the router sends each token: ``benchmarks/experts.py`` measures 4·h·e·Σ_(i≠j)
-C[i,j] over the routing counts C (1.01-1.04× this figure there), plus the count exchanges and the
-all-gather of k·E choice counts over dp, none of which a plan made before the run can know. So this stays
-the formula, marked formula only; it is not pinned to a measurement.
+**ep** (Lepikhin et al. 2020, GShard): per MoE layer a dispatch and a combine ``all_to_all_v`` of the rank's
+rows, each way, plus the count exchanges (E int64 over ep, k·E over dp) and the experts' own gradient
+buckets over ``expert_dp``. What minitp sends follows where the router sent each token: given the routing
+counts a run observed (``Choices.routing``) the bytes are exact (``plan.experts``; measured by
+tests/test_plan_experts.py); without them the *evenly spread* figure, (ep−1)/ep of the s·b·k rows
+leaving the rank, marked formula only (``benchmarks/experts.py`` found the real bytes 1.01-1.04× it).
 """
 from dataclasses import dataclass
 from fractions import Fraction
@@ -60,6 +60,7 @@ class Message:
     count: int
     why: str
     measured: bool = True  # False: formula only, not yet measured against minitp
+    leaving: int = None  # all_to_all_v: the elements that leave this rank (uneven: not (n−1)/n of them)
 
     @property
     def payload(self):
@@ -69,6 +70,8 @@ class Message:
     def ring(self):
         """Bytes this rank sends for these collectives (exact: a Fraction)."""
         n, S = self.size, self.elements * self.itemsize
+        if self.op == "all_to_all_v":
+            return self.count * Fraction(self.leaving) * self.itemsize
         share = {"all_reduce": Fraction(2 * (n - 1), n), "all_gather": Fraction(n - 1, n),
                  "reduce_scatter": Fraction(n - 1, n), "all_to_all": Fraction(n - 1, n), "broadcast": Fraction(n - 1, n),
                  "send": Fraction(1), "sendrecv": Fraction(1), "recv": Fraction(0)}[self.op]
@@ -179,14 +182,10 @@ def context_parallel(model, mesh, choices, blocks, m):
 
 
 def experts(model, mesh, choices, blocks, m):
-    """Dispatch and combine all-to-alls of the MoE layers, as if the tokens spread evenly over the experts
-    (formula only: the bytes minitp sends follow the routing counts, unknown before a run; module docstring)."""
-    if not model.experts or mesh.ep == 1:
-        return []
-    s = choices.seq or model.seq_len
-    tokens = (s // mesh.cp) * choices.micro_batch * model.top_k
-    return [Message("ep", mesh.ep, "all_to_all", tokens * model.hidden, ITEMSIZE[choices.precision], 4 * blocks * m,
-                    "MoE dispatch and combine, forward and backward (GShard; formula only)", False)]
+    """The MoE layers' collectives (``blocks``: their layer indices): from the routing counts a run observed
+    (``Choices.routing``, exact), else as if the tokens spread evenly (GShard, formula only). ``plan.experts``."""
+    from minitp.plan import experts as moe
+    return moe.messages(model, mesh, choices, blocks, m)
 
 
 def pipeline(model, mesh, choices, stage, m):

@@ -3,9 +3,9 @@
 One ``StagePlan`` per pipeline stage (the tp, cp and dp ranks of a stage hold the same, but for ZeRO's
 padding, which gives the last dp ranks a few elements of optimizer state less: ``optimizer_state_of(dp_rank)``).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from minitp.plan import activations, communication, flops, parameters, schedule, states
+from minitp.plan import activations, communication, experts, flops, parameters, schedule, states
 from minitp.plan.shapes import FORMULA_ONLY, ITEMSIZE, MEASURED_PRECISIONS, check, microbatches
 
 
@@ -94,9 +94,12 @@ def plan(model, mesh, choices):
         measured = False
     if choices.zero == 3 and p > 1:
         notes.append("ZeRO-3 with pp > 1 (minitp refuses it: zero3.check_mesh)")
-    if model.experts:
-        notes.append("experts' activations and communication: the all-to-all bytes follow the routing counts, "
-                     "unknown before a run (GShard's even spread here); their parameter and optimizer bytes are measured")
+    if model.experts and not experts.measured(model, choices):
+        notes.append("experts' activations and all-to-alls: they follow the routing counts, unknown before a run "
+                     "(GShard's even spread here; give a run's counts as Choices.routing for the exact bytes)"
+                     + (" -- and the z-loss's arrays" if model.z_loss_coef else ""))
+    if model.experts and mesh.tp > 1:
+        notes.append("experts' tp all-reduces (each expert's MLP on its rows) are not itemised")
     stages = []
     for r in range(p):
         tensors = parameters.stage_tensors(model, mesh, r)
@@ -123,14 +126,16 @@ def plan(model, mesh, choices):
                 "(Narayanan et al. 2021 §2.2)")
         sp.memory["activations"] = Figure(peak, f"{sp.held} microbatch-chunk(s) held at the peak "
                                                 f"({schedule_name}), {', '.join(f'{b:,}' for b in sp.activation_per_chunk.values())} B each",
-                                          cite, measured and not model.experts)
+                                          cite, measured and (not model.experts or experts.measured(model, choices)))
         # temporaries we can bound
         s = choices.seq or model.seq_len
         if model.layers - 1 in parameters.chunk_layers(model, p, v, chunk_of[v - 1]):
             sp.temporaries["logits"] = Figure(e * (s // mesh.cp) * choices.micro_batch * model.vocab // t,
                                               "s·b·V/t·e, alive until the loss has its softmax",
                                               "Megatron's vocab-parallel loss (Shoeybi et al. 2019 §3)")
-        sizes = states.buckets(tensors, e, choices.bucket_bytes)
+        split_experts = model.experts and mesh.ep > 1  # the experts' own buckets, over expert_dp
+        sizes = states.buckets([x for x in tensors if not (split_experts and x.expert)], e, choices.bucket_bytes)
+        expert_sizes = states.buckets([x for x in tensors if x.expert], e, choices.bucket_bytes) if split_experts else []
         found_units = states.units(tensors)
         gathers = [2] * len(found_units)
         if choices.zero == 3:
@@ -163,9 +168,14 @@ def plan(model, mesh, choices):
         last = any(model.layers - 1 in parameters.chunk_layers(model, p, v, c) for c in chunk_of.values())
         msgs = communication.tensor_parallel(model, mesh, choices, blocks, first, last, m)
         msgs += communication.context_parallel(model, mesh, choices, blocks, m)
-        msgs += communication.experts(model, mesh, choices, blocks, m)
+        msgs += communication.experts(model, mesh, choices, [i for c in chunk_of.values()
+                                                             for i in parameters.chunk_layers(model, p, v, c)], m)
         msgs += communication.pipeline(model, mesh, choices, r, m)
         msgs += communication.data_parallel(mesh, choices, sizes, m, gathers)
+        msgs += [communication.Message("expert_dp", d // mesh.ep, "all_reduce", n, e, 1,
+                                       "the experts' gradients, over the dp/ep replicas holding them") for n in expert_sizes]
+        if model.experts and mesh.tp > 1:  # each expert's f̄/f over tp on its rows: not itemised yet
+            msgs = [replace(x, measured=False) if x.group == "tp" else x for x in msgs]
         sp.messages = msgs
         stages.append(sp)
     B = m * choices.micro_batch * mesh.dp

@@ -51,8 +51,8 @@ def block_tensors(i, model, t, experts_here=0):
            ("mlp.fc2.weight", f // t * h, True), ("mlp.fc2.bias", h, False)]
     if not model.experts:
         return found + [Tensor(prefix + name, n, split) for name, n, split in mlp]
-    # formula only: E experts, each a whole MLP; ep ranks hold E/ep of them (each still split over tp); the
-    # router (h, E) is replicated
+    # E experts, each a whole MLP; ep ranks hold E/ep of them (each still split over tp); the router (h, E)
+    # is replicated
     found.append(Tensor(prefix + "mlp.router.weight", h * model.experts, False))
     for e in range(experts_here):
         found += [Tensor(f"{prefix}mlp.experts.{e}.{name[4:]}", n, split, expert=True) for name, n, split in mlp]

@@ -31,7 +31,9 @@ class Model:
     width ``ffn_hidden`` (default 4h), an LM head of V columns (or the tied embedding table).
 
     ``experts`` > 0 replaces every MLP by that many expert MLPs with a top-``top_k`` router (``minitp.nn.moe``:
-    its states per rank measured at ZeRO-0 without pipelines; its activations and all-to-alls formula only).
+    its states per rank measured at ZeRO-0 without pipelines; its activations and all-to-alls measured from
+    the routing counts of a run, ``Choices.routing``, else GShard's even spread, formula only;
+    ``aux_loss_coef`` and ``z_loss_coef`` as ``GPTConfig``'s: the losses keep a few arrays).
 
     Not ``GPTConfig`` itself: that also says how a model runs (seed, dtype, recompute), which a plan takes
     from ``Choices``, and importing it imports the whole engine; ``Model.of`` copies the shared fields."""
@@ -46,6 +48,8 @@ class Model:
     tie_embeddings: bool = False
     experts: int = 0
     top_k: int = 1
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
 
     def __post_init__(self):
         if self.ffn_hidden is None:
@@ -72,7 +76,7 @@ class Model:
 
 @dataclass(frozen=True)
 class Mesh:
-    """The (dp, pp, cp, tp) mesh of ``minitp.comm.Mesh``, plus ep (expert-parallel size, formula only) and v
+    """The (dp, pp, cp, tp) mesh of ``minitp.comm.Mesh``, plus ep (expert-parallel size) and v
     (model chunks per pipeline rank, the interleaved schedule's virtual stages). World size dp·pp·cp·tp (the
     expert-parallel group is carved out of dp × cp, as in Megatron-core, so it adds no ranks)."""
     dp: int = 1
@@ -105,7 +109,10 @@ class Choices:
     ``ids_itemsize``: bytes of a token id (numpy's int64 on 64-bit Linux): the embedding and the loss keep
     the ids and targets for backward. ``attention``: "dense" (the paper's core, keeping the s×s scores),
     "blockwise" (O and one lse per row), or None: minitp's default on the CPU (``F.attention``: blockwise
-    from s > 128 on a rank that holds every key, i.e. without context parallelism)."""
+    from s > 128 on a rank that holds every key, i.e. without context parallelism). ``routing``: the routing
+counts a run observed -- per layer, one row per rank of one ep group of the kept (token, choice) pairs it
+routed to each expert, one microbatch (``plan.experts.kept_counts``) -- and ``ep_rank``: which rank of that
+group to plan; with them the experts' activations and all-to-alls are exact, without them evenly spread."""
     micro_batch: int = 1
     global_batch: int = None
     seq: int = None
@@ -119,6 +126,8 @@ class Choices:
     ids_itemsize: int = 8
     optimizer_buffers: int = 2  # AdamW: exp_avg and exp_avg_sq
     attention: str = None
+    routing: tuple = None
+    ep_rank: int = 0
     extras: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -175,7 +184,8 @@ def check(model, mesh, choices):
         raise ValueError(f"plan: ep = {mesh.ep} does not divide {model.experts} experts")
     if mesh.ep > 1 and (mesh.dp * c) % mesh.ep:
         raise ValueError(f"plan: ep = {mesh.ep} must divide dp × cp = {mesh.dp * c}")
-    microbatches(mesh, choices)
+    from minitp.plan.experts import check_routing
+    check_routing(model, mesh, choices, microbatches(mesh, choices))
 
 
 __all__ = ["Model", "Mesh", "Choices", "microbatches", "check", "replace", "ITEMSIZE", "FORMULA_ONLY"]

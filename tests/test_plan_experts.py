@@ -1,0 +1,84 @@
+"""minitp.plan's experts against a measured run: from the routing counts the run observed, the MoE layers'
+saved activations (``track_saved`` around the loss) and the whole ``train_step``'s collective log (the count
+exchanges, dispatch and combine ``all_to_all_v`` each way, the experts' buckets over ``expert_dp``, the
+experts' norm over ep) equal the plan's, byte for byte, on every ep rank -- and without the counts the plan
+gives GShard's even spread, marked formula only.
+
+2 and 4 ranks, tp 1, ep 2 and 4 out of dp (dp 4 × ep 2: two ep groups, experts reduced over expert_dp),
+4 experts, top-1 and top-2, with and without a capacity (drops), dropout on once; s 8, h 16, 2 layers.
+"""
+import numpy
+import pytest
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+from minitp import comm, track_saved
+from minitp.nn import AdamW, GPTConfig
+from minitp.plan import Choices, Mesh, Model, plan
+from minitp.plan.communication import by_group_op, logged_by_group_op as logged
+from minitp.plan.experts import kept_counts
+from test_plan import differences
+
+WORLD = MPI.COMM_WORLD
+
+
+def observed(model, mesh, experts):
+    """Choices.routing: per MoE layer, every ep rank's kept pairs per expert (its last forward's)."""
+    layers = [module for _, module in model.named_modules() if type(module).__name__ == "MoE"]
+    return tuple(tuple(mesh.ep.comm.allgather(kept_counts(layer.routing, experts))) for layer in layers)
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+def test_experts_from_the_routing_counts_are_planned_to_the_byte():
+    from minitp.parallel.data.data_parallel import split_batch
+    from minitp.parallel.gpt import ParallelGPT
+    from minitp.training import train_step
+
+    failures, checked = [], 0
+    cases = [(ep, k, capacity, dropout) for ep in (2, 4) if WORLD.size % ep == 0
+             for k, capacity, dropout in ((1, None, 0.0), (2, None, 0.1), (2, 1.0, 0.0))]
+    for ep, k, capacity, dropout in cases:
+        mesh = comm.init(ep=ep)  # dp = the world
+        config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, experts=4, top_k=k,
+                           capacity_factor=capacity, dropout=dropout, dtype="float32")
+        model = ParallelGPT(config, mesh)
+        batch = 2 * mesh.dp_size
+        rng = numpy.random.default_rng(k)
+        ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
+        with track_saved() as saved:
+            model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
+        routed_loss = observed(model, mesh, 4)
+        with comm.log_collectives() as log:
+            train_step(model, AdamW(model.named_parameters()), ids, targets, mesh, max_norm=1.0)
+        routed_step = observed(model, mesh, 4)
+        shapes, where = Model.of(config), Mesh(dp=mesh.dp_size, ep=ep)
+
+        def planned(routing):
+            return plan(shapes, where, Choices(micro_batch=2, routing=routing, ep_rank=mesh.ep.rank)).stages[0]
+
+        activations = planned(routed_loss).memory["activations"]
+        step = planned(routed_step)
+        found = differences(by_group_op(step.messages), logged(log))
+        if activations.value != saved.total:
+            found["activations"] = (activations.value, saved.total)
+        unmarked = [m.why for m in step.messages if not m.measured] + ([] if activations.measured else ["activations"])
+        ahead = plan(shapes, where, Choices(micro_batch=2)).stages[0]  # no counts: the even spread
+        marked = not ahead.memory["activations"].measured and not any(
+            m.measured for m in ahead.messages if m.op == "all_to_all_v")
+        if found or unmarked or not marked:
+            failures.append(((ep, k, capacity, dropout), found, unmarked, marked))
+        checked += 1
+    parallel_assert(not failures, f"planned != measured: {failures[:3]}")
+    parallel_assert(checked >= 3)
+
+
+def test_routing_counts_of_the_wrong_shape_are_refused():
+    model = Model(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, experts=4)
+    good = (((4, 4, 4, 4), (4, 4, 4, 4)),) * 2
+    plan(model, Mesh(dp=2, ep=2), Choices(micro_batch=2, routing=good, ep_rank=1))
+    for routing, ep_rank, words in ((good[:1], 0, "per layer"), (good, 2, "ep_rank"),
+                                    ((((4, 4, 4, -1), (4, 4, 4, 4)),) * 2, 0, ">= 0")):
+        with pytest.raises(ValueError, match=words):
+            plan(model, Mesh(dp=2, ep=2), Choices(micro_batch=2, routing=routing, ep_rank=ep_rank))
+    with pytest.raises(ValueError, match="one microbatch"):
+        plan(model, Mesh(dp=2, ep=2), Choices(micro_batch=2, global_batch=8, routing=good))
