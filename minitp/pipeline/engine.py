@@ -91,9 +91,9 @@ def _free(tensor):
 def check_scale(scale, microbatches, dtype):
     """``ValueError`` unless the last stage's backward seed S/m (``scale`` S, m ``microbatches``) is a
     positive NORMAL number of the model's ``dtype``: the seed is made in that dtype, and in fp16 (normal
-    from 2^-14 ≈ 6.1e-5 to 65,504) an S/m beyond the largest would seed inf -- every step skipped, for
-    ever, the scaler halving S only after the overflow -- and one below the smallest normal would lose
-    bits (or become 0). Within the normal range fl(S/m) = S · fl(1/m) exactly for a power-of-two S, so
+    from 2^-14 ≈ 6.1e-5 to 65,504) an S/m beyond the largest would seed inf -- every gradient inf or NaN
+    whatever the model, a step lost to the seed itself rather than to an overflow of the gradients --
+    and one below the smallest normal would lose bits (or become 0). Within the normal range fl(S/m) = S · fl(1/m) exactly for a power-of-two S, so
     the scaled gradients are exactly S times the unscaled ones. Every rank checks the same numbers, so
     every rank raises, before anything is sent. ``scale=None``: nothing to check (the seed is 1/m)."""
     if scale is None:
