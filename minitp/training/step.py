@@ -6,6 +6,9 @@
                                       overlapped buckets start their reductions inside the last backward
     gradients.finish()                the tied table summed over the pipeline's ends; the mean over the
                                       replicas (dp, × cp) complete -- whole, or ZeRO-1's slices
+    scaler.unscale(gradients)         (mixed precision) the final gradients -- .grad or ZeRO's slices --
+                                      divided by S into the master dtype; an inf or NaN on any rank skips
+                                      the step on every rank
     norm = gradients.clip_grad_norm   the global norm, each parameter counted once over tp, pp, replicas
     optimizer.step()                  (ZeRO-1: update this rank's slices, all-gather the parameters)
 
