@@ -135,7 +135,7 @@ def erf(array):
         from scipy.special import erf as scipy_erf
     except ImportError:
         return _erf_python(array).astype(array.dtype, copy=False)
-    return scipy_erf(array)
+    return scipy_erf(array).astype(array.dtype, copy=False)  # bfloat16 goes through scipy's float32 loop
 
 
 _erf_python = numpy.vectorize(math.erf, otypes=[numpy.float64])

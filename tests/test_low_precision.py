@@ -280,3 +280,22 @@ def test_a_bf16_model_on_the_gpu_is_refused_when_it_is_built(device):
     with pytest.raises(ValueError, match="bfloat16 is not supported on the GPU"):
         GPT(GPTConfig(**GPT_CONFIG, dtype=BF16))
     assert GPT(GPTConfig(**GPT_CONFIG, dtype=F16)).wte.weight.dtype == F16  # float16 is fine there
+
+
+@pytest.mark.parallel(1)
+@HALVES
+def test_sums_of_2_byte_floats_accumulate_in_fp32_and_round_once(dtype):
+    """4096 ones: added one by one in bf16 the total stalls at 256 (256 + 1 rounds back to 256); in fp16
+    at 2048 (numpy's fp16 sum along a leading axis, row by row). Accumulated in fp32 it is 4096, exact in both. The same through the ops that sum."""
+    ones = numpy.ones((4096,), dtype=dtype)
+    assert same(precision.total(ones), numpy.asarray(4096, dtype=dtype))
+    columns = numpy.ones((4096, 2), dtype=dtype)  # along axis 0 numpy adds row by row: fp16 stalls at 2048
+    assert same(precision.total(columns, axis=0), numpy.full(2, 4096, dtype=dtype))
+    assert same(precision.average(ones.reshape(2, 2048), axis=1), numpy.ones(2, dtype=dtype))
+    x = Tensor(ones.reshape(64, 64), requires_grad=True)
+    assert same(F.sum(x), numpy.asarray(4096, dtype=dtype))
+    bias = Tensor(numpy.zeros(64, dtype=dtype), requires_grad=True)
+    (x + bias).backward(numpy.ones((64, 64), dtype=dtype))  # the bias gradient: a sum over 64 rows
+    assert same(bias.grad, numpy.full(64, 64, dtype=dtype))
+    values = draw((6, 300), 12, dtype)
+    assert same(precision.total(values, axis=1), values.astype(F32).sum(axis=1).astype(dtype))

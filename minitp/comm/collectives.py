@@ -82,6 +82,8 @@ def _datatype(dtype):
         fromcode = getattr(MPI.Datatype, "fromcode", None)  # mpi4py >= 4; older versions keep a dict
         try:
             datatype = fromcode(code) if fromcode is not None else MPI._typedict[code]
+            if datatype == MPI.DATATYPE_NULL:  # a type the MPI library left undefined
+                raise ValueError(code)
         except (KeyError, ValueError):
             if not (dtype.itemsize == 2 and (dtype.kind == "f" or dtype.name == "bfloat16")):
                 raise ValueError(f"MPI has no datatype for {dtype} (code {code!r})") from None

@@ -61,7 +61,7 @@ def total(x, axis=None, keepdims=False):
     numpy adds bfloat16 one element after another in bfloat16 (a custom dtype gets no pairwise sum): once
     the running total is 2^8 times an addend, the addend vanishes -- a softmax over 50k logits, a loss
     averaged over thousands of tokens, a bias gradient summed over every position would stall. float16
-    reductions along an inner axis round at every step too. float32/float64: ``x.sum`` as it is."""
+    sums along a leading axis (numpy adds row by row) round at every step too: 4096 ones sum to 2048. float32/float64: ``x.sum`` as it is."""
     if x.dtype.itemsize != 2 or type(x) is not numpy.ndarray or x.dtype not in HALF_DTYPES:
         return x.sum(axis=axis, keepdims=keepdims)
     return x.sum(axis=axis, dtype=numpy.float32, keepdims=keepdims).astype(x.dtype)
