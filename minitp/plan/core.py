@@ -94,7 +94,7 @@ def plan(model, mesh, choices):
         measured = False
     if choices.zero == 3 and p > 1:
         notes.append("ZeRO-3 with pp > 1 (minitp refuses it: zero3.check_mesh)")
-    if model.experts and not experts.measured(model, choices):
+    if model.experts and not experts.measured(model, mesh, choices):
         notes.append("experts' activations and all-to-alls: they follow the routing counts, unknown before a run "
                      "(GShard's even spread here; give a run's counts as Choices.routing for the exact bytes)"
                      + (" -- and the z-loss's arrays" if model.z_loss_coef else ""))
@@ -126,7 +126,7 @@ def plan(model, mesh, choices):
                 "(Narayanan et al. 2021 §2.2)")
         sp.memory["activations"] = Figure(peak, f"{sp.held} microbatch-chunk(s) held at the peak "
                                                 f"({schedule_name}), {', '.join(f'{b:,}' for b in sp.activation_per_chunk.values())} B each",
-                                          cite, measured and (not model.experts or experts.measured(model, choices)))
+                                          cite, measured and (not model.experts or experts.measured(model, mesh, choices)))
         # temporaries we can bound
         s = choices.seq or model.seq_len
         if model.layers - 1 in parameters.chunk_layers(model, p, v, chunk_of[v - 1]):
@@ -173,7 +173,8 @@ def plan(model, mesh, choices):
         msgs += communication.pipeline(model, mesh, choices, r, m)
         msgs += communication.data_parallel(mesh, choices, sizes, m, gathers)
         msgs += [communication.Message("expert_dp", d // mesh.ep, "all_reduce", n, e, 1,
-                                       "the experts' gradients, over the dp/ep replicas holding them") for n in expert_sizes]
+                                       "the experts' gradients, over the dp/ep replicas holding them", not choices.zero)
+                 for n in expert_sizes]  # measured at ZeRO 0 (tests/test_plan_experts.py)
         if model.experts and mesh.tp > 1:  # each expert's f̄/f over tp on its rows: not itemised yet
             msgs = [replace(x, measured=False) if x.group == "tp" else x for x in msgs]
         sp.messages = msgs

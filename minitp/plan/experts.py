@@ -86,9 +86,10 @@ def rows(model, mesh, choices, layer):
     return sum(mine), sum(mine[l] for l in here), [sum(row[l] for row in C) for l in here]
 
 
-def measured(model, choices):
-    """Whether the experts' figures are exact: routing counts given, and no z-loss."""
-    return choices.routing is not None and not model.z_loss_coef
+def measured(model, mesh, choices):
+    """Whether the experts' figures are exact: routing counts given, no z-loss, and a mesh minitp runs
+    experts on (no pipeline stages, no context parallelism: ``parallel.expert.layers`` refuses them)."""
+    return choices.routing is not None and not model.z_loss_coef and mesh.pp == 1 and mesh.cp == 1
 
 
 def activation_terms(model, mesh, choices, layer):
@@ -114,7 +115,7 @@ def messages(model, mesh, choices, blocks, m):
     if not model.experts:
         return []
     ep, e, h = mesh.ep, ITEMSIZE[choices.precision], model.hidden
-    exact = measured(model, choices)
+    exact = measured(model, mesh, choices)
     found = []
     replicas = mesh.dp * mesh.cp
     if replicas > 1:
