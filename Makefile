@@ -84,6 +84,7 @@ bench: venv
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/overlap.py
 	$(BIN)/python benchmarks/zero.py
+	$(BIN)/python benchmarks/precision.py
 	$(BIN)/python benchmarks/experts.py
 
 # CuPy: the one already installed where there is one (a GPU image usually has it), else cupy-cuda12x from

@@ -144,3 +144,15 @@ def test_experts_bench_matches_the_formula(tmp_path):
     assert len(rows) == 3 and all(measured == exact and left == "0" for measured, exact, left in rows), report
     assert "Tokens per expert" in report and "Dropped share" in report
     assert (tmp_path / "experts.png").exists() or not PLOTS
+
+
+def test_precision_bench_matches_the_formulas(tmp_path):
+    """float32, bf16 and fp16 at d = 1, 2: parameters, gradients (end of backward) and optimizer state per
+    rank equal 4Ψ + 4Ψ + 8Ψ and 2Ψ + 2Ψ + 12Ψ -- 16 bytes per parameter either way."""
+    report = run_bench("precision.py", tmp_path)
+    values = unexplained(report)
+    assert len(values) == 2 * 3, report  # d = 1, 2 x three policies
+    assert set(values) == {"0"}, report
+    per_parameter = re.findall(r"^\| cpu \| \d \| (?:float32|bf16|fp16) \|(?: [^|]+ \|){7} (\d+) \|", report, flags=re.M)
+    assert per_parameter == ["16"] * 6, report
+    assert (tmp_path / "precision.png").exists() or not PLOTS

@@ -111,10 +111,9 @@ REFUSED = [
     (["--schedule", "zigzag"], "argument --schedule: invalid choice: 'zigzag'"),
     (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     (["--zero", "4"], "argument --zero: invalid choice: 4"),
-    # mixed precision: what it is not built with
-    *[(["--dtype", "fp16"] + options, f"--dtype fp16 with {what}")
-      for options, what in [(["--zero", "1"], "--zero 1"), (["--cp", "2"], "--cp"), (["--experts", "2"], "--experts"),
-                            (["--save", "{tmp}/c.npz"], "--save/--load")]],
+    # mixed precision: fp32 gradient reduction of a model that is not 2-byte
+    (["--grad-reduce", "fp32"], "--grad-reduce fp32 is for a --dtype fp16 or bf16 model: a float32 model's"),
+    (["--dtype", "float64", "--grad-reduce", "fp32"], "--grad-reduce fp32 is for a --dtype fp16 or bf16 model"),
     (["--zero", "3", "--microbatches", "2"], "--zero 3 with --pp 1 / --microbatches 2: each block's gradient"),
     # files: missing, a directory, empty, not what it should be
     (["--text", "{missing}"], "--text {missing}: no such file"),

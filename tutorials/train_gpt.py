@@ -38,10 +38,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy
 from mpi4py import MPI
 
 from minitp import backend, checkpoint, comm, pipeline, trace_report
+from minitp.functional.precision import UNIT_ROUNDOFF
 from minitp.nn import GPT, AdamW, GPTConfig
 from minitp.nn.loss_scale import DynamicLossScaler
 from minitp.nn.master_weights import MasterWeights
@@ -150,9 +152,10 @@ def batch_at(data, step, batch, seq, seed=0):
 # ---------------------------------------------------------------------------------------------------
 
 
-LOW_PRECISION = {"fp16": numpy.float16}
+LOW_PRECISION = {"fp16": numpy.float16, "bf16": ml_dtypes.bfloat16}
 """--dtype's mixed-precision policies: the model's dtype; the optimizer keeps fp32 master weights and
-moments (``MasterWeights``), and fp16 scales the loss (``DynamicLossScaler``: its gradients underflow)."""
+moments (``MasterWeights``), and fp16 scales the loss (``DynamicLossScaler``: its gradients underflow;
+bf16's exponent is fp32's, so its gradients do not)."""
 
 
 def model_dtype(args):
@@ -181,16 +184,29 @@ def build(args, vocab, mesh, dtype):
             model = ParallelGPT(config, mesh, sequence_parallel=args.sequence_parallel, context_parallel=context,
                                 overlap=args.overlap)
     optimizer = AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if args.dtype in LOW_PRECISION:  # fp32 master weights and moments, the model in fp16 (validate: dp/tp only)
-        optimizer = MasterWeights(optimizer, numpy.float32)
+    # mixed precision: fp32 master weights and moments beside the fp16/bf16 model -- of every parameter
+    # (MasterWeights), or under ZeRO of this rank's slices only (master_dtype); the gradients reduced in
+    # the model's dtype (Megatron's default) or, with --grad-reduce fp32, packed and reduced in fp32
+    master = numpy.float32 if args.dtype in LOW_PRECISION else None
+    reduce = numpy.float32 if args.grad_reduce == "fp32" else None
+    if master is not None and not (mesh is not None and args.zero):
+        optimizer = MasterWeights(optimizer, master)
     gradients, bucket_bytes = None, args.bucket_mb * 2 ** 20
     if mesh is not None and args.zero == 3:  # every parameter 1/dp per rank, gathered block by block
-        optimizer = FullyShardedOptimizer(optimizer, model, mesh, overlap=args.overlap)
+        optimizer = FullyShardedOptimizer(optimizer, model, mesh, overlap=args.overlap, master_dtype=master,
+                                          reduce_dtype=reduce)
     elif mesh is not None and args.zero:  # reduce-scatters the gradients into the slices it updates
-        optimizer = ZeroOptimizer(optimizer, mesh, bucket_bytes, overlap=args.overlap, stage=args.zero)
+        optimizer = ZeroOptimizer(optimizer, mesh, bucket_bytes, overlap=args.overlap, stage=args.zero,
+                                  master_dtype=master, reduce_dtype=reduce)
     elif mesh is not None:
-        gradients = AllReduceGradients(model, mesh, bucket_bytes, overlap=args.overlap)
+        gradients = AllReduceGradients(model, mesh, bucket_bytes, overlap=args.overlap, reduce_dtype=reduce)
     return model, optimizer, gradients
+
+
+def loss_scaler(args, scale=2.0 ** 15):
+    """fp16's dynamic loss scaler, starting at ``scale`` (fp16's small gradients underflow; bf16's do
+    not), else None."""
+    return DynamicLossScaler(scale) if args.dtype == "fp16" else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,9 +234,9 @@ def pipelined(args):
     return args.pp > 1 or args.microbatches > 1
 
 
-def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=None):
+def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=None, scaler=None):
     """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses and their
-    gradient norms (before clipping). Each step's lr is set first: warmup, then cosine decay
+    gradient norms (before clipping). ``scaler``: fp16's loss scaler (``loss_scaler``). Each step's lr is set first: warmup, then cosine decay
     (``minitp.nn.schedule``), a function of the step alone, so a resumed run uses the uninterrupted
     run's lrs; ``optimizer.lr`` is AdamW's own, or ZeRO's, which is the wrapped AdamW's.
     ``report(step, loss, norm, seconds)`` is called after each step (on every rank). With ``--trace``, ``--trace-steps`` steps after the first are recorded into one
@@ -229,7 +245,6 @@ def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=No
     # the check takes the whole batch: the microbatches' masks are blocks of the step's one mask)
     forward_backward = Pipelined(args.schedule, args.microbatches) if mesh is not None and pipelined(args) \
         else whole_batch
-    scaler = DynamicLossScaler() if getattr(args, "dtype", None) == "fp16" else None  # fp16 gradients underflow
 
     def steps(first, last):
         losses, norms = [], []
@@ -289,6 +304,7 @@ class Training:
     gradients: object
     first_step: int
     text: str
+    scaler: object = None  # fp16's loss scaler, resumed with the checkpoint
 
 
 def setup(args, mesh):
@@ -322,9 +338,10 @@ def setup(args, mesh):
         raise ValueError(f"the model does not fit in memory ({error}): make --hidden, --layers or --seq "
                          f"smaller, or split it over more --tp or --pp ranks") from None
     model.builders.tokens_here(args.seq)  # a --seq the mesh cannot split (SP, cp): ValueError now, on every rank
-    first_step = 0
-    if args.load:
-        first_step = checkpoint.load(args.load, model, optimizer, mesh, metadata=metadata(characters, text))
+    first_step, scaler = 0, loss_scaler(args)
+    if args.load:  # with fp16, the loss scale goes on where it stopped
+        first_step = checkpoint.load(args.load, model, optimizer, mesh, metadata=metadata(characters, text),
+                                     scaler=scaler)
         if first_step > args.steps:
             raise ValueError(f"the checkpoint {args.load} is at step {first_step}, beyond --steps {args.steps}: "
                              f"pass --steps larger than {first_step} to train on from there")
@@ -338,7 +355,7 @@ def setup(args, mesh):
     if args.eval_every and len(held_out) <= args.seq + 1:
         raise ValueError(f"the held-out last {HELD_OUT:.0%} of the text has {len(held_out)} characters: too few for "
                          f"windows of --seq {args.seq} + 1; pass a longer --text, a shorter --seq, or --eval-every 0")
-    return Training(mesh, characters, data, held_out, model, optimizer, gradients, first_step, text)
+    return Training(mesh, characters, data, held_out, model, optimizer, gradients, first_step, text, scaler)
 
 
 def gpu_sharing(mesh):
@@ -432,10 +449,10 @@ def run(args, training):
             evaluate(step)
         if args.save and args.save_every and (step + 1) % args.save_every == 0:
             checkpoint.save(args.save, model, optimizer, mesh, step=step + 1,
-                            metadata=metadata(characters, training.text))
+                            metadata=metadata(characters, training.text), scaler=training.scaler)
 
     started = time.perf_counter()
-    losses, _ = train(model, optimizer, training.gradients, data, args, mesh, first_step, report)
+    losses, _ = train(model, optimizer, training.gradients, data, args, mesh, first_step, report, training.scaler)
     elapsed = time.perf_counter() - started
     if losses:
         last = losses[-args.log_every:]
@@ -443,7 +460,8 @@ def run(args, training):
             f"{sum(last) / len(last):.4f} (mean of the last {len(last)}), "
             f"{len(losses) * tokens_per_step / elapsed:,.0f} tokens/s overall")
     if args.save:
-        checkpoint.save(args.save, model, optimizer, mesh, step=args.steps, metadata=metadata(characters, training.text))
+        checkpoint.save(args.save, model, optimizer, mesh, step=args.steps, metadata=metadata(characters, training.text),
+                        scaler=training.scaler)
         say(f"saved {args.save} (one file, serial parameter names: load it on any mesh)")
     if args.sample and mesh.pp_size > 1:
         say("(no sample: generating is written for the whole model on one stage; run --pp 1 to sample)")
@@ -482,6 +500,13 @@ def run(args, training):
 #   - the weights that later steps compute with are the fp32 masters, moved by AdamW's update m/√v, in
 #     which a gradient a few u off moves by ~lr·u: after 10 steps at lr <= 3e-3, ~3e-2·u of a weight,
 #     far below one unit of the loss.
+# One thing differs by design, not by rounding: where fp16's dynamic loss scaler overflows. A replica's
+# loss is the mean over ITS tokens, so its backward values are dp × cp times the serial run's (the mean
+# over all of them comes after, in the reduction): at S = 2^15 the check's dp 4 replicas overflow at
+# step 1 where the serial run does not, skip it, and the two runs part ways. The check compares the
+# arithmetic, so it starts both scalers at CHECK_LOSS_SCALE = 2^12, far from either overflow (its
+# growth comes after 1,000 clean steps: the scale stays put); the scaler's own rules are proven in
+# tests/test_mixed_precision.py, and a training run simply skips the steps it must.
 # So: every step's loss within LOW_PRECISION_BOUND = 4 units of u·|serial loss| (the two runs' last
 # roundings, doubled for the gradients' few u), and every gradient norm (summed in float64 from the
 # unscaled fp32 gradients) within 4u of the serial one, relatively. A wrong mean (a sum over dp: norms
@@ -489,9 +514,8 @@ def run(args, training):
 # is orders of magnitude outside it; the float64 check above stays the exact proof.
 # ---------------------------------------------------------------------------------------------------
 CHECK_TOLERANCE = 1e-9
-UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
-"""u = 2^-p for p significant bits (fp16 11, bf16 8): |x - round(x)| <= u·|x|."""
 LOW_PRECISION_BOUND = 4
+CHECK_LOSS_SCALE = 2.0 ** 12
 """--check's bound in fp16/bf16, in units of u·|serial value| (the derivation above)."""
 
 
@@ -533,9 +557,11 @@ def check(args, mesh):
     characters = Characters(text)
     data, _ = split_held_out(characters.encode(text))  # what the run trains on
     dtype = model_dtype(args)
-    parallel = train(*build(args, characters.vocab, mesh, dtype), data, args, mesh)
-    serial = train(*build(args, characters.vocab, None, dtype), data, args, None)
-    return CheckResult(parallel[0], serial[0], parallel[1], serial[1], UNIT_ROUNDOFF.get(args.dtype))
+    scale = CHECK_LOSS_SCALE  # fp16: far from overflow in either run (section 5)
+    parallel = train(*build(args, characters.vocab, mesh, dtype), data, args, mesh, scaler=loss_scaler(args, scale))
+    serial = train(*build(args, characters.vocab, None, dtype), data, args, None, scaler=loss_scaler(args, scale))
+    unit = UNIT_ROUNDOFF[numpy.dtype(dtype)] if args.dtype in LOW_PRECISION else None  # u: 2^-11 fp16, 2^-8 bf16
+    return CheckResult(parallel[0], serial[0], parallel[1], serial[1], unit)
 
 
 def run_check(args, mesh, overridden=()):

@@ -14,7 +14,8 @@ The options, by group:
   the data       --text: any UTF-8 file (unset: tutorials/data/corpus.txt, frozen, so that the figures
                  the README quotes stay true).
   the model      --seq, --hidden, --heads, --layers, --dropout, --tie-embeddings, --recompute, --dtype
-                 (float32, float64, or fp16: mixed precision).
+                 (float32, float64, or fp16 and bf16: mixed precision), --grad-reduce (the gradients
+                 on the wire in the model's dtype, or fp32).
   experts        --experts (0: the dense MLP), --top-k, --capacity-factor (unset: no drops),
                  --aux-loss-coef, --z-loss-coef, and --ep: the experts spread over ep ranks carved out of
                  dp (ep must divide dp).
@@ -55,9 +56,9 @@ Why each refusal (``validate``) exists:
   * options that would be ignored in silence: --save-every without --save (it saved nothing), and with
     --check (which trains its own tiny model) --save, --load, --trace and --unchecked;
   * --text and --load must be files, so that a typo is an error before any collective;
-  * --dtype fp16 (mixed precision: fp16 model, fp32 master weights and moments, dynamic loss scaling) is
-    built for the plain dp/tp(/SP) step; not built with --zero, --pp/--microbatches, --cp, --experts,
-    --save/--load, and --check proves in float64 (the policy's exactness: tests/test_mixed_precision.py);
+  * --dtype fp16 and bf16 (mixed precision: the model in 2 bytes, fp32 master weights and moments; fp16
+    also dynamic loss scaling) run on every mesh, with ZeRO, checkpoints and --check (in the policy,
+    within a derived bound); --grad-reduce fp32 is refused for a float32/float64 model (nothing to widen);
   * experts: --top-k in [1, --experts] (each token picks k different experts), --capacity-factor > 0 (at
     0 every token is dropped), --ep dividing --experts (E/ep each) and only with experts; not built with
     experts: --pp/--microbatches (the aux loss would cross stages), --cp (its zigzag blocks are not one run
@@ -129,6 +130,9 @@ def parse(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64", "fp16", "bf16"], default="float32",
                         help="parameters and activations; fp16 and bf16: mixed precision (fp32 master weights and "
                              "moments; fp16 also dynamic loss scaling)")
+    parser.add_argument("--grad-reduce", choices=["model", "fp32"], default="model",
+                        help="the dtype the gradients cross the wire in: the model's (2 bytes an element under "
+                             "fp16/bf16, as Megatron's default) or fp32 (4 bytes: sums rounded once, in fp32)")
     parser.add_argument("--seed", type=int, default=0, help="weights, dropout and batches")
     # what the run leaves: log lines, a sample, checkpoints
     parser.add_argument("--log-every", type=int, default=50, help="steps between log lines")
@@ -235,16 +239,10 @@ def validate_schedule(args):
 
 
 def validate_precision(args):
-    """--dtype fp16/bf16 (mixed precision): refused where its parts are not built."""
-    if args.dtype not in ("fp16", "bf16"):
-        return
-    refused = [(args.zero, f"--zero {args.zero} (its slices would need unscaling, and its update the master weights)"),
-               (args.cp > 1, "--cp (ring attention's merge is not checked in fp16)"),
-               (args.experts, "--experts (the router is not checked in fp16)"),
-               (args.save or args.load, "--save/--load (a checkpoint would have to hold the fp32 master weights)")]
-    for bad, what in refused:
-        if bad:
-            raise ValueError(f"--dtype {args.dtype} with {what}: not built")
+    """--grad-reduce fp32 only means something for a 2-byte model (fp16 and bf16 run on every mesh)."""
+    if args.grad_reduce == "fp32" and args.dtype not in ("fp16", "bf16"):
+        raise ValueError(f"--grad-reduce fp32 is for a --dtype fp16 or bf16 model: a {args.dtype} model's gradients "
+                         f"already cross in {args.dtype}")
 
 
 def validate_experts(args):
@@ -301,7 +299,8 @@ The lr warms up and decays (every step's lr differs): a wrapper that kept its ow
 
 def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=None, cp=1, cp_kind="zigzag",
                pp=1, microbatches=1, schedule="1f1b", virtual_stages=1, zero=0, overlap=False, recompute="none",
-               ep=1, experts=0, top_k=1, capacity_factor=None, aux_loss_coef=0.01, z_loss_coef=0.0, **overrides):
+               ep=1, experts=0, top_k=1, capacity_factor=None, aux_loss_coef=0.01, z_loss_coef=0.0, grad_reduce="model",
+               **overrides):
     """The configuration of the check (``CHECK_OVERRIDES``, the pipeline's needs, then ``overrides``)."""
     pipeline_needs = dict(batch=math.lcm(CHECK_OVERRIDES["batch"], dp * microbatches),
                           layers=max(CHECK_OVERRIDES["layers"], pp * virtual_stages))
@@ -310,7 +309,7 @@ def check_args(tp=1, dp=1, sequence_parallel=False, tie_embeddings=False, text=N
                               schedule=schedule, virtual_stages=virtual_stages, zero=zero, overlap=overlap,
                               recompute=recompute, trace=None, ep=ep, experts=experts, top_k=top_k,
                               capacity_factor=capacity_factor, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
-                              **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
+                              grad_reduce=grad_reduce, **{**CHECK_OVERRIDES, **pipeline_needs, **overrides})
 
 
 def check_args_of(args, dp):
@@ -321,7 +320,7 @@ def check_args_of(args, dp):
                       virtual_stages=args.virtual_stages, zero=args.zero, overlap=args.overlap,
                       recompute=args.recompute, ep=args.ep, experts=args.experts, top_k=args.top_k,
                       capacity_factor=args.capacity_factor, aux_loss_coef=args.aux_loss_coef,
-                      z_loss_coef=args.z_loss_coef,
+                      z_loss_coef=args.z_loss_coef, grad_reduce=args.grad_reduce,
                       # a mixed-precision policy is checked in that policy, against its own derived bound
                       **({"dtype": args.dtype} if args.dtype in ("fp16", "bf16") else {}))
 
