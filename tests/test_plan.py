@@ -1,7 +1,8 @@
 """minitp.plan against minitp's own measurements, byte for byte, and against the papers' published numbers.
 
 Small scale (1, 2 and 4 ranks): for a grid of ``ParallelGPT`` steps (tp × dp, SP on and off, dropout on and
-off, tied and untied, float32 and float64, ZeRO 0-3 with buckets small enough to pad) the planner's
+off, tied and untied, float32 and float64, ZeRO 0-3 with buckets small enough to pad; and mixed precision,
+bf16 and fp16 with fp32 masters, ZeRO 0-3, the gradients reduced in the model's dtype or in fp32) the planner's
 activation bytes equal ``track_saved`` around the loss, its parameter bytes the arrays the model's
 parameters live in (ZeRO-3: the rank's unit slices and the freed parameters' placeholder), its gradient
 bytes the ``.grad`` arrays and reduce-scattered slices alive at the end of backward, its optimizer state
@@ -9,7 +10,8 @@ the optimizer's (``state_bytes`` for ZeRO 1-3, per dp rank: the padding rule), a
 grouped by (group, op), the collective log's count, payload and ring bytes of a whole ``train_step``. One layer with selective and full recomputation (``ParallelTransformerBlock``): its
 ``track_saved`` bytes and its forward + backward collectives. Pipelines (pp 2 and 4, with tp at 4 ranks;
 AFAB, 1F1B, interleaved): ``StageRun.peak_held``, ``peak_bytes``, every forward's saved bytes, the
-parameters of each stage and the log of forward_backward + the gradient synchronisation and norm.
+parameters of each stage and the log of forward_backward + the gradient synchronisation and norm; bf16 and
+fp16 stages through ``Pipelined`` with master weights (ZeRO 0-2), the loss scaler and the whole step's log.
 
 Large scale: Narayanan et al. 2021 table 1 (parameters), Korthikanti et al. 2022 table 2 (activations),
 Rajbhandari et al. 2020 §5.1 (the 7.5B example), Narayanan et al. 2021 eq. (3) (flops).
@@ -248,38 +250,175 @@ def test_context_parallel_step_is_planned_to_the_byte():
     parallel_assert(checked >= 9)
 
 
-@pytest.mark.parallel(nprocs=[1, 2, 4])
-def test_fp16_with_master_weights_is_planned_to_the_byte():
-    """``--dtype fp16``: the model and its gradients in fp16 (2Ψ each), ``MasterWeights``' fp32 copies (4Ψ)
-    and AdamW moments (8Ψ), fp16 activations and the log of a loss-scaled step, tp × dp, SP, tied."""
-    from minitp.nn.loss_scale import DynamicLossScaler
+def _mixed_optimizer(model, mesh, zero, reduce_dtype):
+    """AdamW with fp32 masters: ``MasterWeights`` and an ``AllReduceGradients`` of 2 KiB buckets at ZeRO 0,
+    else ZeRO's own slices (``master_dtype``); the gradients reduced in ``reduce_dtype`` (None: the model's)."""
     from minitp.nn.master_weights import MasterWeights
+    from minitp.parallel.data.sync import AllReduceGradients
+    from minitp.parallel.data.zero import ZeroOptimizer
+    from minitp.parallel.data.zero3 import FullyShardedOptimizer
+
+    optimizer = AdamW(model.named_parameters())
+    if zero == 0:
+        return (MasterWeights(optimizer, numpy.float32),
+                AllReduceGradients(model, mesh, 2048, reduce_dtype=reduce_dtype))
+    if zero == 3:
+        return FullyShardedOptimizer(optimizer, model, mesh, master_dtype=numpy.float32,
+                                     reduce_dtype=reduce_dtype), None
+    return ZeroOptimizer(optimizer, mesh, 2048, stage=zero, master_dtype=numpy.float32,
+                         reduce_dtype=reduce_dtype), None
+
+
+def _mixed_states(model, optimizer, zero):
+    """(master weights, the moments) in bytes: MasterWeights' or ZeRO's "master" buffers, and the rest."""
+    state = optimizer.state_bytes()
+    masters = (sum(a.nbytes for a in optimizer.master.values()) if zero == 0 else
+               sum(entry["master"].nbytes for entry in optimizer.state.values() if "master" in entry))
+    return masters, state - masters
+
+
+def _watch_the_update(model, optimizer, zero, seen):
+    """Wrap ``optimizer.step``: record the bytes and dtypes of the gradients the update reads (``.grad`` at
+    ZeRO 0, the rank's slices under ZeRO)."""
+    step = optimizer.step
+
+    def watched():
+        if zero == 0:
+            arrays = list({id(p.grad): p.grad for p in model.parameters() if p.grad is not None}.values())
+        else:
+            arrays = [a for a in optimizer.gradients.grad_shards if a is not None]
+        seen["final"] = sum(a.nbytes for a in arrays)
+        seen["final dtypes"] = {str(a.dtype) for a in arrays}
+        return step()
+    optimizer.step = watched
+
+
+# bf16 and fp16 (fp16 with its loss scaler, as train_gpt.py runs them) × ZeRO 0-3 × the gradients reduced in
+# the model's dtype or in fp32, dp = the world (tp 1); tp 2 × dp (SP, tied) for a few
+MIXED_GRID = [(1, False, False, precision, zero, reduce) for precision, zero, reduce in
+              itertools.product(["bf16", "fp16"], [0, 1, 2, 3], ["model", "fp32"])] + \
+             [(2, True, True, precision, zero, reduce) for precision, zero, reduce in
+              [("fp16", 0, "model"), ("bf16", 1, "fp32"), ("fp16", 2, "fp32"), ("bf16", 3, "model")]]
+
+
+@pytest.mark.parallel(nprocs=[1, 2, 4])
+def test_mixed_precision_is_planned_to_the_byte():
+    """bf16 and fp16 with fp32 masters and moments, ZeRO 0-3, ``grad_reduce`` "model" and "fp32": the
+    2-byte parameters (ZeRO-3: the slices and the placeholder), the gradients at the end of backward, the
+    fp32 gradients the update reads (fp16: unscaled by the loss scaler; or reduced in fp32), the fp32
+    masters and moments per dp rank (the padding rule), the 2-byte activations and the whole step's log
+    (gradients on the wire in 2 or 4 bytes, parameters gathered in 2) -- every figure marked measured."""
+    from minitp.nn.loss_scale import DynamicLossScaler
+    from minitp.parallel.data.data_parallel import split_batch
     from minitp.parallel.gpt import ParallelGPT
+    from minitp.training import train_step
+
+    failures, checked = [], 0
+    for tp, sp, tie, precision, zero, reduce in MIXED_GRID:
+        if WORLD.size % tp:
+            continue
+        mesh = comm.init(tp=tp)
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}[precision]
+        config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, dropout=0.1, tie_embeddings=tie,
+                           dtype=dtype)
+        model = ParallelGPT(config, mesh, sequence_parallel=sp)
+        rng = numpy.random.default_rng(0)
+        ids, targets = rng.integers(0, 64, (8, 4)), rng.integers(0, 64, (8, 4))
+        with track_saved() as saved:
+            model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
+        optimizer, gradients = _mixed_optimizer(model, mesh, zero, numpy.float32 if reduce == "fp32" else None)
+        seen = {}
+        measure_gradients_at_finish(model, gradients or optimizer, seen)
+        _watch_the_update(model, optimizer, zero, seen)
+        scaler = DynamicLossScaler(2.0 ** 10) if precision == "fp16" else None
+        with comm.log_collectives() as log:
+            _, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients,
+                                 scaler=scaler)
+        masters, moments = _mixed_states(model, optimizer, zero)
+
+        stage = plan(Model.of(config), Mesh(dp=mesh.dp_size, tp=tp),
+                     Choices(micro_batch=4 // mesh.dp_size, sequence_parallel=sp, zero=zero, precision=precision,
+                             grad_reduce=reduce, bucket_bytes=2048)).stages[0]
+        memory = {name: figure.value for name, figure in stage.memory.items()}
+        rank = mesh.dp.rank
+        final = stage.temporaries.get("fp32 gradients")
+        found = {key: pair for key, pair in {
+            "parameters": (memory["parameters"], parameter_bytes(model, optimizer)),
+            "gradients": (memory["gradients"], seen["gradients"]),
+            "master weights": (stage.master_weights_of(rank) if zero else memory["master weights"], masters),
+            "optimizer state": (stage.optimizer_state_of(rank) if zero else memory["optimizer state"], moments),
+            "activations": (memory["activations"], saved.total),
+            # the gradients the update reads: fp32 when planned (their bytes), else in the model's dtype
+            "final gradients": ((final.value, {"float32"}) if final else
+                                (seen["final"], {dtype}), (seen["final"], seen["final dtypes"]))}.items()
+            if pair[0] != pair[1]}
+        found.update(differences(by_group_op(stage.messages), logged(log)))
+        unmarked = [key for key, figure in list(stage.memory.items()) + [("fp32 gradients", final)]
+                    if figure is not None and not figure.measured]
+        unmarked += [f"{m.group} {m.op}" for m in stage.messages if not m.measured]
+        if found or unmarked or not numpy.isfinite(norm):
+            failures.append(((tp, sp, tie, precision, zero, reduce), found, unmarked, norm))
+        checked += 1
+    parallel_assert(not failures, f"planned != measured: {failures[:3]}")
+    parallel_assert(checked >= 16)
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+def test_mixed_precision_through_pipeline_stages_is_planned_to_the_byte():
+    """bf16 and fp16 ``PipelineGPT`` stages (pp 2; × dp 2 or tp 2 at 4 ranks) through ``Pipelined`` with fp16's
+    loss scaler: ``MasterWeights`` at ZeRO 0, ZeRO-1 and -2 with fp32 master slices over dp, the gradients
+    reduced in the model's dtype or in fp32 -- the stage's peak activations, parameters, gradients, masters,
+    moments, the fp32 gradients the update reads, and the log (2-byte sends, the tied table's all-reduce)."""
+    from minitp import pipeline
+    from minitp.nn.loss_scale import DynamicLossScaler
+    from minitp.training import Pipelined, train_step
 
     failures = []
-    for tp in [t for t in (1, 2, 4) if WORLD.size % t == 0]:
-        mesh = comm.init(tp=tp)
-        for sp, tie in [(False, False), (tp > 1, True)]:
-            config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, dropout=0.1, tie_embeddings=tie,
-                               dtype="float16")
-            model = ParallelGPT(config, mesh, sequence_parallel=sp)
-            optimizer = MasterWeights(AdamW(model.named_parameters()), numpy.float32)
-            saved, grads, log = _measured_step(model, optimizer, mesh, 8, 4, DynamicLossScaler(2.0 ** 10))
-            psi = sum(p.data.size for p in model.parameters())  # the elements, to write the formulas out
-            masters = sum(a.nbytes for a in optimizer.master.values())
-            stage = plan(Model.of(config), Mesh(dp=mesh.dp_size, tp=tp),
-                         Choices(micro_batch=4 // mesh.dp_size, sequence_parallel=sp, precision="fp16",
-                                 bucket_bytes=2048)).stages[0]
-            memory = {name: figure.value for name, figure in stage.memory.items()}
+    pp = 2
+    for dp in [d for d in (1, 2) if WORLD.size % (pp * d) == 0]:
+        tp = WORLD.size // (pp * dp)
+        mesh = comm.init(pp=pp, dp=dp, tp=tp)
+        for precision, name, m, v, tie, zero, reduce in [("fp16", "1f1b", 4, 1, True, 0, "model"),
+                                                         ("bf16", "interleaved", 2, 2, False, 0, "fp32"),
+                                                         ("bf16", "afab", 2, 1, True, 1, "model"),
+                                                         ("fp16", "1f1b", 2, 1, True, 2, "fp32")]:
+            if zero and dp == 1:
+                continue
+            dtype = {"bf16": "bfloat16", "fp16": "float16"}[precision]
+            config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2 * pp * v, dropout=0.1,
+                               tie_embeddings=tie, dtype=dtype)
+            model = pipeline.PipelineGPT(config, mesh, False, v)
+            batch = 2 * m * dp
+            rng = numpy.random.default_rng(0)
+            ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
+            run = pipeline.forward_backward(model, ids, targets, mesh, name, m)  # the StageRun: what it held
+            optimizer, gradients = _mixed_optimizer(model, mesh, zero, numpy.float32 if reduce == "fp32" else None)
+            seen = {}
+            measure_gradients_at_finish(model, gradients or optimizer, seen)
+            _watch_the_update(model, optimizer, zero, seen)
+            scaler = DynamicLossScaler(2.0 ** 10) if precision == "fp16" else None
+            with comm.log_collectives() as log:
+                _, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients,
+                                     forward_backward=Pipelined(name, m), scaler=scaler)
+            masters, moments = _mixed_states(model, optimizer, zero)
+            stage = plan(Model.of(config), Mesh(dp=dp, pp=pp, tp=tp, virtual_stages=v),
+                         Choices(micro_batch=batch // (m * dp), global_batch=batch, schedule=name, zero=zero,
+                                 precision=precision, grad_reduce=reduce, bucket_bytes=2048)).stages[mesh.pp_rank]
+            memory = {key: figure.value for key, figure in stage.memory.items()}
+            final = stage.temporaries.get("fp32 gradients")
+            rank = mesh.dp.rank
             found = {key: pair for key, pair in {
-                "parameters": (memory["parameters"], sum(p.data.nbytes for p in model.parameters()), 2 * psi),
-                "gradients": (memory["gradients"], grads, 2 * psi),
-                "master weights": (memory["master weights"], masters, 4 * psi),
-                "optimizer state": (memory["optimizer state"], optimizer.state_bytes() - masters, 8 * psi),
-                "activations": (memory["activations"], saved, saved)}.items() if len(set(pair)) > 1}
-            found.update(differences(by_group_op(stage.messages), log))
-            if found or not all(figure.measured for figure in stage.memory.values()):
-                failures.append(((tp, sp, tie), found))
+                "peak_bytes": (memory["activations"], run.peak_bytes),
+                "parameters": (memory["parameters"], sum(p.data.nbytes for p in model.parameters())),
+                "gradients": (memory["gradients"], seen["gradients"]),
+                "master weights": (stage.master_weights_of(rank) if zero else memory["master weights"], masters),
+                "optimizer state": (stage.optimizer_state_of(rank) if zero else memory["optimizer state"], moments),
+                "final gradients": ((final.value, {"float32"}) if final else (seen["final"], {dtype}),
+                                    (seen["final"], seen["final dtypes"]))}.items() if pair[0] != pair[1]}
+            found.update(differences(by_group_op(stage.messages), logged(log)))
+            unmarked = [key for key, figure in stage.memory.items() if not figure.measured]
+            if found or unmarked or not numpy.isfinite(norm):
+                failures.append(((dp, tp, precision, name, m, v, tie, zero, reduce), found, unmarked, norm))
     parallel_assert(not failures, f"planned != measured: {failures[:3]}")
 
 
@@ -384,9 +523,14 @@ def test_zero_paper_example():
     psi = 7.5e9
     assert [round(states.zero_paper(psi, 64, stage) / 1e9, 1) for stage in range(4)] == [120.0, 31.4, 16.6, 1.9]
     assert states.zero_paper(psi, 64, 0) == 16 * psi
-    for stage in range(4):  # the planner's mixed-precision states add up to the paper's figure
-        planned = states.model_states(int(psi), [], 64, 0, Choices(zero=stage, precision="bf16"))
-        assert sum(value for value, _ in planned.values()) == pytest.approx(states.zero_paper(psi, 64, stage))
+    # the planner's mixed-precision states add up to the paper's figure: one bucket (and unit) of Ψ elements,
+    # which 64 divides (no padding); ZeRO-3's placeholder (2 bytes) is all that is left
+    one = [parameters.Tensor("blocks.0.mlp.fc1.weight", int(psi), True)]
+    for stage in range(4):
+        planned = states.model_states(int(psi), one, 64, 0, Choices(zero=stage, precision="bf16",
+                                                                       bucket_bytes=2 ** 62))
+        total = sum(value for value, _ in planned.values())
+        assert total == states.zero_paper(psi, 64, stage) + (2 if stage == 3 else 0)
 
 
 def test_narayanan_eq3_flops():
@@ -408,8 +552,13 @@ def test_command_line_from_the_readme(tmp_path):
                "4096", "--tp", "8", "--pp", "4", "--dp", "2", "--sp", "--recompute", "selective", "--zero", "1",
                "--dtype", "bf16", "--gpu-memory", "80", "--png", str(png)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    assert "fits: yes" in out and "stage 3" in out and "formula only" in out
+    # bf16 with ZeRO-1 on pipeline stages: measured (tests above), no figure marked formula only
+    assert "fits: yes" in out and "stage 3" in out and "formula only" not in out
     assert png.stat().st_size > 0
+    # fp16 with the gradients reduced in fp32: their fp32 slices at the update, 4 bytes per element on dp
+    fp32 = subprocess.run(command[:command.index("bf16")] + ["fp16", "--grad-reduce", "fp32"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "temporary: fp32 gradients" in fp32 and "temporary: fp32 gradients" not in out
     out = subprocess.run(command[:command.index("--sp")] + ["--gpu-memory", "80"], capture_output=True, text=True,
                          check=True).stdout
     assert "fits: NO" in out and "smallest change that fits:" in out

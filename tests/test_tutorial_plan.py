@@ -14,4 +14,5 @@ def test_plan_tutorial_under_mpiexec(ranks):
     run = launch("plan.py", ranks=ranks, timeout=120)
     assert_verdict(run, VERDICT, ranks)
     assert rank_lines(run.stdout) == list(range(ranks)), run.stdout
-    assert "unexplained 0 B" in run.stdout and "stage 3" in run.stdout and "formula only" in run.stdout
+    # the 70B-class plan (bf16, ZeRO-1, pp 4): every figure measured at small scale, none formula only
+    assert "unexplained 0 B" in run.stdout and "stage 3" in run.stdout and "formula only" not in run.stdout

@@ -76,7 +76,8 @@ unexplained = MPI.COMM_WORLD.allreduce(unexplained, op=MPI.MAX)  # the verdict q
 
 # ---------------------------------------------------------------------------------------------------
 # 4. Scaling up: the same planner, a 70B-class GPT (h = 8192, 80 layers, 64 heads, s = 4096) on 64 GPUs,
-# tp 8 × pp 4 × dp 2, SP, selective recomputation, ZeRO-1, bf16 (mixed precision: formula only).
+# tp 8 × pp 4 × dp 2, SP, selective recomputation, ZeRO-1, bf16 (mixed precision, fp32 master slices: measured
+# byte for byte at small scale by tests/test_plan.py).
 # ---------------------------------------------------------------------------------------------------
 big = plan(Model(vocab=50304, seq_len=4096, hidden=8192, heads=64, layers=80, dropout=0.1), Mesh(dp=2, pp=4, tp=8),
            Choices(micro_batch=1, global_batch=64, sequence_parallel=True, recompute="selective", zero=1,

@@ -13,13 +13,13 @@ Each figure names its formula and its paper; where minitp's code departs from th
 ZeRO's padded buckets and units, ZeRO-3's placeholder, the tied table's view, the vocabulary padded by
 ``train_gpt.py``) the figure is what the code does, and the module that computes it says how it departs.
 What minitp runs today is exact to the byte at small scale (``tests/test_plan.py`` measures it: ZeRO 0-3,
-context parallelism's ring, zigzag and Ulysses, alone, with ZeRO 1-3 over dp × cp and on pipeline
-stages (``tests/test_plan_context.py``), fp16 with master weights, the experts' states, and their
-activations and all-to-alls given the routing counts a run observed, ``Choices.routing``:
-``tests/test_plan_experts.py``); bf16, mixed precision with ZeRO or pipelines, ZeRO-3 with pp > 1 (which
-minitp refuses), the experts' activations and all-to-alls planned ahead (GShard's even spread: they follow
-the routing counts) and their tp all-reduces are the papers' formulas, marked "formula only: not yet
-measured against minitp".
+mixed precision -- bf16 and fp16 with fp32 masters at ZeRO 0-3, the gradients reduced in the model's dtype
+or in fp32, and through pipeline stages --, context parallelism's ring, zigzag and Ulysses, alone, with
+ZeRO 1-3 over dp × cp and on pipeline stages (``tests/test_plan_context.py``), the experts' states, and
+their activations and all-to-alls given the routing counts a run observed, ``Choices.routing``:
+``tests/test_plan_experts.py``); ZeRO-3 with pp > 1 (which minitp refuses), the experts' activations and
+all-to-alls planned ahead (GShard's even spread: they follow the routing counts) and their tp all-reduces
+are the papers' formulas, marked "formula only: not yet measured against minitp".
 
     shapes          Model, Mesh, Choices: what is planned
     parameters      the tensors each rank holds; Narayanan et al.'s parameter count

@@ -14,7 +14,7 @@ import sys
 
 from minitp.plan import report, search
 from minitp.plan.core import plan
-from minitp.plan.shapes import ITEMSIZE, Choices, Mesh, Model
+from minitp.plan.shapes import GRAD_REDUCE, ITEMSIZE, Choices, Mesh, Model
 
 
 def parse(argv=None):
@@ -37,7 +37,10 @@ def parse(argv=None):
     add("--sp", action="store_true", help="sequence parallelism")
     add("--recompute", choices=["none", "selective", "full"], default="none")
     add("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage (3 with pp > 1: formula only)")
-    add("--dtype", choices=list(ITEMSIZE), default="float32", help="bf16/fp16: mixed precision (formula only)")
+    add("--dtype", choices=list(ITEMSIZE), default="float32",
+        help="bf16/fp16: mixed precision (2-byte model, fp32 master weights and moments)")
+    add("--grad-reduce", choices=list(GRAD_REDUCE), default="model",
+        help="mixed precision: reduce the gradients in the model's dtype or in fp32 (4 bytes on the wire)")
     add("--schedule", choices=["afab", "1f1b", "interleaved"], default="1f1b")
     add("--cp-kind", choices=["ring", "zigzag", "ulysses"], default="ring")
     add("--experts", type=int, default=0, help="MoE experts per layer (activations and all-to-alls evenly spread: formula only)")
@@ -59,7 +62,7 @@ def main(argv=None):
         choices = Choices(micro_batch=args.micro_batch,
                           global_batch=args.global_batch or 8 * args.pp * args.dp * args.micro_batch,
                           sequence_parallel=args.sp, recompute=None if args.recompute == "none" else args.recompute,
-                          zero=args.zero, precision=args.dtype, schedule=args.schedule, cp_kind=args.cp_kind,
+                          zero=args.zero, precision=args.dtype, grad_reduce=args.grad_reduce, schedule=args.schedule, cp_kind=args.cp_kind,
                           bucket_bytes=int(args.bucket_mb * 2 ** 20))
         result = plan(model, mesh, choices)
     except ValueError as error:

@@ -24,6 +24,11 @@ under SP 3Ψ + E: the replicated LayerNorm weights' gradients pass an all-reduce
 end of the backward, so no unit is freed inside backward and the embedding's backward finds E gathered.
 Measured byte for byte at pp = 1; ZeRO-3 with pp > 1, which minitp refuses, is formula only.
 
+Mixed precision (bf16/fp16): the gradients cross in the model's 2 bytes per element, or in 4 with
+``grad_reduce="fp32"`` (minitp's ``reduce_dtype``); ZeRO's parameter all-gathers always in the model's dtype;
+measured byte for byte (tests/test_plan.py). fp16's loss scaler adds one all-reduce of one flag over the
+world, a pickled ``allreduce`` outside minitp's collective log, not itemised (a few bytes).
+
 **pp** (Narayanan et al. 2021 §2.2): each microbatch's activation (s·b·h·e, /t under SP) to the next stage
 and its gradient back, per model-chunk boundary; tied embeddings all-reduce the table's gradient between
 the first and the last stage.
@@ -217,14 +222,14 @@ def data_parallel(mesh, choices, groups, m=1, gathers=None):
     head 4, or 3 under SP)."""
     d = mesh.dp * mesh.cp
     group = "dp" if mesh.cp == 1 else "dp_cp"
-    e = ITEMSIZE[choices.precision]
+    e, g = ITEMSIZE[choices.precision], choices.grad_itemsize  # the parameters' bytes, the gradients' on the wire
     found = []
     if choices.zero == 0:
-        found += [Message(group, d, "all_reduce", n, e, 1, "gradients, one all-reduce per bucket") for n in groups]
+        found += [Message(group, d, "all_reduce", n, g, 1, "gradients, one all-reduce per bucket") for n in groups]
     elif choices.zero in (1, 2):
         for n in groups:
             padded = -(-n // d) * d
-            found += [Message(group, d, "reduce_scatter", padded, e, 1,
+            found += [Message(group, d, "reduce_scatter", padded, g, 1,
                               f"ZeRO-{choices.zero}: gradients reduce-scattered (bucket padded to d·⌈n/d⌉)"),
                       Message(group, d, "all_gather", padded, e, 1, f"ZeRO-{choices.zero}: parameters all-gathered")]
     else:
@@ -236,7 +241,7 @@ def data_parallel(mesh, choices, groups, m=1, gathers=None):
                    "ZeRO-3: the embeddings unit, gathered for its own forward and backward and the tied head's "
                    "(under SP still gathered when the embedding's backward comes)")
             found += [Message(group, d, "all_gather", padded, e, times * m, why + note, measured),
-                      Message(group, d, "reduce_scatter", padded, e, 1, "ZeRO-3: a unit's gradients" + note,
+                      Message(group, d, "reduce_scatter", padded, g, 1, "ZeRO-3: a unit's gradients" + note,
                               measured)]
     if choices.zero:
         found.append(Message(group, d, "all_reduce", 2, FLOAT64, 1, "gradient norm of the ZeRO slices"))

@@ -32,6 +32,7 @@ class StagePlan:
     held: int = 0
     activation_per_chunk: dict = field(default_factory=dict)  # model chunk -> bytes per microbatch (track_saved)
     optimizer_state_of: object = None                # dp rank -> bytes (ZeRO 1-3: the padding)
+    master_weights_of: object = None                 # dp rank -> bytes (mixed precision, ZeRO 1-3)
 
     @property
     def total(self):
@@ -85,15 +86,14 @@ def plan(model, mesh, choices):
     m = microbatches(mesh, choices)
     p, v, t, d = mesh.pp, mesh.virtual_stages, mesh.tp, mesh.dp * mesh.cp
     measured = choices.precision in MEASURED_PRECISIONS
-    e = ITEMSIZE[choices.precision]
+    e, g = ITEMSIZE[choices.precision], choices.grad_itemsize
     notes = []
     if not measured:
-        notes.append(f"mixed precision ({choices.precision}, fp32 master weights and moments)")
-    elif choices.mixed and (choices.zero or p > 1):
-        notes.append("fp16 with ZeRO or pipeline stages (minitp's fp16 refuses both)")
-        measured = False
+        notes.append(f"precision {choices.precision}")
     if choices.zero == 3 and p > 1:
         notes.append("ZeRO-3 with pp > 1 (minitp refuses it: zero3.check_mesh)")
+    if model.experts and choices.mixed:
+        notes.append("experts in mixed precision (measured in float32 and float64 only)")
     if model.experts and not experts.measured(model, mesh, choices):
         notes.append("experts' activations and all-to-alls: they follow the routing counts, unknown before a run "
                      "(GShard's even spread here; give a run's counts as Choices.routing for the exact bytes)"
@@ -107,13 +107,26 @@ def plan(model, mesh, choices):
         sp = StagePlan(r, _holds(model, mesh, r), psi)
         # model states
         model_states = states.model_states(psi, tensors, d, 0, choices)
-        formula_only = not measured or (choices.zero == 3 and p > 1) or (model.experts and (choices.zero or p > 1))
+        # experts: measured in float32/float64 at ZeRO 0 without pipelines (tests/test_plan*.py), not in bf16/fp16
+        formula_only = (not measured or (choices.zero == 3 and p > 1)
+                        or (model.experts and (choices.zero or p > 1 or choices.mixed)))
         for name, (value, source) in model_states.items():
             sp.memory[name] = Figure(value, source, "Rajbhandari et al. 2020 §5.1", not formula_only)
-        if choices.zero and not choices.mixed:
+        if choices.zero:
             groups = states.sharded_groups(tensors, choices, d)
+            moment = 4 if choices.mixed else e  # fp32 moments beside a 2-byte model
             sp.optimizer_state_of = lambda rank, groups=groups: (states.zero1_elements(groups, d, rank)
-                                                                 * choices.optimizer_buffers * e)
+                                                                 * choices.optimizer_buffers * moment)
+            if choices.mixed:  # the fp32 masters of the rank's slice
+                sp.master_weights_of = lambda rank, groups=groups: states.zero1_elements(groups, d, rank) * 4
+        final = states.final_gradients(psi, tensors, d, choices)
+        if final is not None:
+            sp.temporaries["fp32 gradients"] = Figure(
+                final, ("4Ψ" if not choices.zero else "Σ⌈n/d⌉·4, this rank's slices") + ": the gradients the update "
+                "reads, in fp32 (" + ("fp16's loss scaler unscales them into new fp32 arrays"
+                                      if choices.precision == "fp16" else "reduced in fp32") + "), alive until the "
+                "next step's zero_grad", "minitp.nn.loss_scale.DynamicLossScaler.unscale; parallel.data.buckets "
+                "(reduce_dtype)", not formula_only)
         # activations at the schedule's peak
         chunk_of = {k: k * p + r for k in range(v)}
         sp.activation_per_chunk = {c: activations.chunk_bytes(model, mesh, choices, c) for c in chunk_of.values()}
@@ -160,8 +173,9 @@ def plan(model, mesh, choices):
                                                          "minitp.parallel.data.zero3 (FSDP, Zhao et al. 2023)", False)
         if d > 1:
             padded = -(-max(sizes) // d) * d if choices.zero else max(sizes)
-            sp.temporaries["gradient bucket"] = Figure(padded * e, "the largest bucket's (ZeRO-3: unit's) packed copy, "
-                                                       "n·e (ZeRO: padded, d·⌈n/d⌉·e)", "minitp.parallel.data.buckets")
+            sp.temporaries["gradient bucket"] = Figure(padded * g, "the largest bucket's (ZeRO-3: unit's) packed copy, "
+                                                       "n·e (ZeRO: padded, d·⌈n/d⌉·e; e = 4 when the gradients "
+                                                       "are reduced in fp32)", "minitp.parallel.data.buckets")
         # communication
         blocks = sum(len(parameters.chunk_layers(model, p, v, c)) for c in chunk_of.values())
         first = any(0 in parameters.chunk_layers(model, p, v, c) for c in chunk_of.values())
@@ -172,8 +186,9 @@ def plan(model, mesh, choices):
                                                              for i in parameters.chunk_layers(model, p, v, c)], m)
         msgs += communication.pipeline(model, mesh, choices, r, m)
         msgs += communication.data_parallel(mesh, choices, sizes, m, gathers)
-        msgs += [communication.Message("expert_dp", d // mesh.ep, "all_reduce", n, e, 1,
-                                       "the experts' gradients, over the dp/ep replicas holding them", not choices.zero)
+        msgs += [communication.Message("expert_dp", d // mesh.ep, "all_reduce", n, g, 1,
+                                       "the experts' gradients, over the dp/ep replicas holding them",
+                                       not choices.zero and not choices.mixed)
                  for n in expert_sizes]  # measured at ZeRO 0 (tests/test_plan_experts.py)
         if model.experts and mesh.tp > 1:  # each expert's f̄/f over tp on its rows: not itemised yet
             msgs = [replace(x, measured=False) if x.group == "tp" else x for x in msgs]

@@ -11,12 +11,15 @@ could build.
 from dataclasses import dataclass, field, fields, replace
 
 ITEMSIZE = {"float64": 8, "float32": 4, "bf16": 2, "fp16": 2}
-"""Bytes per element of each precision. float32 and float64 are what minitp runs (parameters, gradients,
-activations and optimizer state all in that one dtype); fp16 is mixed precision as ``train_gpt.py --dtype fp16``
-runs it (an fp16 model, ``MasterWeights``: fp32 masters and moments; measured without ZeRO and pipelines, which
-minitp's fp16 refuses); bf16 is formula only (numpy has no bfloat16)."""
+"""Bytes per element of each precision. float32 and float64: one dtype for everything (parameters, gradients,
+activations, optimizer state). bf16 and fp16: mixed precision as ``train_gpt.py --dtype bf16|fp16`` runs it --
+the model, its gradients and activations in the 2-byte dtype (bf16: ``ml_dtypes.bfloat16``), fp32 master
+weights and AdamW moments (``MasterWeights`` at ZeRO 0, ZeRO's ``master_dtype`` slices at stages 1-3), fp16's
+loss scaler; measured byte for byte by tests/test_plan.py at ZeRO 0-3, with ``grad_reduce`` "model" and
+"fp32", and through pipeline stages."""
 
-MEASURED_PRECISIONS = ("float32", "float64", "fp16")
+MEASURED_PRECISIONS = ("float32", "float64", "bf16", "fp16")
+GRAD_REDUCE = ("model", "fp32")
 RECOMPUTE = (None, "selective", "full")
 ATTENTION = (None, "dense", "blockwise")
 BLOCKWISE_ABOVE = 128  # minitp.functional.blockwise_attention.BLOCK: F.attention's default from s > 128
@@ -104,7 +107,10 @@ class Choices:
     ``micro_batch`` b: sequences per microbatch per replica; ``global_batch`` B (default d·b: one microbatch
     per step); m = B/(d·b) microbatches. ``seq``: the batch's sequence length (default the model's seq_len).
     ``precision``: "float32"/"float64" (minitp: everything in that dtype) or "bf16"/"fp16" (mixed precision,
-    fp32 master weights and Adam moments: fp16 measured at zero 0, pp 1; bf16 formula only). ``zero``: 0-3 (minitp's stages; 3 with pp > 1 formula only).
+    fp32 master weights and Adam moments; measured at ZeRO 0-3 and on pipeline stages). ``grad_reduce`` (mixed
+    precision): the gradients reduced in the model's dtype ("model": 2 bytes per element on the wire, minitp's
+    default) or packed and reduced in fp32 ("fp32": ``reduce_dtype=numpy.float32``, 4 bytes). ``zero``: 0-3
+    (minitp's stages; 3 with pp > 1 formula only).
     ``bucket_bytes``: the gradient buckets (minitp's default 25 MiB; ZeRO pads each to a multiple of d).
     ``ids_itemsize``: bytes of a token id (numpy's int64 on 64-bit Linux): the embedding and the loss keep
     the ids and targets for backward. ``attention``: "dense" (the paper's core, keeping the s×s scores),
@@ -120,6 +126,7 @@ group to plan; with them the experts' activations and all-to-alls are exact, wit
     recompute: str = None
     zero: int = 0
     precision: str = "float32"
+    grad_reduce: str = "model"
     schedule: str = "1f1b"
     cp_kind: str = "ring"
     bucket_bytes: int = 25 * 2 ** 20
@@ -137,6 +144,8 @@ group to plan; with them the experts' activations and all-to-alls are exact, wit
             raise ValueError(f"plan: zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if self.precision not in ITEMSIZE:
             raise ValueError(f"plan: precision must be one of {tuple(ITEMSIZE)}, got {self.precision!r}")
+        if self.grad_reduce not in GRAD_REDUCE:
+            raise ValueError(f"plan: grad_reduce must be one of {GRAD_REDUCE}, got {self.grad_reduce!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"plan: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.cp_kind not in CP_KINDS:
@@ -148,6 +157,12 @@ group to plan; with them the experts' activations and all-to-alls are exact, wit
     def mixed(self):
         """bf16/fp16: 2-byte parameters, gradients and activations, fp32 master weights and moments."""
         return self.precision in ("bf16", "fp16")
+
+    @property
+    def grad_itemsize(self):
+        """Bytes per element of the reduced gradients: on the wire, in the reduced buckets and ZeRO's slices
+        (the model's dtype, or fp32 with ``grad_reduce="fp32"``; float32/float64 models reduce in their own)."""
+        return 4 if self.mixed and self.grad_reduce == "fp32" else ITEMSIZE[self.precision]
 
 
 def microbatches(mesh, choices):
@@ -188,4 +203,4 @@ def check(model, mesh, choices):
     check_routing(model, mesh, choices, microbatches(mesh, choices))
 
 
-__all__ = ["Model", "Mesh", "Choices", "microbatches", "check", "replace", "ITEMSIZE", "FORMULA_ONLY"]
+__all__ = ["Model", "Mesh", "Choices", "microbatches", "check", "replace", "ITEMSIZE", "FORMULA_ONLY", "GRAD_REDUCE"]

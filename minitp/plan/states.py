@@ -36,12 +36,21 @@ bucket, whose whole gradient waits for the two ends' sum after backward. The pap
 pipeline stages (pp > 1) is refused by minitp (``zero3.check_mesh``): there the planner gives the same
 per-stage formula, marked formula only.
 
-Mixed precision without ZeRO is what ``train_gpt.py --dtype fp16`` runs (``nn.master_weights.MasterWeights``:
-2Ψ fp16 parameters, 2Ψ fp16 gradients, 4Ψ fp32 master copies, 8Ψ fp32 moments; measured byte for byte).
-With ZeRO (which minitp's fp16 refuses) the figures are the paper's formulas, formula only; so is bf16.
+**Mixed precision** (bf16 or fp16, ``train_gpt.py --dtype``; measured byte for byte at ZeRO 0-3, 1, 2 and 4
+ranks, and on pipeline stages): the model in 2 bytes (e = 2), fp32 masters and fp32 AdamW moments (K = 12).
+ZeRO 0 is ``nn.master_weights.MasterWeights``: 2Ψ parameters, 2Ψ gradients, 4Ψ master copies, 8Ψ moments.
+ZeRO 1-3 (``ZeroOptimizer`` / ``FullyShardedOptimizer`` with ``master_dtype=numpy.float32``) keep the fp32
+master of this rank's slice only, as optimizer state "master": the table above with e = 2, the moments at
+8 bytes and the masters at 4 bytes per element of |[r⌈n/d⌉, (r+1)⌈n/d⌉) ∩ [0, n)| (the buckets laid out by
+the 2-byte parameters' bytes). The gradients at the end of backward are the 2-byte ``.grad`` arrays (stages
+0, 1) or the reduced slices (stages 2, 3), which ``grad_reduce="fp32"`` (``reduce_dtype=numpy.float32``)
+packs and reduces in fp32: Σ⌈n/d⌉·4. After the reduction the gradients the update reads are fp32 when fp16's
+loss scaler has unscaled them (new fp32 arrays) or they were reduced in fp32: ``final_gradients`` (4Ψ at
+ZeRO 0, Σ⌈n/d⌉·4 under ZeRO), a temporary of the step (``core``), measured at the update.
 
 Experts (``Model.experts``, ``Mesh.ep``): a rank holds its E/ep experts (each split over tp) and the
-replicated router (h·E, no bias); its parameters, gradients and AdamW state are measured at zero 0, pp 1.
+replicated router (h·E, no bias); its parameters, gradients and AdamW state are measured at zero 0, pp 1,
+in float32 and float64 (in bf16/fp16 formula only).
 """
 import math
 
@@ -115,52 +124,62 @@ def sharded_groups(tensors, choices, d):
 
 
 def model_states(psi, tensors, d, dp_rank, choices):
-    """{parameters, gradients, optimizer, master weights: (bytes, source)} on one rank holding ``psi``
-    parameters (``tensors``, in model order), d = the ranks its parameters are replicated over."""
-    zero = choices.zero
-    if not choices.mixed:
-        e = ITEMSIZE[choices.precision]
-        K = choices.optimizer_buffers * e
-        states = {"parameters": (psi * e, "Ψ·e (one dtype, as minitp runs)"),
-                  "gradients": (psi * e, "Ψ·e: .grad in the parameters' dtype, whole at the end of backward")}
-        if zero == 0:
-            states["optimizer state"] = (psi * K, "AdamW's 2 moments: 2Ψ·e (nn.AdamW)")
-            return states
-        groups = sharded_groups(tensors, choices, d)
-        what = "unit" if zero == 3 else "bucket"
-        states["optimizer state"] = (zero1_elements(groups, d, dp_rank) * K,
-                                     f"ZeRO-{zero} over the padded {what}s: 2e·|[r⌈n/d⌉, (r+1)⌈n/d⌉) ∩ [0, n)| "
-                                     f"per {what} (minitp.parallel.data.zero{'3' if zero == 3 else ''}; "
-                                     "Rajbhandari et al. 2020 §5.1: KΨ/N_d)")
-        if zero >= 2:
-            states["gradients"] = (padded_slices(groups, d) * e,
-                                   f"ZeRO-{zero}: Σ⌈n/d⌉·e, this rank's reduce-scattered slice of each {what} "
-                                   "(Rajbhandari et al. 2020 §5.2: Ψe/N_d)")
-        tied = sum(tensor.elements for tensor in tensors if tensor.tied)
-        if zero == 2 and tied:
-            # the tied table's bucket (the last) is reduced only after backward, once the two ends have summed
-            # it (parallel.data.buckets): its whole gradient is alive then, not a slice (measured, pp × cp)
-            states["gradients"] = ((padded_slices(groups[:-1], d) + tied) * e,
-                                   "ZeRO-2: Σ⌈n/d⌉·e over the buckets but the tied table's, whole (n·e): it is "
-                                   "summed over the two ends after backward, then reduce-scattered "
-                                   "(Rajbhandari et al. 2020 §5.2: Ψe/N_d)")
-        if zero == 3:
-            states["parameters"] = (padded_slices(groups, d) * e + e,
-                                    "ZeRO-3: Σ_u⌈n_u/d⌉·e + e, this rank's slice of each unit and the freed "
-                                    "parameters' one-element placeholder (Rajbhandari et al. 2020 §5.3: Ψe/N_d)")
-        return states
-    # mixed precision: 2-byte parameters and gradients, fp32 master + 2 fp32 moments (K = 12). Without ZeRO
-    # this is what minitp's fp16 runs (MasterWeights: master copies 4Ψ, AdamW's moments 8Ψ; measured by
-    # tests/test_plan.py); with ZeRO (refused by minitp's fp16) and bf16 it is the paper's formula only
+    """{parameters, gradients, optimizer state[, master weights]: (bytes, source)} on one rank holding ``psi``
+    parameters (``tensors``, in model order), d = the ranks its parameters are replicated over, ``dp_rank``
+    its rank among them (ZeRO's padding leaves the last ranks fewer elements of state). Mixed precision
+    (bf16/fp16): the model in 2 bytes, the fp32 masters apart ("master weights") from the two fp32 moments."""
+    zero, e, g = choices.zero, ITEMSIZE[choices.precision], choices.grad_itemsize
+    mixed = choices.mixed
+    moment = 4 if mixed else e  # AdamW's moments: fp32 beside a 2-byte model (the master dtype), else e
+    K = choices.optimizer_buffers * moment
+    paper = "Rajbhandari et al. 2020 §5.1" + (", mixed precision" if mixed else "")
+    states = {"parameters": (psi * e, f"Ψ·e ({'the model in ' + choices.precision if mixed else 'one dtype'}), {paper}"),
+              "gradients": (psi * e, "Ψ·e: .grad in the parameters' dtype, whole at the end of backward "
+                                     "(before its reduction)")}
     if zero == 0:
-        cite = "Rajbhandari et al. 2020 §5.1, mixed precision (minitp.nn.master_weights.MasterWeights)"
-        return {"parameters": (2 * psi, f"2Ψ (the model in fp16), {cite}"),
-                "gradients": (2 * psi, f"2Ψ (.grad in fp16), {cite}"),
-                "master weights": (4 * psi, f"4Ψ (fp32 copies), {cite}"),
-                "optimizer state": (choices.optimizer_buffers * 4 * psi, f"8Ψ (AdamW's 2 fp32 moments), {cite}")}
-    cite = "Rajbhandari et al. 2020 §5.1, mixed precision (formula only)"
-    states = {"parameters": (2 * psi / (d if zero >= 3 else 1), f"2Ψ{'/N_d' if zero >= 3 else ''}, {cite}"),
-              "gradients": (2 * psi / (d if zero >= 2 else 1), f"2Ψ{'/N_d' if zero >= 2 else ''}, {cite}"),
-              "master weights": (4 * psi / (d if zero >= 1 else 1), f"4Ψ{'/N_d' if zero >= 1 else ''} (fp32), {cite}"),
-              "optimizer state": (8 * psi / (d if zero >= 1 else 1), f"8Ψ{'/N_d' if zero >= 1 else ''} (fp32 moments), {cite}")}
+        states["optimizer state"] = (psi * K, f"AdamW's 2 moments: 2Ψ·{moment} (nn.AdamW{', fp32' if mixed else ''})")
+        if mixed:
+            states["master weights"] = (4 * psi, "4Ψ: an fp32 copy of every parameter "
+                                                 "(minitp.nn.master_weights.MasterWeights)")
+        return states
+    groups = sharded_groups(tensors, choices, d)
+    what = "unit" if zero == 3 else "bucket"
+    mine = zero1_elements(groups, d, dp_rank)
+    module = f"minitp.parallel.data.zero{'3' if zero == 3 else ''}"
+    states["optimizer state"] = (mine * K, f"ZeRO-{zero} over the padded {what}s: 2·{moment}·|[r⌈n/d⌉, (r+1)⌈n/d⌉) "
+                                           f"∩ [0, n)| per {what} ({module}; {paper}: KΨ/N_d)")
+    if mixed:
+        states["master weights"] = (mine * 4, f"ZeRO-{zero}: the fp32 master of this rank's slice only, "
+                                              f"4·|[r⌈n/d⌉, (r+1)⌈n/d⌉) ∩ [0, n)| per {what} (optimizer state "
+                                              f"\"master\", {module}, master_dtype; {paper}: 4Ψ/N_d)")
+    if zero >= 2:
+        states["gradients"] = (padded_slices(groups, d) * g,
+                               f"ZeRO-{zero}: Σ⌈n/d⌉·{g}, this rank's reduce-scattered slice of each {what}"
+                               f"{' (reduced in fp32)' if g != e else ''} ({paper} §5.2: Ψe/N_d)")
+    tied = sum(tensor.elements for tensor in tensors if tensor.tied)
+    if zero == 2 and tied:
+        # the tied table's bucket (the last) is reduced only after backward, once the two ends have summed
+        # it (parallel.data.buckets): its whole gradient is alive then, not a slice (measured, pp × cp)
+        states["gradients"] = (padded_slices(groups[:-1], d) * g + tied * e,
+                               f"ZeRO-2: Σ⌈n/d⌉·{g} over the buckets but the tied table's, whole (n·e): it is "
+                               "summed over the two ends after backward, then reduce-scattered "
+                               "(Rajbhandari et al. 2020 §5.2: Ψe/N_d)")
+    if zero == 3:
+        states["parameters"] = (padded_slices(groups, d) * e + e,
+                                "ZeRO-3: Σ_u⌈n_u/d⌉·e + e, this rank's slice of each unit and the freed "
+                                "parameters' one-element placeholder (Rajbhandari et al. 2020 §5.3: Ψe/N_d)")
     return states
+
+
+def final_gradients(psi, tensors, d, choices):
+    """Bytes of the fp32 gradients the update reads, when they are fp32 in a mixed-precision step: fp16's
+    loss scaler unscales them into new fp32 arrays (``DynamicLossScaler.unscale``), and ``grad_reduce="fp32"``
+    leaves them reduced in fp32. ZeRO 0: every gradient, 4Ψ; ZeRO 1-3: this rank's slices, Σ⌈n/d⌉·4. None
+    when they stay in the model's dtype (bf16 reduced in bf16, no scaler) or the model is float32/float64.
+    Alive from the reduction (or the unscaling) to the next step's ``zero_grad``: at the update, beside (while
+    they are made) the 2-byte gradients they come from."""
+    if not choices.mixed or (choices.precision != "fp16" and choices.grad_reduce != "fp32"):
+        return None
+    if choices.zero == 0:
+        return 4 * psi
+    return 4 * padded_slices(sharded_groups(tensors, choices, d), d)
