@@ -71,7 +71,8 @@ for tutorial in tutorials/*.py; do
   esac
   step "tutorial $tutorial on CuPy, 4 ranks" yes env MINITP_DEVICE=gpu $launcher "$PYTHON" "$tutorial" $args
 done
-for mesh in "--tp 2 --dp 2" "--pp 2 --tp 2 --microbatches 2" "--cp 2 --tp 2"; do
+for mesh in "--tp 2 --dp 2" "--pp 2 --tp 2 --microbatches 2" "--cp 2 --tp 2" "--tp 2 --dp 2 --dtype fp16" \
+            "--pp 2 --dp 2 --microbatches 2 --dtype fp16" "--dp 4 --zero 3 --dtype fp16"; do
   step "train_gpt --check $mesh on CuPy" yes env MINITP_DEVICE=gpu $launcher "$PYTHON" tutorials/train_gpt.py $mesh --check
 done
 
@@ -82,6 +83,10 @@ step "block at the CPU size, scaling t=1,2,4, staged all-reduce" yes \
 step "block at s=2048, b=8, h=2048, a=16" yes \
   "$PYTHON" benchmarks/speed.py --device gpu --no-torch --gemm-size 8192 --repeats 10 \
   --block 2048 8 2048 16 --tp --bandwidth-ranks --out "$OUT/large"
+
+# 3b. mixed precision: float32 and fp16 (tensor cores) steps and bytes per rank, the step's TFLOP/s against the
+# measured fp16 GEMM rate (bf16 is skipped: CuPy has no bfloat16)
+step "mixed precision: float32 vs fp16" yes env MINITP_DEVICE=gpu "$PYTHON" benchmarks/precision.py --out "$OUT"
 
 # 4. CUDA-aware MPI: device buffers straight to MPI (may crash a non-CUDA MPI: not required)
 step "CUDA-aware all-reduce" no env MINITP_CUDA_AWARE_MPI=1 \
