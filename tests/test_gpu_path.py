@@ -157,12 +157,14 @@ MESHES = {  # 4 ranks each: every parallelism minitp has, on device arrays
     "tp2-dp2-sp-tied": dict(tp=2, dp=2, sequence_parallel=True, tie_embeddings=True),
     "tp2-cp2-sp-zigzag": dict(tp=2, cp=2, sequence_parallel=True, cp_kind="zigzag"),  # ring attention
     "tp2-pp2-sp-1f1b": dict(tp=2, pp=2, sequence_parallel=True, microbatches=2, schedule="1f1b"),  # p2p
+    "dp4-zero3": dict(dp=4, zero=3),  # parameters gathered per block, names for the saved weights
 }
 
 
 @pytest.mark.parallel(nprocs=[4])
 @pytest.mark.parametrize("mesh, cuda_aware", [("tp2-dp2-sp-tied", False), ("tp2-dp2-sp-tied", True),
-                                              ("tp2-cp2-sp-zigzag", True), ("tp2-pp2-sp-1f1b", True)],
+                                              ("tp2-cp2-sp-zigzag", True), ("tp2-pp2-sp-1f1b", True),
+                                              ("dp4-zero3", True)],
                          indirect=["cuda_aware"])
 @on_gpu
 def test_train_gpt_check_holds_on_cupy_with_every_parallelism(device, mesh, cuda_aware):
@@ -175,6 +177,20 @@ def test_train_gpt_check_holds_on_cupy_with_every_parallelism(device, mesh, cuda
                              comm.init(**{axis: options.get(axis, 1) for axis in ("tp", "dp", "cp", "pp")}))
     parallel_assert(result.max_difference <= train_gpt.CHECK_TOLERANCE, f"{mesh}: {result}")
     parallel_assert(len(set(result.serial)) == 10, "the losses move: the check compares something")
+
+
+@pytest.mark.parallel(nprocs=[4])
+@pytest.mark.parametrize("mesh", ["tp2-dp2-sp-tied", "tp2-pp2-sp-1f1b", "dp4-zero3"])
+@on_gpu
+def test_train_gpt_fp16_check_holds_on_cupy(device, mesh):
+    """Mixed precision on device arrays: an fp16 model (cuBLAS's products on a GPU, accumulated in fp32),
+    fp32 masters (ZeRO-3: of each rank's slice), the loss scaled through the whole batch and the pipeline;
+    every step within --check's 4u of the serial fp16 run on the same device."""
+    train_gpt, options = tutorial(), MESHES[mesh]
+    result = train_gpt.check(train_gpt.check_args(**options, dtype="fp16"),
+                             comm.init(**{axis: options.get(axis, 1) for axis in ("tp", "dp", "cp", "pp")}))
+    parallel_assert(result.passed, f"{mesh}: {result.worst_in_units:.2f} u: {result}")
+    parallel_assert(len(set(result.serial)) >= 5, "the losses move: the check compares something")
 
 
 # -- MINITP_DEVICE=gpu in a launched job ----------------------------------------------------------

@@ -22,6 +22,7 @@ directory on ``sys.path`` (and ``PYTHONPATH``, for the tutorials the tests launc
 GPU is not available.
 """
 import builtins  # Python's any and all: the module's own names (cupy.sum, ...) may shadow builtins
+import weakref
 
 import numpy
 from numpy import (bool_, dtype, float16, float32, float64, inf, int8, int16, int32, int64,  # noqa: F401
@@ -63,6 +64,17 @@ def _index(index):
     if type(index) is tuple:
         return tuple(_index(i) for i in index)
     return index
+
+
+_OWNERS = weakref.WeakValueDictionary()  # id(numpy array owning its memory) -> the device array wrapping it
+
+
+def _owner(array):
+    """The numpy array that owns ``array``'s memory (``array`` itself when it does; None when a buffer
+    that is not an array does, as after ``numpy.frombuffer``)."""
+    while isinstance(array.base, numpy.ndarray):
+        array = array.base
+    return array if array.base is None else None
 
 
 def _wrap(x):
@@ -108,19 +120,29 @@ def _defers_to(other):
 class ndarray:
     """An array in (pretend) device memory. Attributes and methods: those of numpy that minitp uses."""
 
-    __slots__ = ("_a", "_device")
+    __slots__ = ("_a", "_device", "_base", "__weakref__")
     __array_priority__ = 100
     __hash__ = None
 
     def __init__(self, shape, dtype=float, order="C"):
         self._a = numpy.empty(shape, dtype, order=order)
-        self._device = _standin.current_device
+        self._device, self._base = _standin.current_device, None
+        _OWNERS[id(self._a)] = self
 
     @classmethod
     def _on_device(cls, array):
         self = object.__new__(cls)
-        self._a, self._device = array, _standin.current_device
+        self._a, self._device, self._base = array, _standin.current_device, None
+        owner = _owner(array)
+        if owner is array:
+            _OWNERS[id(array)] = self
+        elif owner is not None:  # a view: like CuPy's, it holds the array that owns the memory, as ``base``
+            self._base = _OWNERS.get(id(owner))
+            if self._base is None or self._base._a is not owner:
+                self._base = ndarray._on_device(owner)
         return self
+
+    base = property(lambda self: self._base)
 
     shape = property(lambda self: self._a.shape)
     dtype = property(lambda self: self._a.dtype)
@@ -128,6 +150,7 @@ class ndarray:
     size = property(lambda self: self._a.size)
     nbytes = property(lambda self: self._a.nbytes)
     itemsize = property(lambda self: self._a.itemsize)
+    strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
     T = property(lambda self: ndarray._on_device(self._a.T))
     device = property(lambda self: cuda.Device(self._device))
@@ -268,7 +291,7 @@ class ufunc:
 _UFUNCS = {}
 for _name in ("add subtract multiply divide floor_divide remainder power matmul bitwise_and bitwise_or "
               "bitwise_xor left_shift right_shift less less_equal equal not_equal greater greater_equal "
-              "negative positive absolute invert exp log sqrt tanh maximum reciprocal").split():  # the operators', minitp's
+              "negative positive absolute invert exp log sqrt tanh maximum reciprocal isfinite").split():  # the operators', minitp's
     globals()[_name] = _UFUNCS[getattr(numpy, _name).__name__] = ufunc(getattr(numpy, _name))
 
 
