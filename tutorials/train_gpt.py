@@ -236,11 +236,12 @@ def pipelined(args):
 
 def train(model, optimizer, gradients, data, args, mesh, first_step=0, report=None, scaler=None):
     """Steps [first_step, args.steps) on the batches ``batch_at`` draws; returns their losses and their
-    gradient norms (before clipping). ``scaler``: fp16's loss scaler (``loss_scaler``). Each step's lr is set first: warmup, then cosine decay
-    (``minitp.nn.schedule``), a function of the step alone, so a resumed run uses the uninterrupted
-    run's lrs; ``optimizer.lr`` is AdamW's own, or ZeRO's, which is the wrapped AdamW's.
-    ``report(step, loss, norm, seconds)`` is called after each step (on every rank). With ``--trace``, ``--trace-steps`` steps after the first are recorded into one
-    timeline of every rank."""
+    gradient norms (before clipping). ``scaler``: fp16's loss scaler (``loss_scaler``), or None. Each
+    step's lr is set first: warmup, then cosine decay (``minitp.nn.schedule``), a function of the step
+    alone, so a resumed run uses the uninterrupted run's lrs; ``optimizer.lr`` is AdamW's own, or ZeRO's,
+    which is the wrapped AdamW's. ``report(step, loss, norm, seconds)`` is called after each step (on
+    every rank). With ``--trace``, ``--trace-steps`` steps after the first are recorded into one timeline
+    of every rank."""
     # the whole batch at once, or m microbatches through the stages by the schedule (the serial model of
     # the check takes the whole batch: the microbatches' masks are blocks of the step's one mask)
     forward_backward = Pipelined(args.schedule, args.microbatches) if mesh is not None and pipelined(args) \
@@ -515,8 +516,9 @@ def run(args, training):
 # ---------------------------------------------------------------------------------------------------
 CHECK_TOLERANCE = 1e-9
 LOW_PRECISION_BOUND = 4
-CHECK_LOSS_SCALE = 2.0 ** 12
 """--check's bound in fp16/bf16, in units of u·|serial value| (the derivation above)."""
+CHECK_LOSS_SCALE = 2.0 ** 12
+"""Where --check's fp16 loss scalers start, both runs: far from either one's overflow (above)."""
 
 
 @dataclass
