@@ -127,21 +127,26 @@ def tensor_parallel(model, mesh, choices, blocks, first, last, m):
     def add(op, elements, count, why, itemsize=e):
         found.append(Message("tp", t, op, elements, itemsize, count, why))
 
+    # a MoE in place of the MLP (``plan.experts``): under SP its input is gathered (g) but its backward only
+    # splits, its output split and gathered backward, nothing re-gathered; without SP the dense MLP's f and f̄
+    # become each local expert's, on its own rows (``experts.tensor_parallel``)
+    mlp = 0 if model.experts else 1
     if sp:
-        per_layer_fwd = [("all_gather", 2, "g before qkv and fc1 (gather s)"),
-                         ("reduce_scatter", 2, "ḡ after proj and fc2 (scatter s)")]
-        per_layer_bwd = [("reduce_scatter", 2, "g backward (qkv, fc1)"), ("all_gather", 2, "ḡ backward (proj, fc2)"),
-                         ("all_gather", 2, "re-gather the qkv and fc1 inputs for dA (SP keeps the s/t shard)")]
+        per_layer_fwd = [("all_gather", 2, "g before qkv and fc1 (MoE: its tokens) (gather s)"),
+                         ("reduce_scatter", 1 + mlp, "ḡ after proj and fc2 (scatter s)")]
+        per_layer_bwd = [("reduce_scatter", 1 + mlp, "g backward (qkv, fc1)"),
+                         ("all_gather", 2, "ḡ backward (proj, fc2 or the MoE's output)"),
+                         ("all_gather", 1 + mlp, "re-gather the qkv and fc1 inputs for dA (SP keeps the s/t shard)")]
     else:
-        per_layer_fwd = [("all_reduce", 2, "f̄ after proj and fc2")]
-        per_layer_bwd = [("all_reduce", 2, "f backward, before qkv and fc1")]
+        per_layer_fwd = [("all_reduce", 1 + mlp, "f̄ after proj and fc2")]
+        per_layer_bwd = [("all_reduce", 1 + mlp, "f backward, before qkv and fc1")]
     for op, n, why in per_layer_fwd:
         add(op, act, n * blocks * m * (2 if full else 1), why + (" (again in backward: full recomputation)" if full else ""))
     for op, n, why in per_layer_bwd:
         add(op, act, n * blocks * m, why)
     if sp:
-        add("all_reduce", h, 6 * blocks * m, "replicated LayerNorm weights and biases, row-parallel biases (6h per layer, "
-                                           "each microbatch's backward)")
+        add("all_reduce", h, (5 + mlp) * blocks * m, "replicated LayerNorm weights and biases, row-parallel biases "
+            "(6h per layer, 5h with a MoE: the experts' fc2 biases are not in the SP region; each microbatch's backward)")
     if first:
         if sp:
             add("reduce_scatter", act, m, "wte: ḡ forward")
@@ -215,11 +220,12 @@ def pipeline(model, mesh, choices, stage, m):
     return found
 
 
-def data_parallel(mesh, choices, groups, m=1, gathers=None):
+def data_parallel(mesh, choices, groups, m=1, gathers=None, experts=False):
     """Gradient reduction over the replicas (dp, or dp × cp), the ZeRO step's gathers, the loss and the norm.
     ``groups``: the element count of each gradient bucket (stages 0-2) or ZeRO-3 unit; ``gathers``: ZeRO-3's
     all-gathers of each unit per microbatch (2: forward and backward; for the embeddings unit with a tied
-    head 4, or 3 under SP)."""
+    head 4, or 3 under SP). ``experts``: the model has a mixture's experts -- at ZeRO 0 the tp norm all-reduce
+    carries their split squares apart, 2 numbers (``data_parallel.grad_norm``; ZeRO's ``clip_grad_norm`` 1)."""
     d = mesh.dp * mesh.cp
     group = "dp" if mesh.cp == 1 else "dp_cp"
     e, g = ITEMSIZE[choices.precision], choices.grad_itemsize  # the parameters' bytes, the gradients' on the wire
@@ -247,5 +253,6 @@ def data_parallel(mesh, choices, groups, m=1, gathers=None):
         found.append(Message(group, d, "all_reduce", 2, FLOAT64, 1, "gradient norm of the ZeRO slices"))
     found.append(Message(group, d, "all_reduce", 1, FLOAT64, 1, "the step's loss, averaged"))
     if mesh.tp > 1:
-        found.append(Message("tp", mesh.tp, "all_reduce", 1, FLOAT64, 1, "gradient norm: split parameters' squares"))
+        found.append(Message("tp", mesh.tp, "all_reduce", 2 if experts and not choices.zero else 1, FLOAT64, 1,
+                             "gradient norm: split parameters' squares (and the experts' apart)"))
     return found

@@ -3,7 +3,7 @@
 One ``StagePlan`` per pipeline stage (the tp, cp and dp ranks of a stage hold the same, but for ZeRO's
 padding, which gives the last dp ranks a few elements of optimizer state less: ``optimizer_state_of(dp_rank)``).
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from minitp.plan import activations, communication, experts, flops, parameters, schedule, states
 from minitp.plan.shapes import FORMULA_ONLY, ITEMSIZE, MEASURED_PRECISIONS, check, microbatches
@@ -96,10 +96,7 @@ def plan(model, mesh, choices):
         notes.append("experts in mixed precision (measured in float32 and float64 only)")
     if model.experts and not experts.measured(model, mesh, choices):
         notes.append("experts' activations and all-to-alls: they follow the routing counts, unknown before a run "
-                     "(GShard's even spread here; give a run's counts as Choices.routing for the exact bytes)"
-                     + (" -- and the z-loss's arrays" if model.z_loss_coef else ""))
-    if model.experts and mesh.tp > 1:
-        notes.append("experts' tp all-reduces (each expert's MLP on its rows) are not itemised")
+                     "(GShard's even spread here; give a run's counts as Choices.routing for the exact bytes)")
     stages = []
     for r in range(p):
         tensors = parameters.stage_tensors(model, mesh, r)
@@ -185,13 +182,11 @@ def plan(model, mesh, choices):
         msgs += communication.experts(model, mesh, choices, [i for c in chunk_of.values()
                                                              for i in parameters.chunk_layers(model, p, v, c)], m)
         msgs += communication.pipeline(model, mesh, choices, r, m)
-        msgs += communication.data_parallel(mesh, choices, sizes, m, gathers)
+        msgs += communication.data_parallel(mesh, choices, sizes, m, gathers, bool(model.experts))
         msgs += [communication.Message("expert_dp", d // mesh.ep, "all_reduce", n, g, 1,
                                        "the experts' gradients, over the dp/ep replicas holding them",
                                        not choices.zero and not choices.mixed)
                  for n in expert_sizes]  # measured at ZeRO 0 (tests/test_plan_experts.py)
-        if model.experts and mesh.tp > 1:  # each expert's f̄/f over tp on its rows: not itemised yet
-            msgs = [replace(x, measured=False) if x.group == "tp" else x for x in msgs]
         sp.messages = msgs
         stages.append(sp)
     B = m * choices.micro_batch * mesh.dp

@@ -18,7 +18,8 @@ k >= 2 the softmax of the k chosen logits (T·k·e; k = 1 keeps nothing: the gat
 probabilities); the load-balancing loss's f (E·e) and its coefficient (e) when ``aux_loss_coef`` > 0;
 each local expert's MLP on its n_l rows: fc1's input (n_l·h·e), the GeLU's input and fc2's input
 (2·n_l·f/t·e); the combine's gate weights (N·e) and the rows coming back (N·h·e). These replace the dense
-MLP's fc1 input, GeLU input and fc2 input. (The z-loss, ``z_loss_coef`` > 0, keeps more: formula only.)
+MLP's fc1 input, GeLU input and fc2 input. The router z-loss (``z_loss_coef`` > 0) keeps its logsumexp's
+softmax (T·E·e), the lse (T·e, kept by lse·lse) and its coefficient (e).
 
 **Sent** (``minitp.parallel.expert``; ring bytes of this rank, per layer and microbatch): the counts, one
 all-to-all of E int64 over ep ((ep−1)/ep·8E); dispatch's ``all_to_all_v`` of its N rows ((N − N_self)·h·e
@@ -28,8 +29,14 @@ leave), combine's of the M rows back ((M − N_self)·h·e), and backward the sa
 the experts' gradients are reduced over ``expert_dp`` (the dp/ep replicas holding the same experts, its own
 buckets) and the experts' squares of the gradient norm summed over ep (one float64).
 
-With tp > 1 each expert's MLP all-reduces its rows over tp (``parallel.expert.layers``), which the plan
-does not itemise yet: those tp messages are formula only.
+**tp** (``parallel.expert.layers``: each expert's MLP is the dense Megatron MLP, never sequence-parallel):
+each local expert all-reduces its n_l rows over tp, f̄ after fc2 forward and f before fc1 backward (2·n_l·h·e
+of payload; an expert with 0 rows still takes part, 0 bytes), in place of the dense MLP's two. Under SP the
+MoE gathers the sequence (g) but its backward only splits (every tp rank routed every token), its output is
+split (gathered backward) and nothing is re-gathered for dA: per layer one reduce-scatter forward, one
+backward and one re-gather fewer than the dense MLP, and 5h of replicated biases and LayerNorm weights
+all-reduced, not 6h (the experts' fc2 biases are not in the SP region). The gradient norm's tp all-reduce
+carries 2 float64 (the experts' split squares apart). Exact from the routing counts (measured at tp 2).
 """
 from fractions import Fraction
 
@@ -87,11 +94,10 @@ def rows(model, mesh, choices, layer):
 
 
 def measured(model, mesh, choices):
-    """Whether the experts' figures are exact: routing counts given, no z-loss, and a mesh minitp runs
+    """Whether the experts' figures are exact: routing counts given, and a mesh minitp runs
     experts on (no pipeline stages, no context parallelism: ``parallel.expert.layers`` refuses them), in
     float32 or float64 (the mixed-precision experts are not measured yet: tests/test_plan_experts.py)."""
-    return (choices.routing is not None and not model.z_loss_coef and mesh.pp == 1 and mesh.cp == 1
-            and not choices.mixed)
+    return choices.routing is not None and mesh.pp == 1 and mesh.cp == 1 and not choices.mixed
 
 
 def activation_terms(model, mesh, choices, layer):
@@ -105,6 +111,9 @@ def activation_terms(model, mesh, choices, layer):
         terms["the gates: softmax of the k chosen logits (T·k·e)"] = e * T * k
     if model.aux_loss_coef:
         terms["load-balancing loss: f and its coefficient (E·e + e)"] = e * (E + 1)
+    if model.z_loss_coef:
+        terms["router z-loss: the logsumexp's softmax, the lse (kept by lse·lse) and β (T·E·e + T·e + e)"] = \
+            e * (T * E + T + 1)
     M = int(sum(arriving))  # evenly spread too: the E/ep local experts get T·k rows in all
     terms["local experts: fc1 input, GeLU input, fc2 input on their rows (M·(h + 2f/t)·e)"] = e * M * (h + 2 * f // t)
     terms["combine: gate weights and returned rows (N·(1 + h)·e)"] = e * sent * (1 + h)
@@ -123,6 +132,11 @@ def messages(model, mesh, choices, blocks, m):
     if replicas > 1:
         found.append(Message("dp", mesh.dp, "all_gather", mesh.dp * model.top_k * model.experts, INT64,
                              len(blocks) * m, "MoE: the (k, E) choice counts of every replica (capacity, aux loss)"))
+    if mesh.tp > 1:  # each local expert's f̄ forward and f backward over tp, on its own n_l rows (0 rows too)
+        why = "MoE: each local expert's f̄ after fc2 and f before fc1 on its n_l rows (n_l·h·e)" + \
+            ("" if exact else " (GShard's even spread; formula only)")
+        found += [Message("tp", mesh.tp, "all_reduce", n * h, e, 2 * m, why, exact)
+                  for layer in blocks for n in rows(model, mesh, choices, layer)[2]]
     if ep == 1:
         return found
     found.append(Message("ep", ep, "all_to_all", model.experts, INT64, len(blocks) * m,
