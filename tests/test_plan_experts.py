@@ -7,7 +7,9 @@ gives GShard's even spread, marked formula only.
 2 and 4 ranks, tp 1, ep 2 and 4 out of dp (dp 4 × ep 2: two ep groups, experts reduced over expert_dp),
 4 experts, top-1 and top-2, with and without a capacity (drops), dropout on once; s 8, h 16, 2 layers.
 tp 2 (ep 1 and 2, SP on and off): each local expert's f̄/f on its own rows, the MoE's SP gather/split, the
-norm's 2 numbers over tp; the router z-loss (its softmax, lse and coefficient kept) at tp 1 and 2.
+norm's 2 numbers over tp; the router z-loss (its softmax, lse and coefficient kept) at tp 1 and 2. bf16 and
+fp16 experts (fp32 masters, fp16's loss scaler, gradients reduced in 2 or 4 bytes): activations, states and
+log.
 """
 import numpy
 import pytest
@@ -89,3 +91,76 @@ def test_routing_counts_of_the_wrong_shape_are_refused():
             plan(model, Mesh(dp=2, ep=2), Choices(micro_batch=2, routing=routing, ep_rank=ep_rank))
     with pytest.raises(ValueError, match="one microbatch"):
         plan(model, Mesh(dp=2, ep=2), Choices(micro_batch=2, global_batch=8, routing=good))
+
+
+# (ep, tp, sp, k, precision, grad_reduce, z_loss_coef): bf16 and fp16 (its loss scaler), dp = the rest
+MIXED_CASES = [(2, 1, False, 1, "bf16", "model", 0.0), (2, 1, False, 2, "fp16", "fp32", 0.01),
+               (1, 2, True, 2, "fp16", "model", 0.0), (2, 2, True, 2, "bf16", "fp32", 0.01),
+               (4, 1, False, 2, "fp16", "model", 0.0)]
+
+
+@pytest.mark.parallel(nprocs=[2, 4])
+def test_experts_in_mixed_precision_are_planned_to_the_byte():
+    """bf16 and fp16 experts with fp32 masters (``MasterWeights``, ZeRO 0) and fp16's loss scaler, the
+    gradients reduced in the model's dtype or in fp32, over ep and tp: from the routing counts, the 2-byte
+    activations (router, gates, aux and z-loss, the experts' rows), the 2-byte parameters, the gradients at
+    the end of backward, the fp32 masters and moments, the fp32 gradients the update reads, and the whole
+    step's log (2-byte rows on the wire, the experts' buckets over expert_dp in 2 or 4 bytes) -- all marked
+    measured."""
+    from minitp.nn.loss_scale import DynamicLossScaler
+    from minitp.parallel.data.data_parallel import split_batch
+    from minitp.parallel.gpt import ParallelGPT
+    from minitp.training import train_step
+    from test_plan import (_mixed_optimizer, _mixed_states, _watch_the_update, measure_gradients_at_finish,
+                           parameter_bytes)
+
+    failures, checked = [], 0
+    for ep, tp, sp, k, precision, reduce, z in [case for case in MIXED_CASES if WORLD.size % (case[0] * case[1]) == 0]:
+        mesh = comm.init(tp=tp, ep=ep)
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}[precision]
+        config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, experts=4, top_k=k, z_loss_coef=z,
+                           dropout=0.1, dtype=dtype)
+        model = ParallelGPT(config, mesh, sequence_parallel=sp)
+        batch = 2 * mesh.dp_size
+        rng = numpy.random.default_rng(k)
+        ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
+        with track_saved() as saved:
+            model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
+        routed_loss = observed(model, mesh, 4)
+        optimizer, gradients = _mixed_optimizer(model, mesh, 0, numpy.float32 if reduce == "fp32" else None)
+        seen = {}
+        measure_gradients_at_finish(model, gradients, seen)
+        _watch_the_update(model, optimizer, 0, seen)
+        scaler = DynamicLossScaler(2.0 ** 10) if precision == "fp16" else None
+        with comm.log_collectives() as log:
+            _, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients,
+                                 scaler=scaler)
+        routed_step = observed(model, mesh, 4)
+        masters, moments = _mixed_states(model, optimizer, 0)
+        shapes, where = Model.of(config), Mesh(dp=mesh.dp_size, ep=ep, tp=tp)
+
+        def planned(routing):
+            return plan(shapes, where, Choices(micro_batch=2, routing=routing, ep_rank=mesh.ep.rank,
+                                               sequence_parallel=sp, precision=precision, grad_reduce=reduce,
+                                               bucket_bytes=2048)).stages[0]
+
+        step = planned(routed_step)
+        memory = {name: figure.value for name, figure in step.memory.items()}
+        final = step.temporaries.get("fp32 gradients")
+        found = {key: pair for key, pair in {
+            "activations": (planned(routed_loss).memory["activations"].value, saved.total),
+            "parameters": (memory["parameters"], parameter_bytes(model, optimizer)),
+            "gradients": (memory["gradients"], seen["gradients"]),
+            "master weights": (memory["master weights"], masters),
+            "optimizer state": (memory["optimizer state"], moments),
+            "final gradients": ((final.value, {"float32"}) if final else (seen["final"], {dtype}),
+                                (seen["final"], seen["final dtypes"]))}.items() if pair[0] != pair[1]}
+        found.update(differences(by_group_op(step.messages), logged(log)))
+        unmarked = [key for key, figure in list(step.memory.items()) + [("fp32 gradients", final)]
+                    if figure is not None and not figure.measured]
+        unmarked += [m.why for m in step.messages if not m.measured]
+        if found or unmarked or not numpy.isfinite(norm):
+            failures.append(((ep, tp, sp, k, precision, reduce, z), found, unmarked, norm))
+        checked += 1
+    parallel_assert(not failures, f"planned != measured: {failures[:3]}")
+    parallel_assert(checked >= 3)

@@ -16,7 +16,7 @@ What minitp runs today is exact to the byte at small scale (``tests/test_plan.py
 mixed precision -- bf16 and fp16 with fp32 masters at ZeRO 0-3, the gradients reduced in the model's dtype
 or in fp32, and through pipeline stages --, context parallelism's ring, zigzag and Ulysses, alone, with
 ZeRO 1-3 over dp × cp and on pipeline stages (``tests/test_plan_context.py``), the experts' states, and
-their activations, all-to-alls and tp all-reduces (z-loss too) given the routing counts a run observed,
+their activations, all-to-alls and tp all-reduces (z-loss, bf16 and fp16 too) given the routing counts a run observed,
 ``Choices.routing``: ``tests/test_plan_experts.py``); ZeRO-3 with pp > 1 (which minitp refuses) and the
 experts' activations and all-to-alls planned ahead (GShard's even spread: they follow the routing counts)
 are the papers' formulas, marked "formula only: not yet measured against minitp".

@@ -92,8 +92,6 @@ def plan(model, mesh, choices):
         notes.append(f"precision {choices.precision}")
     if choices.zero == 3 and p > 1:
         notes.append("ZeRO-3 with pp > 1 (minitp refuses it: zero3.check_mesh)")
-    if model.experts and choices.mixed:
-        notes.append("experts in mixed precision (measured in float32 and float64 only)")
     if model.experts and not experts.measured(model, mesh, choices):
         notes.append("experts' activations and all-to-alls: they follow the routing counts, unknown before a run "
                      "(GShard's even spread here; give a run's counts as Choices.routing for the exact bytes)")
@@ -104,9 +102,9 @@ def plan(model, mesh, choices):
         sp = StagePlan(r, _holds(model, mesh, r), psi)
         # model states
         model_states = states.model_states(psi, tensors, d, 0, choices)
-        # experts: measured in float32/float64 at ZeRO 0 without pipelines (tests/test_plan*.py), not in bf16/fp16
+        # experts: measured at ZeRO 0 without pipelines, in every precision (tests/test_plan*.py)
         formula_only = (not measured or (choices.zero == 3 and p > 1)
-                        or (model.experts and (choices.zero or p > 1 or choices.mixed)))
+                        or (model.experts and (choices.zero or p > 1)))
         for name, (value, source) in model_states.items():
             sp.memory[name] = Figure(value, source, "Rajbhandari et al. 2020 §5.1", not formula_only)
         if choices.zero:
@@ -185,7 +183,7 @@ def plan(model, mesh, choices):
         msgs += communication.data_parallel(mesh, choices, sizes, m, gathers, bool(model.experts))
         msgs += [communication.Message("expert_dp", d // mesh.ep, "all_reduce", n, g, 1,
                                        "the experts' gradients, over the dp/ep replicas holding them",
-                                       not choices.zero and not choices.mixed)
+                                       not choices.zero)
                  for n in expert_sizes]  # measured at ZeRO 0 (tests/test_plan_experts.py)
         sp.messages = msgs
         stages.append(sp)

@@ -94,10 +94,11 @@ def rows(model, mesh, choices, layer):
 
 
 def measured(model, mesh, choices):
-    """Whether the experts' figures are exact: routing counts given, and a mesh minitp runs
-    experts on (no pipeline stages, no context parallelism: ``parallel.expert.layers`` refuses them), in
-    float32 or float64 (the mixed-precision experts are not measured yet: tests/test_plan_experts.py)."""
-    return choices.routing is not None and mesh.pp == 1 and mesh.cp == 1 and not choices.mixed
+    """Whether the experts' figures are exact: routing counts given, and a mesh minitp runs experts on (no
+    pipeline stages, no context parallelism: ``parallel.expert.layers`` refuses them) -- in float32, float64,
+    bf16 and fp16 alike (every kept array and every row on the wire in the model's dtype: the router's
+    softmax, the aux loss's f and the gates too; tests/test_plan_experts.py)."""
+    return choices.routing is not None and mesh.pp == 1 and mesh.cp == 1
 
 
 def activation_terms(model, mesh, choices, layer):

@@ -50,7 +50,8 @@ ZeRO 0, Σ⌈n/d⌉·4 under ZeRO), a temporary of the step (``core``), measured
 
 Experts (``Model.experts``, ``Mesh.ep``): a rank holds its E/ep experts (each split over tp) and the
 replicated router (h·E, no bias); its parameters, gradients and AdamW state are measured at zero 0, pp 1,
-in float32 and float64 (in bf16/fp16 formula only).
+in float32, float64, bf16 and fp16 (fp32 masters and moments beside the 2-byte model, as for the dense
+model: ``tests/test_plan_experts.py``).
 """
 import math
 
