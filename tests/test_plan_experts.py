@@ -7,9 +7,9 @@ gives GShard's even spread, marked formula only.
 2 and 4 ranks, tp 1, ep 2 and 4 out of dp (dp 4 × ep 2: two ep groups, experts reduced over expert_dp),
 4 experts, top-1 and top-2, with and without a capacity (drops), dropout on once; s 8, h 16, 2 layers.
 tp 2 (ep 1 and 2, SP on and off): each local expert's f̄/f on its own rows, the MoE's SP gather/split, the
-norm's 2 numbers over tp; the router z-loss (its softmax, lse and coefficient kept) at tp 1 and 2. bf16 and
-fp16 experts (fp32 masters, fp16's loss scaler, gradients reduced in 2 or 4 bytes): activations, states and
-log.
+norm's 2 numbers over tp; the router z-loss (its softmax, lse and coefficient kept) at tp 1 and 2; selective
+recomputation at tp 1 and 2 (SP). bf16 and fp16 experts (fp32 masters, fp16's loss scaler, gradients reduced
+in 2 or 4 bytes): activations, states and log.
 """
 import numpy
 import pytest
@@ -39,16 +39,19 @@ def test_experts_from_the_routing_counts_are_planned_to_the_byte():
     from minitp.training import train_step
 
     failures, checked = [], 0
-    cases = [(ep, 1, False, k, capacity, dropout, 0.0) for ep in (2, 4) if WORLD.size % ep == 0
+    cases = [(ep, 1, False, k, capacity, dropout, 0.0, None) for ep in (2, 4) if WORLD.size % ep == 0
              for k, capacity, dropout in ((1, None, 0.0), (2, None, 0.1), (2, 1.0, 0.0))]
-    # tp 2 (each expert's f̄/f on its rows; under SP the MoE's g, split and re-gathers), and the router z-loss
-    cases += [(ep, tp, sp, k, capacity, dropout, z) for ep, tp, sp, k, capacity, dropout, z in
-              ((2, 1, False, 2, 1.0, 0.1, 0.01), (1, 2, False, 1, None, 0.0, 0.0), (1, 2, True, 2, None, 0.1, 0.01),
-               (2, 2, False, 1, None, 0.1, 0.0), (2, 2, True, 2, 1.0, 0.0, 0.01)) if WORLD.size % (ep * tp) == 0]
-    for ep, tp, sp, k, capacity, dropout, z in cases:
+    # tp 2 (each expert's f̄/f on its rows; under SP the MoE's g, split and re-gathers), the router z-loss,
+    # and selective recomputation (train_gpt.py runs it with experts; full recomputation it refuses)
+    cases += [case for case in ((2, 1, False, 2, 1.0, 0.1, 0.01, None), (1, 2, False, 1, None, 0.0, 0.0, None),
+                                (1, 2, True, 2, None, 0.1, 0.01, None), (2, 2, False, 1, None, 0.1, 0.0, None),
+                                (2, 2, True, 2, 1.0, 0.0, 0.01, None), (2, 1, False, 2, None, 0.1, 0.0, "selective"),
+                                (2, 2, True, 2, None, 0.1, 0.0, "selective"))
+              if WORLD.size % (case[0] * case[1]) == 0]
+    for ep, tp, sp, k, capacity, dropout, z, recompute in cases:
         mesh = comm.init(tp=tp, ep=ep)  # dp = the rest of the world
         config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, experts=4, top_k=k,
-                           capacity_factor=capacity, dropout=dropout, z_loss_coef=z, dtype="float32")
+                           capacity_factor=capacity, dropout=dropout, z_loss_coef=z, dtype="float32", recompute=recompute)
         model = ParallelGPT(config, mesh, sequence_parallel=sp)
         batch = 2 * mesh.dp_size
         rng = numpy.random.default_rng(k)
@@ -63,7 +66,7 @@ def test_experts_from_the_routing_counts_are_planned_to_the_byte():
 
         def planned(routing):
             return plan(shapes, where, Choices(micro_batch=2, routing=routing, ep_rank=mesh.ep.rank,
-                                               sequence_parallel=sp)).stages[0]
+                                               sequence_parallel=sp, recompute=recompute)).stages[0]
 
         activations = planned(routed_loss).memory["activations"]
         step = planned(routed_step)
@@ -71,11 +74,12 @@ def test_experts_from_the_routing_counts_are_planned_to_the_byte():
         if activations.value != saved.total:
             found["activations"] = (activations.value, saved.total)
         unmarked = [m.why for m in step.messages if not m.measured] + ([] if activations.measured else ["activations"])
-        ahead = plan(shapes, where, Choices(micro_batch=2, sequence_parallel=sp)).stages[0]  # the even spread
+        ahead = plan(shapes, where, Choices(micro_batch=2, sequence_parallel=sp,
+                                            recompute=recompute)).stages[0]  # the even spread
         marked = not ahead.memory["activations"].measured and not any(
             m.measured for m in ahead.messages if m.op == "all_to_all_v" or "local expert" in m.why)
         if found or unmarked or not marked:
-            failures.append(((ep, tp, sp, k, capacity, dropout, z), found, unmarked, marked))
+            failures.append(((ep, tp, sp, k, capacity, dropout, z, recompute), found, unmarked, marked))
         checked += 1
     parallel_assert(not failures, f"planned != measured: {failures[:3]}")
     parallel_assert(checked >= 6)
