@@ -102,9 +102,10 @@ def plan(model, mesh, choices):
         sp = StagePlan(r, _holds(model, mesh, r), psi)
         # model states
         model_states = states.model_states(psi, tensors, d, 0, choices)
-        # experts: measured at ZeRO 0 without pipelines, in every precision (tests/test_plan*.py)
+        # experts: measured without pipelines, in every precision, at ZeRO 0 and, at ep 1, ZeRO 1-3 (ZeRO with
+        # ep > 1 is not built: train_gpt.py refuses it) -- tests/test_plan*.py
         formula_only = (not measured or (choices.zero == 3 and p > 1)
-                        or (model.experts and (choices.zero or p > 1)))
+                        or (model.experts and (p > 1 or (choices.zero and mesh.ep > 1))))
         for name, (value, source) in model_states.items():
             sp.memory[name] = Figure(value, source, "Rajbhandari et al. 2020 §5.1", not formula_only)
         if choices.zero:

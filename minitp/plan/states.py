@@ -49,8 +49,8 @@ loss scaler has unscaled them (new fp32 arrays) or they were reduced in fp32: ``
 ZeRO 0, Σ⌈n/d⌉·4 under ZeRO), a temporary of the step (``core``), measured at the update.
 
 Experts (``Model.experts``, ``Mesh.ep``): a rank holds its E/ep experts (each split over tp) and the
-replicated router (h·E, no bias); its parameters, gradients and AdamW state are measured at zero 0, pp 1,
-in float32, float64, bf16 and fp16 (fp32 masters and moments beside the 2-byte model, as for the dense
+replicated router (h·E, no bias); its parameters, gradients and AdamW state are measured at pp 1, ZeRO 0
+(and ZeRO 1-3 at ep 1: ZeRO with ep > 1 is not built, formula only), in float32, float64, bf16 and fp16 (fp32 masters and moments beside the 2-byte model, as for the dense
 model: ``tests/test_plan_experts.py``).
 """
 import math
