@@ -16,7 +16,7 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import comm
+from minitp import backend, comm
 from minitp import functional as F
 from minitp.autograd import Tensor
 from minitp.comm import collectives, exchange, nonblocking, p2p
@@ -299,3 +299,96 @@ def test_sums_of_2_byte_floats_accumulate_in_fp32_and_round_once(dtype):
     assert same(bias.grad, numpy.full(64, 64, dtype=dtype))
     values = draw((6, 300), 12, dtype)
     assert same(precision.total(values, axis=1), values.astype(F32).sum(axis=1).astype(dtype))
+
+
+# -- (f) elementwise math of 2-byte floats: in fp32, rounded once ------------------------------------
+
+from minitp.functional import activations, masks, normalization  # noqa: E402 (the ops' modules, for the planted bug)
+
+
+def _widened(array):
+    """A 2-byte float array as fp32 (exact); anything else (a bool mask, float32) as it is."""
+    return array.astype(F32) if precision.is_half(array.dtype) else array
+
+
+def _run(op, arrays, upstream, **options):
+    """``op``'s forward on raw ``arrays`` and its backward of ``upstream``: (output, gradients, the op)."""
+    fn = op()
+    fn.needs_input_grad = (True,) * len(arrays)
+    output = fn.forward(*arrays, **options)
+    grads = fn.backward(upstream)
+    return output, grads if isinstance(grads, tuple) else (grads,), fn
+
+
+def _rounded_fp32_op(op, arrays, upstream, saved, **options):
+    """The definition: forward is the fp32 op on the widened inputs, rounded once to each input's dtype;
+    backward is the fp32 backward on the widened arrays the 2-byte forward saved (``saved``) and the
+    widened upstream gradient, each gradient rounded once to its input's dtype."""
+    fn = op()
+    fn.needs_input_grad = (True,) * len(arrays)
+    output = fn.forward(*(_widened(a) for a in arrays), **options).astype(arrays[0].dtype)
+    fn.saved = tuple(_widened(a) for a in saved)
+    grads = fn.backward(_widened(upstream))
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    return output, tuple(g.astype(a.dtype) for g, a in zip(grads, arrays))
+
+
+def _cases(dtype):
+    """(op, inputs, upstream, options) for each op under the rule; GeLU's and softmax's arrays span
+    several blocks (``minitp.blocks``), GeLU's reach far enough below 0 for e^(-2u) to overflow in fp32."""
+    x = draw((5, 13113), 20, F32) * 4
+    rows = draw((300, 257), 21, F32) * 3
+    hidden = draw((6, 7, 96), 22, F32) * 2 + 1
+    return [
+        ("gelu tanh", activations.GeLU, [x.astype(dtype)], draw(x.shape, 23, dtype), {"approximate": "tanh"}),
+        ("gelu erf", activations.GeLU, [x[:2, :999].astype(dtype)], draw((2, 999), 24, dtype), {"approximate": "none"}),
+        ("softmax", activations.Softmax, [rows.astype(dtype)], draw(rows.shape, 25, dtype), {"axis": -1}),
+        ("softmax axis 0", activations.Softmax, [rows[:40].astype(dtype)], draw((40, 257), 26, dtype), {"axis": 0}),
+        ("log_softmax", activations.LogSoftmax, [rows.astype(dtype)], draw(rows.shape, 27, dtype), {"axis": -1}),
+        ("layer_norm", normalization.LayerNorm,
+         [hidden.astype(dtype), draw((96,), 28, dtype), draw((96,), 29, dtype)], draw(hidden.shape, 30, dtype), {}),
+        ("dropout", masks.Dropout, [x.astype(dtype)], draw(x.shape, 31, dtype),
+         {"p": 0.1, "seed": 5, "counter": 2}),
+    ]
+
+
+CASE_NAMES = [case[0] for case in _cases(F32)]
+
+
+@pytest.mark.parallel(1)
+@HALVES
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_elementwise_ops_of_2_byte_floats_compute_in_fp32_and_round_once(dtype, name):
+    """GeLU, softmax, log-softmax, LayerNorm and dropout of bf16/fp16: forward and every gradient equal,
+    bit for bit, the fp32 op on the widened inputs rounded once; what they save stays in the dtype."""
+    _, op, arrays, upstream, options = next(case for case in _cases(dtype) if case[0] == name)
+    output, grads, fn = _run(op, arrays, upstream, **options)
+    expected_output, expected_grads = _rounded_fp32_op(op, arrays, upstream, fn.saved, **options)
+    assert same(output, expected_output)
+    assert len(grads) == len(arrays) and all(same(g, e) for g, e in zip(grads, expected_grads))
+    assert all(a.dtype == dtype for a in fn.saved if a.dtype.kind != "b")
+
+
+@pytest.mark.parallel(1)
+@HALVES
+def test_elementwise_math_in_the_low_dtype_itself_would_fail_the_rule(dtype, monkeypatch):
+    """The check can fail: with the rule switched off (each op computing in the 2-byte dtype, one
+    rounding per operation) every op's forward or a gradient differs from the once-rounded fp32 op."""
+    for module in (activations, masks, normalization):
+        monkeypatch.setattr(module, "compute_dtype", lambda x: x.dtype)
+    for name, op, arrays, upstream, options in _cases(dtype):
+        output, grads, fn = _run(op, arrays, upstream, **options)
+        expected_output, expected_grads = _rounded_fp32_op(op, arrays, upstream, fn.saved, **options)
+        assert not (same(output, expected_output) and all(same(g, e) for g, e in zip(grads, expected_grads))), name
+
+
+@pytest.mark.parallel(1)
+def test_the_rule_leaves_float32_float64_and_the_gpu_as_they_are(device):
+    """``compute_dtype`` widens only 2-byte floats on numpy: float32 and float64 compute in their own
+    dtype (the ops take their code path unchanged), and so does a device array (CuPy's float16 runs natively)."""
+    for dtype in (F32, numpy.dtype(numpy.float64)):
+        assert precision.compute_dtype(numpy.zeros(3, dtype)) == dtype
+    for dtype in (F16, BF16):
+        assert precision.compute_dtype(numpy.zeros(3, dtype)) == F32
+    array = backend.from_host(numpy.zeros(3, F16))  # a CuPy array on "gpu" (a GPU or the stand-in)
+    assert precision.compute_dtype(array) == (F32 if device == "cpu" else F16)

@@ -3,6 +3,7 @@ serial run, and attention's causal mask? Both zero entries and keep at most a bo
 import numpy
 
 from minitp import backend, rng
+from minitp.functional.precision import compute_dtype
 from minitp.autograd import Function
 
 
@@ -17,6 +18,7 @@ class Dropout(Function):
 
     Backward: dx = g * mask / (1 - p). Saves only the bool mask, 1 byte per element: the paper's
     activation-memory count charges dropout masks at 1 byte (sbh per dropout, as^2b in attention).
+    A 2-byte float on numpy is scaled in fp32 (``precision.compute_dtype``) and rounded once.
     """
 
     def forward(self, x, p, seed, counter, global_shape=None, offset=None, training=True):
@@ -25,13 +27,24 @@ class Dropout(Function):
             return x  # the identity: no mask drawn, nothing saved
         mask = rng.keep_mask(x.shape, p, seed, counter, global_shape, offset, backend.array_module(x))
         self.save_for_backward(mask)
-        return x * mask * self.scale
+        return _masked(x, mask, self.scale)
 
     def backward(self, grad):
         if not self.saved:
             return grad
         (mask,) = self.saved
-        return grad * mask * self.scale
+        return _masked(grad, mask, self.scale)
+
+
+def _masked(x, mask, scale):
+    """x * mask * scale; a 2-byte float on numpy widened to fp32, multiplied there, rounded once."""
+    wide = compute_dtype(x)
+    if wide == x.dtype:
+        return x * mask * scale  # float32/float64, CuPy: as it is
+    y = x.astype(wide)
+    y *= mask
+    y *= scale
+    return y.astype(x.dtype)
 
 
 def dropout(x, p, seed, counter, global_shape=None, offset=None, training=True):

@@ -32,12 +32,25 @@ refuses when a model's parameters are made.
 the loss's mean, a bias gradient): accumulated in fp32, rounded once -- as GPU kernels (and PyTorch's
 reductions of bf16) do.
 
+**Elementwise math.** The same rule, for the ops between the products: GeLU (forward and backward),
+softmax and log-softmax, LayerNorm (forward and backward), dropout, on 2-byte floats on numpy, widen
+their inputs to fp32 once (a block at a time where the op walks blocks, ``minitp.blocks``, so the extra
+memory stays a block), compute in fp32, and round each output (and each array they save) to the dtype
+ONCE. Their backward is likewise the fp32 formula on the widened saved arrays and gradient, rounded once.
+That is what a GPU does (fp16 math in fp32 registers), one rounding instead of one per operation, and
+the definition the tests check bit for bit. It is also the fast way on a CPU: numpy computes float16
+ufuncs one element at a time through conversions (3.7 ns per multiplication against 0.07 in fp32), and
+ml_dtypes' bfloat16 likewise (1.2 ns), while a cast costs 1.2-1.7 ns (fp16) and 0.3-0.9 ns (bf16) -- GeLU's
+backward is a dozen passes. ``compute_dtype`` is the rule's one test: float32 for a 2-byte float on
+numpy, the array's own dtype otherwise -- float32, float64 and CuPy run their code as before, no copy.
+
 ``finfo`` answers numpy.finfo's question for every float dtype, bfloat16 included (ml_dtypes').
 """
 import ml_dtypes
 import numpy
 
 BFLOAT16 = numpy.dtype(ml_dtypes.bfloat16)
+FLOAT32 = numpy.dtype(numpy.float32)
 HALF_DTYPES = (numpy.dtype(numpy.float16), BFLOAT16)
 """The 2-byte floats: a product of two of one of them accumulates in fp32 and is rounded once."""
 
@@ -72,6 +85,15 @@ def average(x, axis=None, keepdims=False):
     if x.dtype.itemsize != 2 or type(x) is not numpy.ndarray or x.dtype not in HALF_DTYPES:
         return x.mean(axis=axis, keepdims=keepdims)
     return x.mean(axis=axis, dtype=numpy.float32, keepdims=keepdims).astype(x.dtype)
+
+
+def compute_dtype(x):
+    """The dtype an elementwise op computes ``x``'s math in, under the rule above: float32 for a 2-byte
+    float on numpy (the op widens its inputs once, computes, rounds its outputs once to ``x.dtype``);
+    ``x.dtype`` itself for anything else (float32, float64, CuPy's float16: the op runs as it is)."""
+    if x.dtype.itemsize != 2 or type(x) is not numpy.ndarray or x.dtype not in HALF_DTYPES:
+        return x.dtype  # float32/float64, CuPy: the common case, tested first
+    return FLOAT32
 
 
 def finfo(dtype):
