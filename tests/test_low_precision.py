@@ -71,14 +71,15 @@ def test_matmul_and_its_gradients_accumulate_in_fp32_and_round_once(dtype, shape
 
 @pytest.mark.parallel(1)
 @HALVES
-def test_linear_is_the_rounded_product_plus_the_bias(dtype):
+def test_linear_is_the_product_plus_the_bias_rounded_once(dtype):
     x_values, w_values, bias_values = draw((4, 3, 40), 4, dtype), draw((40, 9), 5, dtype), draw((9,), 6, dtype)
     upstream = draw((4, 3, 9), 7, dtype)
     x, w, bias = (Tensor(v, requires_grad=True) for v in (x_values, w_values, bias_values))
     y = F.linear(x, w, bias)
     y.backward(upstream)
     flat = x_values.reshape(-1, 40)
-    assert same(y, rounded_product(flat, w_values).reshape(4, 3, 9) + bias_values)  # the add: one more rounding
+    # the bias added to the fp32 product before its one rounding (addmm's epilogue)
+    assert same(y, (flat.astype(F32) @ w_values.astype(F32) + bias_values.astype(F32)).astype(dtype).reshape(4, 3, 9))
     assert same(x.grad, rounded_product(upstream.reshape(-1, 9), w_values.T).reshape(4, 3, 40))
     assert same(w.grad, rounded_product(flat.T, upstream.reshape(-1, 9)))
     assert bias.grad.dtype == dtype
