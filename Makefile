@@ -1,5 +1,5 @@
 # minitp: two commands.
-#   make test       create .venv (numpy, mpi4py, MPICH from PyPI, pytest + mpi-pytest + pytest-timeout),
+#   make test       create .venv (numpy, ml_dtypes, mpi4py, MPICH from PyPI, pytest + mpi-pytest + pytest-timeout),
 #                   then run every test: serial, then 2, 3, 4 and 8 ranks, each rank count in one mpiexec
 #                   (8: context parallelism and pipelines with tp = 2, oversubscribed on a small machine: tiny sizes)
 #   make tutorial   mpirun -n 4 python tutorials/mlp.py
