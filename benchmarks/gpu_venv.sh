@@ -10,8 +10,9 @@
 # Make DIR on a machine with network, for the GPU machine's Python (3.12 here) and processor:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-#     -d DIR mpich mpi4py mpi-pytest pytest-timeout
-# (the same versions as the CPU venv's, `pip list` there). pip's --target would drop MPICH's lib/: a venv keeps it.
+#     -d DIR mpich mpi4py mpi-pytest pytest-timeout ml_dtypes
+# (the same versions as the CPU venv's, `pip list` there; ml_dtypes, numpy's bfloat16, which minitp imports,
+# is rarely in a CUDA image). pip's --target would drop MPICH's lib/: a venv keeps it.
 set -eu
 WHEELS=${1:?usage: benchmarks/gpu_venv.sh WHEELS_DIR}
 HOST_PYTHON=${HOST_PYTHON:-python3}
@@ -24,4 +25,4 @@ inner=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["pure
 # --ignore-installed: the image may hold an mpi4py of its own, built against an MPI it does not have
 .venv/bin/python -m pip install -q --no-index --no-deps --ignore-installed "$WHEELS"/*.whl
 touch .venv/bin/.installed-pypi  # what make's venv target looks for
-.venv/bin/python -c "import cupy, minitp; from mpi4py import MPI; print('venv ready:', MPI.Get_library_version().splitlines()[0], '| CuPy', cupy.__version__)"
+.venv/bin/python -c "import cupy, ml_dtypes, minitp; from mpi4py import MPI; print('venv ready:', MPI.Get_library_version().splitlines()[0], '| CuPy', cupy.__version__)"
