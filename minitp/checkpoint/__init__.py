@@ -17,7 +17,8 @@ of ``.npy`` files, readable with nothing but ``numpy.load`` -- keyed by the seri
 
 **Mixed precision.** With ``MasterWeights`` (an fp16 model, fp32 masters) the masters are optimizer state,
 saved as ``optimizer/master/<name>`` in fp32 beside the fp32 moments, and loaded back in the master dtype
-exactly: the master weights are what is saved, the fp16 parameters in the file are their rounding. The
+exactly: the master weights are what is saved, the fp16 parameters in the file are their rounding. A
+bf16 model's arrays are written as float32 (exact; ``.npy`` has no bfloat16) and cast back at load. The
 ``DynamicLossScaler``'s state is no model or optimizer state, so ``save`` and ``load`` take it as
 ``scaler=`` (a resumed run must scale its loss by the same S, or its gradients round differently and it
 skips other steps): with both, a resumed fp16 run takes exactly the steps the uninterrupted one takes.

@@ -10,6 +10,7 @@ import numpy
 from minitp import backend, comm
 from minitp.checkpoint.contents import (dropouts, merge_arrays, model_config, optimizer_parameters, over_stages,
                                        world_comm)
+from minitp.functional.precision import BFLOAT16
 from minitp.parallel.tensor.shard import split_axis
 
 
@@ -84,6 +85,13 @@ def _full(array, parameter, group, name):
     return numpy.asarray(backend.to_host(array))
 
 
+def _portable(array):
+    """``array`` as a ``.npy`` can hold it for any reader: a bfloat16 one widened to float32 (exact: every
+    bfloat16 is a float32), since ``.npy`` has no bfloat16 and would store its bytes as opaque 2-byte
+    voids that ``numpy.load`` cannot read as numbers. ``load`` casts it back to the model's dtype."""
+    return array.astype(numpy.float32) if array.dtype == BFLOAT16 else array
+
+
 def _write_atomically(path, arrays):
     """Write ``arrays`` to ``path`` through a temporary file and a rename; None, or what went wrong.
 
@@ -97,7 +105,7 @@ def _write_atomically(path, arrays):
     temporary = f"{path}.tmp-{os.getpid()}"
     try:
         with open(temporary, "wb") as file:  # a file object: savez would add ".npz" to a name
-            numpy.savez(file, **arrays)
+            numpy.savez(file, **{key: _portable(array) for key, array in arrays.items()})
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before the name points at them
         os.replace(temporary, path)
