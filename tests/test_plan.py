@@ -31,6 +31,7 @@ from minitp.nn import AdamW, GPTConfig
 from minitp.plan import Choices, Mesh, Model, plan
 from minitp.plan import activations, flops, parameters, schedule, states
 from minitp.plan.communication import by_group_op, logged_by_group_op as logged, tensor_parallel
+from plan_measure import measured_mixed_step, measured_step, mixed_figures, parameter_bytes, saved_by_the_loss
 
 WORLD = MPI.COMM_WORLD
 
@@ -47,36 +48,9 @@ GRID = [case for case in itertools.product([False, True], [0.0, 0.1], [False, Tr
                                            [0, 1, 2, 3]) if not (case[1] and case[4] >= 2)]
 
 
-def _root(array):
-    while getattr(array, "base", None) is not None:
-        array = array.base
-    return array
-
-
-def parameter_bytes(model, optimizer):
-    """Bytes of the arrays the parameters' values live in (each counted once), plus ZeRO-3's slices."""
-    owners = {id(_root(p.data)): _root(p.data).nbytes for p in model.parameters()}
-    shards = getattr(getattr(optimizer, "gradients", None), "shards", None) or []
-    return sum(owners.values()) + sum(a.nbytes for a in shards)
-
-
-def measure_gradients_at_finish(model, sync, seen):
-    """Wrap ``sync.finish`` (called once backward is over): record the gradient bytes alive then."""
-    finish = sync.finish
-
-    def measured():
-        grads = {id(p.grad): p.grad.nbytes for p in model.parameters() if p.grad is not None}
-        shards = getattr(getattr(sync, "gradients", None), "grad_shards", None) or []
-        seen["gradients"] = sum(grads.values()) + sum(a.nbytes for a in shards if a is not None)
-        return finish()
-    sync.finish = measured
-
-
 @pytest.mark.parallel(nprocs=[1, 2, 4])
 def test_parallel_gpt_step_is_planned_to_the_byte():
-    from minitp.parallel.data.data_parallel import replicas, split_batch
     from minitp.parallel.data.sync import AllReduceGradients
-    from minitp.training import train_step
     from minitp.parallel.gpt import ParallelGPT
     from minitp.parallel.data.zero import ZeroOptimizer
     from minitp.parallel.data.zero3 import FullyShardedOptimizer
@@ -93,8 +67,7 @@ def test_parallel_gpt_step_is_planned_to_the_byte():
             batch, bucket = 4, 2048  # buckets of 2 KiB: several per model, padded under ZeRO at dp 4
             rng = numpy.random.default_rng(0)
             ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
-            with track_saved() as saved:
-                model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
+            saved = saved_by_the_loss(model, mesh, ids, targets)
             optimizer, gradients = AdamW(model.named_parameters()), None
             if zero == 3:
                 optimizer = FullyShardedOptimizer(optimizer, model, mesh)
@@ -102,10 +75,7 @@ def test_parallel_gpt_step_is_planned_to_the_byte():
                 optimizer = ZeroOptimizer(optimizer, mesh, bucket, stage=zero)
             else:
                 gradients = AllReduceGradients(model, mesh, bucket)
-            seen = {}
-            measure_gradients_at_finish(model, gradients or optimizer, seen)
-            with comm.log_collectives() as log:
-                train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients)
+            step = measured_step(model, optimizer, ids, targets, mesh, gradients)
             state = optimizer.state_bytes() if zero else sum(
                 a.nbytes for entry in optimizer.state.values() for k, a in entry.items() if k != "step")
 
@@ -114,12 +84,12 @@ def test_parallel_gpt_step_is_planned_to_the_byte():
                                      precision=dtype, bucket_bytes=bucket))
             stage = predicted.stages[0]
             planned_state = stage.optimizer_state_of(mesh.dp.rank) if zero else stage.memory["optimizer state"].value
-            found = {"activations": (stage.memory["activations"].value, saved.total),
+            found = {"activations": (stage.memory["activations"].value, saved),
                      "parameters": (stage.memory["parameters"].value, parameter_bytes(model, optimizer)),
-                     "gradients": (stage.memory["gradients"].value, seen["gradients"]),
+                     "gradients": (stage.memory["gradients"].value, step.seen["gradients"]),
                      "optimizer state": (planned_state, state)}
             found = {key: pair for key, pair in found.items() if pair[0] != pair[1]}
-            found.update(differences(by_group_op(stage.messages), logged(log)))
+            found.update(differences(by_group_op(stage.messages), step.collectives))
             if found:
                 failures.append(((tp, sp, dropout, tie, dtype, zero), found))
             checked += 1
@@ -202,19 +172,13 @@ def test_pipeline_stages_are_planned_to_the_byte():
 def _measured_step(model, optimizer, mesh, seq, batch, scaler=None):
     """track_saved around the loss, the gradients alive at the end of backward, the collective log of one
     ``train_step`` with 2 KiB buckets."""
-    from minitp.parallel.data.data_parallel import split_batch
     from minitp.parallel.data.sync import AllReduceGradients
-    from minitp.training import train_step
 
     rng = numpy.random.default_rng(0)
     ids, targets = rng.integers(0, 64, (seq, batch)), rng.integers(0, 64, (seq, batch))
-    with track_saved() as saved:
-        model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
-    gradients, seen = AllReduceGradients(model, mesh, 2048), {}
-    measure_gradients_at_finish(model, gradients, seen)
-    with comm.log_collectives() as log:
-        train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients, scaler=scaler)
-    return saved.total, seen["gradients"], logged(log)
+    saved = saved_by_the_loss(model, mesh, ids, targets)
+    step = measured_step(model, optimizer, ids, targets, mesh, AllReduceGradients(model, mesh, 2048), scaler=scaler)
+    return saved, step.seen["gradients"], step.collectives
 
 
 @pytest.mark.parallel(nprocs=[2, 4])
@@ -250,49 +214,6 @@ def test_context_parallel_step_is_planned_to_the_byte():
     parallel_assert(checked >= 9)
 
 
-def _mixed_optimizer(model, mesh, zero, reduce_dtype):
-    """AdamW with fp32 masters: ``MasterWeights`` and an ``AllReduceGradients`` of 2 KiB buckets at ZeRO 0,
-    else ZeRO's own slices (``master_dtype``); the gradients reduced in ``reduce_dtype`` (None: the model's)."""
-    from minitp.nn.master_weights import MasterWeights
-    from minitp.parallel.data.sync import AllReduceGradients
-    from minitp.parallel.data.zero import ZeroOptimizer
-    from minitp.parallel.data.zero3 import FullyShardedOptimizer
-
-    optimizer = AdamW(model.named_parameters())
-    if zero == 0:
-        return (MasterWeights(optimizer, numpy.float32),
-                AllReduceGradients(model, mesh, 2048, reduce_dtype=reduce_dtype))
-    if zero == 3:
-        return FullyShardedOptimizer(optimizer, model, mesh, master_dtype=numpy.float32,
-                                     reduce_dtype=reduce_dtype), None
-    return ZeroOptimizer(optimizer, mesh, 2048, stage=zero, master_dtype=numpy.float32,
-                         reduce_dtype=reduce_dtype), None
-
-
-def _mixed_states(model, optimizer, zero):
-    """(master weights, the moments) in bytes: MasterWeights' or ZeRO's "master" buffers, and the rest."""
-    state = optimizer.state_bytes()
-    masters = (sum(a.nbytes for a in optimizer.master.values()) if zero == 0 else
-               sum(entry["master"].nbytes for entry in optimizer.state.values() if "master" in entry))
-    return masters, state - masters
-
-
-def _watch_the_update(model, optimizer, zero, seen):
-    """Wrap ``optimizer.step``: record the bytes and dtypes of the gradients the update reads (``.grad`` at
-    ZeRO 0, the rank's slices under ZeRO)."""
-    step = optimizer.step
-
-    def watched():
-        if zero == 0:
-            arrays = list({id(p.grad): p.grad for p in model.parameters() if p.grad is not None}.values())
-        else:
-            arrays = [a for a in optimizer.gradients.grad_shards if a is not None]
-        seen["final"] = sum(a.nbytes for a in arrays)
-        seen["final dtypes"] = {str(a.dtype) for a in arrays}
-        return step()
-    optimizer.step = watched
-
-
 # bf16 and fp16 (fp16 with its loss scaler, as train_gpt.py runs them) × ZeRO 0-3 × the gradients reduced in
 # the model's dtype or in fp32, dp = the world (tp 1); tp 2 × dp (SP, tied) for a few
 MIXED_GRID = [(1, False, False, precision, zero, reduce) for precision, zero, reduce in
@@ -308,10 +229,7 @@ def test_mixed_precision_is_planned_to_the_byte():
     fp32 gradients the update reads (fp16: unscaled by the loss scaler; or reduced in fp32), the fp32
     masters and moments per dp rank (the padding rule), the 2-byte activations and the whole step's log
     (gradients on the wire in 2 or 4 bytes, parameters gathered in 2) -- every figure marked measured."""
-    from minitp.nn.loss_scale import DynamicLossScaler
-    from minitp.parallel.data.data_parallel import split_batch
     from minitp.parallel.gpt import ParallelGPT
-    from minitp.training import train_step
 
     failures, checked = [], 0
     for tp, sp, tie, precision, zero, reduce in MIXED_GRID:
@@ -324,40 +242,23 @@ def test_mixed_precision_is_planned_to_the_byte():
         model = ParallelGPT(config, mesh, sequence_parallel=sp)
         rng = numpy.random.default_rng(0)
         ids, targets = rng.integers(0, 64, (8, 4)), rng.integers(0, 64, (8, 4))
-        with track_saved() as saved:
-            model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
-        optimizer, gradients = _mixed_optimizer(model, mesh, zero, numpy.float32 if reduce == "fp32" else None)
-        seen = {}
-        measure_gradients_at_finish(model, gradients or optimizer, seen)
-        _watch_the_update(model, optimizer, zero, seen)
-        scaler = DynamicLossScaler(2.0 ** 10) if precision == "fp16" else None
-        with comm.log_collectives() as log:
-            _, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients,
-                                 scaler=scaler)
-        masters, moments = _mixed_states(model, optimizer, zero)
+        saved = saved_by_the_loss(model, mesh, ids, targets)
+        step = measured_mixed_step(model, mesh, ids, targets, precision, zero, reduce)
 
         stage = plan(Model.of(config), Mesh(dp=mesh.dp_size, tp=tp),
                      Choices(micro_batch=4 // mesh.dp_size, sequence_parallel=sp, zero=zero, precision=precision,
                              grad_reduce=reduce, bucket_bytes=2048)).stages[0]
-        memory = {name: figure.value for name, figure in stage.memory.items()}
-        rank = mesh.dp.rank
         final = stage.temporaries.get("fp32 gradients")
         found = {key: pair for key, pair in {
-            "parameters": (memory["parameters"], parameter_bytes(model, optimizer)),
-            "gradients": (memory["gradients"], seen["gradients"]),
-            "master weights": (stage.master_weights_of(rank) if zero else memory["master weights"], masters),
-            "optimizer state": (stage.optimizer_state_of(rank) if zero else memory["optimizer state"], moments),
-            "activations": (memory["activations"], saved.total),
-            # the gradients the update reads: fp32 when planned (their bytes), else in the model's dtype
-            "final gradients": ((final.value, {"float32"}) if final else
-                                (seen["final"], {dtype}), (seen["final"], seen["final dtypes"]))}.items()
-            if pair[0] != pair[1]}
-        found.update(differences(by_group_op(stage.messages), logged(log)))
+            "parameters": (stage.memory["parameters"].value, parameter_bytes(model, step.optimizer)),
+            "activations": (stage.memory["activations"].value, saved),
+            **mixed_figures(stage, step, zero, mesh.dp.rank, dtype)}.items() if pair[0] != pair[1]}
+        found.update(differences(by_group_op(stage.messages), step.collectives))
         unmarked = [key for key, figure in list(stage.memory.items()) + [("fp32 gradients", final)]
                     if figure is not None and not figure.measured]
         unmarked += [f"{m.group} {m.op}" for m in stage.messages if not m.measured]
-        if found or unmarked or not numpy.isfinite(norm):
-            failures.append(((tp, sp, tie, precision, zero, reduce), found, unmarked, norm))
+        if found or unmarked or not numpy.isfinite(step.norm):
+            failures.append(((tp, sp, tie, precision, zero, reduce), found, unmarked, step.norm))
         checked += 1
     parallel_assert(not failures, f"planned != measured: {failures[:3]}")
     parallel_assert(checked >= 16)
@@ -370,8 +271,7 @@ def test_mixed_precision_through_pipeline_stages_is_planned_to_the_byte():
     reduced in the model's dtype or in fp32 -- the stage's peak activations, parameters, gradients, masters,
     moments, the fp32 gradients the update reads, and the log (2-byte sends, the tied table's all-reduce)."""
     from minitp import pipeline
-    from minitp.nn.loss_scale import DynamicLossScaler
-    from minitp.training import Pipelined, train_step
+    from minitp.training import Pipelined
 
     failures = []
     pp = 2
@@ -392,33 +292,19 @@ def test_mixed_precision_through_pipeline_stages_is_planned_to_the_byte():
             rng = numpy.random.default_rng(0)
             ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
             run = pipeline.forward_backward(model, ids, targets, mesh, name, m)  # the StageRun: what it held
-            optimizer, gradients = _mixed_optimizer(model, mesh, zero, numpy.float32 if reduce == "fp32" else None)
-            seen = {}
-            measure_gradients_at_finish(model, gradients or optimizer, seen)
-            _watch_the_update(model, optimizer, zero, seen)
-            scaler = DynamicLossScaler(2.0 ** 10) if precision == "fp16" else None
-            with comm.log_collectives() as log:
-                _, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients,
-                                     forward_backward=Pipelined(name, m), scaler=scaler)
-            masters, moments = _mixed_states(model, optimizer, zero)
+            step = measured_mixed_step(model, mesh, ids, targets, precision, zero, reduce,
+                                       forward_backward=Pipelined(name, m))
             stage = plan(Model.of(config), Mesh(dp=dp, pp=pp, tp=tp, virtual_stages=v),
                          Choices(micro_batch=batch // (m * dp), global_batch=batch, schedule=name, zero=zero,
                                  precision=precision, grad_reduce=reduce, bucket_bytes=2048)).stages[mesh.pp_rank]
-            memory = {key: figure.value for key, figure in stage.memory.items()}
-            final = stage.temporaries.get("fp32 gradients")
-            rank = mesh.dp.rank
             found = {key: pair for key, pair in {
-                "peak_bytes": (memory["activations"], run.peak_bytes),
-                "parameters": (memory["parameters"], sum(p.data.nbytes for p in model.parameters())),
-                "gradients": (memory["gradients"], seen["gradients"]),
-                "master weights": (stage.master_weights_of(rank) if zero else memory["master weights"], masters),
-                "optimizer state": (stage.optimizer_state_of(rank) if zero else memory["optimizer state"], moments),
-                "final gradients": ((final.value, {"float32"}) if final else (seen["final"], {dtype}),
-                                    (seen["final"], seen["final dtypes"]))}.items() if pair[0] != pair[1]}
-            found.update(differences(by_group_op(stage.messages), logged(log)))
+                "peak_bytes": (stage.memory["activations"].value, run.peak_bytes),
+                "parameters": (stage.memory["parameters"].value, sum(p.data.nbytes for p in model.parameters())),
+                **mixed_figures(stage, step, zero, mesh.dp.rank, dtype)}.items() if pair[0] != pair[1]}
+            found.update(differences(by_group_op(stage.messages), step.collectives))
             unmarked = [key for key, figure in stage.memory.items() if not figure.measured]
-            if found or unmarked or not numpy.isfinite(norm):
-                failures.append(((dp, tp, precision, name, m, v, tie, zero, reduce), found, unmarked, norm))
+            if found or unmarked or not numpy.isfinite(step.norm):
+                failures.append(((dp, tp, precision, name, m, v, tie, zero, reduce), found, unmarked, step.norm))
     parallel_assert(not failures, f"planned != measured: {failures[:3]}")
 
 

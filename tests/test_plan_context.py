@@ -17,12 +17,13 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import comm, track_saved
+from minitp import comm
 from minitp.nn import AdamW, GPTConfig
 from minitp.plan import Choices, Mesh, Model, plan
 from minitp.plan import schedule
-from minitp.plan.communication import by_group_op, logged_by_group_op as logged
-from test_plan import differences, measure_gradients_at_finish, parameter_bytes
+from minitp.plan.communication import by_group_op
+from plan_measure import measured_step, parameter_bytes, saved_by_the_loss
+from test_plan import differences
 
 WORLD = MPI.COMM_WORLD
 
@@ -33,11 +34,9 @@ def _adamw_state(optimizer):
 
 @pytest.mark.parallel(nprocs=[4])
 def test_zero_over_dp_times_cp_is_planned_to_the_byte():
-    from minitp.parallel.data.data_parallel import split_batch
     from minitp.parallel.data.zero import ZeroOptimizer
     from minitp.parallel.data.zero3 import FullyShardedOptimizer
     from minitp.parallel.gpt import ParallelGPT
-    from minitp.training import train_step
 
     failures, checked = [], 0
     for cp, zero, tie in [(2, 1, False), (2, 2, True), (2, 3, False), (2, 3, True), (4, 1, True), (4, 2, False),
@@ -48,23 +47,19 @@ def test_zero_over_dp_times_cp_is_planned_to_the_byte():
         batch, bucket = 4, 2048
         rng = numpy.random.default_rng(0)
         ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
-        with track_saved() as saved:
-            model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
+        saved = saved_by_the_loss(model, mesh, ids, targets)
         optimizer = AdamW(model.named_parameters())
         optimizer = (FullyShardedOptimizer(optimizer, model, mesh) if zero == 3 else
                      ZeroOptimizer(optimizer, mesh, bucket, stage=zero))
-        seen = {}
-        measure_gradients_at_finish(model, optimizer, seen)
-        with comm.log_collectives() as log:
-            train_step(model, optimizer, ids, targets, mesh, max_norm=1.0)
+        step = measured_step(model, optimizer, ids, targets, mesh)
         stage = plan(Model.of(config), Mesh(dp=mesh.dp_size, cp=cp),
                      Choices(micro_batch=batch // mesh.dp_size, zero=zero, bucket_bytes=bucket)).stages[0]
-        found = {"activations": (stage.memory["activations"].value, saved.total),
+        found = {"activations": (stage.memory["activations"].value, saved),
                  "parameters": (stage.memory["parameters"].value, parameter_bytes(model, optimizer)),
-                 "gradients": (stage.memory["gradients"].value, seen["gradients"]),
+                 "gradients": (stage.memory["gradients"].value, step.seen["gradients"]),
                  "optimizer state": (stage.optimizer_state_of(mesh.dp_cp.rank), optimizer.state_bytes())}
         found = {key: pair for key, pair in found.items() if pair[0] != pair[1]}
-        found.update(differences(by_group_op(stage.messages), logged(log)))
+        found.update(differences(by_group_op(stage.messages), step.collectives))
         unmarked = [name for name, figure in stage.memory.items() if not figure.measured]
         if found or unmarked:
             failures.append(((cp, zero, tie), found, unmarked))
@@ -78,7 +73,7 @@ def test_pipeline_with_context_parallelism_is_planned_to_the_byte():
     from minitp import pipeline
     from minitp.parallel.data.sync import AllReduceGradients
     from minitp.parallel.data.zero import ZeroOptimizer
-    from minitp.training import Pipelined, train_step
+    from minitp.training import Pipelined
 
     failures = []
     mesh = comm.init(pp=2, cp=2)
@@ -99,11 +94,8 @@ def test_pipeline_with_context_parallelism_is_planned_to_the_byte():
             optimizer, gradients = ZeroOptimizer(optimizer, mesh, 2048, stage=zero), None
         else:
             gradients = AllReduceGradients(model, mesh, 2048)
-        seen = {}
-        measure_gradients_at_finish(model, gradients or optimizer, seen)
-        with comm.log_collectives() as log:  # the whole step: schedule, tied table, dp × cp, norm, loss
-            train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients,
-                       forward_backward=Pipelined(name, m))
+        # the whole step: schedule, tied table, dp × cp, norm, loss
+        measured = measured_step(model, optimizer, ids, targets, mesh, gradients, forward_backward=Pipelined(name, m))
         predicted = plan(Model.of(config), Mesh(pp=2, cp=2, virtual_stages=v),
                          Choices(micro_batch=batch // m, global_batch=batch, schedule=name, cp_kind=kind,
                                  zero=zero, bucket_bytes=2048))
@@ -114,12 +106,12 @@ def test_pipeline_with_context_parallelism_is_planned_to_the_byte():
                  "peak_bytes": (stage.memory["activations"].value, run.peak_bytes),
                  "saved per forward": (chunk_bytes, run.saved_bytes),
                  "parameters": (stage.memory["parameters"].value, sum(p.data.nbytes for p in model.parameters())),
-                 "gradients": (stage.memory["gradients"].value, seen["gradients"]),
+                 "gradients": (stage.memory["gradients"].value, measured.seen["gradients"]),
                  "optimizer state": ((stage.optimizer_state_of(mesh.dp_cp.rank) if zero else
                                       stage.memory["optimizer state"].value),
                                      optimizer.state_bytes() if zero else _adamw_state(optimizer))}
         found = {key: pair for key, pair in found.items() if pair[0] != pair[1]}
-        found.update(differences(by_group_op(stage.messages), logged(log)))
+        found.update(differences(by_group_op(stage.messages), measured.collectives))
         unmarked = [key for key, figure in stage.memory.items() if not figure.measured]
         if found or unmarked:
             failures.append(((kind, name, m, v, tie, zero), found, unmarked))

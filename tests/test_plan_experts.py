@@ -16,11 +16,12 @@ import pytest
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
-from minitp import comm, track_saved
+from minitp import comm
 from minitp.nn import AdamW, GPTConfig
 from minitp.plan import Choices, Mesh, Model, plan
 from minitp.plan.communication import by_group_op, logged_by_group_op as logged
 from minitp.plan.experts import kept_counts
+from plan_measure import measured_mixed_step, measured_step, mixed_figures, parameter_bytes, saved_by_the_loss
 from test_plan import differences
 
 WORLD = MPI.COMM_WORLD
@@ -32,9 +33,18 @@ def observed(model, mesh, experts):
     return tuple(tuple(mesh.ep.comm.allgather(kept_counts(layer.routing, experts))) for layer in layers)
 
 
+def routed_loss(model, mesh, seed):
+    """A batch of 2 sequences per dp rank (drawn with ``seed``), the bytes saved around its loss and the
+    routing counts that forward observed: (ids, targets, saved, routing)."""
+    batch = 2 * mesh.dp_size
+    rng = numpy.random.default_rng(seed)
+    ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
+    saved = saved_by_the_loss(model, mesh, ids, targets)
+    return ids, targets, saved, observed(model, mesh, 4)
+
+
 @pytest.mark.parallel(nprocs=[2, 4])
 def test_experts_from_the_routing_counts_are_planned_to_the_byte():
-    from minitp.parallel.data.data_parallel import split_batch
     from minitp.parallel.gpt import ParallelGPT
     from minitp.training import train_step
 
@@ -53,12 +63,7 @@ def test_experts_from_the_routing_counts_are_planned_to_the_byte():
         config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, experts=4, top_k=k,
                            capacity_factor=capacity, dropout=dropout, z_loss_coef=z, dtype="float32", recompute=recompute)
         model = ParallelGPT(config, mesh, sequence_parallel=sp)
-        batch = 2 * mesh.dp_size
-        rng = numpy.random.default_rng(k)
-        ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
-        with track_saved() as saved:
-            model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
-        routed_loss = observed(model, mesh, 4)
+        ids, targets, saved, routed = routed_loss(model, mesh, k)
         with comm.log_collectives() as log:
             train_step(model, AdamW(model.named_parameters()), ids, targets, mesh, max_norm=1.0)
         routed_step = observed(model, mesh, 4)
@@ -68,11 +73,11 @@ def test_experts_from_the_routing_counts_are_planned_to_the_byte():
             return plan(shapes, where, Choices(micro_batch=2, routing=routing, ep_rank=mesh.ep.rank,
                                                sequence_parallel=sp, recompute=recompute)).stages[0]
 
-        activations = planned(routed_loss).memory["activations"]
+        activations = planned(routed).memory["activations"]
         step = planned(routed_step)
         found = differences(by_group_op(step.messages), logged(log))
-        if activations.value != saved.total:
-            found["activations"] = (activations.value, saved.total)
+        if activations.value != saved:
+            found["activations"] = (activations.value, saved)
         unmarked = [m.why for m in step.messages if not m.measured] + ([] if activations.measured else ["activations"])
         ahead = plan(shapes, where, Choices(micro_batch=2, sequence_parallel=sp,
                                             recompute=recompute)).stages[0]  # the even spread
@@ -111,12 +116,7 @@ def test_experts_in_mixed_precision_are_planned_to_the_byte():
     the end of backward, the fp32 masters and moments, the fp32 gradients the update reads, and the whole
     step's log (2-byte rows on the wire, the experts' buckets over expert_dp in 2 or 4 bytes) -- all marked
     measured."""
-    from minitp.nn.loss_scale import DynamicLossScaler
-    from minitp.parallel.data.data_parallel import split_batch
     from minitp.parallel.gpt import ParallelGPT
-    from minitp.training import train_step
-    from test_plan import (_mixed_optimizer, _mixed_states, _watch_the_update, measure_gradients_at_finish,
-                           parameter_bytes)
 
     failures, checked = [], 0
     for ep, tp, sp, k, precision, reduce, z in [case for case in MIXED_CASES if WORLD.size % (case[0] * case[1]) == 0]:
@@ -125,22 +125,9 @@ def test_experts_in_mixed_precision_are_planned_to_the_byte():
         config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, experts=4, top_k=k, z_loss_coef=z,
                            dropout=0.1, dtype=dtype)
         model = ParallelGPT(config, mesh, sequence_parallel=sp)
-        batch = 2 * mesh.dp_size
-        rng = numpy.random.default_rng(k)
-        ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
-        with track_saved() as saved:
-            model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
-        routed_loss = observed(model, mesh, 4)
-        optimizer, gradients = _mixed_optimizer(model, mesh, 0, numpy.float32 if reduce == "fp32" else None)
-        seen = {}
-        measure_gradients_at_finish(model, gradients, seen)
-        _watch_the_update(model, optimizer, 0, seen)
-        scaler = DynamicLossScaler(2.0 ** 10) if precision == "fp16" else None
-        with comm.log_collectives() as log:
-            _, norm = train_step(model, optimizer, ids, targets, mesh, max_norm=1.0, gradients=gradients,
-                                 scaler=scaler)
+        ids, targets, saved, routed = routed_loss(model, mesh, k)
+        step = measured_mixed_step(model, mesh, ids, targets, precision, 0, reduce)
         routed_step = observed(model, mesh, 4)
-        masters, moments = _mixed_states(model, optimizer, 0)
         shapes, where = Model.of(config), Mesh(dp=mesh.dp_size, ep=ep, tp=tp)
 
         def planned(routing):
@@ -148,23 +135,18 @@ def test_experts_in_mixed_precision_are_planned_to_the_byte():
                                                sequence_parallel=sp, precision=precision, grad_reduce=reduce,
                                                bucket_bytes=2048)).stages[0]
 
-        step = planned(routed_step)
-        memory = {name: figure.value for name, figure in step.memory.items()}
-        final = step.temporaries.get("fp32 gradients")
+        stage = planned(routed_step)
+        final = stage.temporaries.get("fp32 gradients")
         found = {key: pair for key, pair in {
-            "activations": (planned(routed_loss).memory["activations"].value, saved.total),
-            "parameters": (memory["parameters"], parameter_bytes(model, optimizer)),
-            "gradients": (memory["gradients"], seen["gradients"]),
-            "master weights": (memory["master weights"], masters),
-            "optimizer state": (memory["optimizer state"], moments),
-            "final gradients": ((final.value, {"float32"}) if final else (seen["final"], {dtype}),
-                                (seen["final"], seen["final dtypes"]))}.items() if pair[0] != pair[1]}
-        found.update(differences(by_group_op(step.messages), logged(log)))
-        unmarked = [key for key, figure in list(step.memory.items()) + [("fp32 gradients", final)]
+            "activations": (planned(routed).memory["activations"].value, saved),
+            "parameters": (stage.memory["parameters"].value, parameter_bytes(model, step.optimizer)),
+            **mixed_figures(stage, step, 0, mesh.dp.rank, dtype)}.items() if pair[0] != pair[1]}
+        found.update(differences(by_group_op(stage.messages), step.collectives))
+        unmarked = [key for key, figure in list(stage.memory.items()) + [("fp32 gradients", final)]
                     if figure is not None and not figure.measured]
-        unmarked += [m.why for m in step.messages if not m.measured]
-        if found or unmarked or not numpy.isfinite(norm):
-            failures.append(((ep, tp, sp, k, precision, reduce, z), found, unmarked, norm))
+        unmarked += [m.why for m in stage.messages if not m.measured]
+        if found or unmarked or not numpy.isfinite(step.norm):
+            failures.append(((ep, tp, sp, k, precision, reduce, z), found, unmarked, step.norm))
         checked += 1
     parallel_assert(not failures, f"planned != measured: {failures[:3]}")
     parallel_assert(checked >= 3)
@@ -176,12 +158,9 @@ def test_experts_under_zero_are_planned_to_the_byte():
     (ZeRO-3: its unit slices), the gradients at the end of backward, the optimizer state per dp rank and the
     whole step's log (the experts in the ordinary buckets and units, the norm's one number over tp) equal the
     plan's from the routing counts, every figure marked measured; tp 2 with SP at 4 ranks."""
-    from minitp.parallel.data.data_parallel import split_batch
     from minitp.parallel.data.zero import ZeroOptimizer
     from minitp.parallel.data.zero3 import FullyShardedOptimizer
     from minitp.parallel.gpt import ParallelGPT
-    from minitp.training import train_step
-    from test_plan import measure_gradients_at_finish, parameter_bytes
 
     failures, checked = [], 0
     for tp, sp, zero in [case for case in ((1, False, 1), (1, False, 3), (2, True, 2), (2, False, 3))
@@ -190,19 +169,11 @@ def test_experts_under_zero_are_planned_to_the_byte():
         config = GPTConfig(vocab=64, seq_len=8, hidden=16, heads=4, layers=2, experts=4, top_k=2, dropout=0.1,
                            dtype="float32")
         model = ParallelGPT(config, mesh, sequence_parallel=sp)
-        batch = 2 * mesh.dp_size
-        rng = numpy.random.default_rng(zero)
-        ids, targets = rng.integers(0, 64, (8, batch)), rng.integers(0, 64, (8, batch))
-        with track_saved() as saved:
-            model.loss(split_batch(ids, mesh), split_batch(targets, mesh))
-        routed_loss = observed(model, mesh, 4)
+        ids, targets, saved, routed = routed_loss(model, mesh, zero)
         optimizer = AdamW(model.named_parameters())
         optimizer = (FullyShardedOptimizer(optimizer, model, mesh) if zero == 3 else
                      ZeroOptimizer(optimizer, mesh, 2048, stage=zero))
-        seen = {}
-        measure_gradients_at_finish(model, optimizer, seen)
-        with comm.log_collectives() as log:
-            train_step(model, optimizer, ids, targets, mesh, max_norm=1.0)
+        measured = measured_step(model, optimizer, ids, targets, mesh)
         shapes, where = Model.of(config), Mesh(dp=mesh.dp_size, tp=tp)
 
         def planned(routing):
@@ -211,12 +182,12 @@ def test_experts_under_zero_are_planned_to_the_byte():
 
         step = planned(observed(model, mesh, 4))
         found = {key: pair for key, pair in {
-            "activations": (planned(routed_loss).memory["activations"].value, saved.total),
+            "activations": (planned(routed).memory["activations"].value, saved),
             "parameters": (step.memory["parameters"].value, parameter_bytes(model, optimizer)),
-            "gradients": (step.memory["gradients"].value, seen["gradients"]),
+            "gradients": (step.memory["gradients"].value, measured.seen["gradients"]),
             "optimizer state": (step.optimizer_state_of(mesh.dp.rank), optimizer.state_bytes())}.items()
             if pair[0] != pair[1]}
-        found.update(differences(by_group_op(step.messages), logged(log)))
+        found.update(differences(by_group_op(step.messages), measured.collectives))
         unmarked = [key for key, figure in step.memory.items() if not figure.measured]
         unmarked += [m.why for m in step.messages if not m.measured]
         if found or unmarked:
