@@ -83,6 +83,10 @@ DESCRIPTION = ("Train a small character-level GPT with tensor, sequence and data
                "serial model's training, step for step.")
 MAX_SAMPLE = 100_000  # one forward pass per character: already minutes
 
+MIXED_PRECISION = ("fp16", "bf16")
+"""--dtype's mixed-precision policies (a 2-byte model, fp32 masters and moments; train_gpt.LOW_PRECISION
+maps each to its dtype): --grad-reduce fp32 is for them, and --check runs in them instead of float64."""
+
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -127,7 +131,7 @@ def parse(argv=None):
     parser.add_argument("--lr-min", type=float, default=None, help="the floor of the cosine decay (unset: --lr / 10)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     parser.add_argument("--max-norm", type=float, default=1.0, help="clip gradients to this global norm (> 0)")
-    parser.add_argument("--dtype", choices=["float32", "float64", "fp16", "bf16"], default="float32",
+    parser.add_argument("--dtype", choices=["float32", "float64", *MIXED_PRECISION], default="float32",
                         help="parameters and activations; fp16 and bf16: mixed precision (fp32 master weights and "
                              "moments; fp16 also dynamic loss scaling)")
     parser.add_argument("--grad-reduce", choices=["model", "fp32"], default="model",
@@ -240,7 +244,7 @@ def validate_schedule(args):
 
 def validate_precision(args):
     """--grad-reduce fp32 only means something for a 2-byte model (fp16 and bf16 run on every mesh)."""
-    if args.grad_reduce == "fp32" and args.dtype not in ("fp16", "bf16"):
+    if args.grad_reduce == "fp32" and args.dtype not in MIXED_PRECISION:
         raise ValueError(f"--grad-reduce fp32 is for a --dtype fp16 or bf16 model: a {args.dtype} model's gradients "
                          f"already cross in {args.dtype}")
 
@@ -322,12 +326,12 @@ def check_args_of(args, dp):
                       capacity_factor=args.capacity_factor, aux_loss_coef=args.aux_loss_coef,
                       z_loss_coef=args.z_loss_coef, grad_reduce=args.grad_reduce,
                       # a mixed-precision policy is checked in that policy, against its own derived bound
-                      **({"dtype": args.dtype} if args.dtype in ("fp16", "bf16") else {}))
+                      **({"dtype": args.dtype} if args.dtype in MIXED_PRECISION else {}))
 
 
 def overridden_by_check(argv, args=None):
     """The options given on the command line that ``--check`` replaces with its own values (not --dtype
     fp16/bf16: the check runs in that policy)."""
     given = {word.split("=")[0][2:].replace("-", "_") for word in (argv or sys.argv[1:]) if word.startswith("--")}
-    kept = {"dtype"} if args is not None and args.dtype in ("fp16", "bf16") else set()
+    kept = {"dtype"} if args is not None and args.dtype in MIXED_PRECISION else set()
     return [f"--{name.replace('_', '-')}" for name in CHECK_OVERRIDES if name in given - kept]
