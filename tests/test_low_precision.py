@@ -309,7 +309,7 @@ from minitp.functional import activations, masks, normalization  # noqa: E402 (t
 
 def _widened(array):
     """A 2-byte float array as fp32 (exact); anything else (a bool mask, float32) as it is."""
-    return array.astype(F32) if precision.is_half(array.dtype) else array
+    return array.astype(F32) if array.dtype in precision.HALF_DTYPES else array
 
 
 def _run(op, arrays, upstream, **options):

@@ -97,9 +97,7 @@ def _buffer(array):
     (Naming the datatype is also faster than letting mpi4py discover it from the buffer each call.)
     A 2-byte float without an MPI datatype (``_Words``) is handed over as 2-byte words: a numpy array as
     its uint16 view (numpy cannot export bfloat16 through the buffer protocol), a device array as is."""
-    datatype = _DATATYPES.get(array.dtype)
-    if datatype is None:
-        datatype = _datatype(array.dtype)
+    datatype = _datatype(array.dtype)
     if type(datatype) is _Words:
         return [array.view(numpy.uint16) if type(array) is numpy.ndarray else array, datatype.datatype]
     return [array, datatype]

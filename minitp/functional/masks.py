@@ -38,13 +38,9 @@ class Dropout(Function):
 
 def _masked(x, mask, scale):
     """x * mask * scale; a 2-byte float on numpy widened to fp32, multiplied there, rounded once."""
-    wide = compute_dtype(x)
-    if wide == x.dtype:
-        return x * mask * scale  # float32/float64, CuPy: as it is
-    y = x.astype(wide)
-    y *= mask
+    y = x.astype(compute_dtype(x), copy=False) * mask  # no copy of float32/float64 or of a CuPy array
     y *= scale
-    return y.astype(x.dtype)
+    return y.astype(x.dtype, copy=False)
 
 
 def dropout(x, p, seed, counter, global_shape=None, offset=None, training=True):

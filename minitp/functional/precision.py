@@ -68,11 +68,10 @@ UNIT_ROUNDOFF = {numpy.dtype(numpy.float16): 2.0 ** -11, BFLOAT16: 2.0 ** -8,
 def product(a, b):
     """``a @ b`` under the rule above: 2-byte float operands on numpy multiply in fp32 (BLAS), rounded
     once to their dtype; anything else (float32, float64, CuPy's float16) is ``a @ b`` as it is."""
-    if a.dtype.itemsize != 2 or type(a) is not numpy.ndarray or a.dtype != b.dtype:
-        return a @ b  # float32/float64, CuPy: the common case, tested first
-    if a.dtype not in HALF_DTYPES:
+    wide = compute_dtype(a)
+    if wide == a.dtype or a.dtype != b.dtype:
         return a @ b
-    return numpy.matmul(a.astype(numpy.float32), b.astype(numpy.float32)).astype(a.dtype)
+    return numpy.matmul(a.astype(wide), b.astype(wide)).astype(a.dtype)
 
 
 def total(x, axis=None, keepdims=False):
@@ -80,17 +79,20 @@ def total(x, axis=None, keepdims=False):
     numpy adds bfloat16 one element after another in bfloat16 (a custom dtype gets no pairwise sum): once
     the running total is 2^8 times an addend, the addend vanishes -- a softmax over 50k logits, a loss
     averaged over thousands of tokens, a bias gradient summed over every position would stall. float16
-    sums along a leading axis (numpy adds row by row) round at every step too: 4096 ones sum to 2048. float32/float64: ``x.sum`` as it is."""
-    if x.dtype.itemsize != 2 or type(x) is not numpy.ndarray or x.dtype not in HALF_DTYPES:
+    sums along a leading axis (numpy adds row by row) round at every step too: 4096 ones sum to 2048.
+    float32/float64: ``x.sum`` as it is."""
+    wide = compute_dtype(x)
+    if wide == x.dtype:
         return x.sum(axis=axis, keepdims=keepdims)
-    return x.sum(axis=axis, dtype=numpy.float32, keepdims=keepdims).astype(x.dtype)
+    return x.sum(axis=axis, dtype=wide, keepdims=keepdims).astype(x.dtype)
 
 
 def average(x, axis=None, keepdims=False):
     """``x.mean(axis)`` under the rule of ``total``: 2-byte floats on numpy accumulate in fp32, rounded once."""
-    if x.dtype.itemsize != 2 or type(x) is not numpy.ndarray or x.dtype not in HALF_DTYPES:
+    wide = compute_dtype(x)
+    if wide == x.dtype:
         return x.mean(axis=axis, keepdims=keepdims)
-    return x.mean(axis=axis, dtype=numpy.float32, keepdims=keepdims).astype(x.dtype)
+    return x.mean(axis=axis, dtype=wide, keepdims=keepdims).astype(x.dtype)
 
 
 def compute_dtype(x):
@@ -106,9 +108,3 @@ def finfo(dtype):
     """``numpy.finfo`` of ``dtype``, bfloat16 included (``ml_dtypes.finfo``, which numpy's may not know)."""
     dtype = numpy.dtype(dtype)
     return ml_dtypes.finfo(dtype) if dtype == BFLOAT16 else numpy.finfo(dtype)
-
-
-def is_half(dtype):
-    """Whether ``dtype`` is one of the 2-byte floats (float16, bfloat16)."""
-    return numpy.dtype(dtype) in HALF_DTYPES
-
