@@ -80,11 +80,17 @@ def layer_terms(model, mesh, choices, b=None, layer=0):
     terms = {
         "LayerNorm x̂, 2 per layer (the paper's 2 LayerNorm inputs)": 2 * e * S_sp * b * h,
         "LayerNorm 1/std per token, 2 per layer (minitp only: +2e·sb)": 2 * e * S_sp * b,
-        "qkv and fc1 inputs (replicated under TP, s/t under SP)": 2 * e * S_sp * b * h,
+        "qkv input (replicated under TP, s/t under SP)": e * S_sp * b * h,
         "q, k, v (/t: the rank's heads)": 3 * e * S * b * h // t,
         "proj input (/t)": e * S * b * h // t,
-        "GeLU input and fc2 input (2·sbf/t)": 2 * e * S * b * f // t,
     }
+    if model.experts:
+        # a MoE in place of the MLP keeps its router's input, its gates and its experts' rows (plan.experts)
+        from minitp.plan.experts import activation_terms
+        terms.update(activation_terms(model, mesh, choices, layer))
+    else:
+        terms["fc1 input (replicated under TP, s/t under SP)"] = e * S_sp * b * h
+        terms["GeLU input and fc2 input (2·sbf/t)"] = 2 * e * S * b * f // t
     if dropout:
         terms["residual dropout masks, 2 per layer (1 byte each)"] = 2 * MASK * S_sp * b * h
     ring = mesh.cp > 1 and choices.cp_kind in ("ring", "zigzag")
@@ -106,12 +112,6 @@ def layer_terms(model, mesh, choices, b=None, layer=0):
         if attention_dropout:
             terms["attention dropout mask and dropped probabilities"] = (e + MASK) * heads * S * keys * b
         terms["the 0-d constant 1/sqrt(d) kept by attention's Mul (minitp only: +e)"] = e
-    if model.experts:
-        # the MoE in place of the MLP: the router keeps the fc1 input's place, the experts their rows
-        from minitp.plan.experts import activation_terms
-        terms["qkv and fc1 inputs (replicated under TP, s/t under SP)"] = e * S_sp * b * h  # qkv's alone
-        del terms["GeLU input and fc2 input (2·sbf/t)"]
-        terms.update(activation_terms(model, mesh, choices, layer))
     return terms
 
 

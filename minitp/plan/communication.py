@@ -129,7 +129,7 @@ def tensor_parallel(model, mesh, choices, blocks, first, last, m):
 
     # a MoE in place of the MLP (``plan.experts``): under SP its input is gathered (g) but its backward only
     # splits, its output split and gathered backward, nothing re-gathered; without SP the dense MLP's f and f̄
-    # become each local expert's, on its own rows (``experts.tensor_parallel``)
+    # become each local expert's, on its own rows (``experts.messages``)
     mlp = 0 if model.experts else 1
     if sp:
         per_layer_fwd = [("all_gather", 2, "g before qkv and fc1 (MoE: its tokens) (gather s)"),
@@ -189,13 +189,6 @@ def context_parallel(model, mesh, choices, blocks, m):
         found.append(Message("cp", c, "sendrecv", 4 * block, e, (c - 2) * blocks * m,
                              "ring backward: K, V with the travelling dK, dV, steps 2 .. c−1"))
     return found
-
-
-def experts(model, mesh, choices, blocks, m):
-    """The MoE layers' collectives (``blocks``: their layer indices): from the routing counts a run observed
-    (``Choices.routing``, exact), else as if the tokens spread evenly (GShard, formula only). ``plan.experts``."""
-    from minitp.plan import experts as moe
-    return moe.messages(model, mesh, choices, blocks, m)
 
 
 def pipeline(model, mesh, choices, stage, m):

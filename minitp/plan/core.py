@@ -108,13 +108,13 @@ def plan(model, mesh, choices):
                         or (model.experts and (p > 1 or (choices.zero and mesh.ep > 1))))
         for name, (value, source) in model_states.items():
             sp.memory[name] = Figure(value, source, "Rajbhandari et al. 2020 §5.1", not formula_only)
-        if choices.zero:
-            groups = states.sharded_groups(tensors, choices, d)
-            moment = 4 if choices.mixed else e  # fp32 moments beside a 2-byte model
-            sp.optimizer_state_of = lambda rank, groups=groups: (states.zero1_elements(groups, d, rank)
-                                                                 * choices.optimizer_buffers * moment)
-            if choices.mixed:  # the fp32 masters of the rank's slice
-                sp.master_weights_of = lambda rank, groups=groups: states.zero1_elements(groups, d, rank) * 4
+        if choices.zero:  # the same states at another dp rank: ZeRO's padding leaves the last ranks less
+
+            def of_rank(name, psi=psi, tensors=tensors):
+                return lambda rank: states.model_states(psi, tensors, d, rank, choices)[name][0]
+            sp.optimizer_state_of = of_rank("optimizer state")
+            if choices.mixed:
+                sp.master_weights_of = of_rank("master weights")
         final = states.final_gradients(psi, tensors, d, choices)
         if final is not None:
             sp.temporaries["fp32 gradients"] = Figure(
@@ -173,13 +173,11 @@ def plan(model, mesh, choices):
                                                        "n·e (ZeRO: padded, d·⌈n/d⌉·e; e = 4 when the gradients "
                                                        "are reduced in fp32)", "minitp.parallel.data.buckets")
         # communication
-        blocks = sum(len(parameters.chunk_layers(model, p, v, c)) for c in chunk_of.values())
-        first = any(0 in parameters.chunk_layers(model, p, v, c) for c in chunk_of.values())
-        last = any(model.layers - 1 in parameters.chunk_layers(model, p, v, c) for c in chunk_of.values())
+        layers = [i for c in chunk_of.values() for i in parameters.chunk_layers(model, p, v, c)]
+        blocks, first, last = len(layers), 0 in layers, model.layers - 1 in layers
         msgs = communication.tensor_parallel(model, mesh, choices, blocks, first, last, m)
         msgs += communication.context_parallel(model, mesh, choices, blocks, m)
-        msgs += communication.experts(model, mesh, choices, [i for c in chunk_of.values()
-                                                             for i in parameters.chunk_layers(model, p, v, c)], m)
+        msgs += experts.messages(model, mesh, choices, layers, m)
         msgs += communication.pipeline(model, mesh, choices, r, m)
         msgs += communication.data_parallel(mesh, choices, sizes, m, gathers, bool(model.experts))
         msgs += [communication.Message("expert_dp", d // mesh.ep, "all_reduce", n, g, 1,

@@ -154,17 +154,14 @@ def model_states(psi, tensors, d, dp_rank, choices):
                                               f"4·|[r⌈n/d⌉, (r+1)⌈n/d⌉) ∩ [0, n)| per {what} (optimizer state "
                                               f"\"master\", {module}, master_dtype; {paper}: 4Ψ/N_d)")
     if zero >= 2:
-        states["gradients"] = (padded_slices(groups, d) * g,
-                               f"ZeRO-{zero}: Σ⌈n/d⌉·{g}, this rank's reduce-scattered slice of each {what}"
-                               f"{' (reduced in fp32)' if g != e else ''} ({paper} §5.2: Ψe/N_d)")
-    tied = sum(tensor.elements for tensor in tensors if tensor.tied)
-    if zero == 2 and tied:
-        # the tied table's bucket (the last) is reduced only after backward, once the two ends have summed
+        # ZeRO-2 reduces the tied table's bucket (the last) only after backward, once the two ends have summed
         # it (parallel.data.buckets): its whole gradient is alive then, not a slice (measured, pp × cp)
-        states["gradients"] = (padded_slices(groups[:-1], d) * g + tied * e,
-                               f"ZeRO-2: Σ⌈n/d⌉·{g} over the buckets but the tied table's, whole (n·e): it is "
-                               "summed over the two ends after backward, then reduce-scattered "
-                               "(Rajbhandari et al. 2020 §5.2: Ψe/N_d)")
+        tied = sum(tensor.elements for tensor in tensors if tensor.tied) if zero == 2 else 0
+        states["gradients"] = (padded_slices(groups[:-1] if tied else groups, d) * g + tied * e,
+                               f"ZeRO-{zero}: Σ⌈n/d⌉·{g}, this rank's reduce-scattered slice of each {what}"
+                               f"{' (reduced in fp32)' if g != e else ''}"
+                               f"{' but the tied table, whole (n·e) until the two ends have summed it' if tied else ''}"
+                               f" ({paper} §5.2: Ψe/N_d)")
     if zero == 3:
         states["parameters"] = (padded_slices(groups, d) * e + e,
                                 "ZeRO-3: Σ_u⌈n_u/d⌉·e + e, this rank's slice of each unit and the freed "
