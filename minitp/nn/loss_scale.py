@@ -51,7 +51,7 @@ class DynamicLossScaler:
         dtype: in fp16 the division would underflow again); True when some gradient -- on any rank of
         ``world`` -- is inf or NaN (then the gradients are left as they are: the step is to be skipped).
         One all-reduce of one flag over ``world``, on every rank, found or not."""
-        sync = gradients if hasattr(gradients, "map_gradients") else _ParameterGradients(gradients)
+        sync = gradients if hasattr(gradients, "map_gradients") else ParameterGradients(gradients)
         found = any(not bool(backend.array_module(g).isfinite(g).all()) for g in sync.final_gradients())
         if world is not None and world.Get_size() > 1:
             found = bool(world.allreduce(found, op=MPI.LOR))
@@ -77,8 +77,9 @@ class DynamicLossScaler:
             self.clean_steps = 0
 
 
-class _ParameterGradients:
-    """The synchronisation interface over a list of parameters: their ``.grad`` arrays."""
+class ParameterGradients:
+    """The synchronisation interface's ``final_gradients``/``map_gradients`` over a list of parameters:
+    their ``.grad`` arrays (plain data parallelism's ``AllReduceGradients`` answers with these too)."""
 
     def __init__(self, params):
         self.params = list(params)

@@ -32,6 +32,15 @@ from minitp import backend
 from minitp.nn.optim import Optimizer
 
 
+def master_of(state, weights, master_dtype):
+    """The master copy in optimizer ``state`` (its "master" buffer), made from ``weights`` at the first
+    update -- widened, exact, so equal to a copy made at construction -- and kept from then on: the small
+    updates add up in it. ``MasterWeights`` passes a whole parameter, ZeRO this rank's piece of a slice."""
+    if "master" not in state:
+        state["master"] = weights.astype(master_dtype)  # a copy, even in the same dtype
+    return state["master"]
+
+
 class MasterWeights(Optimizer):
     """``optimizer``'s update applied to ``master_dtype`` copies of its parameters, rounded down to the
     parameters' own dtype after each step. Gradients may be in either dtype (a loss scaler's unscaled
@@ -71,9 +80,7 @@ class MasterWeights(Optimizer):
                 else p.data.astype(self.master_dtype) for key, p in zip(self.keys, self.params)}
 
     def _update_parameter(self, key, p, state):
-        if "master" not in state:  # the first update: the weights, widened (exact), as at construction
-            state["master"] = p.data.astype(self.master_dtype)
-        master = state["master"]
+        master = master_of(state, p.data, self.master_dtype)
         self.optimizer._update(master, p.grad.astype(self.master_dtype, copy=False), state)
         p.data[...] = master.astype(p.dtype, copy=False)
 

@@ -93,8 +93,9 @@ def check_scale(scale, microbatches, dtype):
     positive NORMAL number of the model's ``dtype``: the seed is made in that dtype, and in fp16 (normal
     from 2^-14 ≈ 6.1e-5 to 65,504) an S/m beyond the largest would seed inf -- every gradient inf or NaN
     whatever the model, a step lost to the seed itself rather than to an overflow of the gradients --
-    and one below the smallest normal would lose bits (or become 0). Within the normal range fl(S/m) = S · fl(1/m) exactly for a power-of-two S, so
-    the scaled gradients are exactly S times the unscaled ones. Every rank checks the same numbers, so
+    and one below the smallest normal would lose bits (or become 0). Within the normal range
+    fl(S/m) = S · fl(1/m) exactly for a power-of-two S, so the scaled gradients are exactly S times the
+    unscaled ones. Every rank checks the same numbers, so
     every rank raises, before anything is sent. ``scale=None``: nothing to check (the seed is 1/m)."""
     if scale is None:
         return

@@ -40,9 +40,9 @@ def forward_backward(model, ids, targets, mesh, schedule="1f1b", microbatches=1,
     accumulate into ``.grad``; nothing is reduced over dp yet. ``deallocate=False`` keeps each sent
     output's values until its backward (to see what freeing saves). ``scale``: a loss scaler's S, the
     last stage's backward seeded with S/m (``engine.run``): every gradient S times larger, the loss
-    returned unscaled; an S/m that the model's dtype cannot hold is refused on every rank first."""
+    returned unscaled; an S/m that the model's dtype cannot hold is refused on every rank before any
+    send (``engine.run``'s ``check_scale``)."""
     check_step(mesh, ids.shape[1], schedule, microbatches, model.virtual_stages)
-    engine.check_scale(scale, microbatches, model.config.dtype)
     actions = plan(schedule, mesh.pp_size, microbatches, model.virtual_stages, mesh.pp_rank)
     run = engine.run(model, actions, split_batch(ids, mesh), split_batch(targets, mesh), microbatches, deallocate,
                      scale)

@@ -26,6 +26,7 @@ then the optimizer steps. Two implementations, one bucket layout (``buckets.Grad
 
 ``minitp.training.train_step`` calls exactly these, for every mesh.
 """
+from minitp.nn.loss_scale import ParameterGradients
 from minitp.parallel.data.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
 from minitp.parallel.data.data_parallel import clip_grad_norm, replicas
 
@@ -69,13 +70,11 @@ class AllReduceGradients:
 
     def final_gradients(self):
         """The final gradients after ``finish()``: every parameter's ``.grad`` (None ones left out)."""
-        return [p.grad for p in self.model.parameters() if p.grad is not None]
+        return ParameterGradients(self.model.parameters()).final_gradients()
 
     def map_gradients(self, fn):
         """Every ``.grad`` replaced by ``fn(.grad)`` (a new array: ``.grad`` may be a view of a bucket)."""
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad = fn(p.grad)
+        ParameterGradients(self.model.parameters()).map_gradients(fn)
 
     def clip_grad_norm(self, max_norm):
         return clip_grad_norm(self.model, max_norm, self.mesh)

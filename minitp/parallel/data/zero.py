@@ -66,7 +66,7 @@ import types
 import numpy
 
 from minitp import backend, comm
-from minitp.nn.master_weights import MasterWeights
+from minitp.nn.master_weights import MasterWeights, master_of
 from minitp.nn.optim import check_max_norm, clip_coefficient
 from minitp.parallel.data.buckets import DEFAULT_BUCKET_BYTES, GradientBuckets
 from minitp.parallel.data.data_parallel import replicas
@@ -243,12 +243,10 @@ class ZeroOptimizer:
                 p.data[...] = value
 
     def _master(self, state, piece):
-        """The master copy of one parameter's piece of this rank's slice, made at its first update from
-        the piece of the parameter and kept from then on: the small updates add up in it (an fp16 weight
-        of 1.0 does not move by 1e-4; its fp32 master does)."""
-        if "master" not in state:
-            state["master"] = piece.astype(self.master_dtype)  # a copy, even in the same dtype
-        return state["master"]
+        """The master copy of one parameter's piece of this rank's slice (``master_weights.master_of``: made
+        at its first update, kept from then on -- an fp16 weight of 1.0 does not move by 1e-4; its fp32
+        master does)."""
+        return master_of(state, piece, self.master_dtype)
 
     def _parameter_shard(self, index):
         """This rank's slice of bucket ``index``'s parameters, flat: copied out of the whole parameters
