@@ -106,8 +106,7 @@ def worker(args):
         gradients.finish = finish
         parameters = sum(p.data.nbytes for p in model.parameters())
         grads = seen["gradients"]
-        state = (optimizer.state_bytes() if isinstance(optimizer, MasterWeights) else
-                 sum(a.nbytes for entry in optimizer.state.values() for k, a in entry.items() if k != "step"))
+        state = optimizer.state_bytes()
         psi = sum(p.size for p in model.parameters())
         rows[policy] = dict(measured=[parameters, grads, state], formula=list(formula(policy, psi)), peak=peak,
                             psi=psi, skipped=scaler.skipped if scaler is not None else 0)

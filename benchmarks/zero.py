@@ -118,8 +118,7 @@ def worker(args):
             owners[id(owner)] = owner.nbytes
         shards = getattr(getattr(optimizer, "gradients", None), "shards", [])
         parameters = sum(owners.values()) + sum(s.nbytes for s in shards)
-        state = optimizer.state_bytes() if stage else sum(
-            a.nbytes for entry in optimizer.state.values() for k, a in entry.items() if k != "step")
+        state = optimizer.state_bytes()
         wire = sum(x.ring_bytes for x in log if x.group == "dp" and (x.tag.startswith("gradients")
                                                                       or x.tag.startswith("parameters")))
         psi = sum(p.size for p in model.parameters())

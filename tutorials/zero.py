@@ -97,7 +97,7 @@ parameters = sum(p.size for p in plain_model.parameters())
 say(f"\n1. Optimizer state per rank: {parameters:,} parameters, float64, AdamW's exp_avg and exp_avg_sq")
 train(plain_model, plain_optimizer, plain_buckets, 1)
 train(zero_model, zero_optimizer, None, 1)
-plain_bytes = sum(a.nbytes for entry in plain_optimizer.state.values() for k, a in entry.items() if k != "step")
+plain_bytes = plain_optimizer.state_bytes()
 zero_bytes = zero_optimizer.state_bytes()
 # By hand, from the bucket sizes n (each bucket's parameters' elements) and the padding rule alone:
 sizes = [sum(p.size for p in bucket.parameters) for bucket in zero_optimizer.gradients.buckets]

@@ -28,7 +28,6 @@ rounding the masters away) and writes the parameters from the loaded masters, so
 """
 import numpy
 
-from minitp import backend
 from minitp.nn.optim import Optimizer
 
 
@@ -100,9 +99,3 @@ class MasterWeights(Optimizer):
             if key in self.state:
                 p.data[...] = self.state[key]["master"].astype(p.dtype, copy=False)
 
-    def state_bytes(self):
-        """Bytes this wrapper keeps beyond the model: the master copies and the moments (the K·Ψ of the
-        ZeRO paper's 2Ψ + 2Ψ + KΨ, K = 12 for fp32 AdamW over an fp16 model), once every parameter has
-        been updated (each parameter's buffers are made at its first update)."""
-        arrays = [a for entry in self.state.values() for name, a in entry.items() if name != "step"]
-        return sum(int(backend.array_module(a).asarray(a).nbytes) for a in arrays)

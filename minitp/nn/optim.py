@@ -87,6 +87,13 @@ class Optimizer:
         (``state["step"]`` counts this parameter's updates, this one included)."""
         raise NotImplementedError
 
+    def state_bytes(self):
+        """The bytes of every per-parameter buffer this optimizer keeps (AdamW: its two moments; with
+        ``MasterWeights`` also the master copies: the K·Ψ of the ZeRO paper's 2Ψ + 2Ψ + KΨ), counted once
+        every parameter has been updated -- each parameter's buffers are made at its first update."""
+        arrays = [a for entry in self.state.values() for name, a in entry.items() if name != "step"]
+        return sum(int(backend.array_module(a).asarray(a).nbytes) for a in arrays)
+
     def state_dict(self):
         """{"step": int, "state": {key: {"step": int, buffer: a copy of the array}}}.
 
